@@ -1,0 +1,329 @@
+#!/usr/bin/env python3
+"""Build dist/dkvm.pyz: the dkvm package (shiv zipapp) plus the payload.
+
+The payload is everything a container or a guest needs and an image may lack: a
+Python that runs in any image (bundled loader and libraries), QEMU and virtiofsd,
+a static busybox, the guest kernel (ELF extracted from Debian's bzImage so QEMU
+can use its PVH entry) and an initramfs built from guest-init/. It comes from
+Debian packages on the build machine, installed with apt when missing.
+
+The build id is a hash of the payload and the Python tree, so two builds from the
+same tree and the same packages give the same id.
+"""
+import argparse
+import compileall
+import hashlib
+import io
+import lzma
+import os
+import py_compile
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+BUILD = ROOT / "build"
+DIST = ROOT / "dist"
+PYROUTE2 = "pyroute2==0.9.7"
+
+APT_PACKAGES = {
+    # command or file that must exist -> Debian package providing it
+    "/usr/bin/qemu-system-x86_64": "qemu-system-x86",
+    "/usr/lib/qemu/virtiofsd": "qemu-system-common",
+    "/usr/share/seabios/bios-256k.bin": "seabios",
+    "/bin/busybox": "busybox-static",
+    "/usr/bin/python3.11": "python3.11",
+}
+KERNEL_META = "linux-image-amd64"
+PYTHON_VERSION = "3.11"
+PY_STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
+                  "pydoc_data", "site-packages", "dist-packages", "__pycache__",
+                  "unittest/test", "distutils/tests", "ctypes/test", "sqlite3/test",
+                  "config-3.11-x86_64-linux-gnu"}
+QEMU_FIRMWARE = ["/usr/share/seabios/bios-256k.bin", "/usr/share/qemu/pvh.bin",
+                 "/usr/share/qemu/linuxboot_dma.bin", "/usr/share/qemu/kvmvapic.bin"]
+QEMU_MODULES = ["accel-tcg-x86_64.so"]
+# Modules the initramfs loads (with what they depend on) to reach the virtiofs root
+# and the control, output and network devices.
+INITRAMFS_MODULES = ["virtio_pci", "virtiofs", "virtio_console", "virtio_net"]
+# In-container and in-guest roles start as `python3 <payload>/entry/<role>`: the
+# script's name is argv[0], which picks the role as it does on the host.
+ROLE_ENTRIES = ["dkvm-ctr-entrypoint", "dkvm-vm-init", "dkvm-exec"]
+ENTRY_SCRIPT = """import os, sys
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "site-packages"))
+from dkvm.__main__ import main
+main()
+"""
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def log(msg):
+    print(f"build: {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_packages():
+    missing = sorted({pkg for path, pkg in APT_PACKAGES.items() if not os.path.exists(path)})
+    if missing:
+        log(f"installing {' '.join(missing)} with apt")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env)
+
+
+def kernel_deb():
+    """Download (not install) Debian's stock kernel package; the host kernel is untouched."""
+    out = subprocess.run(["apt-cache", "depends", KERNEL_META], check=True,
+                         capture_output=True, text=True).stdout
+    names = re.findall(r"Depends: (linux-image-\S+)", out)
+    if not names:
+        raise SystemExit(f"build: apt-cache knows no kernel for {KERNEL_META}; run apt-get update")
+    cache = BUILD / "debs"
+    cache.mkdir(parents=True, exist_ok=True)
+    debs = sorted(cache.glob(f"{names[0]}_*.deb"))
+    if not debs:
+        log(f"downloading {names[0]}")
+        subprocess.run(["apt-get", "download", names[0]], cwd=cache, check=True)
+        debs = sorted(cache.glob(f"{names[0]}_*.deb"))
+    return debs[-1]
+
+
+def elf_deps(paths):
+    """Shared libraries (soname -> real path) needed by the ELF files, and the loader."""
+    libs, loader = {}, None
+    for path in paths:
+        out = subprocess.run(["ldd", str(path)], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            line = line.strip()
+            m = re.match(r"(\S+) => (/\S+) \(", line)
+            if m:
+                libs[m.group(1)] = os.path.realpath(m.group(2))
+            elif line.startswith("/") and "ld-linux" in line:
+                loader = os.path.realpath(line.split()[0])
+    return libs, loader
+
+
+def copy_file(src, dst, mode=None):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    os.chmod(dst, mode if mode is not None else (0o755 if os.access(src, os.X_OK) else 0o644))
+
+
+def gather_python(payload):
+    """Debian's python3.11 with its stdlib laid out so it finds its own prefix."""
+    prefix = payload / "python"
+    copy_file("/usr/bin/python3.11", prefix / "bin" / "python3", 0o755)
+    src = Path("/usr/lib/python3.11")
+    dst = prefix / "lib" / "python3.11"
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        dirnames[:] = sorted(d for d in dirnames if str(rel / d) not in PY_STDLIB_SKIP
+                             and d not in ("__pycache__", "test", "tests"))
+        for name in sorted(filenames):
+            if name.endswith((".py", ".so")) or name == "LICENSE.txt":
+                path = Path(dirpath) / name
+                if path.is_file():
+                    copy_file(path, dst / rel / name, 0o644)
+    # Debian patches sysconfig to look for this module; give it the host's.
+    compile_tree(dst)
+    return [prefix / "bin" / "python3", *sorted((dst / "lib-dynload").glob("*.so"))]
+
+
+def compile_tree(path):
+    """Byte-compile with unchecked hashes: the payload is read-only and its mtimes are
+    fixed, so a timestamp-checked .pyc would be stale and recompiled on every start."""
+    ok = compileall.compile_dir(str(path), quiet=2, workers=1, ddir=None,
+                                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    if not ok:
+        log(f"note: some files under {path} did not compile (left as source)")
+
+
+def gather_qemu(payload):
+    qdir = payload / "qemu"
+    copy_file("/usr/bin/qemu-system-x86_64", qdir / "qemu-system-x86_64", 0o755)
+    copy_file("/usr/lib/qemu/virtiofsd", qdir / "virtiofsd", 0o755)
+    for fw in QEMU_FIRMWARE:
+        copy_file(os.path.realpath(fw), qdir / "firmware" / os.path.basename(fw), 0o644)
+    for mod in QEMU_MODULES:
+        copy_file(f"/usr/lib/x86_64-linux-gnu/qemu/{mod}", qdir / "modules" / mod, 0o644)
+    return [qdir / "qemu-system-x86_64", qdir / "virtiofsd",
+            *[qdir / "modules" / m for m in QEMU_MODULES]]
+
+
+def gather_libs(payload, elfs):
+    libs, loader = elf_deps(elfs)
+    if not loader:
+        raise SystemExit("build: ldd found no dynamic loader")
+    for soname, real in sorted(libs.items()):
+        copy_file(real, payload / "lib" / soname, 0o755)
+    copy_file(loader, payload / "lib" / "ld-linux-x86-64.so.2", 0o755)
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """The ELF kernel inside Debian's xz bzImage, for QEMU's PVH entry (no
+    decompression in the guest, which costs seconds under TCG)."""
+    start = bzimage.find(b"\xfd7zXZ\x00")
+    if start < 0:
+        raise SystemExit("build: kernel image is not xz-compressed; cannot extract its ELF")
+    elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
+    if not elf.startswith(b"\x7fELF"):
+        raise SystemExit("build: extracted kernel is not an ELF file")
+    return elf
+
+
+def cpio_newc(entries):
+    """A deterministic newc cpio archive: entries are (name, mode, data-or-None[, rdev])."""
+    out = io.BytesIO()
+
+    def header(ino, name, mode, size, nlink, rdev=(0, 0)):
+        fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, *rdev, len(name) + 1, 0]
+        out.write(b"070701" + b"".join(b"%08X" % f for f in fields))
+        out.write(name.encode() + b"\0")
+        out.write(b"\0" * (-out.tell() % 4))
+
+    for ino, (name, mode, data, *rdev) in enumerate(entries, start=1):
+        data = data or b""
+        header(ino, name, mode, len(data), 2 if stat.S_ISDIR(mode) else 1, *rdev)
+        out.write(data)
+        out.write(b"\0" * (-out.tell() % 4))
+    header(0, "TRAILER!!!", 0, 0, 1)
+    return out.getvalue()
+
+
+def module_depends(path):
+    """The `depends=` list from a module's .modinfo (no depmod output in the .deb)."""
+    m = re.search(rb"\0depends=([^\0]*)\0", path.read_bytes())
+    return [d.replace("-", "_") for d in m.group(1).decode().split(",") if d] if m else []
+
+
+def module_load_order(wanted, modpaths):
+    """`wanted` and their dependencies, each after what it depends on."""
+    order = []
+
+    def visit(name, chain=()):
+        if name in order:
+            return
+        if name not in modpaths:
+            raise SystemExit(f"build: the kernel has no module {name}")
+        if name in chain:
+            raise SystemExit(f"build: module dependency cycle at {name}")
+        for dep in module_depends(modpaths[name]):
+            visit(dep, chain + (name,))
+        order.append(name)
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+def build_kernel(payload):
+    deb = kernel_deb()
+    tree = BUILD / "kernel-deb"
+    if tree.exists():
+        shutil.rmtree(tree)
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
+    vmlinuz = next((tree / "boot").glob("vmlinuz-*"))
+    release = vmlinuz.name[len("vmlinuz-"):]
+    kdir = payload / "kernels" / "debian"
+    kdir.mkdir(parents=True, exist_ok=True)
+    (kdir / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
+    (kdir / "release").write_text(release + "\n")
+    moddir = tree / "lib" / "modules" / release
+    modpaths = {}
+    for path in moddir.rglob("*.ko"):
+        modpaths[path.stem.replace("-", "_")] = path
+    entries = [(d, 0o40755, None) for d in ("bin", "dev", "proc", "sys", "newroot", "lib",
+                                            "lib/modules")]
+    entries.append(("dev/console", 0o20600, None, (5, 1)))
+    entries.append(("bin/busybox", 0o100755, Path("/bin/busybox").read_bytes()))
+    for i, name in enumerate(module_load_order(INITRAMFS_MODULES, modpaths)):
+        entries.append((f"lib/modules/{i:02d}-{name}.ko", 0o100644, modpaths[name].read_bytes()))
+    entries.append(("init", 0o100755, (ROOT / "guest-init" / "init").read_bytes()))
+    (kdir / "initrd.img").write_bytes(cpio_newc(entries))
+
+
+def build_site_packages():
+    site = BUILD / "site-packages"
+    if site.exists():
+        shutil.rmtree(site)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-compile",
+                    "--no-deps", "--target", str(site), PYROUTE2], check=True)
+    shutil.copytree(ROOT / "dkvm", site / "dkvm",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for junk in site.glob("*.dist-info"):
+        shutil.rmtree(junk)  # RECORD files carry install-time detail; not needed at run time
+    compile_tree(site)
+    return site
+
+
+def tree_digest(*roots):
+    h = hashlib.sha256()
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*")):
+            rel = path.relative_to(root.parent).as_posix()
+            if path.is_file():
+                h.update(b"F%s\0%o\0" % (rel.encode(), path.stat().st_mode & 0o777))
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+            elif path.is_dir():
+                h.update(b"D%s\0" % rel.encode())
+    return h.hexdigest()[:16]
+
+
+def write_zip_tree(zf, root, prefix):
+    for path in sorted(root.rglob("*")):
+        name = f"{prefix}/{path.relative_to(root).as_posix()}"
+        if path.is_dir():
+            info = zipfile.ZipInfo(name + "/", FIXED_ZIP_TIME)
+            info.external_attr = (0o40755 << 16) | 0x10
+            zf.writestr(info, b"")
+            continue
+        info = zipfile.ZipInfo(name, FIXED_ZIP_TIME)
+        info.external_attr = (stat.S_IFREG | (path.stat().st_mode & 0o777)) << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with open(path, "rb") as src, zf.open(info, "w") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-o", "--output", default=str(DIST / "dkvm.pyz"))
+    args = parser.parse_args()
+
+    ensure_packages()
+    payload = BUILD / "payload"
+    if payload.exists():
+        shutil.rmtree(payload)
+    payload.mkdir(parents=True)
+    log("gathering python, qemu, virtiofsd, busybox")
+    elfs = gather_python(payload) + gather_qemu(payload)
+    copy_file("/bin/busybox", payload / "bin" / "busybox", 0o755)
+    gather_libs(payload, elfs)
+    (payload / "run").mkdir()  # mount point of the container's private tmpfs
+    for role in ROLE_ENTRIES:
+        (payload / "entry").mkdir(exist_ok=True)
+        (payload / "entry" / role).write_text(ENTRY_SCRIPT)
+    log("building guest kernel and initramfs")
+    build_kernel(payload)
+    site = build_site_packages()
+    build_id = tree_digest(payload, site)
+    (payload / "BUILD_ID").write_text(build_id + "\n")
+
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    log(f"packing {out} (build id {build_id})")
+    subprocess.run([sys.executable, "-m", "shiv", "--reproducible", "--no-modify",
+                    "-p", "/usr/bin/python3", "-e", "dkvm.__main__:main",
+                    "--site-packages", str(site), "--build-id", build_id,
+                    "-o", str(tmp)], check=True, stdout=subprocess.DEVNULL)
+    with zipfile.ZipFile(tmp, "a") as zf:
+        write_zip_tree(zf, payload, "payload")
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, out)
+    log(f"done: {out} ({out.stat().st_size >> 20} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The few Linux system calls the guest init needs and Python's os module lacks."""
+import ctypes
+import fcntl
+import os
+import socket
+import struct
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_SYNCHRONOUS, MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 16, 1024, 2048, 1 << 21
+MS_STRICTATIME = 1 << 24
+MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC,
+               "sync": MS_SYNCHRONOUS, "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME,
+               "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+IGNORED_MOUNT_OPTIONS = {"rw", "suid", "dev", "exec", "async", "rprivate", "private",
+                         "rslave", "slave", "rshared", "shared", "bind", "rbind", "tmpcopyup"}
+RB_POWER_OFF = 0x4321FEDC
+TIOCSCTTY = 0x540E
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def mount(source, target, fstype, flags=0, data=""):
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
+                   data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def mount_options(options):
+    """OCI mount options -> (flags, data string)."""
+    flags, data = 0, []
+    for opt in options:
+        if opt in MOUNT_FLAGS:
+            flags |= MOUNT_FLAGS[opt]
+        elif opt not in IGNORED_MOUNT_OPTIONS:
+            data.append(opt)
+    return flags, ",".join(data)
+
+
+def power_off():
+    os.sync()
+    _libc.reboot(RB_POWER_OFF)
+    raise OSError(ctypes.get_errno(), "reboot(POWER_OFF) failed")
+
+
+def interface_up(name):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = struct.pack("16sH", name.encode(), 0)
+        flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, ifr)[:18])[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", name.encode(), flags | IFF_UP))
+

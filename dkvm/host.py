@@ -1,0 +1,113 @@
+"""Host-side facts and the payload directory: unpacked once per build, shared by
+every container of that build (read-only bind mount)."""
+import fcntl
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import zipfile
+
+from dkvm import paths
+from dkvm.errors import DkvmError
+
+KVM_GET_API_VERSION = 0xAE00
+
+
+def kvm_usable():
+    """KVM that can boot a stock kernel. PVM (kvm_pvm) provides /dev/kvm but a stock
+    kernel hangs under it, so it counts as unusable."""
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        return False
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, KVM_GET_API_VERSION) == 12
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def archive_path():
+    """The dkvm.pyz this process runs from (argv[0] may be a symlink to it)."""
+    path = os.path.realpath(sys.argv[0])
+    if not zipfile.is_zipfile(path):
+        raise DkvmError(f"{sys.argv[0]} is not the dkvm.pyz archive; run the installed "
+                        "dkvm.pyz or a symlink to it")
+    return path
+
+
+def ensure_payload(archive=None):
+    """Unpack the archive's payload to /var/lib/dkvm/<build-id> unless it is there;
+    concurrent callers wait on a lock, and the directory appears whole (rename)."""
+    archive = archive or archive_path()
+    with zipfile.ZipFile(archive) as zf:
+        build_id = zf.read("payload/BUILD_ID").decode().strip()
+        target = paths.host_payload_dir(build_id)
+        if os.path.exists(os.path.join(target, "BUILD_ID")):
+            return target
+        os.makedirs(paths.HOST_STATE_DIR, mode=0o755, exist_ok=True)
+        with open(os.path.join(paths.HOST_STATE_DIR, ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.exists(os.path.join(target, "BUILD_ID")):
+                return target
+            tmp = tempfile.mkdtemp(prefix=f".{build_id}.", dir=paths.HOST_STATE_DIR)
+            try:
+                extract_payload(zf, tmp)
+                os.chmod(tmp, 0o755)
+                os.rename(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    return target
+
+
+def extract_payload(zf, dest):
+    """`payload/*` becomes the directory itself, shiv's `site-packages/*` joins it, so
+    the container and the guest run the same dkvm code as the host."""
+    prefixes = {"payload/": "", "site-packages/": "site-packages/"}
+    for info in zf.infolist():
+        for prefix, into in prefixes.items():
+            if info.filename.startswith(prefix):
+                rel = into + info.filename[len(prefix):]
+                break
+        else:
+            continue
+        out = os.path.join(dest, rel)
+        if info.is_dir():
+            os.makedirs(out, exist_ok=True)
+            continue
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with zf.open(info) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        mode = (info.external_attr >> 16) & 0o777
+        os.chmod(out, (mode or 0o644) & ~stat.S_IWUSR & ~stat.S_IWGRP & ~stat.S_IWOTH)
+
+
+def payload_kernels(payload_dir):
+    """The kernels a payload carries: dist -> release."""
+    kroot = os.path.join(payload_dir, "kernels")
+    kernels = {}
+    for dist in sorted(os.listdir(kroot)):
+        with open(os.path.join(kroot, dist, "release")) as f:
+            kernels[dist] = f.read().strip()
+    return kernels
+
+
+def find_runc(explicit=""):
+    """The real runc: the one the runtime args name, or the distribution's."""
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise DkvmError(f"--dkvm-runc={explicit}: not an executable file")
+        return explicit
+    me = os.path.realpath(sys.argv[0])
+    candidates = [shutil.which("runc")] + ["/usr/sbin/runc", "/usr/bin/runc",
+                                           "/usr/local/sbin/runc", "/usr/local/bin/runc"]
+    for cand in candidates:
+        if cand and os.access(cand, os.X_OK) and os.path.realpath(cand) != me:
+            return cand
+    raise DkvmError("runc not found (looked in PATH, /usr/sbin, /usr/bin, /usr/local): "
+                    "install runc or pass --dkvm-runc=PATH in the runtime's runtimeArgs")

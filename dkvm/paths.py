@@ -1,0 +1,41 @@
+"""Where things live: on the host, in the container, and in the guest.
+
+The payload is bind-mounted read-only at PAYLOAD_MOUNT in every container and the
+guest sees the same path through virtiofs, so every in-container and in-guest path
+is fixed; only the host directory depends on the build id.
+"""
+import os
+
+HOST_STATE_DIR = "/var/lib/dkvm"
+PAYLOAD_MOUNT = "/.dkvm"
+RUN_DIR = PAYLOAD_MOUNT + "/run"           # tmpfs private to one container
+PLAN_FILE = RUN_DIR + "/plan.json"
+CONTROL_SOCKET = RUN_DIR + "/control.sock"
+VIRTIOFS_SOCKET = RUN_DIR + "/virtiofs.sock"
+QEMU_LOG = RUN_DIR + "/qemu.log"
+VIRTIOFSD_LOG = RUN_DIR + "/virtiofsd.log"
+VIRTIOFS_TAG = "root"
+PORT_CONTROL = "org.dkvm.control"
+PORT_STDOUT = "org.dkvm.stdout"
+PORT_STDERR = "org.dkvm.stderr"
+
+
+def host_payload_dir(build_id):
+    return os.path.join(HOST_STATE_DIR, build_id)
+
+
+def payload_path(*parts, root=PAYLOAD_MOUNT):
+    return os.path.join(root, *parts)
+
+
+def payload_program_argv(program, root=PAYLOAD_MOUNT):
+    """Run a payload ELF through the payload's own loader and libraries, so that it
+    works in any image: musl, distroless, or no libc at all."""
+    return [payload_path("lib", "ld-linux-x86-64.so.2", root=root),
+            "--library-path", payload_path("lib", root=root), program]
+
+
+def role_argv(role, root=PAYLOAD_MOUNT):
+    """Start an in-container or in-guest role with the payload's Python."""
+    python = payload_path("python", "bin", "python3", root=root)
+    return payload_program_argv(python, root) + ["-I", "-S", payload_path("entry", role, root=root)]

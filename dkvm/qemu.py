@@ -1,0 +1,70 @@
+"""Command lines for QEMU and virtiofsd, built from the plan (pure functions)."""
+from dkvm import paths
+
+# i8042 probing costs 0.6 s under TCG and the guest has no PS/2 devices.
+BASE_APPEND = ["panic=-1", "i8042.noaux", "i8042.nokbd", "i8042.nopnp", "i8042.dumbkbd",
+               "tsc=reliable", "no_timer_check", "random.trust_cpu=on"]
+QUIET_APPEND = ["quiet", "loglevel=0"]
+DEBUG_APPEND = ["console=ttyS0", "loglevel=7"]
+
+
+def kernel_append(plan):
+    parts = BASE_APPEND + (DEBUG_APPEND if plan.kernel_debug else QUIET_APPEND)
+    if plan.kernel_append:
+        parts.append(plan.kernel_append)
+    return " ".join(parts)
+
+
+def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, root=paths.PAYLOAD_MOUNT):
+    """QEMU for one container. Workload stdout and stderr leave through two
+    virtio-serial ports written straight to the container's fds; the kernel's
+    console exists only when DKVM_KERNEL_DEBUG asks for it (on stderr)."""
+    kdir = paths.payload_path("kernels", plan.kernel, root=root)
+    mem = plan.memory_mib
+    if plan.accel == "kvm":
+        accel, cpu = ["-accel", "kvm"], "host"
+    else:
+        accel, cpu = ["-accel", "tcg,thread=multi"], "max"
+    argv = paths.payload_program_argv(paths.payload_path("qemu", "qemu-system-x86_64", root=root),
+                                      root)
+    argv += [
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-L", paths.payload_path("qemu", "firmware", root=root),
+        "-machine", "pc,memory-backend=mem", *accel, "-cpu", cpu,
+        "-smp", str(vcpus), "-m", f"{mem}M",
+        "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on",
+        "-kernel", f"{kdir}/vmlinux", "-initrd", f"{kdir}/initrd.img",
+        "-append", kernel_append(plan),
+        "-chardev", f"socket,id=vfs,path={paths.VIRTIOFS_SOCKET}",
+        "-device", f"vhost-user-fs-pci,chardev=vfs,tag={paths.VIRTIOFS_TAG},queue-size=1024",
+        "-device", "virtio-serial-pci,id=ser0,max_ports=8",
+        "-chardev", f"socket,id=ctl,path={paths.CONTROL_SOCKET}",
+        "-device", f"virtserialport,bus=ser0.0,nr=1,chardev=ctl,name={paths.PORT_CONTROL}",
+    ]
+    if plan.terminal:
+        argv += ["-chardev", "stdio,id=con,signal=off",
+                 "-device", "virtconsole,bus=ser0.0,nr=0,chardev=con"]
+    else:
+        argv += ["-chardev", f"file,id=out,path=/proc/self/fd/{stdout_fd}",
+                 "-device", f"virtserialport,bus=ser0.0,nr=2,chardev=out,name={paths.PORT_STDOUT}",
+                 "-chardev", f"file,id=err,path=/proc/self/fd/{stderr_fd}",
+                 "-device", f"virtserialport,bus=ser0.0,nr=3,chardev=err,name={paths.PORT_STDERR}"]
+    if plan.kernel_debug:
+        argv += ["-chardev", f"file,id=dbg,path=/proc/self/fd/{stderr_fd}", "-serial", "chardev:dbg"]
+    return argv
+
+
+def qemu_env(root=paths.PAYLOAD_MOUNT):
+    """Debian builds the TCG accelerator as a module; point QEMU at the payload's."""
+    return {"QEMU_MODULE_DIR": paths.payload_path("qemu", "modules", root=root)}
+
+
+def virtiofsd_argv(source="/", root=paths.PAYLOAD_MOUNT):
+    """virtiofsd serving the container's root, submounts (volumes, /etc/hosts, the
+    payload) included. The namespace sandbox cannot pivot_root under Docker; chroot
+    works with Docker's default capabilities."""
+    return paths.payload_program_argv(paths.payload_path("qemu", "virtiofsd", root=root), root) + [
+        f"--socket-path={paths.VIRTIOFS_SOCKET}", "-o", f"source={source}",
+        "-o", "sandbox=chroot", "-o", "cache=always", "-o", "xattr",
+        "-o", "log_level=err", "--rlimit-nofile=0",
+    ]

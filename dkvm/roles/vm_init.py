@@ -1,0 +1,208 @@
+"""dkvm-vm-init: PID 1 in the guest. It rebuilds the container's world in the VM,
+runs the workload as the container would have, reports its exit status to the
+container side and powers the VM off."""
+import fcntl
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+from dkvm import guestos, paths, wire
+from dkvm.plan import Plan
+
+PORT_WAIT = 10
+ACK_WAIT = 5
+FATAL_STATUS = 125
+
+
+def main(argv):
+    control = None
+    try:
+        setup_filesystems()
+        with open(paths.PLAN_FILE) as f:
+            plan = Plan.from_json(f.read())
+        apply_identity(plan)
+        ports = find_ports(wanted=(paths.PORT_CONTROL,) if plan.terminal else
+                           (paths.PORT_CONTROL, paths.PORT_STDOUT, paths.PORT_STDERR))
+        control = os.open(ports[paths.PORT_CONTROL], os.O_RDWR | os.O_CLOEXEC)
+        status = run_workload(plan, ports, control)
+    except Exception as err:  # PID 1 must never die with a traceback: report and stop
+        print(f"dkvm-vm-init: {err!r}", file=sys.stderr, flush=True)
+        if control is not None:
+            os.write(control, wire.encode(wire.ERROR, {"message": f"guest init failed: {err}"}))
+        status = FATAL_STATUS
+    finish(control, status)
+
+
+def setup_filesystems():
+    """The kernel filesystems a container gets from runc, mounted over the container's
+    own (which virtiofs shows but belong to the container side)."""
+    mounts = [
+        ("proc", "/proc", "proc", ["nosuid", "nodev", "noexec"]),
+        ("sysfs", "/sys", "sysfs", ["nosuid", "nodev", "noexec"]),
+        ("devtmpfs", "/dev", "devtmpfs", ["nosuid", "mode=755"]),
+        ("devpts", "/dev/pts", "devpts", ["nosuid", "noexec", "gid=5", "mode=620",
+                                          "ptmxmode=666"]),
+        ("mqueue", "/dev/mqueue", "mqueue", ["nosuid", "nodev", "noexec"]),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", ["nosuid", "nodev", "noexec"]),
+    ]
+    for source, target, fstype, options in mounts:
+        os.makedirs(target, exist_ok=True)
+        guestos.mount(source, target, fstype, *guestos.mount_options(options))
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        if not os.path.lexists(f"/dev/{name}"):
+            os.symlink(target, f"/dev/{name}")
+
+
+def apply_identity(plan):
+    os.makedirs("/dev/shm", exist_ok=True)
+    guestos.mount("shm", "/dev/shm", "tmpfs", *guestos.mount_options(
+        ["nosuid", "nodev", "noexec", "mode=1777", f"size={plan.dev_shm_size}"]))
+    if plan.hostname:
+        socket.sethostname(plan.hostname)
+    guestos.interface_up("lo")
+    for mount in plan.tmpfs:
+        flags, data = guestos.mount_options(mount["options"])
+        os.makedirs(mount["destination"], exist_ok=True)
+        guestos.mount("tmpfs", mount["destination"], "tmpfs", flags, data)
+
+
+def find_ports(wanted):
+    """virtio-serial ports by name (no udev in the guest: read sysfs)."""
+    deadline = time.monotonic() + PORT_WAIT
+    while True:
+        found = {}
+        base = "/sys/class/virtio-ports"
+        for dev in os.listdir(base) if os.path.isdir(base) else []:
+            try:
+                with open(f"{base}/{dev}/name") as f:
+                    found[f.read().strip()] = f"/dev/{dev}"
+            except OSError:
+                continue
+        if all(name in found and os.path.exists(found[name]) for name in wanted):
+            return found
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"virtio-serial ports missing: {sorted(set(wanted) - set(found))}")
+        time.sleep(0.02)
+
+
+def run_workload(plan, ports, control):
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    pid = spawn(plan, ports)
+    decoder = wire.Decoder()
+    while True:
+        status = reap(pid)
+        if status is not None:
+            return status
+        ready, _, _ = select.select([control, wake_r], [], [], 1.0)
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+        if control in ready:
+            for frame in decoder.feed(os.read(control, 65536)):
+                if frame.type == wire.SIGNAL:
+                    try:
+                        os.kill(pid, frame.json()["signal"])
+                    except ProcessLookupError:
+                        pass
+
+
+def reap(workload_pid):
+    """Reap every exited child (PID 1 adopts orphans); the workload's status or None."""
+    status = None
+    while True:
+        try:
+            pid, wstatus = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return status
+        if pid == 0:
+            return status
+        if pid == workload_pid:
+            code = os.waitstatus_to_exitcode(wstatus)
+            status = 128 - code if code < 0 else code
+
+
+def spawn(plan, ports):
+    env = dict(item.partition("=")[::2] for item in plan.env)
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        os.setsid()
+        if plan.terminal:
+            tty = os.open("/dev/hvc0", os.O_RDWR)
+            fcntl.ioctl(tty, guestos.TIOCSCTTY, 0)
+            stdio = (tty, tty, tty)
+        else:
+            stdio = (os.open("/dev/null", os.O_RDONLY),
+                     os.open(ports[paths.PORT_STDOUT], os.O_WRONLY),
+                     os.open(ports[paths.PORT_STDERR], os.O_WRONLY))
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+        os.setgroups(plan.additional_gids)
+        os.setgid(plan.gid)
+        os.setuid(plan.uid)
+        os.chdir(plan.cwd)
+        program = resolve(plan.args[0], env.get("PATH", ""))
+        os.execve(program, plan.args, env)
+    except ExecError as err:
+        os.write(2, f"dkvm: exec: {err.message}\n".encode())
+        os._exit(err.status)
+    except BaseException as err:
+        os.write(2, f"dkvm: cannot start the workload: {err}\n".encode())
+        os._exit(126 if isinstance(err, PermissionError) else 127)
+
+
+class ExecError(Exception):
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def resolve(name, search_path):
+    """Find the program as runc does: a name with a slash is a path, else $PATH."""
+    if "/" in name:
+        candidates = [name]
+    else:
+        candidates = [os.path.join(d or ".", name) for d in search_path.split(":")]
+    for cand in candidates:
+        if os.path.isfile(cand):
+            if not os.access(cand, os.X_OK):
+                raise ExecError(f'"{name}": permission denied', 126)
+            return cand
+    if "/" in name:
+        if os.path.isdir(name):
+            raise ExecError(f'"{name}": is a directory', 126)
+        raise ExecError(f'"{name}": stat {name}: no such file or directory', 127)
+    raise ExecError(f'"{name}": executable file not found in $PATH', 127)
+
+
+def finish(control, status):
+    """End every process (as the end of PID 1 does in a container), report the status,
+    wait for the container side to take it, and power off."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:
+        pass
+    reap(None)
+    os.sync()
+    if control is not None:
+        os.write(control, wire.encode(wire.EXIT, {"status": status}))
+        wait_for_ack(control)
+    guestos.power_off()
+
+
+def wait_for_ack(control):
+    decoder = wire.Decoder()
+    deadline = time.monotonic() + ACK_WAIT
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([control], [], [], max(0, deadline - time.monotonic()))
+        if ready and any(f.type == wire.EXIT_ACK for f in decoder.feed(os.read(control, 65536))):
+            return

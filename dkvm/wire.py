@@ -1,0 +1,71 @@
+"""The control channel's framing: one virtio-serial port carries typed, multiplexed
+frames between the container side and the guest.
+
+A frame is an 8-byte header (magic, type, channel, payload length) and the payload.
+The decoder is fed whatever bytes arrived and returns whole frames, so partial reads
+and several frames in one read are the normal case, not an edge case.
+"""
+import json
+import struct
+from dataclasses import dataclass
+
+MAGIC = 0xD7
+HEADER = struct.Struct("!BBHI")
+MAX_PAYLOAD = 1 << 20
+
+# frame types
+HELLO = 1       # guest -> host: init is up
+EXIT = 2        # guest -> host: {"status": N} the workload's exit code
+EXIT_ACK = 3    # host -> guest: exit status received, safe to power off
+SIGNAL = 4      # host -> guest: {"signal": N} for the workload
+ERROR = 5       # guest -> host: {"message": "..."} a fatal error in the guest
+TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR}
+
+
+class ProtocolError(Exception):
+    pass
+
+
+@dataclass
+class Frame:
+    type: int
+    channel: int = 0
+    payload: bytes = b""
+
+    def json(self):
+        return json.loads(self.payload or b"{}")
+
+
+def encode(ftype, payload=b"", channel=0):
+    if isinstance(payload, dict):
+        payload = json.dumps(payload, separators=(",", ":")).encode()
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(MAGIC, ftype, channel, len(payload)) + payload
+
+
+class Decoder:
+    def __init__(self):
+        self._buf = bytearray()
+
+    def feed(self, data):
+        """Return the frames completed by `data`; raise ProtocolError on garbage
+        (the caller resets the channel)."""
+        self._buf += data
+        frames = []
+        while len(self._buf) >= HEADER.size:
+            magic, ftype, channel, length = HEADER.unpack_from(self._buf)
+            if magic != MAGIC or ftype not in TYPES or length > MAX_PAYLOAD:
+                self._buf.clear()
+                raise ProtocolError(f"malformed frame header (magic {magic:#x}, type {ftype}, "
+                                    f"length {length})")
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                break
+            frames.append(Frame(ftype, channel, bytes(self._buf[HEADER.size:end])))
+            del self._buf[:end]
+        return frames
+
+    @property
+    def pending(self):
+        return len(self._buf)
