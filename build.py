@@ -178,9 +178,10 @@ def cpio_newc(entries):
     out = io.BytesIO()
 
     def header(ino, name, mode, size, nlink, rdev=(0, 0)):
+        name = name.encode()
         fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, *rdev, len(name) + 1, 0]
         out.write(b"070701" + b"".join(b"%08X" % f for f in fields))
-        out.write(name.encode() + b"\0")
+        out.write(name + b"\0")
         out.write(b"\0" * (-out.tell() % 4))
 
     for ino, (name, mode, data, *rdev) in enumerate(entries, start=1):

@@ -13,6 +13,8 @@ MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec"
                "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
 IGNORED_MOUNT_OPTIONS = {"rw", "suid", "dev", "exec", "async", "rprivate", "private",
                          "rslave", "slave", "rshared", "shared", "bind", "rbind", "tmpcopyup"}
+MS_REC, MS_PRIVATE = 1 << 14, 1 << 18
+CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
 RB_POWER_OFF = 0x4321FEDC
 TIOCSCTTY = 0x540E
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
@@ -36,6 +38,18 @@ def mount_options(options):
         elif opt not in IGNORED_MOUNT_OPTIONS:
             data.append(opt)
     return flags, ",".join(data)
+
+
+def unshare(flags):
+    if _libc.unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare: {os.strerror(err)}")
+
+
+def make_mounts_private():
+    if _libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"making / private: {os.strerror(err)}")
 
 
 def power_off():

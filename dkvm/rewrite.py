@@ -150,10 +150,15 @@ def payload_mounts(payload_dir):
 
 
 def add_capabilities(process, caps):
+    """The entrypoint runs as root, so it gets what root gets in this container: the
+    whole bounding set, plus `caps`. (For a non-root --user, dockerd leaves effective
+    and permitted empty, which would leave virtiofsd without CAP_SYS_CHROOT & co.)"""
     capabilities = process.setdefault("capabilities", {})
-    for kind in ("bounding", "effective", "permitted"):
+    bounding = capabilities.setdefault("bounding", [])
+    bounding.extend(c for c in caps if c not in bounding)
+    for kind in ("effective", "permitted"):
         current = capabilities.setdefault(kind, [])
-        current.extend(c for c in caps if c not in current)
+        current.extend(c for c in bounding if c not in current)
 
 
 def allow_unshare_clone_fs(linux):

@@ -23,7 +23,12 @@ TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR}
 
 
 class ProtocolError(Exception):
-    pass
+    """Garbage on the channel. `frames` holds the whole frames decoded before it; the
+    decoder has dropped its buffer (a reset) and can be fed again."""
+
+    def __init__(self, message, frames=()):
+        super().__init__(message)
+        self.frames = list(frames)
 
 
 @dataclass
@@ -49,8 +54,7 @@ class Decoder:
         self._buf = bytearray()
 
     def feed(self, data):
-        """Return the frames completed by `data`; raise ProtocolError on garbage
-        (the caller resets the channel)."""
+        """Return the frames completed by `data`; raise ProtocolError on garbage."""
         self._buf += data
         frames = []
         while len(self._buf) >= HEADER.size:
@@ -58,7 +62,7 @@ class Decoder:
             if magic != MAGIC or ftype not in TYPES or length > MAX_PAYLOAD:
                 self._buf.clear()
                 raise ProtocolError(f"malformed frame header (magic {magic:#x}, type {ftype}, "
-                                    f"length {length})")
+                                    f"length {length})", frames)
             end = HEADER.size + length
             if len(self._buf) < end:
                 break
@@ -69,3 +73,12 @@ class Decoder:
     @property
     def pending(self):
         return len(self._buf)
+
+
+def feed_tolerant(decoder, data, on_error):
+    """Frames from `data`; garbage is reported through `on_error` and skipped."""
+    try:
+        return decoder.feed(data)
+    except ProtocolError as err:
+        on_error(str(err))
+        return err.frames

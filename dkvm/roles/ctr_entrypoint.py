@@ -110,7 +110,7 @@ def supervise(conn, qemu, children):
         data = conn.recv(65536)
         if not data:
             break
-        for frame in decoder.feed(data):
+        for frame in wire.feed_tolerant(decoder, data, warn):
             if frame.type == wire.EXIT:
                 status = frame.json()["status"]
                 exit_deadline = time.monotonic() + EXIT_GRACE
@@ -126,6 +126,10 @@ def supervise(conn, qemu, children):
                         f"{describe_exit(qemu, 'QEMU', paths.QEMU_LOG)}; "
                         "run with DKVM_KERNEL_DEBUG=1 to see the boot log")
     return status
+
+
+def warn(message):
+    print(f"dkvm: control channel: {message}", file=sys.stderr, flush=True)
 
 
 def send(conn, data):

@@ -12,8 +12,9 @@ GLOBAL_VALUE_FLAGS = {"--root", "--log", "--log-format", "--criu", "--rootless"}
 
 def main(argv):
     from dkvm.options import split_runtime_args
-    args, defaults = split_runtime_args(argv[1:])
+    args = argv[1:]
     try:
+        args, defaults = split_runtime_args(args)
         command, index = find_subcommand(args)
         if command == "create":
             prepare_create(args[index + 1:], defaults)

@@ -29,11 +29,16 @@ def main(argv):
         control = os.open(ports[paths.PORT_CONTROL], os.O_RDWR | os.O_CLOEXEC)
         status = run_workload(plan, ports, control)
     except Exception as err:  # PID 1 must never die with a traceback: report and stop
-        print(f"dkvm-vm-init: {err!r}", file=sys.stderr, flush=True)
+        log(repr(err))
         if control is not None:
             os.write(control, wire.encode(wire.ERROR, {"message": f"guest init failed: {err}"}))
         status = FATAL_STATUS
     finish(control, status)
+
+
+def log(message):
+    """To the kernel log: seen with DKVM_KERNEL_DEBUG=1, never in the workload's output."""
+    print(f"dkvm-vm-init: {message}", file=sys.stderr, flush=True)
 
 
 def setup_filesystems():
@@ -103,7 +108,7 @@ def run_workload(plan, ports, control):
         if wake_r in ready:
             os.read(wake_r, 4096)
         if control in ready:
-            for frame in decoder.feed(os.read(control, 65536)):
+            for frame in wire.feed_tolerant(decoder, os.read(control, 65536), log):
                 if frame.type == wire.SIGNAL:
                     try:
                         os.kill(pid, frame.json()["signal"])
@@ -127,11 +132,18 @@ def reap(workload_pid):
 
 
 def spawn(plan, ports):
+    """Start the workload as PID 1 of its own PID namespace, as runc does: it sees
+    itself as PID 1, gets PID 1's signal semantics, and reaps its own orphans."""
     env = dict(item.partition("=")[::2] for item in plan.env)
+    env.setdefault("HOME", home_of(plan.uid))
+    guestos.unshare(guestos.CLONE_NEWPID)
     pid = os.fork()
     if pid:
         return pid
     try:
+        guestos.unshare(guestos.CLONE_NEWNS)
+        guestos.make_mounts_private()
+        guestos.mount("proc", "/proc", "proc", *guestos.mount_options(["nosuid", "nodev", "noexec"]))
         for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
@@ -146,7 +158,7 @@ def spawn(plan, ports):
                      os.open(ports[paths.PORT_STDERR], os.O_WRONLY))
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
-        os.setgroups(plan.additional_gids)
+        os.setgroups(list(dict.fromkeys(plan.additional_gids)))
         os.setgid(plan.gid)
         os.setuid(plan.uid)
         os.chdir(plan.cwd)
@@ -158,6 +170,19 @@ def spawn(plan, ports):
     except BaseException as err:
         os.write(2, f"dkvm: cannot start the workload: {err}\n".encode())
         os._exit(126 if isinstance(err, PermissionError) else 127)
+
+
+def home_of(uid, passwd="/etc/passwd"):
+    """HOME as runc sets it when the image and `-e` leave it unset."""
+    try:
+        with open(passwd) as f:
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) >= 6 and fields[2] == str(uid):
+                    return fields[5] or "/"
+    except OSError:
+        pass
+    return "/"
 
 
 class ExecError(Exception):
@@ -204,5 +229,6 @@ def wait_for_ack(control):
     deadline = time.monotonic() + ACK_WAIT
     while time.monotonic() < deadline:
         ready, _, _ = select.select([control], [], [], max(0, deadline - time.monotonic()))
-        if ready and any(f.type == wire.EXIT_ACK for f in decoder.feed(os.read(control, 65536))):
+        frames = wire.feed_tolerant(decoder, os.read(control, 65536), log) if ready else []
+        if any(f.type == wire.EXIT_ACK for f in frames):
             return

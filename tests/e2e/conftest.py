@@ -1,0 +1,114 @@
+"""End-to-end fixtures: the real dockerd, runc and QEMU, on images built here.
+
+Nothing can be pulled on these machines, so every image is made locally: busybox
+(a static busybox tree), static (one static binary and nothing else) and debian
+(debootstrap minbase). Each is built once and kept by tag.
+"""
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+RUN_TIMEOUT = 240
+BUSYBOX = "dkvm-test-busybox"
+STATIC = "dkvm-test-static"
+DEBIAN = "dkvm-test-debian"
+PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
+          "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+          "app:x:1000:1000:app:/home/app:/bin/sh\n")
+GROUP = "root:x:0:\nnogroup:x:65534:\napp:x:1000:\nextra:x:2000:app\n"
+
+
+def sh(*args, timeout=RUN_TIMEOUT, check=True, input=None):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=check,
+                          input=input)
+
+
+def docker_run(runtime, *args, timeout=RUN_TIMEOUT, input=None):
+    """`docker run --rm --runtime=R ARGS...`; every run has a bound."""
+    return sh("docker", "run", "--rm", f"--runtime={runtime}", *args, timeout=timeout,
+              check=False, input=input)
+
+
+def image_exists(tag):
+    return sh("docker", "image", "inspect", tag, check=False).returncode == 0
+
+
+def docker_import(tree, tag, changes=()):
+    tar = subprocess.Popen(["tar", "-C", str(tree), "-c", "."], stdout=subprocess.PIPE)
+    cmd = ["docker", "import"] + [f"--change={c}" for c in changes] + ["-", tag]
+    subprocess.run(cmd, stdin=tar.stdout, check=True, capture_output=True, timeout=600)
+    tar.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def docker():
+    info = sh("docker", "info", "--format", "{{json .Runtimes}}", check=False, timeout=30)
+    if info.returncode != 0:
+        pytest.fail("dockerd is not reachable: run the README's set-up first "
+                    f"({info.stderr.strip()})")
+    if '"dkvm"' not in info.stdout:
+        pytest.fail("the dkvm runtime is not registered: run `python3 dist/dkvm.pyz install`")
+    return True
+
+
+@pytest.fixture(scope="session")
+def busybox_image(docker):
+    if not image_exists(BUSYBOX):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            (root / "bin").mkdir()
+            (root / "etc").mkdir()
+            shutil.copy("/bin/busybox", root / "bin" / "busybox")
+            applets = sh("/bin/busybox", "--list").stdout.split()
+            for applet in applets:
+                if applet != "busybox":
+                    os.symlink("busybox", root / "bin" / applet)
+            (root / "etc" / "passwd").write_text(PASSWD)
+            (root / "etc" / "group").write_text(GROUP)
+            docker_import(root, BUSYBOX, ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:"
+                                          "/usr/bin:/sbin:/bin"])
+    return BUSYBOX
+
+
+@pytest.fixture(scope="session")
+def static_image(docker):
+    if not image_exists(STATIC):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "root"
+            root.mkdir()
+            sh("gcc", "-static", "-O2", "-o", str(root / "hello"), str(HERE / "images" / "hello.c"))
+            docker_import(root, STATIC, ['ENTRYPOINT ["/hello"]'])
+    return STATIC
+
+
+@pytest.fixture(scope="session")
+def debian_image(docker):
+    if not image_exists(DEBIAN):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "root"
+            sh("debootstrap", "--variant=minbase", "bookworm", str(root),
+               os.environ.get("DKVM_TEST_MIRROR", "http://deb.debian.org/debian"), timeout=900)
+            shutil.rmtree(root / "var" / "cache" / "apt" / "archives", ignore_errors=True)
+            docker_import(root, DEBIAN, ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:"
+                                         "/usr/bin:/sbin:/bin", 'CMD ["bash"]'])
+    return DEBIAN
+
+
+@pytest.fixture
+def container_name(docker):
+    """A unique name, and the container removed afterwards whatever happened."""
+    name = f"dkvm-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    sh("docker", "rm", "-f", name, check=False, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def guest_release(docker):
+    out = sh("dkvm", "kernels").stdout.split()
+    return out[0].split("/", 1)[1]

@@ -1,0 +1,72 @@
+"""DKVM_* options and bad input: one clear line, non-zero exit, nothing left behind."""
+import os
+
+import pytest
+
+from conftest import docker_run, sh
+
+BAD_INPUT = {
+    "accel": (["-e", "DKVM_ACCEL=foo"], ["DKVM_ACCEL", "auto, kvm, tcg"]),
+    "kernel": (["-e", "DKVM_KERNEL=nope"], ["DKVM_KERNEL", "available: debian"]),
+    "memory": (["-m", "64m"], ["memory limit", "at least"]),
+    "unknown-option": (["-e", "DKVM_NOPE=1"], ["DKVM_NOPE", "DKVM_ACCEL"]),
+    "bool": (["-e", "DKVM_KERNEL_DEBUG=maybe"], ["DKVM_KERNEL_DEBUG", "1 or 0"]),
+}
+
+
+def qemu_processes():
+    out = sh("pgrep", "-f", "qemu-system-x86_64", check=False)
+    return out.stdout.split()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_fails_at_once_and_leaves_nothing(busybox_image, container_name, case):
+    flags, words = BAD_INPUT[case]
+    before = qemu_processes()
+    out = sh("docker", "run", "--runtime=dkvm", "--name", container_name, *flags, busybox_image,
+             "true", check=False, timeout=60)
+    assert out.returncode == 125
+    dkvm_lines = [line for line in out.stderr.splitlines() if "dkvm:" in line]
+    assert len(dkvm_lines) == 1, out.stderr
+    for word in words:
+        assert word in dkvm_lines[0]
+    state = sh("docker", "inspect", "-f", "{{.State.Status}}", container_name).stdout.strip()
+    assert state == "created"   # as runc leaves a container whose create failed
+    assert qemu_processes() == before
+
+
+def test_accel_tcg_forced(busybox_image):
+    out = docker_run("dkvm", "-e", "DKVM_ACCEL=tcg", busybox_image, "true")
+    assert (out.returncode, out.stderr) == (0, "")
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/module/kvm_pvm"), reason="host has no PVM")
+def test_accel_kvm_refused_under_pvm(busybox_image):
+    out = docker_run("dkvm", "-e", "DKVM_ACCEL=kvm", busybox_image, "true")
+    assert out.returncode == 125
+    assert "DKVM_ACCEL=kvm" in out.stderr and "not usable" in out.stderr
+
+
+def test_options_do_not_leak_into_the_workload(busybox_image):
+    out = docker_run("dkvm", "-e", "DKVM_ACCEL=tcg", "-e", "DKVM_KERNEL=debian", busybox_image,
+                     "env")
+    assert out.returncode == 0, out.stderr
+    assert "DKVM" not in out.stdout
+
+
+def test_kernel_debug_shows_boot_log_on_stderr_only(busybox_image):
+    out = docker_run("dkvm", "-e", "DKVM_KERNEL_DEBUG=1", busybox_image, "echo", "hi")
+    assert out.stdout == "hi\n"
+    assert "Linux version" in out.stderr
+
+
+def test_kernel_append(busybox_image):
+    out = docker_run("dkvm", "-e", "DKVM_KERNEL_APPEND=dkvm.test=42", busybox_image,
+                     "cat", "/proc/cmdline")
+    assert "dkvm.test=42" in out.stdout
+
+
+def test_dev_shm_size(busybox_image):
+    out = docker_run("dkvm", "-e", "DKVM_DEV_SHM_SIZE=32m", busybox_image, "sh", "-c",
+                     "df -k /dev/shm | tail -1")
+    assert out.stdout.split()[1] == str(32 * 1024), out.stdout + out.stderr

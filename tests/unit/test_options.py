@@ -1,0 +1,176 @@
+"""DKVM_* options and runtime arguments: bad values fail `create` with a message that
+names the option and says what it accepts."""
+import pytest
+
+from conftest import load_config, rewrite, with_env
+from dkvm.errors import DkvmError
+from dkvm.options import (Options, parse_bool, parse_options, parse_size, split_env,
+                          split_runtime_args)
+from dkvm.rewrite import MIB, MIN_GUEST_MIB
+
+KERNELS = {"debian": "6.1.0-28-amd64"}
+
+
+def create_error(*env, config="plain", **kw):
+    with pytest.raises(DkvmError) as info:
+        rewrite(with_env(load_config(config), *env), **kw)
+    return info.value.message
+
+
+def test_bad_accel():
+    msg = create_error("DKVM_ACCEL=foo")
+    assert "DKVM_ACCEL" in msg and "'foo'" in msg
+    for accepted in ("auto", "kvm", "tcg"):
+        assert accepted in msg
+
+
+def test_unknown_option():
+    msg = create_error("DKVM_FOO=1")
+    assert "DKVM_FOO" in msg
+    for accepted in ("DKVM_ACCEL", "DKVM_KERNEL", "DKVM_KERNEL_APPEND", "DKVM_KERNEL_DEBUG",
+                     "DKVM_SYS_ADMIN", "DKVM_DEV_SHM_SIZE"):
+        assert accepted in msg
+
+
+@pytest.mark.parametrize("value", ["nope", "debian/5.10.0-1-amd64", "/6.1.0-28-amd64"])
+def test_unknown_kernel(value):
+    msg = create_error(f"DKVM_KERNEL={value}")
+    assert "DKVM_KERNEL" in msg and repr(value) in msg
+    assert "debian" in msg and "debian/6.1.0-28-amd64" in msg
+
+
+def test_bad_kernel_debug():
+    msg = create_error("DKVM_KERNEL_DEBUG=maybe")
+    assert "DKVM_KERNEL_DEBUG" in msg and "'maybe'" in msg
+    assert "1 or 0" in msg
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5m", "12t", "1.5g"])
+def test_bad_dev_shm_size(value):
+    msg = create_error(f"DKVM_DEV_SHM_SIZE={value}")
+    assert "DKVM_DEV_SHM_SIZE" in msg and repr(value) in msg
+    assert "64m" in msg
+
+
+def test_memory_below_minimum():
+    config = load_config("resources-tmpfs-volume")
+    config["linux"]["resources"]["memory"]["limit"] = (MIN_GUEST_MIB - 1) * MIB
+    with pytest.raises(DkvmError) as info:
+        rewrite(config)
+    msg = info.value.message
+    assert "--memory" in msg and f"{MIN_GUEST_MIB - 1}MiB" in msg
+    assert f"at least {MIN_GUEST_MIB}m" in msg
+
+
+def test_memory_at_minimum_boots():
+    config = load_config("resources-tmpfs-volume")
+    config["linux"]["resources"]["memory"]["limit"] = MIN_GUEST_MIB * MIB
+    _, plan = rewrite(config)
+    assert plan.memory_mib == MIN_GUEST_MIB
+
+
+def test_kvm_required_but_unusable():
+    msg = create_error("DKVM_ACCEL=kvm", kvm_usable=False)
+    assert "DKVM_ACCEL=kvm" in msg and "tcg" in msg
+    # fine where KVM works
+    _, plan = rewrite(with_env(load_config("plain"), "DKVM_ACCEL=kvm"), kvm_usable=True)
+    assert plan.accel == "kvm"
+
+
+def test_errors_exit_with_one():
+    with pytest.raises(DkvmError) as info:
+        rewrite(with_env(load_config("plain"), "DKVM_ACCEL=foo"))
+    assert info.value.exit_code == 1
+    assert str(info.value) == info.value.message
+
+
+# --- runtime defaults vs container env ---------------------------------------------
+
+def test_runtime_default_accel_applies():
+    _, plan = rewrite(load_config("plain"), kvm_usable=True, defaults={"accel": "tcg"})
+    assert plan.accel == "tcg"
+
+
+def test_container_env_overrides_runtime_default():
+    config = with_env(load_config("plain"), "DKVM_ACCEL=kvm")
+    _, plan = rewrite(config, kvm_usable=True, defaults={"accel": "tcg"})
+    assert plan.accel == "kvm"
+    config = with_env(load_config("plain"), "DKVM_ACCEL=auto")
+    _, plan = rewrite(config, kvm_usable=False, defaults={"accel": "kvm"})
+    assert plan.accel == "tcg"
+
+
+def test_runtime_default_runc_does_not_leak_into_plan():
+    _, plan = rewrite(load_config("plain"), defaults={"runc": "/usr/bin/runc.real"})
+    assert "runc" not in plan.to_json()
+
+
+def test_parse_options_defaults_not_shared():
+    defaults = {"accel": "tcg"}
+    opts = parse_options({"DKVM_ACCEL": "kvm"}, KERNELS, defaults)
+    assert opts.accel == "kvm" and defaults == {"accel": "tcg"}
+    assert parse_options({}, KERNELS, defaults).accel == "tcg"
+    assert parse_options({}, KERNELS) == Options()
+
+
+# --- value parsers -----------------------------------------------------------------
+
+@pytest.mark.parametrize("value,size", [("64m", 64 << 20), ("1g", 1 << 30), ("512M", 512 << 20),
+                                        ("4096", 4096), ("8k", 8 << 10), ("2gb", 2 << 30),
+                                        (" 16m ", 16 << 20)])
+def test_parse_size(value, size):
+    assert parse_size("X", value) == size
+
+
+@pytest.mark.parametrize("value,flag", [("1", True), ("true", True), ("YES", True),
+                                        ("0", False), ("false", False), ("no", False),
+                                        ("", False)])
+def test_parse_bool(value, flag):
+    assert parse_bool("X", value) is flag
+
+
+def test_split_env():
+    workload, settings = split_env(["A=1", "DKVM_ACCEL=tcg", "B=x=y", "DKVM_KERNEL_APPEND=a=b",
+                                    "NOVALUE"])
+    assert workload == ["A=1", "B=x=y", "NOVALUE"]
+    assert settings == {"DKVM_ACCEL": "tcg", "DKVM_KERNEL_APPEND": "a=b"}
+
+
+# --- runtime arguments -------------------------------------------------------------
+
+RUNC_ARGS = ["--root", "/var/run/docker/runtime-runc/moby", "--log", "/run/log.json",
+             "--log-format", "json", "--systemd-cgroup", "create", "--bundle", "/b",
+             "--pid-file", "/p", "id"]
+
+
+def test_split_runtime_args_strips_dkvm_flags():
+    argv = (["--dkvm-runc=/usr/sbin/runc.real"] + RUNC_ARGS[:4] + ["--dkvm-accel=tcg"]
+            + RUNC_ARGS[4:])
+    rest, found = split_runtime_args(argv)
+    assert rest == RUNC_ARGS
+    assert found == {"runc": "/usr/sbin/runc.real", "accel": "tcg"}
+
+
+def test_split_runtime_args_separate_value():
+    rest, found = split_runtime_args(["--dkvm-runc", "/opt/runc"] + RUNC_ARGS)
+    assert rest == RUNC_ARGS
+    assert found == {"runc": "/opt/runc"}
+
+
+def test_split_runtime_args_leaves_runc_flags_alone():
+    argv = ["--log=/x", "--debug", "--root", "/r", "--criu", "criu", "state", "abc123"]
+    rest, found = split_runtime_args(argv)
+    assert rest == argv and found == {}
+
+
+def test_split_runtime_args_rejects_unknown_dkvm_flag():
+    with pytest.raises(DkvmError) as info:
+        split_runtime_args(["--dkvm-acel=tcg"] + RUNC_ARGS)
+    msg = info.value.message
+    assert "--dkvm-acel" in msg and "--dkvm-accel" in msg and "--dkvm-runc" in msg
+
+
+def test_split_runtime_args_validates_accel():
+    with pytest.raises(DkvmError) as info:
+        split_runtime_args(["--dkvm-accel=fast"] + RUNC_ARGS)
+    assert "--dkvm-accel" in info.value.message and "tcg" in info.value.message

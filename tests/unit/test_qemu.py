@@ -1,0 +1,144 @@
+"""QEMU and virtiofsd command lines built from the plan."""
+import pytest
+
+from dkvm import paths
+from dkvm.plan import Plan
+from dkvm.qemu import kernel_append, qemu_argv, qemu_env, virtiofsd_argv
+
+
+def make_plan(**kw):
+    return Plan(args=["true"], env=[], **kw)
+
+
+def values(argv, flag):
+    """Every value given to `flag` (QEMU flags take one argument each)."""
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def value(argv, flag):
+    (v,) = values(argv, flag)
+    return v
+
+
+def devices(argv):
+    return values(argv, "-device")
+
+
+def chardevs(argv):
+    return {c.split(",", 1)[1].split(",")[0].removeprefix("id="): c
+            for c in values(argv, "-chardev")}
+
+
+def test_runs_payload_qemu_through_payload_loader():
+    argv = qemu_argv(make_plan(), 1, 10, 11)
+    assert argv[:4] == ["/.dkvm/lib/ld-linux-x86-64.so.2", "--library-path", "/.dkvm/lib",
+                        "/.dkvm/qemu/qemu-system-x86_64"]
+    assert value(argv, "-L") == "/.dkvm/qemu/firmware"
+    assert "-nodefaults" in argv and "-no-reboot" in argv
+
+
+def test_other_root():
+    argv = qemu_argv(make_plan(kernel="alpine"), 1, 10, 11, root="/payload")
+    assert argv[0] == "/payload/lib/ld-linux-x86-64.so.2"
+    assert value(argv, "-kernel") == "/payload/kernels/alpine/vmlinux"
+    assert value(argv, "-initrd") == "/payload/kernels/alpine/initrd.img"
+
+
+def test_tcg_accel():
+    argv = qemu_argv(make_plan(accel="tcg"), 2, 10, 11)
+    assert value(argv, "-accel") == "tcg,thread=multi"
+    assert value(argv, "-cpu") == "max"
+    assert not any("kvm" in v for v in values(argv, "-accel") + values(argv, "-machine"))
+
+
+def test_kvm_accel():
+    argv = qemu_argv(make_plan(accel="kvm"), 2, 10, 11)
+    assert value(argv, "-accel") == "kvm"
+    assert value(argv, "-cpu") == "host"
+    assert "tcg" not in " ".join(argv)
+    assert not any("thread=multi" in a for a in argv)
+
+
+@pytest.mark.parametrize("vcpus,mem", [(1, 192), (2, 512), (16, 4096)])
+def test_smp_and_memory_follow_plan(vcpus, mem):
+    argv = qemu_argv(make_plan(memory_mib=mem, cpus=vcpus), vcpus, 10, 11)
+    assert value(argv, "-smp") == str(vcpus)
+    assert value(argv, "-m") == f"{mem}M"
+    backend = value(argv, "-object")
+    assert backend.startswith("memory-backend-memfd,id=mem,")
+    assert f"size={mem}M" in backend.split(",") and "share=on" in backend.split(",")
+    assert "memory-backend=mem" in value(argv, "-machine").split(",")
+
+
+def test_kernel_from_plan():
+    argv = qemu_argv(make_plan(kernel="debian"), 1, 10, 11)
+    assert value(argv, "-kernel") == "/.dkvm/kernels/debian/vmlinux"
+    assert value(argv, "-initrd") == "/.dkvm/kernels/debian/initrd.img"
+
+
+def test_virtiofs_and_control_port():
+    argv = qemu_argv(make_plan(), 1, 10, 11)
+    chars = chardevs(argv)
+    assert chars["vfs"] == f"socket,id=vfs,path={paths.VIRTIOFS_SOCKET}"
+    assert chars["ctl"] == f"socket,id=ctl,path={paths.CONTROL_SOCKET}"
+    assert any(d.startswith("vhost-user-fs-pci,chardev=vfs,tag=root") for d in devices(argv))
+    assert "virtserialport,bus=ser0.0,nr=1,chardev=ctl,name=org.dkvm.control" in devices(argv)
+
+
+def test_terminal_uses_a_console_on_stdio():
+    argv = qemu_argv(make_plan(terminal=True), 1, 10, 11)
+    chars = chardevs(argv)
+    assert chars["con"].startswith("stdio,id=con")
+    assert "signal=off" in chars["con"]     # ^C goes to the workload, not QEMU
+    assert "virtconsole,bus=ser0.0,nr=0,chardev=con" in devices(argv)
+    assert "out" not in chars and "err" not in chars
+    assert not any(paths.PORT_STDOUT in d or paths.PORT_STDERR in d for d in devices(argv))
+    assert not any("/proc/self/fd/" in c for c in chars.values())
+
+
+def test_non_terminal_has_stdout_and_stderr_ports():
+    argv = qemu_argv(make_plan(terminal=False), 1, 7, 9)
+    chars = chardevs(argv)
+    assert chars["out"] == "file,id=out,path=/proc/self/fd/7"
+    assert chars["err"] == "file,id=err,path=/proc/self/fd/9"
+    devs = devices(argv)
+    assert "virtserialport,bus=ser0.0,nr=2,chardev=out,name=org.dkvm.stdout" in devs
+    assert "virtserialport,bus=ser0.0,nr=3,chardev=err,name=org.dkvm.stderr" in devs
+    assert "con" not in chars
+    assert not any(d.startswith("virtconsole") for d in devs)
+    # port numbers on the bus are unique
+    nrs = [p.split("nr=")[1].split(",")[0] for p in devs if "bus=ser0.0" in p]
+    assert len(nrs) == len(set(nrs))
+
+
+def test_kernel_debug_adds_serial_console_on_stderr():
+    argv = qemu_argv(make_plan(kernel_debug=True), 1, 7, 9)
+    append = value(argv, "-append").split()
+    assert "console=ttyS0" in append and "quiet" not in append
+    assert chardevs(argv)["dbg"] == "file,id=dbg,path=/proc/self/fd/9"
+    assert value(argv, "-serial") == "chardev:dbg"
+
+
+def test_quiet_without_debug():
+    argv = qemu_argv(make_plan(kernel_debug=False), 1, 7, 9)
+    append = value(argv, "-append").split()
+    assert "quiet" in append and "console=ttyS0" not in append
+    assert "-serial" not in argv
+    assert "dbg" not in chardevs(argv)
+
+
+def test_kernel_append_passes_through_last():
+    plan = make_plan(kernel_append="init_on_free=1 mitigations=off")
+    append = value(qemu_argv(plan, 1, 7, 9), "-append")
+    assert append == kernel_append(plan)
+    assert append.endswith(" init_on_free=1 mitigations=off")
+    assert "panic=-1" in append.split()
+    assert not kernel_append(make_plan()).endswith(" ")
+
+
+def test_qemu_env_and_virtiofsd():
+    assert qemu_env() == {"QEMU_MODULE_DIR": "/.dkvm/qemu/modules"}
+    argv = virtiofsd_argv()
+    assert argv[3] == "/.dkvm/qemu/virtiofsd"
+    assert f"--socket-path={paths.VIRTIOFS_SOCKET}" in argv
+    assert values(argv, "-o")[:2] == ["source=/", "sandbox=chroot"]

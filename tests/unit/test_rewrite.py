@@ -1,0 +1,372 @@
+"""rewrite_create_config on the config.json files dockerd really hands to `create`."""
+import copy
+
+import pytest
+
+from conftest import FIXTURE_NAMES, FIXTURES, PAYLOAD_DIR, facts, load_config, rewrite, with_env
+from dkvm import paths
+from dkvm.plan import PLAN_ENV
+from dkvm.rewrite import (CONTAINER_PATH, DEFAULT_GUEST_MIB, MIB, QEMU_OVERHEAD_MIB,
+                          rewrite_create_config, vcpus_for)
+
+DOCKER_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# What each fixture's workload was, read off the captured config.json files.
+WORKLOADS = {
+    "plain": dict(args=["true"], env=[DOCKER_PATH, "HOSTNAME=d53daccee227"], cwd="/",
+                  uid=0, gid=0, additional_gids=[0], terminal=False,
+                  hostname="d53daccee227"),
+    "user-workdir-env": dict(args=["true"],
+                             env=[DOCKER_PATH, "HOSTNAME=vmhost", "FOO=bar"],
+                             cwd="/srv/app", uid=1000, gid=1000,
+                             additional_gids=[1000, 2000], terminal=False,
+                             hostname="vmhost"),
+    "resources-tmpfs-volume": dict(args=["true"], env=[DOCKER_PATH, "HOSTNAME=964aa3fda941"],
+                                   cwd="/", uid=0, gid=0, additional_gids=[0],
+                                   terminal=False, hostname="964aa3fda941"),
+    "tty-init": dict(args=["/sbin/docker-init", "--", "/bin/sh", "-c", "true"],
+                     env=[DOCKER_PATH, "HOSTNAME=cb73b1e1490a", "TERM=xterm"], cwd="/",
+                     uid=0, gid=0, additional_gids=[0], terminal=True,
+                     hostname="cb73b1e1490a"),
+    "privileged-cpuset": dict(args=["true"], env=[DOCKER_PATH, "HOSTNAME=a96324e87953"],
+                              cwd="/", uid=0, gid=0, additional_gids=[0], terminal=False,
+                              hostname="a96324e87953"),
+}
+# vCPUs and guest memory each fixture asks for (0 vCPUs: no limit given)
+RESOURCES = {
+    "plain": (0, DEFAULT_GUEST_MIB),
+    "user-workdir-env": (0, DEFAULT_GUEST_MIB),
+    "resources-tmpfs-volume": (2, 512),        # --cpus 1.5 -m 512m
+    "tty-init": (0, DEFAULT_GUEST_MIB),
+    "privileged-cpuset": (1, DEFAULT_GUEST_MIB),  # --cpuset-cpus 0
+}
+SYSTEM_MOUNTS = ["/proc", "/dev", "/dev/pts", "/sys", "/sys/fs/cgroup", "/dev/mqueue",
+                 "/dev/shm", "/etc/resolv.conf", "/etc/hostname", "/etc/hosts"]
+
+
+def destinations(config):
+    return [m["destination"] for m in config["mounts"]]
+
+
+def test_fixture_table_covers_every_fixture():
+    on_disk = {p.name[len("config-"):-len(".json")] for p in FIXTURES.glob("config-*.json")}
+    assert set(WORKLOADS) == set(FIXTURE_NAMES) == set(RESOURCES) == on_disk
+
+
+# --- the container's process -------------------------------------------------------
+
+def test_process_runs_the_entrypoint_as_root(any_config):
+    _, config = any_config
+    new, _ = rewrite(config)
+    argv = new["process"]["args"]
+    assert argv == paths.role_argv("dkvm-ctr-entrypoint")
+    # through the payload's loader and Python, to the role's entry script
+    assert argv[0] == "/.dkvm/lib/ld-linux-x86-64.so.2"
+    assert argv[-1] == "/.dkvm/entry/dkvm-ctr-entrypoint"
+    assert "/.dkvm/python/bin/python3" in argv
+    assert new["process"]["user"] == {"uid": 0, "gid": 0}
+
+
+def test_container_env_is_path_and_plan_only(any_config):
+    _, config = any_config
+    new, _ = rewrite(config)
+    env = new["process"]["env"]
+    assert [e.partition("=")[0] for e in env] == ["PATH", PLAN_ENV]
+    assert env[0] == f"PATH={CONTAINER_PATH}"
+
+
+def test_terminal_flag_is_left_to_the_container(any_config):
+    name, config = any_config
+    new, _ = rewrite(config)
+    assert bool(new["process"].get("terminal")) == WORKLOADS[name]["terminal"]
+
+
+# --- the plan ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_plan_holds_the_workload(name):
+    _, plan = rewrite(load_config(name))
+    want = WORKLOADS[name]
+    got = dict(args=plan.args, env=plan.env, cwd=plan.cwd, uid=plan.uid, gid=plan.gid,
+               additional_gids=plan.additional_gids, terminal=plan.terminal,
+               hostname=plan.hostname)
+    assert got == want
+
+
+def test_plan_env_drops_every_dkvm_setting():
+    config = with_env(load_config("user-workdir-env"), "DKVM_KERNEL_APPEND=foo=1",
+                      "DKVM_DEV_SHM_SIZE=128m", "NOT_DKVM_X=1")
+    _, plan = rewrite(config, kvm_usable=True)
+    assert plan.env == [DOCKER_PATH, "HOSTNAME=vmhost", "FOO=bar", "NOT_DKVM_X=1"]
+    assert not any(e.startswith("DKVM_") for e in plan.env)
+    # and the settings took effect
+    assert plan.accel == "tcg"          # DKVM_ACCEL=tcg beats a usable KVM
+    assert plan.kernel_append == "foo=1"
+    assert plan.dev_shm_size == 128 << 20
+
+
+def test_plan_options_from_env():
+    config = with_env(load_config("plain"), "DKVM_KERNEL=debian/6.1.0-28-amd64",
+                      "DKVM_KERNEL_DEBUG=yes", "DKVM_KERNEL_APPEND=init_on_free=1")
+    _, plan = rewrite(config)
+    assert plan.kernel == "debian"
+    assert plan.kernel_debug is True
+    assert plan.kernel_append == "init_on_free=1"
+    assert plan.dev_shm_size == 64 << 20
+
+
+def test_plan_survives_json_round_trip(any_config):
+    _, config = any_config
+    _, plan = rewrite(config)
+    assert type(plan).from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize("kvm_usable,accel", [(True, "kvm"), (False, "tcg")])
+def test_auto_accel_follows_kvm(kvm_usable, accel):
+    _, plan = rewrite(load_config("plain"), kvm_usable=kvm_usable)
+    assert plan.accel == accel
+
+
+# --- mounts ------------------------------------------------------------------------
+
+def test_user_tmpfs_moves_into_the_plan():
+    config = load_config("resources-tmpfs-volume")
+    new, plan = rewrite(config)
+    assert plan.tmpfs == [{"destination": "/scratch",
+                           "options": ["noexec", "nosuid", "nodev", "rprivate", "size=10m",
+                                       "mode=1777"]}]
+    dests = destinations(new)
+    assert "/scratch" not in dests
+    for dest in SYSTEM_MOUNTS + ["/hosttmp"]:
+        assert dests.count(dest) == 1, dest
+    shm = next(m for m in new["mounts"] if m["destination"] == "/dev/shm")
+    assert shm["type"] == "tmpfs"
+    volume = next(m for m in new["mounts"] if m["destination"] == "/hosttmp")
+    assert volume["type"] == "bind" and "ro" in volume["options"]
+
+
+def test_other_mounts_kept_in_order(any_config):
+    _, config = any_config
+    new, plan = rewrite(config)
+    moved = {t["destination"] for t in plan.tmpfs}
+    kept = [m for m in config["mounts"] if m["destination"] not in moved]
+    assert new["mounts"][:len(kept)] == kept
+    assert len(new["mounts"]) == len(kept) + 2
+
+
+def test_no_tmpfs_in_plan_without_tmpfs_option(any_config):
+    name, config = any_config
+    _, plan = rewrite(config)
+    if name != "resources-tmpfs-volume":
+        assert plan.tmpfs == []
+
+
+def test_payload_mounts_added_last(any_config):
+    _, config = any_config
+    new, _ = rewrite(config)
+    payload, run = new["mounts"][-2:]
+    assert payload["destination"] == "/.dkvm" == paths.PAYLOAD_MOUNT
+    assert payload["type"] == "bind"
+    assert payload["source"] == PAYLOAD_DIR
+    assert "ro" in payload["options"] and "rw" not in payload["options"]
+    assert "rbind" in payload["options"] or "bind" in payload["options"]
+    # the private tmpfs is mounted on top of the read-only payload, so after it
+    assert run["destination"] == "/.dkvm/run" == paths.RUN_DIR
+    assert run["type"] == "tmpfs"
+    assert destinations(new).count("/.dkvm") == 1
+    assert destinations(new).count("/.dkvm/run") == 1
+
+
+# --- capabilities and seccomp ------------------------------------------------------
+
+def test_net_admin_added_once_to_each_set(any_config):
+    _, config = any_config
+    new, _ = rewrite(config)
+    caps = new["process"]["capabilities"]
+    original = config["process"]["capabilities"]
+    for kind in ("bounding", "effective", "permitted"):
+        assert caps[kind].count("CAP_NET_ADMIN") == 1, kind
+        assert len(caps[kind]) == len(set(caps[kind])), kind
+    # nothing of what the container had is lost
+    for kind, caps_before in original.items():
+        assert set(caps_before) <= set(caps[kind])
+
+
+def test_net_admin_not_duplicated_when_present():
+    config = load_config("plain")
+    for kind in ("bounding", "effective", "permitted"):
+        config["process"]["capabilities"][kind].append("CAP_NET_ADMIN")
+    new, _ = rewrite(config)
+    caps = new["process"]["capabilities"]
+    for kind in ("bounding", "effective", "permitted"):
+        assert caps[kind].count("CAP_NET_ADMIN") == 1
+        assert caps[kind] == config["process"]["capabilities"][kind]
+
+
+def test_root_entrypoint_gets_bounding_caps_for_non_root_user():
+    """dockerd leaves effective/permitted empty for a non-root --user; the entrypoint
+    runs as root and virtiofsd needs e.g. CAP_SYS_CHROOT and CAP_DAC_OVERRIDE."""
+    config = load_config("user-workdir-env")
+    assert "effective" not in config["process"]["capabilities"]
+    new, _ = rewrite(config)
+    caps = new["process"]["capabilities"]
+    for kind in ("effective", "permitted"):
+        assert set(caps[kind]) == set(caps["bounding"])
+        assert {"CAP_SYS_CHROOT", "CAP_DAC_OVERRIDE", "CAP_NET_ADMIN"} <= set(caps[kind])
+
+
+def test_sys_admin_option_adds_the_capability():
+    config = with_env(load_config("plain"), "DKVM_SYS_ADMIN=1")
+    new, _ = rewrite(config)
+    for kind in ("bounding", "effective", "permitted"):
+        assert new["process"]["capabilities"][kind].count("CAP_SYS_ADMIN") == 1
+    new, _ = rewrite(load_config("plain"))
+    assert "CAP_SYS_ADMIN" not in new["process"]["capabilities"]["bounding"]
+
+
+@pytest.mark.parametrize("name", [n for n in FIXTURE_NAMES if n != "privileged-cpuset"])
+def test_seccomp_gets_one_unshare_clone_fs_rule(name):
+    config = load_config(name)
+    before = config["linux"]["seccomp"]["syscalls"]
+    new, _ = rewrite(config)
+    seccomp = new["linux"]["seccomp"]
+    after = seccomp["syscalls"]
+    assert after[:len(before)] == before
+    added = after[len(before):]
+    assert added == [{"names": ["unshare"], "action": "SCMP_ACT_ALLOW",
+                      "args": [{"index": 0, "value": 0x200, "valueTwo": 0,
+                                "op": "SCMP_CMP_EQ"}]}]
+    # the rest of the profile is untouched
+    assert {k: v for k, v in seccomp.items() if k != "syscalls"} == \
+        {k: v for k, v in config["linux"]["seccomp"].items() if k != "syscalls"}
+
+
+def test_no_seccomp_stays_no_seccomp():
+    config = load_config("privileged-cpuset")
+    assert "seccomp" not in config["linux"]
+    new, _ = rewrite(config)
+    assert "seccomp" not in new["linux"]
+
+
+# --- devices -----------------------------------------------------------------------
+
+def devices_at(config, path):
+    return [d for d in config["linux"].get("devices") or [] if d["path"] == path]
+
+
+def allow_rules(config, major, minor):
+    return [r for r in config["linux"]["resources"]["devices"]
+            if r.get("allow") and r.get("type") == "c" and r.get("major") == major
+            and r.get("minor") == minor]
+
+
+def test_tun_device_and_cgroup_rule(any_config):
+    _, config = any_config
+    new, _ = rewrite(config)
+    (tun,) = devices_at(new, "/dev/net/tun")
+    assert (tun["type"], tun["major"], tun["minor"]) == ("c", 10, 200)
+    (rule,) = allow_rules(new, 10, 200)
+    assert rule["access"] == "rwm"
+    rules = new["linux"]["resources"]["devices"]
+    # after docker's deny-all rule, which would otherwise win
+    assert rules.index(rule) > rules.index({"allow": False, "access": "rwm"})
+    assert rules[:len(config["linux"]["resources"]["devices"])] == \
+        config["linux"]["resources"]["devices"]
+
+
+def test_tun_not_duplicated_when_config_has_it():
+    config = load_config("plain")
+    config["linux"]["devices"] = [{"path": "/dev/net/tun", "type": "c", "major": 10,
+                                   "minor": 200, "fileMode": 0o600, "uid": 0, "gid": 0}]
+    new, _ = rewrite(config)
+    assert devices_at(new, "/dev/net/tun") == config["linux"]["devices"]
+
+
+@pytest.mark.parametrize("name,kvm_usable,has_kvm", [
+    ("plain", True, True),
+    ("plain", False, False),
+    ("user-workdir-env", True, False),   # DKVM_ACCEL=tcg
+    ("tty-init", True, True),
+])
+def test_kvm_device_only_with_kvm_accel(name, kvm_usable, has_kvm):
+    new, plan = rewrite(load_config(name), kvm_usable=kvm_usable)
+    assert (plan.accel == "kvm") == has_kvm
+    kvm = devices_at(new, "/dev/kvm")
+    if has_kvm:
+        assert [(d["type"], d["major"], d["minor"]) for d in kvm] == [("c", 10, 232)]
+        assert len(allow_rules(new, 10, 232)) == 1
+    else:
+        assert kvm == []
+        assert allow_rules(new, 10, 232) == []
+
+
+# --- resources ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_vcpus_and_memory_follow_limits(name):
+    _, plan = rewrite(load_config(name))
+    assert (plan.cpus, plan.memory_mib) == RESOURCES[name]
+
+
+def test_memory_limit_and_swap_raised_by_overhead():
+    config = load_config("resources-tmpfs-volume")
+    new, plan = rewrite(config)
+    memory = new["linux"]["resources"]["memory"]
+    assert plan.memory_mib == 512
+    assert memory["limit"] == (512 + QEMU_OVERHEAD_MIB) * MIB
+    assert memory["swap"] == (1024 + QEMU_OVERHEAD_MIB) * MIB
+    assert memory["disableOOMKiller"] is False
+
+
+def test_unlimited_swap_stays_unlimited():
+    config = load_config("resources-tmpfs-volume")
+    config["linux"]["resources"]["memory"]["swap"] = -1
+    new, _ = rewrite(config)
+    assert new["linux"]["resources"]["memory"]["swap"] == -1
+
+
+def test_reservation_capped_at_new_limit():
+    config = load_config("resources-tmpfs-volume")
+    config["linux"]["resources"]["memory"]["reservation"] = 4 << 30
+    new, _ = rewrite(config)
+    memory = new["linux"]["resources"]["memory"]
+    assert memory["reservation"] == memory["limit"] == (512 + QEMU_OVERHEAD_MIB) * MIB
+
+
+def test_no_memory_limit_means_default_and_no_limit():
+    config = load_config("plain")
+    new, plan = rewrite(config)
+    assert plan.memory_mib == DEFAULT_GUEST_MIB == 1024
+    assert new["linux"]["resources"]["memory"] == {"disableOOMKiller": False}
+
+
+@pytest.mark.parametrize("cpu,count", [
+    ({}, 0),
+    ({"shares": 0}, 0),
+    ({"quota": 150000, "period": 100000}, 2),
+    ({"quota": 50000, "period": 100000}, 1),
+    ({"quota": 200000, "period": 100000}, 2),
+    ({"quota": 200000}, 2),                       # default period 100ms
+    ({"quota": -1, "period": 100000}, 0),
+    ({"cpus": "0"}, 1),
+    ({"cpus": "0-3,6"}, 5),
+    ({"cpus": "0-3", "quota": 150000, "period": 100000}, 2),   # the smaller wins
+    ({"cpus": "2", "quota": 400000, "period": 100000}, 1),
+])
+def test_vcpus_for(cpu, count):
+    assert vcpus_for(cpu) == count
+
+
+# --- purity ------------------------------------------------------------------------
+
+def test_input_not_mutated(any_config):
+    _, config = any_config
+    before = copy.deepcopy(config)
+    new = rewrite_create_config(config, facts(kvm_usable=True))
+    assert config == before
+    assert new != before
+
+
+def test_rewrite_is_deterministic(any_config):
+    _, config = any_config
+    assert rewrite_create_config(config, facts()) == rewrite_create_config(config, facts())

@@ -1,0 +1,220 @@
+"""dkvm-runtime: finding runc's subcommand and flags on the command lines containerd
+really uses, reporting errors into runc's log, and the argv[0] role dispatch."""
+import json
+import re
+
+import pytest
+
+import dkvm.__main__ as dkvm_main
+from conftest import KERNELS, load_config, plan_of, with_env
+from dkvm import host
+from dkvm.errors import DkvmError, run_role
+from dkvm.roles import runtime
+from dkvm.roles.runtime import find_subcommand, flag_value, report_to_runc_log
+
+LOG = "/run/containerd/io.containerd.runtime.v2.task/moby/0123abcd/log.json"
+CREATE = ["--root", "/var/run/docker/runtime-runc/moby", "--log", LOG, "--log-format", "json",
+          "create", "--bundle", "/b", "--pid-file", "/p", "id"]
+
+
+@pytest.mark.parametrize("args,command,index", [
+    (CREATE, "create", 6),
+    (["--systemd-cgroup", "state", "id"], "state", 1),
+    (["--root", "/r", "--log=/l", "--debug", "delete", "--force", "id"], "delete", 4),
+    (["--rootless", "auto", "--criu", "/usr/sbin/criu", "start", "id"], "start", 4),
+    (["--root", "/var/run/docker/runtime-runc/moby", "--log", LOG, "--log-format", "json",
+      "exec", "--process", "/tmp/p.json", "--detach", "id"], "exec", 6),
+    (["--version"], None, 1),
+    ([], None, 0),
+    (["--root", "/r"], None, 2),
+])
+def test_find_subcommand(args, command, index):
+    assert find_subcommand(args) == (command, index)
+
+
+def test_flag_values_on_create_line():
+    command, index = find_subcommand(CREATE)
+    create_args = CREATE[index + 1:]
+    assert flag_value(create_args, "--bundle", "-b") == "/b"
+    assert flag_value(create_args, "--pid-file") == "/p"
+    assert flag_value(create_args, "--console-socket") is None
+    assert flag_value(CREATE, "--log") == LOG
+    assert flag_value(CREATE, "--log-format") == "json"
+    assert flag_value(CREATE, "--root") == "/var/run/docker/runtime-runc/moby"
+
+
+@pytest.mark.parametrize("args,want", [
+    (["-b", "/short", "id"], "/short"),
+    (["--bundle=/eq", "id"], "/eq"),
+    (["-b=/eq2", "id"], "/eq2"),
+    (["--bundlex", "/no", "id"], None),
+    (["id", "--bundle"], None),              # flag without a value
+])
+def test_flag_value_forms(args, want):
+    assert flag_value(args, "--bundle", "-b") == want
+
+
+def test_flag_value_does_not_confuse_prefixes():
+    args = ["--log-format", "json", "--log", "/l.json"]
+    assert flag_value(args, "--log") == "/l.json"
+    assert flag_value(["--log-format=json"], "--log") is None
+
+
+def test_report_to_runc_log_json(tmp_path):
+    log = tmp_path / "log.json"
+    log.write_text('{"level":"info","msg":"earlier"}\n')
+    args = ["--root", "/r", "--log", str(log), "--log-format", "json", "create", "id"]
+    report_to_runc_log(args, "DKVM_ACCEL='foo' is not valid")
+    lines = log.read_text().splitlines()
+    assert lines[0] == '{"level":"info","msg":"earlier"}'      # appended, not replaced
+    assert len(lines) == 2
+    entry = json.loads(lines[1])
+    assert entry["level"] == "error"
+    assert entry["msg"] == "dkvm: DKVM_ACCEL='foo' is not valid"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entry["time"])
+
+
+def test_report_to_runc_log_text(tmp_path):
+    log = tmp_path / "log"
+    report_to_runc_log(["--log", str(log), "create", "id"], "boom")
+    assert log.read_text() == "dkvm: boom\n"
+
+
+def test_report_to_runc_log_without_log_or_unwritable(tmp_path):
+    report_to_runc_log(["create", "id"], "boom")           # no --log: nothing to do
+    missing = tmp_path / "no" / "such" / "dir" / "log.json"
+    report_to_runc_log(["--log", str(missing), "create", "id"], "boom")
+    assert not missing.exists()
+
+
+# --- runtime main, with the host and runc faked ------------------------------------
+
+class Exec(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_host(monkeypatch, tmp_path):
+    calls = {}
+
+    def execv(path, argv):
+        calls["exec"] = (path, argv)
+        raise Exec()
+
+    monkeypatch.setattr(host, "ensure_payload", lambda: "/var/lib/dkvm/feedface")
+    monkeypatch.setattr(host, "kvm_usable", lambda: False)
+    monkeypatch.setattr(host, "payload_kernels", lambda d: dict(KERNELS))
+    monkeypatch.setattr(host, "find_runc", lambda explicit="": explicit or "/usr/bin/runc")
+    monkeypatch.setattr(runtime.os, "execv", execv)
+    return calls
+
+
+def bundle_with(tmp_path, config):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def test_main_create_rewrites_and_execs_runc(fake_host, tmp_path):
+    bundle = bundle_with(tmp_path, load_config("tty-init"))
+    log = tmp_path / "log.json"
+    runc_args = ["--root", "/r", "--log", str(log), "--log-format", "json", "create",
+                 "--bundle", str(bundle), "--pid-file", "/p", "id"]
+    with pytest.raises(Exec):
+        runtime.main(["dkvm-runtime", "--dkvm-runc=/opt/runc", "--dkvm-accel", "tcg",
+                      *runc_args])
+    assert fake_host["exec"] == ("/opt/runc", ["/opt/runc"] + runc_args)
+    new = json.loads((bundle / "config.json").read_text())
+    plan = plan_of(new)
+    assert plan.args == ["/sbin/docker-init", "--", "/bin/sh", "-c", "true"]
+    assert plan.accel == "tcg"
+    assert new["mounts"][-2]["source"] == "/var/lib/dkvm/feedface"
+    assert not log.exists()
+    assert [p.name for p in bundle.iterdir()] == ["config.json"]
+
+
+def test_main_other_commands_pass_through(fake_host, tmp_path):
+    with pytest.raises(Exec):
+        runtime.main(["dkvm-runtime", "--systemd-cgroup", "state", "id"])
+    assert fake_host["exec"] == ("/usr/bin/runc", ["/usr/bin/runc", "--systemd-cgroup",
+                                                   "state", "id"])
+
+
+def test_main_create_error_reaches_runc_log(fake_host, tmp_path):
+    config = with_env(load_config("plain"), "DKVM_ACCEL=foo")
+    bundle = bundle_with(tmp_path, config)
+    log = tmp_path / "log.json"
+    with pytest.raises(DkvmError):
+        runtime.main(["dkvm-runtime", "--log", str(log), "--log-format", "json", "create",
+                      "--bundle", str(bundle), "id"])
+    assert "exec" not in fake_host
+    entry = json.loads(log.read_text())
+    assert entry["level"] == "error" and "DKVM_ACCEL" in entry["msg"]
+    # the bundle's config is left as dockerd wrote it
+    assert json.loads((bundle / "config.json").read_text()) == config
+
+
+def test_main_exec_refused_and_logged(fake_host, tmp_path):
+    log = tmp_path / "log"
+    with pytest.raises(DkvmError):
+        runtime.main(["dkvm-runtime", "--log", str(log), "exec", "--process", "/p.json", "id"])
+    assert "exec" not in fake_host
+    assert "not supported" in log.read_text()
+
+
+def test_main_bad_runtime_arg_reaches_runc_log(fake_host, tmp_path):
+    log = tmp_path / "log.json"
+    with pytest.raises(DkvmError):
+        runtime.main(["dkvm-runtime", "--dkvm-bogus=1", "--log", str(log), "--log-format",
+                      "json", "state", "id"])
+    assert "exec" not in fake_host
+    assert "--dkvm-bogus" in json.loads(log.read_text())["msg"]
+
+
+# --- argv[0] dispatch --------------------------------------------------------------
+
+@pytest.mark.parametrize("argv0,module", [
+    ("dkvm-runtime", "dkvm.roles.runtime"),
+    ("/usr/local/bin/dkvm-runtime", "dkvm.roles.runtime"),
+    ("dkvm-ctr-entrypoint", "dkvm.roles.ctr_entrypoint"),
+    ("/.dkvm/entry/dkvm-ctr-entrypoint", "dkvm.roles.ctr_entrypoint"),
+    ("/.dkvm/entry/dkvm-vm-init", "dkvm.roles.vm_init"),
+    ("dkvm-vm-init", "dkvm.roles.vm_init"),
+    ("/.dkvm/entry/dkvm-exec", "dkvm.roles.exec_relay"),
+    ("dkvm", "dkvm.roles.cli"),
+    ("/usr/local/bin/dkvm.pyz", "dkvm.roles.cli"),
+    ("dkvm-runtime-old", "dkvm.roles.cli"),
+    ("/usr/local/bin/dkvm-runtime/", "dkvm.roles.cli"),
+    ("", "dkvm.roles.cli"),
+])
+def test_role_module(argv0, module):
+    assert dkvm_main.role_module(argv0) == module
+
+
+def test_every_role_module_imports():
+    import importlib
+    for module in list(dkvm_main.ROLES.values()) + [dkvm_main.DEFAULT_ROLE]:
+        assert callable(importlib.import_module(module).main)
+
+
+def test_main_dispatches_and_exits_with_role_code(capsys):
+    with pytest.raises(SystemExit) as info:
+        dkvm_main.main(["/.dkvm/entry/dkvm-exec", "sh"])
+    assert info.value.code == 126
+    assert capsys.readouterr().err.startswith("dkvm: docker exec into a DKVM container")
+
+
+def test_run_role_exit_codes(capsys):
+    for body, code in [(lambda argv: None, 0), (lambda argv: 3, 3)]:
+        with pytest.raises(SystemExit) as info:
+            run_role(body, ["x"])
+        assert info.value.code == code
+
+    def fail(argv):
+        raise DkvmError("bad thing", exit_code=7)
+
+    with pytest.raises(SystemExit) as info:
+        run_role(fail, ["x"])
+    assert info.value.code == 7
+    assert capsys.readouterr().err == "dkvm: bad thing\n"
