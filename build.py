@@ -316,7 +316,7 @@ def main():
     tmp = out.with_suffix(".tmp")
     log(f"packing {out} (build id {build_id})")
     subprocess.run([sys.executable, "-m", "shiv", "--reproducible", "--no-modify",
-                    "-p", "/usr/bin/python3", "-e", "dkvm.__main__:main",
+                    "-p", "/usr/bin/python3 -sE", "-e", "dkvm.__main__:main",
                     "--site-packages", str(site), "--build-id", build_id,
                     "-o", str(tmp)], check=True, stdout=subprocess.DEVNULL)
     with zipfile.ZipFile(tmp, "a") as zf:

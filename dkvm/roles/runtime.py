@@ -11,10 +11,11 @@ GLOBAL_VALUE_FLAGS = {"--root", "--log", "--log-format", "--criu", "--rootless"}
 
 
 def main(argv):
-    from dkvm.options import split_runtime_args
-    args = argv[1:]
+    args, defaults = argv[1:], {}
     try:
-        args, defaults = split_runtime_args(args)
+        if any(arg.startswith("--dkvm-") for arg in args):
+            from dkvm.options import split_runtime_args
+            args, defaults = split_runtime_args(args)
         command, index = find_subcommand(args)
         if command == "create":
             prepare_create(args[index + 1:], defaults)

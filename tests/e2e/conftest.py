@@ -6,44 +6,16 @@ Nothing can be pulled on these machines, so every image is made locally: busybox
 """
 import os
 import shutil
-import subprocess
 import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
+from dockerutil import (BUSYBOX, DEBIAN, GROUP, PASSWD, STATIC, docker_import, image_exists,
+                        sh)
+
 HERE = Path(__file__).resolve().parent
-RUN_TIMEOUT = 240
-BUSYBOX = "dkvm-test-busybox"
-STATIC = "dkvm-test-static"
-DEBIAN = "dkvm-test-debian"
-PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
-          "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
-          "app:x:1000:1000:app:/home/app:/bin/sh\n")
-GROUP = "root:x:0:\nnogroup:x:65534:\napp:x:1000:\nextra:x:2000:app\n"
-
-
-def sh(*args, timeout=RUN_TIMEOUT, check=True, input=None):
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=check,
-                          input=input)
-
-
-def docker_run(runtime, *args, timeout=RUN_TIMEOUT, input=None):
-    """`docker run --rm --runtime=R ARGS...`; every run has a bound."""
-    return sh("docker", "run", "--rm", f"--runtime={runtime}", *args, timeout=timeout,
-              check=False, input=input)
-
-
-def image_exists(tag):
-    return sh("docker", "image", "inspect", tag, check=False).returncode == 0
-
-
-def docker_import(tree, tag, changes=()):
-    tar = subprocess.Popen(["tar", "-C", str(tree), "-c", "."], stdout=subprocess.PIPE)
-    cmd = ["docker", "import"] + [f"--change={c}" for c in changes] + ["-", tag]
-    subprocess.run(cmd, stdin=tar.stdout, check=True, capture_output=True, timeout=600)
-    tar.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import docker_run, sh
+from dockerutil import docker_run, sh
 
 ORACLE_CASES = {
     "id": ["id"],

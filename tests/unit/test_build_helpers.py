@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from unitutil import REPO
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 names the option and says what it accepts."""
 import pytest
 
-from conftest import load_config, rewrite, with_env
+from unitutil import load_config, rewrite, with_env
 from dkvm.errors import DkvmError
 from dkvm.options import (Options, parse_bool, parse_options, parse_size, split_env,
                           split_runtime_args)

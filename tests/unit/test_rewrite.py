@@ -3,7 +3,7 @@ import copy
 
 import pytest
 
-from conftest import FIXTURE_NAMES, FIXTURES, PAYLOAD_DIR, facts, load_config, rewrite, with_env
+from unitutil import FIXTURE_NAMES, FIXTURES, PAYLOAD_DIR, facts, load_config, rewrite, with_env
 from dkvm import paths
 from dkvm.plan import PLAN_ENV
 from dkvm.rewrite import (CONTAINER_PATH, DEFAULT_GUEST_MIB, MIB, QEMU_OVERHEAD_MIB,

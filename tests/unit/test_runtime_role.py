@@ -6,7 +6,7 @@ import re
 import pytest
 
 import dkvm.__main__ as dkvm_main
-from conftest import KERNELS, load_config, plan_of, with_env
+from unitutil import KERNELS, load_config, plan_of, with_env
 from dkvm import host
 from dkvm.errors import DkvmError, run_role
 from dkvm.roles import runtime

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from conftest import docker_run, sh
+from dockerutil import docker_run, sh
 
 BAD_INPUT = {
     "accel": (["-e", "DKVM_ACCEL=foo"], ["DKVM_ACCEL", "auto, kvm, tcg"]),

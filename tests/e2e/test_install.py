@@ -1,0 +1,48 @@
+"""`dkvm install` keeps the rest of daemon.json, backs it up, and is idempotent."""
+import json
+import os
+import time
+from pathlib import Path
+
+from dockerutil import sh
+
+DAEMON_JSON = Path("/etc/docker/daemon.json")
+BACKUP = Path("/etc/docker/daemon.json.dkvm-backup")
+
+
+def test_install_is_idempotent_and_keeps_other_settings(docker):
+    original = DAEMON_JSON.read_text()
+    cfg = json.loads(original)
+    cfg["labels"] = ["dkvm-test=kept"]
+    cfg.setdefault("runtimes", {})["other"] = {"path": "/usr/sbin/runc"}
+    DAEMON_JSON.write_text(json.dumps(cfg))
+    try:
+        for _ in range(2):
+            out = sh("dkvm", "install")
+            assert "registered" in out.stdout
+        after = json.loads(DAEMON_JSON.read_text())
+        assert after["labels"] == ["dkvm-test=kept"]
+        assert after["runtimes"]["other"] == {"path": "/usr/sbin/runc"}
+        assert after["runtimes"]["dkvm"]["path"] == "/usr/local/bin/dkvm-runtime"
+        assert json.loads(BACKUP.read_text())["labels"] == ["dkvm-test=kept"]
+        assert os.path.realpath("/usr/local/bin/dkvm-runtime") == "/usr/local/bin/dkvm.pyz"
+        assert wait_for_runtimes({"dkvm", "other"})
+    finally:
+        DAEMON_JSON.write_text(original)
+        sh("dkvm", "install")
+
+
+def test_version_and_help(docker):
+    assert sh("dkvm", "version").stdout.startswith("dkvm ")
+    assert "install" in sh("dkvm", "--help").stdout
+
+
+def wait_for_runtimes(names, timeout=15):
+    """dockerd reloads on SIGHUP asynchronously: poll `docker info`, bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runtimes = json.loads(sh("docker", "info", "--format", "{{json .Runtimes}}").stdout)
+        if names <= set(runtimes):
+            return True
+        time.sleep(0.5)
+    return False
