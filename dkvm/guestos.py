@@ -2,7 +2,7 @@
 import ctypes
 import fcntl
 import os
-import socket
+import _socket
 import struct
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -58,9 +58,21 @@ def power_off():
     raise OSError(ctypes.get_errno(), "reboot(POWER_OFF) failed")
 
 
+def set_uts_names(hostname, domainname):
+    """(socket.sethostname would import the socket module, slow under TCG.)"""
+    for call, name in ((_libc.sethostname, hostname), (_libc.setdomainname, domainname)):
+        raw = name.encode()
+        if raw and call(raw, len(raw)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setting host/domain name {name!r}: {os.strerror(err)}")
+
+
 def interface_up(name):
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
         ifr = struct.pack("16sH", name.encode(), 0)
         flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, ifr)[:18])[1]
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", name.encode(), flags | IFF_UP))
+    finally:
+        s.close()
 

@@ -5,33 +5,46 @@ one environment variable, and from there into the guest as a file. It is the onl
 thing the three sides share, so it is plain JSON.
 """
 import json
-from dataclasses import asdict, dataclass, field
 
 PLAN_ENV = "DKVM_PLAN"
 
+# field -> default (lists are copied per instance)
+FIELDS = {
+    "args": [], "env": [], "cwd": "/", "uid": 0, "gid": 0, "additional_gids": [],
+    "terminal": False, "hostname": "", "domainname": "",
+    "accel": "tcg",
+    "cpus": 0,              # 0: as many as the container may use
+    "memory_mib": 1024,
+    "kernel": "debian", "kernel_append": "", "kernel_debug": False,
+    "dev_shm_size": 64 << 20,
+    "tmpfs": [],            # [{"destination", "options"}]
+    "sysctl": {},           # name -> value, as `--sysctl` and `--domainname` set them
+}
 
-@dataclass
+
 class Plan:
-    args: list
-    env: list
-    cwd: str = "/"
-    uid: int = 0
-    gid: int = 0
-    additional_gids: list = field(default_factory=list)
-    terminal: bool = False
-    hostname: str = ""
-    domainname: str = ""
-    accel: str = "tcg"
-    cpus: int = 0             # 0: as many as the container may use
-    memory_mib: int = 1024
-    kernel: str = "debian"
-    kernel_append: str = ""
-    kernel_debug: bool = False
-    dev_shm_size: int = 64 << 20
-    tmpfs: list = field(default_factory=list)   # [{"destination", "options"}]
+    """A plain class rather than a dataclass: the guest imports this under TCG, where
+    every imported module costs."""
+
+    def __init__(self, **values):
+        unknown = set(values) - set(FIELDS)
+        if unknown:
+            raise TypeError(f"unknown plan fields: {sorted(unknown)}")
+        for name, default in FIELDS.items():
+            value = values.get(name, default)
+            setattr(self, name, type(value)(value) if isinstance(value, (list, dict)) else value)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in FIELDS}
+
+    def __eq__(self, other):
+        return isinstance(other, Plan) and self.as_dict() == other.as_dict()
+
+    def __repr__(self):
+        return f"Plan({self.as_dict()!r})"
 
     def to_json(self):
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return json.dumps(self.as_dict(), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text):

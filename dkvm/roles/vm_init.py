@@ -5,7 +5,6 @@ import fcntl
 import os
 import select
 import signal
-import socket
 import sys
 import time
 
@@ -23,10 +22,10 @@ def main(argv):
         setup_filesystems()
         with open(paths.PLAN_FILE) as f:
             plan = Plan.from_json(f.read())
-        apply_identity(plan)
         ports = find_ports(wanted=(paths.PORT_CONTROL,) if plan.terminal else
                            (paths.PORT_CONTROL, paths.PORT_STDOUT, paths.PORT_STDERR))
         control = os.open(ports[paths.PORT_CONTROL], os.O_RDWR | os.O_CLOEXEC)
+        apply_identity(plan)
         status = run_workload(plan, ports, control)
     except Exception as err:  # PID 1 must never die with a traceback: report and stop
         log(repr(err))
@@ -66,8 +65,10 @@ def apply_identity(plan):
     os.makedirs("/dev/shm", exist_ok=True)
     guestos.mount("shm", "/dev/shm", "tmpfs", *guestos.mount_options(
         ["nosuid", "nodev", "noexec", "mode=1777", f"size={plan.dev_shm_size}"]))
-    if plan.hostname:
-        socket.sethostname(plan.hostname)
+    guestos.set_uts_names(plan.hostname, plan.domainname)
+    for name, value in plan.sysctl.items():
+        with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
+            f.write(value)
     guestos.interface_up("lo")
     for mount in plan.tmpfs:
         flags, data = guestos.mount_options(mount["options"])

@@ -21,6 +21,9 @@ ORACLE_CASES = {
                         "-e", "X=1", "--hostname", "h2", "-c", 'echo "$0" "$@" "$X" "$(pwd)"',
                         "zero", "one", "two three"],
     "stderr-and-exit": ["sh", "-c", "echo out; echo err >&2; exit 3"],
+    "domainname-sysctl": ["--hostname", "h4", "--domainname", "example.org", "--sysctl",
+                          "net.ipv4.ip_forward=1", "sh", "-c",
+                          "hostname; cat /proc/sys/kernel/domainname /proc/sys/net/ipv4/ip_forward"],
 }
 
 
@@ -40,7 +43,8 @@ def test_matches_runc(busybox_image, case):
 def split_flags(args):
     """docker run flags come before the image, the command after it."""
     flags, i = [], 0
-    takes_value = {"-u", "-w", "-e", "--hostname", "--entrypoint", "--group-add", "--env-file"}
+    takes_value = {"-u", "-w", "-e", "--hostname", "--entrypoint", "--group-add", "--env-file",
+                   "--domainname", "--sysctl"}
     while i < len(args) and args[i].startswith("-"):
         flags.append(args[i])
         if args[i] in takes_value:

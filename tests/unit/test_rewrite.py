@@ -370,3 +370,11 @@ def test_input_not_mutated(any_config):
 def test_rewrite_is_deterministic(any_config):
     _, config = any_config
     assert rewrite_create_config(config, facts()) == rewrite_create_config(config, facts())
+
+
+def test_sysctls_and_domainname_go_to_the_plan():
+    """dockerd passes --domainname and --sysctl as linux.sysctl; the guest applies them."""
+    config = load_config("plain")
+    config["linux"]["sysctl"] = {"kernel.domainname": "example.org", "net.ipv4.ip_forward": "1"}
+    _, plan = rewrite(config)
+    assert plan.sysctl == {"kernel.domainname": "example.org", "net.ipv4.ip_forward": "1"}

@@ -123,3 +123,16 @@ def test_garbage_after_partial_header_is_detected_once_header_complete():
 def test_types_are_distinct():
     assert len({HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR}) == 5
     assert wire.TYPES == {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR}
+
+
+def test_frames_before_garbage_are_kept():
+    from dkvm.wire import Decoder, ProtocolError, encode, feed_tolerant
+    dec = Decoder()
+    errors = []
+    frames = feed_tolerant(dec, encode(EXIT, {"status": 1}) + b"\x00" * 8, errors.append)
+    assert frames == [Frame(EXIT, 0, b'{"status":1}')]
+    assert len(errors) == 1 and "malformed" in errors[0]
+    assert dec.feed(encode(HELLO)) == [Frame(HELLO)]
+    with pytest.raises(ProtocolError) as info:
+        Decoder().feed(encode(HELLO) + b"garbage!")
+    assert info.value.frames == [Frame(HELLO)]
