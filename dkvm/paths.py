@@ -18,6 +18,8 @@ VIRTIOFS_TAG = "root"
 PORT_CONTROL = "org.dkvm.control"
 PORT_STDOUT = "org.dkvm.stdout"
 PORT_STDERR = "org.dkvm.stderr"
+PORT_STDIN = "org.dkvm.stdin"
+STDIN_SOCKET = RUN_DIR + "/stdin.sock"
 
 
 def host_payload_dir(build_id):

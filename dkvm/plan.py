@@ -19,6 +19,7 @@ FIELDS = {
     "dev_shm_size": 64 << 20,
     "tmpfs": [],            # [{"destination", "options"}]
     "sysctl": {},           # name -> value, as `--sysctl` and `--domainname` set them
+    "winsize": [],          # [rows, cols] of the terminal at start, with -t
 }
 
 

@@ -16,9 +16,13 @@ def kernel_append(plan):
 
 
 def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, root=paths.PAYLOAD_MOUNT):
-    """QEMU for one container. Workload stdout and stderr leave through two
-    virtio-serial ports written straight to the container's fds; the kernel's
-    console exists only when DKVM_KERNEL_DEBUG asks for it (on stderr)."""
+    """QEMU for one container. Without a terminal, the workload's stdout and stderr
+    leave through two virtio-serial ports written straight to the container's fds,
+    and stdin arrives on a third from a socket the entrypoint feeds and closes at EOF
+    (QEMU opens a pipe chardev read-write, so it would never see EOF itself). With a
+    terminal, the guest
+    console is QEMU's stdio. The kernel's console exists only when DKVM_KERNEL_DEBUG
+    asks for it (on stderr)."""
     kdir = paths.payload_path("kernels", plan.kernel, root=root)
     mem = plan.memory_mib
     if plan.accel == "kvm":
@@ -48,7 +52,9 @@ def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, root=paths.PAYLOAD_MOUNT):
         argv += ["-chardev", f"file,id=out,path=/proc/self/fd/{stdout_fd}",
                  "-device", f"virtserialport,bus=ser0.0,nr=2,chardev=out,name={paths.PORT_STDOUT}",
                  "-chardev", f"file,id=err,path=/proc/self/fd/{stderr_fd}",
-                 "-device", f"virtserialport,bus=ser0.0,nr=3,chardev=err,name={paths.PORT_STDERR}"]
+                 "-device", f"virtserialport,bus=ser0.0,nr=3,chardev=err,name={paths.PORT_STDERR}",
+                 "-chardev", f"socket,id=in,path={paths.STDIN_SOCKET}",
+                 "-device", f"virtserialport,bus=ser0.0,nr=4,chardev=in,name={paths.PORT_STDIN}"]
     if plan.kernel_debug:
         argv += ["-chardev", f"file,id=dbg,path=/proc/self/fd/{stderr_fd}", "-serial", "chardev:dbg"]
     return argv

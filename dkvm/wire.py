@@ -18,7 +18,8 @@ EXIT = 2        # guest -> host: {"status": N} the workload's exit code
 EXIT_ACK = 3    # host -> guest: exit status received, safe to power off
 SIGNAL = 4      # host -> guest: {"signal": N} for the workload
 ERROR = 5       # guest -> host: {"message": "..."} a fatal error in the guest
-TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR}
+RESIZE = 6      # host -> guest: {"rows": R, "cols": C} the terminal's new size
+TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR, RESIZE}
 
 
 class ProtocolError(Exception):

@@ -4,12 +4,16 @@ It writes the plan where the guest will read it, starts virtiofsd on the contain
 root, boots QEMU, forwards signals to the workload over the control channel, and
 leaves with the exit status the guest reports.
 """
+import fcntl
 import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 
 from dkvm import paths, wire
@@ -20,20 +24,24 @@ from dkvm.qemu import qemu_argv, qemu_env, virtiofsd_argv
 START_TIMEOUT = 30          # virtiofsd socket, QEMU connecting to the control socket
 EXIT_GRACE = 10             # QEMU powering off after the guest reported its exit
 FORWARDED_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                     signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH]
+                     signal.SIGUSR1, signal.SIGUSR2]
 
 
 def main(argv):
     plan = Plan.from_json(os.environ[PLAN_ENV])
+    if plan.terminal:
+        plan.winsize = terminal_size()
     with open(paths.PLAN_FILE, "w") as f:
         f.write(plan.to_json())
     virtiofsd = start_virtiofsd()
-    listener = listen(paths.CONTROL_SOCKET)
+    control_listener = listen(paths.CONTROL_SOCKET)
+    stdin_listener = None if plan.terminal else listen(paths.STDIN_SOCKET)
     qemu = start_qemu(plan)
     children = {"QEMU": (qemu, paths.QEMU_LOG), "virtiofsd": (virtiofsd, paths.VIRTIOFSD_LOG)}
     try:
-        conn = accept_qemu(listener, children)
-        status = supervise(conn, qemu, children)
+        conn = accept_qemu(control_listener, children)
+        stdin_conn = accept_qemu(stdin_listener, children) if stdin_listener else None
+        status = supervise(conn, qemu, children, plan.terminal, stdin_conn)
     finally:
         for proc in (qemu, virtiofsd):
             stop(proc)
@@ -62,9 +70,9 @@ def listen(path):
 
 
 def start_qemu(plan):
-    """QEMU gets the container's stdout/stderr as two extra fds for the output ports;
-    its own fd 2 goes to a log so that its warnings never mix with the workload's."""
-    out_fd, err_fd = os.dup(1), os.dup(2)
+    """QEMU gets the container's stdio as extra fds for the stdio ports; its own fd 2
+    goes to a log so that its warnings never mix with the workload's output."""
+    out_fd, err_fd = dup_or_null(1), dup_or_null(2)
     vcpus = plan.cpus or len(os.sched_getaffinity(0))
     argv = qemu_argv(plan, vcpus, out_fd, err_fd)
     log = open(paths.QEMU_LOG, "wb")
@@ -74,6 +82,44 @@ def start_qemu(plan):
     os.close(out_fd)
     os.close(err_fd)
     return proc
+
+
+def start_stdin_relay(conn):
+    """Copy our stdin to QEMU's stdin port; at EOF, shut the socket for writing, which
+    the guest sees as EOF once it has read everything before it. (A full close would
+    be a hang-up, on which QEMU drops what the guest has not read yet.) A thread, so a
+    guest that does not read blocks only this."""
+    def relay():
+        try:
+            while True:
+                data = os.read(0, 65536)
+                if not data:
+                    break
+                conn.sendall(data)
+        except OSError:
+            pass
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+    threading.Thread(target=relay, name="stdin-relay", daemon=True).start()
+
+
+def dup_or_null(fd):
+    """A copy of one of our stdio fds, or /dev/null where the runtime gave none."""
+    try:
+        return os.dup(fd)
+    except OSError:
+        return os.open("/dev/null", os.O_RDWR)
+
+
+def terminal_size():
+    """[rows, cols] of the container's terminal (fd 0), or [] if it has none."""
+    try:
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
+    except OSError:
+        return []
+    return [rows, cols]
 
 
 def accept_qemu(listener, children):
@@ -88,16 +134,25 @@ def accept_qemu(listener, children):
     raise DkvmError("QEMU did not connect to the control channel in time")
 
 
-def supervise(conn, qemu, children):
-    """Relay signals to the guest and wait for the workload's exit status."""
+def supervise(conn, qemu, children, terminal, stdin_conn):
+    """Relay signals and terminal resizes to the guest, start relaying stdin when the
+    guest says hello, and wait for the workload's exit status."""
     pending = []
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, lambda signum, frame: pending.append(signum))
+    if terminal:
+        signal.signal(signal.SIGWINCH, lambda signum, frame: pending.append(signum))
     decoder = wire.Decoder()
     status, exit_deadline = None, None
     while exit_deadline is None or time.monotonic() < exit_deadline:
         while pending:
-            send(conn, wire.encode(wire.SIGNAL, {"signal": pending.pop(0)}))
+            signum = pending.pop(0)
+            if signum == signal.SIGWINCH:
+                size = terminal_size()
+                if size:
+                    send(conn, wire.encode(wire.RESIZE, {"rows": size[0], "cols": size[1]}))
+            else:
+                send(conn, wire.encode(wire.SIGNAL, {"signal": signum}))
         try:
             ready, _, _ = select.select([conn], [], [], 0.5)
         except InterruptedError:
@@ -111,7 +166,10 @@ def supervise(conn, qemu, children):
         if not data:
             break
         for frame in wire.feed_tolerant(decoder, data, warn):
-            if frame.type == wire.EXIT:
+            if frame.type == wire.HELLO and stdin_conn is not None:
+                start_stdin_relay(stdin_conn)
+                stdin_conn = None
+            elif frame.type == wire.EXIT:
                 status = frame.json()["status"]
                 exit_deadline = time.monotonic() + EXIT_GRACE
                 send(conn, wire.encode(wire.EXIT_ACK))

@@ -14,6 +14,7 @@ from dkvm.plan import Plan
 PORT_WAIT = 10
 ACK_WAIT = 5
 FATAL_STATUS = 125
+CONSOLE = "/dev/hvc0"
 
 
 def main(argv):
@@ -23,7 +24,8 @@ def main(argv):
         with open(paths.PLAN_FILE) as f:
             plan = Plan.from_json(f.read())
         ports = find_ports(wanted=(paths.PORT_CONTROL,) if plan.terminal else
-                           (paths.PORT_CONTROL, paths.PORT_STDOUT, paths.PORT_STDERR))
+                           (paths.PORT_CONTROL, paths.PORT_STDIN, paths.PORT_STDOUT,
+                            paths.PORT_STDERR))
         control = os.open(ports[paths.PORT_CONTROL], os.O_RDWR | os.O_CLOEXEC)
         apply_identity(plan)
         status = run_workload(plan, ports, control)
@@ -99,7 +101,20 @@ def run_workload(plan, ports, control):
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *a: None)
-    pid = spawn(plan, ports)
+    console, stdio = None, None
+    if plan.terminal:
+        console = os.open(CONSOLE, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        if plan.winsize:
+            guestos.set_winsize(console, *plan.winsize)
+    else:
+        stdio = open_stdio_ports(ports)
+    pid = spawn(plan, stdio)
+    if stdio:
+        for fd in stdio:
+            os.close(fd)
+    # The container side holds stdin back until now: this guest kernel drops what
+    # arrives on a port nobody has open.
+    os.write(control, wire.encode(wire.HELLO))
     decoder = wire.Decoder()
     while True:
         status = reap(pid)
@@ -115,6 +130,9 @@ def run_workload(plan, ports, control):
                         os.kill(pid, frame.json()["signal"])
                     except ProcessLookupError:
                         pass
+                elif frame.type == wire.RESIZE and console is not None:
+                    size = frame.json()
+                    guestos.set_winsize(console, size["rows"], size["cols"])
 
 
 def reap(workload_pid):
@@ -132,7 +150,13 @@ def reap(workload_pid):
             status = 128 - code if code < 0 else code
 
 
-def spawn(plan, ports):
+def open_stdio_ports(ports):
+    return (os.open(ports[paths.PORT_STDIN], os.O_RDONLY | os.O_CLOEXEC),
+            os.open(ports[paths.PORT_STDOUT], os.O_WRONLY | os.O_CLOEXEC),
+            os.open(ports[paths.PORT_STDERR], os.O_WRONLY | os.O_CLOEXEC))
+
+
+def spawn(plan, stdio):
     """Start the workload as PID 1 of its own PID namespace, as runc does: it sees
     itself as PID 1, gets PID 1's signal semantics, and reaps its own orphans."""
     env = dict(item.partition("=")[::2] for item in plan.env)
@@ -150,13 +174,9 @@ def spawn(plan, ports):
         signal.set_wakeup_fd(-1)
         os.setsid()
         if plan.terminal:
-            tty = os.open("/dev/hvc0", os.O_RDWR)
+            tty = os.open(CONSOLE, os.O_RDWR)
             fcntl.ioctl(tty, guestos.TIOCSCTTY, 0)
             stdio = (tty, tty, tty)
-        else:
-            stdio = (os.open("/dev/null", os.O_RDONLY),
-                     os.open(ports[paths.PORT_STDOUT], os.O_WRONLY),
-                     os.open(ports[paths.PORT_STDERR], os.O_WRONLY))
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
         os.setgroups(list(dict.fromkeys(plan.additional_gids)))
