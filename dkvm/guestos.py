@@ -16,7 +16,7 @@ IGNORED_MOUNT_OPTIONS = {"rw", "suid", "dev", "exec", "async", "rprivate", "priv
 MS_REC, MS_PRIVATE = 1 << 14, 1 << 18
 CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
 RB_POWER_OFF = 0x4321FEDC
-TIOCSCTTY, TIOCSWINSZ = 0x540E, 0x5414
+TIOCSCTTY = 0x540E
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -46,15 +46,16 @@ def unshare(flags):
         raise OSError(err, f"unshare: {os.strerror(err)}")
 
 
+def setns(fd, nstype):
+    if _libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
 def make_mounts_private():
     if _libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"making / private: {os.strerror(err)}")
-
-
-def set_winsize(fd, rows, cols):
-    """The terminal size; the kernel sends SIGWINCH to the foreground process group."""
-    fcntl.ioctl(fd, TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 def power_off():

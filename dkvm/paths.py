@@ -20,6 +20,7 @@ PORT_STDOUT = "org.dkvm.stdout"
 PORT_STDERR = "org.dkvm.stderr"
 PORT_STDIN = "org.dkvm.stdin"
 STDIN_SOCKET = RUN_DIR + "/stdin.sock"
+EXEC_SOCKET = RUN_DIR + "/exec.sock"      # dkvm-exec relays connect here
 
 
 def host_payload_dir(build_id):

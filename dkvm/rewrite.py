@@ -5,6 +5,7 @@ few extra privileges QEMU and virtiofsd need, and everything the workload was to
 given (args, env, user, cwd, tmpfs mounts, hostname) moves into the plan for the guest.
 """
 import copy
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -80,6 +81,34 @@ def rewrite_create_config(config, host):
         add_device(linux, KVM)
     config["process"] = process
     return config
+
+
+EXEC_ENV = "DKVM_EXEC"
+
+
+def rewrite_exec_process(process):
+    """Return the process.json for `runc exec` that relays `process` into the guest.
+    The relay runs as root in the container (it talks to the container side's
+    control multiplexer); the user, env, cwd and terminal go to the guest."""
+    process = copy.deepcopy(process)
+    user = process.get("user") or {}
+    env, _ = split_env(process.get("env") or [])
+    request = {
+        "args": list(process.get("args") or []),
+        "env": env,
+        "cwd": process.get("cwd") or "/",
+        "uid": user.get("uid", 0),
+        "gid": user.get("gid", 0),
+        "additional_gids": list(user.get("additionalGids") or []),
+        "terminal": bool(process.get("terminal")),
+    }
+    process["args"] = paths.role_argv("dkvm-exec")
+    process["env"] = [f"PATH={CONTAINER_PATH}",
+                      f"{EXEC_ENV}={json.dumps(request, separators=(',', ':'))}"]
+    process["user"] = {"uid": 0, "gid": 0}
+    process["cwd"] = "/"
+    add_capabilities(process, [])
+    return process
 
 
 def choose_accel(wanted, kvm_usable):

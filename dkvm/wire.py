@@ -19,7 +19,20 @@ EXIT_ACK = 3    # host -> guest: exit status received, safe to power off
 SIGNAL = 4      # host -> guest: {"signal": N} for the workload
 ERROR = 5       # guest -> host: {"message": "..."} a fatal error in the guest
 RESIZE = 6      # host -> guest: {"rows": R, "cols": C} the terminal's new size
-TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR, RESIZE}
+# `docker exec`: one channel (non-zero) per exec, from its relay to its guest process
+EXEC_START = 7  # relay -> guest: {"args", "env", "cwd", "uid", "gid", ...} start it
+STDIN = 8       # relay -> guest: bytes for the process's stdin; empty payload: EOF
+STDOUT = 9      # guest -> relay: bytes the process wrote to stdout (or its terminal)
+STDERR = 10     # guest -> relay: bytes the process wrote to stderr
+EXEC_EXIT = 11  # guest -> relay: {"status": N} the process ended, all output sent
+WINDOW = 12     # either way: {"bytes": N} the receiver consumed N data bytes: send more
+CLOSE = 13      # relay side -> guest: the relay is gone; end the process
+TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR, RESIZE, EXEC_START, STDIN, STDOUT, STDERR,
+         EXEC_EXIT, WINDOW, CLOSE}
+# Flow control for exec streams: a sender may have this many data bytes unconsumed
+# by the far end; data frames carry at most MAX_DATA bytes.
+STREAM_WINDOW = 256 << 10
+MAX_DATA = 64 << 10
 
 
 class ProtocolError(Exception):

@@ -4,21 +4,20 @@ It writes the plan where the guest will read it, starts virtiofsd on the contain
 root, boots QEMU, forwards signals to the workload over the control channel, and
 leaves with the exit status the guest reports.
 """
-import fcntl
 import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import termios
 import threading
 import time
 
 from dkvm import paths, wire
 from dkvm.errors import DkvmError
+from dkvm.framed import FramedSocket
 from dkvm.plan import PLAN_ENV, Plan
+from dkvm.terminal import get_size
 from dkvm.qemu import qemu_argv, qemu_env, virtiofsd_argv
 
 START_TIMEOUT = 30          # virtiofsd socket, QEMU connecting to the control socket
@@ -30,18 +29,19 @@ FORWARDED_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 def main(argv):
     plan = Plan.from_json(os.environ[PLAN_ENV])
     if plan.terminal:
-        plan.winsize = terminal_size()
+        plan.winsize = get_size(0)
     with open(paths.PLAN_FILE, "w") as f:
         f.write(plan.to_json())
     virtiofsd = start_virtiofsd()
     control_listener = listen(paths.CONTROL_SOCKET)
+    exec_listener = listen(paths.EXEC_SOCKET, backlog=64)
     stdin_listener = None if plan.terminal else listen(paths.STDIN_SOCKET)
     qemu = start_qemu(plan)
     children = {"QEMU": (qemu, paths.QEMU_LOG), "virtiofsd": (virtiofsd, paths.VIRTIOFSD_LOG)}
     try:
         conn = accept_qemu(control_listener, children)
         stdin_conn = accept_qemu(stdin_listener, children) if stdin_listener else None
-        status = supervise(conn, qemu, children, plan.terminal, stdin_conn)
+        status = supervise(conn, qemu, children, plan.terminal, stdin_conn, exec_listener)
     finally:
         for proc in (qemu, virtiofsd):
             stop(proc)
@@ -62,10 +62,10 @@ def start_virtiofsd():
     return proc
 
 
-def listen(path):
+def listen(path, backlog=1):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
-    sock.listen(1)
+    sock.listen(backlog)
     return sock
 
 
@@ -113,15 +113,6 @@ def dup_or_null(fd):
         return os.open("/dev/null", os.O_RDWR)
 
 
-def terminal_size():
-    """[rows, cols] of the container's terminal (fd 0), or [] if it has none."""
-    try:
-        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
-    except OSError:
-        return []
-    return [rows, cols]
-
-
 def accept_qemu(listener, children):
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -134,47 +125,71 @@ def accept_qemu(listener, children):
     raise DkvmError("QEMU did not connect to the control channel in time")
 
 
-def supervise(conn, qemu, children, terminal, stdin_conn):
-    """Relay signals and terminal resizes to the guest, start relaying stdin when the
+def supervise(control, qemu, children, terminal, stdin_conn, exec_listener):
+    """The container side of the control channel: relay signals and terminal resizes
+    to the guest, multiplex `docker exec` relays onto channels, start stdin when the
     guest says hello, and wait for the workload's exit status."""
     pending = []
-    for sig in FORWARDED_SIGNALS:
+    for sig in FORWARDED_SIGNALS + ([signal.SIGWINCH] if terminal else []):
         signal.signal(sig, lambda signum, frame: pending.append(signum))
-    if terminal:
-        signal.signal(signal.SIGWINCH, lambda signum, frame: pending.append(signum))
-    decoder = wire.Decoder()
+    guest = FramedSocket(control)
+    relays = {}
+    held = []               # frames for the guest before it is ready for them
     status, exit_deadline = None, None
+
+    def to_guest(data):
+        if held is None:
+            guest.queue(data)
+        else:
+            held.append(data)
+
     while exit_deadline is None or time.monotonic() < exit_deadline:
         while pending:
-            signum = pending.pop(0)
-            if signum == signal.SIGWINCH:
-                size = terminal_size()
-                if size:
-                    send(conn, wire.encode(wire.RESIZE, {"rows": size[0], "cols": size[1]}))
-            else:
-                send(conn, wire.encode(wire.SIGNAL, {"signal": signum}))
+            to_guest(signal_frame(pending.pop(0)))
+        peers = [guest, *relays.values()]
         try:
-            ready, _, _ = select.select([conn], [], [], 0.5)
+            ready_r, ready_w, _ = select.select(
+                [guest.sock, exec_listener, *(r.sock for r in relays.values())],
+                [p.sock for p in peers if p.out], [], 0.5)
         except InterruptedError:
             continue
-        if not ready:
+        for peer in peers:
+            if peer.sock in ready_w:
+                peer.flush()
+        if exec_listener in ready_r:
+            channel = free_channel(relays)
+            relays[channel] = FramedSocket(exec_listener.accept()[0])
+        for channel, relay in list(relays.items()):
+            if relay.sock in ready_r:
+                for frame in relay.receive(warn):
+                    to_guest(wire.encode(frame.type, frame.payload, channel))
+            if relay.closed:
+                relay.close()
+                del relays[channel]
+                to_guest(wire.encode(wire.CLOSE, channel=channel))
+        if guest.sock in ready_r:
+            for frame in guest.receive(warn):
+                if frame.channel:
+                    if frame.channel in relays:
+                        relays[frame.channel].queue(wire.encode(frame.type, frame.payload))
+                elif frame.type == wire.HELLO and held is not None:
+                    for data in held:
+                        guest.queue(data)
+                    held = None
+                    if stdin_conn is not None:
+                        start_stdin_relay(stdin_conn)
+                elif frame.type == wire.EXIT:
+                    status = frame.json()["status"]
+                    exit_deadline = time.monotonic() + EXIT_GRACE
+                    guest.queue(wire.encode(wire.EXIT_ACK))
+                elif frame.type == wire.ERROR:
+                    print(f"dkvm: {frame.json()['message']}", file=sys.stderr, flush=True)
+            if guest.closed:
+                break
+        if not ready_r and not ready_w:
             if qemu.poll() is not None:
                 break
             check_children(children)
-            continue
-        data = conn.recv(65536)
-        if not data:
-            break
-        for frame in wire.feed_tolerant(decoder, data, warn):
-            if frame.type == wire.HELLO and stdin_conn is not None:
-                start_stdin_relay(stdin_conn)
-                stdin_conn = None
-            elif frame.type == wire.EXIT:
-                status = frame.json()["status"]
-                exit_deadline = time.monotonic() + EXIT_GRACE
-                send(conn, wire.encode(wire.EXIT_ACK))
-            elif frame.type == wire.ERROR:
-                print(f"dkvm: {frame.json()['message']}", file=sys.stderr, flush=True)
     if status is None:
         try:
             qemu.wait(timeout=EXIT_GRACE)
@@ -186,15 +201,19 @@ def supervise(conn, qemu, children, terminal, stdin_conn):
     return status
 
 
+def signal_frame(signum):
+    if signum == signal.SIGWINCH:
+        rows, cols = get_size(0) or (0, 0)
+        return wire.encode(wire.RESIZE, {"rows": rows, "cols": cols})
+    return wire.encode(wire.SIGNAL, {"signal": signum})
+
+
+def free_channel(relays):
+    return next(c for c in range(1, 1 << 16) if c not in relays)
+
+
 def warn(message):
     print(f"dkvm: control channel: {message}", file=sys.stderr, flush=True)
-
-
-def send(conn, data):
-    try:
-        conn.sendall(data)
-    except OSError:
-        pass
 
 
 def check_children(children):

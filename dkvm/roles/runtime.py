@@ -20,9 +20,7 @@ def main(argv):
         if command == "create":
             prepare_create(args[index + 1:], defaults)
         elif command == "exec":
-            from dkvm.errors import DkvmError
-            raise DkvmError("docker exec into a DKVM container is not supported yet "
-                            "(it would run outside the VM)")
+            prepare_exec(args[index + 1:])
     except Exception as err:
         report_to_runc_log(args, getattr(err, "message", None) or f"dkvm: {err!r}")
         raise
@@ -71,6 +69,23 @@ def prepare_create(create_args, defaults):
     with open(tmp, "w") as f:
         json.dump(new, f)
     os.replace(tmp, config_path)
+
+
+def prepare_exec(exec_args):
+    """`runc exec --process FILE`: the process becomes the dkvm-exec relay."""
+    import json
+    from dkvm.errors import DkvmError
+    from dkvm.rewrite import rewrite_exec_process
+
+    path = flag_value(exec_args, "--process", "-p")
+    if not path:
+        raise DkvmError("exec without --process FILE is not supported by dkvm")
+    with open(path) as f:
+        process = json.load(f)
+    tmp = path + ".dkvm-tmp"
+    with open(tmp, "w") as f:
+        json.dump(rewrite_exec_process(process), f)
+    os.replace(tmp, path)
 
 
 def report_to_runc_log(args, message):

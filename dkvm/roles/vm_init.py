@@ -8,7 +8,9 @@ import signal
 import sys
 import time
 
-from dkvm import guestos, paths, wire
+from dkvm import guestos, paths, terminal, wire
+from dkvm.guest_exec import ExecSession
+from dkvm.guest_process import become_and_exec, workload_env
 from dkvm.plan import Plan
 
 PORT_WAIT = 10
@@ -32,7 +34,7 @@ def main(argv):
     except Exception as err:  # PID 1 must never die with a traceback: report and stop
         log(repr(err))
         if control is not None:
-            os.write(control, wire.encode(wire.ERROR, {"message": f"guest init failed: {err}"}))
+            write_all(control, wire.encode(wire.ERROR, {"message": f"guest init failed: {err}"}))
         status = FATAL_STATUS
     finish(control, status)
 
@@ -98,6 +100,8 @@ def find_ports(wanted):
 
 
 def run_workload(plan, ports, control):
+    """Start the workload, then serve the control channel (signals, resizes, execs)
+    until it exits; returns its exit status."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *a: None)
@@ -105,49 +109,84 @@ def run_workload(plan, ports, control):
     if plan.terminal:
         console = os.open(CONSOLE, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         if plan.winsize:
-            guestos.set_winsize(console, *plan.winsize)
+            terminal.set_size(console, *plan.winsize)
     else:
         stdio = open_stdio_ports(ports)
     pid = spawn(plan, stdio)
     if stdio:
         for fd in stdio:
             os.close(fd)
-    # The container side holds stdin back until now: this guest kernel drops what
-    # arrives on a port nobody has open.
-    os.write(control, wire.encode(wire.HELLO))
+    # The container side holds stdin and execs back until now: this guest kernel
+    # drops what arrives on a port nobody has open.
+    send = lambda data: write_all(control, data)  # noqa: E731
+    send(wire.encode(wire.HELLO))
     decoder = wire.Decoder()
+    sessions = {}
     while True:
-        status = reap(pid)
-        if status is not None:
-            return status
-        ready, _, _ = select.select([control, wake_r], [], [], 1.0)
-        if wake_r in ready:
+        statuses = reap()
+        if pid in statuses:
+            return statuses[pid]
+        for session in list(sessions.values()):
+            if session.pid in statuses:
+                session.on_exit(statuses[session.pid])
+            if session.ended:
+                del sessions[session.channel]
+        readers = {fd: s for s in sessions.values() for fd in s.readable_fds()}
+        writers = {fd: s for s in sessions.values() for fd in s.writable_fds()}
+        ready_r, ready_w, _ = select.select([control, wake_r, *readers], list(writers), [], 1.0)
+        if wake_r in ready_r:
             os.read(wake_r, 4096)
-        if control in ready:
+        for fd in ready_w:
+            writers[fd].write_stdin()
+        for fd in ready_r:
+            if fd in readers and fd in readers[fd].outputs:
+                readers[fd].read_output(fd)
+        if control in ready_r:
             for frame in wire.feed_tolerant(decoder, os.read(control, 65536), log):
-                if frame.type == wire.SIGNAL:
+                if frame.channel:
+                    on_exec_frame(frame, sessions, pid, send)
+                elif frame.type == wire.SIGNAL:
                     try:
                         os.kill(pid, frame.json()["signal"])
                     except ProcessLookupError:
                         pass
                 elif frame.type == wire.RESIZE and console is not None:
                     size = frame.json()
-                    guestos.set_winsize(console, size["rows"], size["cols"])
+                    terminal.set_size(console, size["rows"], size["cols"])
 
 
-def reap(workload_pid):
-    """Reap every exited child (PID 1 adopts orphans); the workload's status or None."""
-    status = None
+def on_exec_frame(frame, sessions, workload_pid, send):
+    if frame.type == wire.EXEC_START:
+        try:
+            sessions[frame.channel] = ExecSession(frame.channel, frame.json(), workload_pid, send)
+        except Exception as err:
+            log(f"exec failed: {err!r}")
+            send(wire.encode(wire.STDERR, f"dkvm: exec failed in the guest: {err}\n".encode(),
+                             frame.channel))
+            send(wire.encode(wire.EXEC_EXIT, {"status": 126}, frame.channel))
+    elif frame.channel in sessions:
+        sessions[frame.channel].on_frame(frame)
+
+
+def write_all(fd, data):
+    """A virtio-serial port takes at most 32 KiB a write."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def reap():
+    """Reap every exited child (PID 1 adopts orphans): {pid: exit status}."""
+    statuses = {}
     while True:
         try:
             pid, wstatus = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return status
+            return statuses
         if pid == 0:
-            return status
-        if pid == workload_pid:
-            code = os.waitstatus_to_exitcode(wstatus)
-            status = 128 - code if code < 0 else code
+            return statuses
+        code = os.waitstatus_to_exitcode(wstatus)
+        statuses[pid] = 128 - code if code < 0 else code
 
 
 def open_stdio_ports(ports):
@@ -159,8 +198,7 @@ def open_stdio_ports(ports):
 def spawn(plan, stdio):
     """Start the workload as PID 1 of its own PID namespace, as runc does: it sees
     itself as PID 1, gets PID 1's signal semantics, and reaps its own orphans."""
-    env = dict(item.partition("=")[::2] for item in plan.env)
-    env.setdefault("HOME", home_of(plan.uid))
+    env = workload_env(plan.env, plan.uid)
     guestos.unshare(guestos.CLONE_NEWPID)
     pid = os.fork()
     if pid:
@@ -169,65 +207,15 @@ def spawn(plan, stdio):
         guestos.unshare(guestos.CLONE_NEWNS)
         guestos.make_mounts_private()
         guestos.mount("proc", "/proc", "proc", *guestos.mount_options(["nosuid", "nodev", "noexec"]))
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
         os.setsid()
         if plan.terminal:
             tty = os.open(CONSOLE, os.O_RDWR)
             fcntl.ioctl(tty, guestos.TIOCSCTTY, 0)
             stdio = (tty, tty, tty)
-        for target, fd in enumerate(stdio):
-            os.dup2(fd, target)
-        os.setgroups(list(dict.fromkeys(plan.additional_gids)))
-        os.setgid(plan.gid)
-        os.setuid(plan.uid)
-        os.chdir(plan.cwd)
-        program = resolve(plan.args[0], env.get("PATH", ""))
-        os.execve(program, plan.args, env)
-    except ExecError as err:
-        os.write(2, f"dkvm: exec: {err.message}\n".encode())
-        os._exit(err.status)
     except BaseException as err:
-        os.write(2, f"dkvm: cannot start the workload: {err}\n".encode())
-        os._exit(126 if isinstance(err, PermissionError) else 127)
-
-
-def home_of(uid, passwd="/etc/passwd"):
-    """HOME as runc sets it when the image and `-e` leave it unset."""
-    try:
-        with open(passwd) as f:
-            for line in f:
-                fields = line.rstrip("\n").split(":")
-                if len(fields) >= 6 and fields[2] == str(uid):
-                    return fields[5] or "/"
-    except OSError:
-        pass
-    return "/"
-
-
-class ExecError(Exception):
-    def __init__(self, message, status):
-        super().__init__(message)
-        self.message, self.status = message, status
-
-
-def resolve(name, search_path):
-    """Find the program as runc does: a name with a slash is a path, else $PATH."""
-    if "/" in name:
-        candidates = [name]
-    else:
-        candidates = [os.path.join(d or ".", name) for d in search_path.split(":")]
-    for cand in candidates:
-        if os.path.isfile(cand):
-            if not os.access(cand, os.X_OK):
-                raise ExecError(f'"{name}": permission denied', 126)
-            return cand
-    if "/" in name:
-        if os.path.isdir(name):
-            raise ExecError(f'"{name}": is a directory', 126)
-        raise ExecError(f'"{name}": stat {name}: no such file or directory', 127)
-    raise ExecError(f'"{name}": executable file not found in $PATH', 127)
+        os.write(2, f"dkvm: cannot set up the workload: {err}\n".encode())
+        os._exit(127)
+    become_and_exec(stdio, plan.args, env, plan.cwd, plan.uid, plan.gid, plan.additional_gids)
 
 
 def finish(control, status):
@@ -237,10 +225,10 @@ def finish(control, status):
         os.kill(-1, signal.SIGKILL)
     except OSError:
         pass
-    reap(None)
+    reap()
     os.sync()
     if control is not None:
-        os.write(control, wire.encode(wire.EXIT, {"status": status}))
+        write_all(control, wire.encode(wire.EXIT, {"status": status}))
         wait_for_ack(control)
     guestos.power_off()
 

@@ -180,14 +180,3 @@ def test_named_volume(busybox_image):
         assert read.stdout == "kept\n"
     finally:
         sh("docker", "volume", "rm", "-f", name, check=False)
-
-
-def test_exec_is_refused_not_run_in_the_container(busybox_image, container_name):
-    sh("docker", "run", "-d", "--runtime=dkvm", "--name", container_name, busybox_image,
-       "sleep", "120")
-    out = sh("docker", "exec", container_name, "touch", "/exec-marker", check=False)
-    assert out.returncode != 0
-    assert "not supported" in (out.stdout + out.stderr)
-    sh("docker", "kill", container_name, check=False)
-    diff = sh("docker", "diff", container_name, check=False)
-    assert "/exec-marker" not in diff.stdout

@@ -7,7 +7,7 @@ import pytest
 
 import dkvm.__main__ as dkvm_main
 from unitutil import KERNELS, load_config, plan_of, with_env
-from dkvm import host
+from dkvm import host, paths
 from dkvm.errors import DkvmError, run_role
 from dkvm.roles import runtime
 from dkvm.roles.runtime import find_subcommand, flag_value, report_to_runc_log
@@ -155,12 +155,36 @@ def test_main_create_error_reaches_runc_log(fake_host, tmp_path):
     assert json.loads((bundle / "config.json").read_text()) == config
 
 
-def test_main_exec_refused_and_logged(fake_host, tmp_path):
+EXEC_PROCESS = {
+    "terminal": True, "user": {"uid": 1000, "gid": 1000, "additionalGids": [2000]},
+    "args": ["sh", "-c", "id"], "cwd": "/srv",
+    "env": ["PATH=/usr/bin:/bin", "DKVM_ACCEL=tcg", "FOO=bar"],
+    "capabilities": {"bounding": ["CAP_CHOWN"], "effective": [], "permitted": []},
+}
+
+
+def test_main_exec_rewrites_the_process_and_execs_runc(fake_host, tmp_path):
+    process_file = tmp_path / "process.json"
+    process_file.write_text(json.dumps(EXEC_PROCESS))
+    runc_args = ["--root", "/r", "exec", "--process", str(process_file), "--detach", "id"]
+    with pytest.raises(Exec):
+        runtime.main(["dkvm-runtime", *runc_args])
+    assert fake_host["exec"] == ("/usr/bin/runc", ["/usr/bin/runc"] + runc_args)
+    relay = json.loads(process_file.read_text())
+    assert relay["args"] == paths.role_argv("dkvm-exec")
+    assert relay["user"] == {"uid": 0, "gid": 0}
+    request = json.loads(dict(e.split("=", 1) for e in relay["env"])["DKVM_EXEC"])
+    assert request == {"args": ["sh", "-c", "id"], "env": ["PATH=/usr/bin:/bin", "FOO=bar"],
+                       "cwd": "/srv", "uid": 1000, "gid": 1000, "additional_gids": [2000],
+                       "terminal": True}
+
+
+def test_main_exec_without_process_file_is_refused_and_logged(fake_host, tmp_path):
     log = tmp_path / "log"
     with pytest.raises(DkvmError):
-        runtime.main(["dkvm-runtime", "--log", str(log), "exec", "--process", "/p.json", "id"])
+        runtime.main(["dkvm-runtime", "--log", str(log), "exec", "id", "sh"])
     assert "exec" not in fake_host
-    assert "not supported" in log.read_text()
+    assert "--process" in log.read_text()
 
 
 def test_main_bad_runtime_arg_reaches_runc_log(fake_host, tmp_path):
@@ -198,11 +222,16 @@ def test_every_role_module_imports():
         assert callable(importlib.import_module(module).main)
 
 
-def test_main_dispatches_and_exits_with_role_code(capsys):
+def test_main_dispatches_and_exits_with_role_code(capsys, monkeypatch, tmp_path):
+    """dkvm-exec with no VM to reach: the relay role's error and exit code."""
+    from dkvm.roles import exec_relay
+    monkeypatch.setenv("DKVM_EXEC", json.dumps({"args": ["true"], "env": [], "uid": 0, "gid": 0}))
+    monkeypatch.setattr(exec_relay.paths, "EXEC_SOCKET", str(tmp_path / "missing.sock"))
+    monkeypatch.setattr(exec_relay, "CONNECT_TIMEOUT", 0)
     with pytest.raises(SystemExit) as info:
         dkvm_main.main(["/.dkvm/entry/dkvm-exec", "sh"])
     assert info.value.code == 126
-    assert capsys.readouterr().err.startswith("dkvm: docker exec into a DKVM container")
+    assert capsys.readouterr().err.startswith("dkvm: the VM was not ready for exec")
 
 
 def test_run_role_exit_codes(capsys):

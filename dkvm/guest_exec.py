@@ -1,0 +1,161 @@
+"""`docker exec` in the guest: each exec is a session on its own control channel.
+
+The process joins the workload's PID and mount namespaces (it sees what the
+workload sees, as with runc). Its streams travel as frames: output only while the
+relay has granted window, stdin written without blocking PID 1, and the exit status
+sent only after every byte of output the process wrote.
+"""
+import errno
+import fcntl
+import os
+import signal
+
+from dkvm import guestos, terminal, wire
+from dkvm.guest_process import become_and_exec, report_exec_failure, workload_env
+
+EXEC_START_FAILED = 126     # what Docker answers for any exec that cannot start
+
+
+class ExecSession:
+    def __init__(self, channel, request, workload_pid, send):
+        self.channel, self.send = channel, send
+        self.credit = wire.STREAM_WINDOW
+        self.stdin_buf, self.stdin_eof = bytearray(), False
+        self.status = None
+        self.ended = False
+        self.master = None
+        use_tty = bool(request.get("terminal"))
+        if use_tty:
+            self.master, slave = os.openpty()
+            if request.get("winsize"):
+                terminal.set_size(self.master, *request["winsize"])
+            child_stdio = (slave, slave, slave)
+            self.stdin_fd = self.master
+            self.outputs = {self.master: wire.STDOUT}
+        else:
+            in_r, self.stdin_fd = os.pipe2(os.O_CLOEXEC)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            child_stdio = (in_r, out_w, err_w)
+            self.outputs = {out_r: wire.STDOUT, err_r: wire.STDERR}
+        for fd in {self.stdin_fd, *self.outputs}:
+            os.set_blocking(fd, False)
+        self.pid = spawn_in_workload(request, workload_pid, child_stdio, use_tty)
+        for fd in set(child_stdio):
+            os.close(fd)
+
+    # --- what the main loop polls
+    def readable_fds(self):
+        return list(self.outputs) if self.credit > 0 else []
+
+    def writable_fds(self):
+        return [self.stdin_fd] if self.stdin_buf and self.stdin_fd is not None else []
+
+    # --- events
+    def on_frame(self, frame):
+        if frame.type == wire.STDIN:
+            if frame.payload:
+                self.stdin_buf += frame.payload
+            else:
+                self.stdin_eof = True
+            self.write_stdin()
+        elif frame.type == wire.WINDOW:
+            self.credit += frame.json()["bytes"]
+            self.drain()
+        elif frame.type == wire.RESIZE and self.master is not None:
+            size = frame.json()
+            terminal.set_size(self.master, size["rows"], size["cols"])
+        elif frame.type == wire.CLOSE:
+            self.kill()
+
+    def write_stdin(self):
+        if self.stdin_buf and self.stdin_fd is not None:
+            try:
+                n = os.write(self.stdin_fd, self.stdin_buf)
+            except BlockingIOError:
+                n = 0
+            except OSError:          # the process closed its stdin: drop what is left
+                n = len(self.stdin_buf)
+            del self.stdin_buf[:n]
+            if n:
+                self.send(wire.encode(wire.WINDOW, {"bytes": n}, self.channel))
+        if self.stdin_eof and not self.stdin_buf and self.stdin_fd is not None:
+            if self.master is None:
+                os.close(self.stdin_fd)
+            else:
+                os.write(self.master, b"\x04")   # EOF on a terminal is ^D
+            self.stdin_fd = None
+
+    def read_output(self, fd):
+        """Send what `fd` has, within the window; False once it has nothing more."""
+        try:
+            data = os.read(fd, min(self.credit, wire.MAX_DATA))
+        except BlockingIOError:
+            if self.status is None:
+                return False
+            data = b""                       # the process is gone: nothing more will come
+        except OSError as err:
+            if err.errno != errno.EIO:       # EIO: the terminal's other side closed
+                raise
+            data = b""
+        if not data:
+            self.close_output(fd)
+            return False
+        self.credit -= len(data)
+        self.send(wire.encode(self.outputs[fd], data, self.channel))
+        return True
+
+    def close_output(self, fd):
+        kind = self.outputs.pop(fd)
+        if fd == self.master:
+            self.stdin_fd = None
+        if fd != self.stdin_fd:
+            os.close(fd)
+        return kind
+
+    def on_exit(self, status):
+        self.status = status
+        self.drain()
+
+    def drain(self):
+        """After the process ended: send what its outputs still hold, then the status."""
+        if self.status is None or self.ended:
+            return
+        for fd in list(self.outputs):
+            while self.credit > 0 and fd in self.outputs and self.read_output(fd):
+                pass
+        if not self.outputs:
+            if self.stdin_fd is not None and self.master is None:
+                os.close(self.stdin_fd)
+            self.stdin_fd = None
+            self.ended = True
+            self.send(wire.encode(wire.EXEC_EXIT, {"status": self.status}, self.channel))
+
+    def kill(self):
+        if self.status is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def spawn_in_workload(request, workload_pid, stdio, use_tty):
+    """Fork the exec'd process into the workload's mount namespace (the PID namespace
+    is already PID 1's for its children) as a session leader."""
+    env = workload_env(request["env"], request["uid"])
+    mnt = os.open(f"/proc/{workload_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    pid = os.fork()
+    if pid:
+        os.close(mnt)
+        return pid
+    try:
+        guestos.setns(mnt, guestos.CLONE_NEWNS)
+        os.setsid()
+        if use_tty:
+            fcntl.ioctl(stdio[0], guestos.TIOCSCTTY, 0)
+    except BaseException as err:
+        os.write(stdio[2], f"dkvm: cannot enter the container: {err}\n".encode())
+        os._exit(126)
+    become_and_exec(stdio, request["args"], env, request.get("cwd") or "/", request["uid"],
+                    request["gid"], request.get("additional_gids") or [],
+                    report=report_exec_failure, failure_status=EXEC_START_FAILED)
