@@ -24,6 +24,8 @@ class ExecSession:
         self.status = None
         self.ended = False
         self.master = None
+        self.hung_up = False        # the terminal's other side closed, the process lives on
+        self.abandoned = False      # the relay is gone (CLOSE)
         use_tty = bool(request.get("terminal"))
         if use_tty:
             self.master, slave = os.openpty()
@@ -46,7 +48,7 @@ class ExecSession:
 
     # --- what the main loop polls
     def readable_fds(self):
-        return list(self.outputs) if self.credit > 0 else []
+        return list(self.outputs) if self.credit > 0 and not self.hung_up else []
 
     def writable_fds(self):
         return [self.stdin_fd] if self.stdin_buf and self.stdin_fd is not None else []
@@ -67,6 +69,20 @@ class ExecSession:
             terminal.set_size(self.master, size["rows"], size["cols"])
         elif frame.type == wire.CLOSE:
             self.kill()
+            self.abandon()
+
+    def abandon(self):
+        """The relay is gone: nobody will take output or grant window again. Drop the
+        streams now (else a process that had spent the window would keep the session,
+        and its fds, forever); the session ends with the process, sending nothing more."""
+        self.abandoned = True
+        self.stdin_buf.clear()
+        for fd in list(self.outputs):
+            self.close_output(fd)
+        if self.stdin_fd is not None:
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
+        self.drain()
 
     def write_stdin(self):
         if self.stdin_buf and self.stdin_fd is not None:
@@ -97,6 +113,11 @@ class ExecSession:
         except OSError as err:
             if err.errno != errno.EIO:       # EIO: the terminal's other side closed
                 raise
+            if self.status is None:
+                # Closing the master would hang up a process that closed its terminal
+                # but has not exited yet (SIGHUP: status 129). Keep it until the exit.
+                self.hung_up = True
+                return False
             data = b""
         if not data:
             self.close_output(fd)
@@ -129,7 +150,8 @@ class ExecSession:
                 os.close(self.stdin_fd)
             self.stdin_fd = None
             self.ended = True
-            self.send(wire.encode(wire.EXEC_EXIT, {"status": self.status}, self.channel))
+            if not self.abandoned:
+                self.send(wire.encode(wire.EXEC_EXIT, {"status": self.status}, self.channel))
 
     def kill(self):
         if self.status is None:

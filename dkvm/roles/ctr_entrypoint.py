@@ -4,6 +4,7 @@ It writes the plan where the guest will read it, starts virtiofsd on the contain
 root, boots QEMU, forwards signals to the workload over the control channel, and
 leaves with the exit status the guest reports.
 """
+import itertools
 import os
 import select
 import signal
@@ -133,7 +134,7 @@ def supervise(control, qemu, children, terminal, stdin_conn, exec_listener):
     for sig in FORWARDED_SIGNALS + ([signal.SIGWINCH] if terminal else []):
         signal.signal(sig, lambda signum, frame: pending.append(signum))
     guest = FramedSocket(control)
-    relays = {}
+    relays, last_channel = {}, 0
     held = []               # frames for the guest before it is ready for them
     status, exit_deadline = None, None
 
@@ -157,8 +158,8 @@ def supervise(control, qemu, children, terminal, stdin_conn, exec_listener):
             if peer.sock in ready_w:
                 peer.flush()
         if exec_listener in ready_r:
-            channel = free_channel(relays)
-            relays[channel] = FramedSocket(exec_listener.accept()[0])
+            last_channel = free_channel(relays, last_channel)
+            relays[last_channel] = FramedSocket(exec_listener.accept()[0])
         for channel, relay in list(relays.items()):
             if relay.sock in ready_r:
                 for frame in relay.receive(warn):
@@ -208,8 +209,11 @@ def signal_frame(signum):
     return wire.encode(wire.SIGNAL, {"signal": signum})
 
 
-def free_channel(relays):
-    return next(c for c in range(1, 1 << 16) if c not in relays)
+def free_channel(relays, last=0):
+    """The first free channel after `last`: one just given up comes back last, as
+    frames of its old exec may still be on their way from the guest."""
+    return next(c for c in itertools.chain(range(last + 1, 1 << 16), range(1, last + 1))
+                if c not in relays)
 
 
 def warn(message):

@@ -58,6 +58,18 @@ def make_raw(fd):
 
 
 def relay(sock, request):
+    try:
+        return exchange(sock, request)
+    except (BrokenPipeError, ConnectionResetError):   # gone with our frames unread
+        return vm_gone()
+
+
+def vm_gone():
+    print("dkvm: the VM stopped before the exec ended", file=sys.stderr, flush=True)
+    return VM_GONE_STATUS
+
+
+def exchange(sock, request):
     resized = []
     if request.get("terminal"):
         signal.signal(signal.SIGWINCH, lambda *a: resized.append(True))
@@ -83,8 +95,7 @@ def relay(sock, request):
         if sock in ready:
             data = sock.recv(1 << 16)
             if not data:
-                print("dkvm: the VM stopped before the exec ended", file=sys.stderr, flush=True)
-                return VM_GONE_STATUS
+                return vm_gone()
             for frame in wire.feed_tolerant(decoder, data, warn):
                 if frame.type in (wire.STDOUT, wire.STDERR):
                     write_all(1 if frame.type == wire.STDOUT else 2, frame.payload)
