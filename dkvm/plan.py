@@ -20,6 +20,7 @@ FIELDS = {
     "tmpfs": [],            # [{"destination", "options"}]
     "sysctl": {},           # name -> value, as `--sysctl` and `--domainname` set them
     "winsize": [],          # [rows, cols] of the terminal at start, with -t
+    "interfaces": [],       # the container's NICs, handed to the guest (net_container)
 }
 
 

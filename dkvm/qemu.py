@@ -1,5 +1,6 @@
 """Command lines for QEMU and virtiofsd, built from the plan (pure functions)."""
 from dkvm import paths
+from dkvm.net_container import tap_name
 
 # i8042 probing costs 0.6 s under TCG and the guest has no PS/2 devices.
 BASE_APPEND = ["panic=-1", "i8042.noaux", "i8042.nokbd", "i8042.nopnp", "i8042.dumbkbd",
@@ -45,6 +46,9 @@ def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, root=paths.PAYLOAD_MOUNT):
         "-chardev", f"socket,id=ctl,path={paths.CONTROL_SOCKET}",
         "-device", f"virtserialport,bus=ser0.0,nr=1,chardev=ctl,name={paths.PORT_CONTROL}",
     ]
+    for number, iface in enumerate(plan.interfaces):
+        argv += ["-netdev", f"tap,id=net{number},ifname={tap_name(number)},script=no,downscript=no",
+                 "-device", f"virtio-net-pci,netdev=net{number},mac={iface['mac']},romfile="]
     if plan.terminal:
         argv += ["-chardev", "stdio,id=con,signal=off",
                  "-device", "virtconsole,bus=ser0.0,nr=0,chardev=con"]

@@ -7,6 +7,7 @@ given (args, env, user, cwd, tmpfs mounts, hostname) moves into the plan for the
 import copy
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from dkvm import paths
@@ -48,6 +49,7 @@ def rewrite_create_config(config, host):
     opts = parse_options(settings, host.kernels, host.defaults)
     resources = linux.setdefault("resources", {})
     accel = choose_accel(opts.accel, host.kvm_usable)
+    check_network_namespace(linux)
 
     plan = Plan(
         args=list(process.get("args") or []),
@@ -109,6 +111,19 @@ def rewrite_exec_process(process):
     process["cwd"] = "/"
     add_capabilities(process, [])
     return process
+
+
+def check_network_namespace(linux):
+    """The VM takes over the container's interfaces: it needs a namespace of its own."""
+    namespaces = linux.get("namespaces") or []
+    net = [ns for ns in namespaces if ns.get("type") == "network"]
+    # dockerd names the host's namespace .../netns/default; other engines omit it
+    if not net or os.path.basename(net[0].get("path") or "") == "default":
+        raise DkvmError("--network host is not supported by DKVM: the VM needs a network "
+                        "namespace of its own (use a bridge network, or --network none)")
+    if net[0].get("path"):
+        raise DkvmError("--network container:NAME is not supported by DKVM: the VM needs a "
+                        "network namespace of its own (use a bridge network, or --network none)")
 
 
 def choose_accel(wanted, kvm_usable):

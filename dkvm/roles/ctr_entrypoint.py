@@ -17,6 +17,7 @@ import time
 from dkvm import paths, wire
 from dkvm.errors import DkvmError
 from dkvm.framed import FramedSocket
+from dkvm.net_container import ipv6_sysctls, take_over_interfaces
 from dkvm.plan import PLAN_ENV, Plan
 from dkvm.terminal import get_size
 from dkvm.qemu import qemu_argv, qemu_env, virtiofsd_argv
@@ -31,6 +32,8 @@ def main(argv):
     plan = Plan.from_json(os.environ[PLAN_ENV])
     if plan.terminal:
         plan.winsize = get_size(0)
+    plan.interfaces = take_over_interfaces()
+    plan.sysctl = {**ipv6_sysctls(), **plan.sysctl}
     with open(paths.PLAN_FILE, "w") as f:
         f.write(plan.to_json())
     virtiofsd = start_virtiofsd()

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from dkvm import guestos, paths, terminal, wire
+from dkvm import guestos, net_guest, paths, terminal, wire
 from dkvm.guest_exec import ExecSession
 from dkvm.guest_process import become_and_exec, workload_env
 from dkvm.plan import Plan
@@ -74,6 +74,7 @@ def apply_identity(plan):
         with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
             f.write(value)
     guestos.interface_up("lo")
+    net_guest.configure(plan.interfaces)
     for mount in plan.tmpfs:
         flags, data = guestos.mount_options(mount["options"])
         os.makedirs(mount["destination"], exist_ok=True)

@@ -1,0 +1,128 @@
+"""The VM has the container's network: runc as the oracle, peers on the same bridge."""
+import time
+import urllib.request
+
+import pytest
+
+from dockerutil import docker_run, sh
+
+NET = "dkvm-test-net"
+SUBNET, GATEWAY = "10.123.45.0/24", "10.123.45.1"
+MTU_NET = "dkvm-test-net-mtu"
+HTTPD = "mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 8080 -h /www"
+# busybox's static wget crashes under runc here (glibc NSS); nc speaks HTTP well enough
+HTTP_GET = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080 | tail -n 1"
+
+
+@pytest.fixture(scope="module")
+def networks(docker):
+    for name in (NET, MTU_NET):
+        sh("docker", "network", "rm", name, check=False)
+    sh("docker", "network", "create", "--subnet", SUBNET, "--gateway", GATEWAY, NET)
+    sh("docker", "network", "create", "--opt", "com.docker.network.driver.mtu=1400", MTU_NET)
+    yield NET
+    for name in (NET, MTU_NET):
+        sh("docker", "network", "rm", name, check=False)
+
+
+def identity(out):
+    """What a network-aware user would compare: MAC, addresses, MTU, routes."""
+    keep = []
+    for line in out.splitlines():
+        words = line.split()
+        if "mtu" in words:
+            name = words[1].split("@")[0].rstrip(":")     # a veth shows as eth0@ifN
+            keep.append(f"{name} mtu {words[words.index('mtu') + 1]}")
+        elif words and words[0] in ("link/ether", "inet", "inet6"):
+            keep.append(" ".join(words[:2]) + (" brd " + words[3] if "brd" in words[2:3] else ""))
+        elif words and words[0] in ("default",) or (words and "/" in words[0]):
+            keep.append(line.strip())
+    return keep
+
+
+def test_interface_identity_matches_runc(busybox_image, networks):
+    args = ["--network", NET, "--ip", "10.123.45.10",   # the MAC follows from the IP
+            busybox_image, "sh", "-c", "ip addr show eth0; ip route"]
+    runc, dkvm = docker_run("runc", *args), docker_run("dkvm", *args)
+    assert dkvm.returncode == runc.returncode == 0, dkvm.stderr
+    assert identity(dkvm.stdout) == identity(runc.stdout)
+    assert "10.123.45.10/24" in dkvm.stdout and "02:42:0a:7b:2d:0a" in dkvm.stdout
+
+
+def test_custom_mtu(busybox_image, networks):
+    out = docker_run("dkvm", "--network", MTU_NET, busybox_image, "cat", "/sys/class/net/eth0/mtu")
+    assert out.stdout.strip() == "1400", out.stderr
+
+
+def test_network_none_has_only_loopback(busybox_image):
+    args = ["--network", "none", busybox_image, "ls", "/sys/class/net"]
+    runc, dkvm = docker_run("runc", *args), docker_run("dkvm", *args)
+    assert dkvm.stdout == runc.stdout == "lo\n"
+
+
+@pytest.mark.parametrize("mode", ["host", "container"])
+def test_unsupported_network_modes_are_refused(busybox_image, container_name, mode):
+    target = "host"
+    if mode == "container":
+        sh("docker", "run", "-d", "--name", container_name, busybox_image, "sleep", "60")
+        target = f"container:{container_name}"
+    out = docker_run("dkvm", "--network", target, busybox_image, "true")
+    assert out.returncode == 125
+    assert f"--network {'host' if mode == 'host' else 'container:NAME'} is not supported" in out.stderr
+
+
+def start_httpd(runtime, name, image, text, *flags):
+    sh("docker", "run", "-d", f"--runtime={runtime}", "--name", name, *flags, image,
+       "sh", "-c", HTTPD.format(text=text))
+    return sh("docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+              name).stdout.strip()
+
+
+def fetch_until(url_fetch, expected, timeout=120):
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        last = url_fetch()
+        if last == expected:
+            return last
+        time.sleep(0.5)
+    return last
+
+
+@pytest.fixture
+def vm_server(busybox_image, networks):
+    name = "dkvm-test-vm-httpd"
+    sh("docker", "rm", "-f", name, check=False)
+    ip = start_httpd("dkvm", name, busybox_image, "from-vm", "--network", NET,
+                     "-p", "127.0.0.1:18080:8080")
+    yield ip
+    sh("docker", "rm", "-f", name, check=False)
+
+
+def test_runc_peer_reaches_the_vm_and_the_host_reaches_a_published_port(busybox_image, vm_server):
+    def from_peer():
+        out = docker_run("runc", "--network", NET, busybox_image, "sh", "-c",
+                         HTTP_GET.format(ip=vm_server))
+        return out.stdout.strip()
+    assert fetch_until(from_peer, "from-vm") == "from-vm"
+
+    def from_host():
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:18080/", timeout=5) as resp:
+                return resp.read().decode().strip()
+        except OSError:
+            return None
+    assert fetch_until(from_host, "from-vm") == "from-vm"
+
+
+def test_vm_reaches_a_runc_peer(busybox_image, networks, container_name):
+    ip = start_httpd("runc", container_name, busybox_image, "from-runc", "--network", NET)
+    out = docker_run("dkvm", "--network", NET, busybox_image, "sh", "-c",
+                     f"for i in $(seq 20); do {HTTP_GET.format(ip=ip)} | grep . && exit 0; "
+                     "sleep 0.5; done; exit 1")
+    assert (out.returncode, out.stdout.strip()) == (0, "from-runc"), out.stderr
+
+
+def test_default_bridge_gateway_reachable(busybox_image):
+    out = docker_run("dkvm", busybox_image, "sh", "-c",
+                     "ping -c 1 -W 5 $(ip route | awk '/default/ {print $3}') >/dev/null && echo ok")
+    assert out.stdout.strip() == "ok", out.stderr
