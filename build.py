@@ -55,7 +55,8 @@ INITRAMFS_MODULES = ["virtio_pci", "virtiofs", "virtio_console", "virtio_net"]
 # script's name is argv[0], which picks the role as it does on the host.
 ROLE_ENTRIES = ["dkvm-ctr-entrypoint", "dkvm-vm-init", "dkvm-exec"]
 ENTRY_SCRIPT = """import os, sys
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "site-packages"))
+root = os.path.dirname(os.path.dirname(__file__))
+sys.path[:0] = [os.path.join(root, "site-packages.zip"), os.path.join(root, "site-packages")]
 from dkvm.__main__ import main
 main()
 """
@@ -137,7 +138,13 @@ def gather_python(payload):
             elif name.endswith(".py"):
                 sources.append((path, (rel / name).as_posix()))
     copy_file(src / "os.py", dst / "os.py", 0o644)
-    with zipfile.ZipFile(lib / "python311.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+    write_pyc_zip(sources, lib / "python311.zip")
+    return [prefix / "bin" / "python3", *sorted((dst / "lib-dynload").glob("*.so"))]
+
+
+def write_pyc_zip(sources, zip_path):
+    """Byte code only, in the layout zipimport reads (`pkg/mod.pyc`)."""
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
         for path, rel in sources:
             code = compile_source(path, rel)
             if code is not None:
@@ -145,7 +152,6 @@ def gather_python(payload):
                 info.compress_type = zipfile.ZIP_DEFLATED
                 info.external_attr = 0o644 << 16
                 zf.writestr(info, code)
-    return [prefix / "bin" / "python3", *sorted((dst / "lib-dynload").glob("*.so"))]
 
 
 def compile_source(path, rel):
@@ -337,6 +343,9 @@ def main():
     log("building guest kernel and initramfs")
     build_kernel(payload)
     site = build_site_packages()
+    # the guest imports dkvm and pyroute2 from one zip, as it does the stdlib
+    write_pyc_zip([(p, p.relative_to(site).as_posix()) for p in sorted(site.rglob("*.py"))],
+                  payload / "site-packages.zip")
     build_id = tree_digest(payload, site)
     (payload / "BUILD_ID").write_text(build_id + "\n")
 

@@ -34,7 +34,9 @@ def ipv6_sysctls():
 def take_over_interfaces():
     """Turn every non-loopback interface into plumbing; returns what the guest needs
     to rebuild them, in the order their taps are numbered."""
-    from pyroute2 import IPRoute
+    from dkvm.pyroute2_light import light_pyroute2
+    light_pyroute2()
+    from pyroute2.iproute.linux import IPRoute
     interfaces = []
     with IPRoute() as ip:
         links = sorted((link for link in ip.get_links()

@@ -7,22 +7,13 @@ classes well under one."""
 import os
 import socket
 import struct
-import sys
-import types
+
+from dkvm.pyroute2_light import light_pyroute2
 
 NETLINK_ROUTE = 0
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02
 RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST, MAIN_TABLE = 4, 0, 1, 254
-
-
-def light_pyroute2():
-    """Let pyroute2's submodules import without running its package __init__, which
-    imports the whole library."""
-    if "pyroute2" not in sys.modules:
-        package = types.ModuleType("pyroute2")
-        package.__path__ = [os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyroute2")]
-        sys.modules["pyroute2"] = package
 
 
 class Rtnl:

@@ -27,8 +27,9 @@ STDERR = 10     # guest -> relay: bytes the process wrote to stderr
 EXEC_EXIT = 11  # guest -> relay: {"status": N} the process ended, all output sent
 WINDOW = 12     # either way: {"bytes": N} the receiver consumed N data bytes: send more
 CLOSE = 13      # relay side -> guest: the relay is gone; end the process
+DNS = 14        # either way: a 2-byte tag, then a DNS query (to the host) or its answer
 TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR, RESIZE, EXEC_START, STDIN, STDOUT, STDERR,
-         EXEC_EXIT, WINDOW, CLOSE}
+         EXEC_EXIT, WINDOW, CLOSE, DNS}
 # Flow control for exec streams: a sender may have this many data bytes unconsumed
 # by the far end; data frames carry at most MAX_DATA bytes.
 STREAM_WINDOW = 256 << 10

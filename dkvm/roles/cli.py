@@ -29,6 +29,7 @@ def main(argv):
     uninst.add_argument("--bin-dir", default="/usr/local/bin")
     sub.add_parser("version", help="print the version and build id")
     sub.add_parser("kernels", help="list the guest kernels this build carries")
+    sub.add_parser("doctor", help="check what on this host stops or slows DKVM")
     args = parser.parse_args(argv[1:])
     if args.command == "install":
         return install(args.bin_dir, args.runc)
@@ -37,6 +38,9 @@ def main(argv):
     if args.command == "version":
         print(f"dkvm {__version__} build {build_id()}")
         return 0
+    if args.command == "doctor":
+        from dkvm.doctor import run_doctor
+        return run_doctor()
     if args.command == "kernels":
         from dkvm.host import ensure_payload, payload_kernels
         for dist, release in payload_kernels(ensure_payload()).items():

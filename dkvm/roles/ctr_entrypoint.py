@@ -16,6 +16,7 @@ import time
 
 from dkvm import paths, wire
 from dkvm.errors import DkvmError
+from dkvm.dns import EmbeddedDnsRelay
 from dkvm.framed import FramedSocket
 from dkvm.net_container import ipv6_sysctls, take_over_interfaces
 from dkvm.plan import PLAN_ENV, Plan
@@ -137,6 +138,7 @@ def supervise(control, qemu, children, terminal, stdin_conn, exec_listener):
     for sig in FORWARDED_SIGNALS + ([signal.SIGWINCH] if terminal else []):
         signal.signal(sig, lambda signum, frame: pending.append(signum))
     guest = FramedSocket(control)
+    dns = EmbeddedDnsRelay()
     relays, last_channel = {}, 0
     held = []               # frames for the guest before it is ready for them
     status, exit_deadline = None, None
@@ -153,7 +155,8 @@ def supervise(control, qemu, children, terminal, stdin_conn, exec_listener):
         peers = [guest, *relays.values()]
         try:
             ready_r, ready_w, _ = select.select(
-                [guest.sock, exec_listener, *(r.sock for r in relays.values())],
+                [guest.sock, exec_listener, *(r.sock for r in relays.values()),
+                 *dns.sockets()],
                 [p.sock for p in peers if p.out], [], 0.5)
         except InterruptedError:
             continue
@@ -163,6 +166,11 @@ def supervise(control, qemu, children, terminal, stdin_conn, exec_listener):
         if exec_listener in ready_r:
             last_channel = free_channel(relays, last_channel)
             relays[last_channel] = FramedSocket(exec_listener.accept()[0])
+        for sock in ready_r:
+            if sock in dns.pending:
+                answer = dns.answer(sock)
+                if answer:
+                    guest.queue(wire.encode(wire.DNS, answer))
         for channel, relay in list(relays.items()):
             if relay.sock in ready_r:
                 for frame in relay.receive(warn):
@@ -186,6 +194,8 @@ def supervise(control, qemu, children, terminal, stdin_conn, exec_listener):
                     status = frame.json()["status"]
                     exit_deadline = time.monotonic() + EXIT_GRACE
                     guest.queue(wire.encode(wire.EXIT_ACK))
+                elif frame.type == wire.DNS:
+                    dns.ask(frame.payload)
                 elif frame.type == wire.ERROR:
                     print(f"dkvm: {frame.json()['message']}", file=sys.stderr, flush=True)
             if guest.closed:

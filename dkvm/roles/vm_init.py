@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from dkvm import guestos, net_guest, paths, terminal, wire
+from dkvm import dns, guestos, net_guest, paths, terminal, wire
 from dkvm.guest_exec import ExecSession
 from dkvm.guest_process import become_and_exec, workload_env
 from dkvm.plan import Plan
@@ -123,6 +123,8 @@ def run_workload(plan, ports, control):
     send(wire.encode(wire.HELLO))
     decoder = wire.Decoder()
     sessions = {}
+    forwarder = dns.GuestForwarder() if plan.interfaces and dns.uses_embedded_dns() else None
+    dns_socks = [forwarder.sock] if forwarder else []
     while True:
         statuses = reap()
         if pid in statuses:
@@ -134,7 +136,12 @@ def run_workload(plan, ports, control):
                 del sessions[session.channel]
         readers = {fd: s for s in sessions.values() for fd in s.readable_fds()}
         writers = {fd: s for s in sessions.values() for fd in s.writable_fds()}
-        ready_r, ready_w, _ = select.select([control, wake_r, *readers], list(writers), [], 1.0)
+        ready_r, ready_w, _ = select.select([control, wake_r, *dns_socks, *readers],
+                                            list(writers), [], 1.0)
+        if forwarder and forwarder.sock in ready_r:
+            query = forwarder.take_query()
+            if query:
+                send(wire.encode(wire.DNS, query))
         if wake_r in ready_r:
             os.read(wake_r, 4096)
         for fd in ready_w:
@@ -151,6 +158,8 @@ def run_workload(plan, ports, control):
                         os.kill(pid, frame.json()["signal"])
                     except ProcessLookupError:
                         pass
+                elif frame.type == wire.DNS and forwarder:
+                    forwarder.give_answer(frame.payload)
                 elif frame.type == wire.RESIZE and console is not None:
                     size = frame.json()
                     terminal.set_size(console, size["rows"], size["cols"])

@@ -46,3 +46,12 @@ def wait_for_runtimes(names, timeout=15):
             return True
         time.sleep(0.5)
     return False
+
+
+def test_doctor_reports_this_host(docker):
+    out = sh("dkvm", "doctor", check=False)
+    assert out.returncode == 0, out.stdout
+    assert "[ok  ] dockerd knows the dkvm runtime" in out.stdout
+    assert "net.ipv4.ip_forward" in out.stdout and "rp_filter" in out.stdout
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        assert "nested PVM" in out.stdout and "TCG" in out.stdout

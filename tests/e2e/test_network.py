@@ -126,3 +126,27 @@ def test_default_bridge_gateway_reachable(busybox_image):
     out = docker_run("dkvm", busybox_image, "sh", "-c",
                      "ping -c 1 -W 5 $(ip route | awk '/default/ {print $3}') >/dev/null && echo ok")
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_names_resolve_through_dockers_embedded_dns_both_ways(busybox_image, networks,
+                                                              container_name):
+    """A runc peer and a DKVM VM on one user-defined network find each other by name
+    and by --network-alias."""
+    vm = f"{container_name}-vm"
+    try:
+        start_httpd("dkvm", vm, busybox_image, "vm-by-name", "--network", NET,
+                    "--network-alias", "vm-alias")
+        start_httpd("runc", container_name, busybox_image, "runc-by-name", "--network", NET,
+                    "--network-alias", "runc-alias")
+        for target, text in ((vm, "vm-by-name"), ("vm-alias", "vm-by-name")):
+            def from_runc():
+                return docker_run("runc", "--network", NET, busybox_image, "sh", "-c",
+                                  HTTP_GET.format(ip=target)).stdout.strip()
+            assert fetch_until(from_runc, text) == text
+        out = docker_run("dkvm", "--network", NET, busybox_image, "sh", "-c",
+                         f"nslookup {container_name} >/dev/null && "
+                         + HTTP_GET.format(ip=container_name) + " && "
+                         + HTTP_GET.format(ip="runc-alias"))
+        assert out.stdout.split() == ["runc-by-name", "runc-by-name"], out.stderr
+    finally:
+        sh("docker", "rm", "-f", vm, check=False)
