@@ -19,10 +19,10 @@ def tap_name(index):
 
 
 def ipv6_sysctls():
-    """Docker turns IPv6 off in the namespace of a container on a network without it;
-    the guest's kernel must do the same."""
+    """Docker turns IPv6 off in a container's namespace (all, default) and back on for
+    the interfaces of IPv6 networks; the guest's kernel must do the same."""
     values = {}
-    for scope in ("all", "default"):
+    for scope in ("all", "default", "lo"):
         try:
             with open(f"/proc/sys/net/ipv6/conf/{scope}/disable_ipv6") as f:
                 values[f"net.ipv6.conf.{scope}.disable_ipv6"] = f.read().strip()
@@ -63,8 +63,14 @@ def describe(ip, link):
             routes.append({"family": family, "dst": route.get_attr("RTA_DST") or "",
                            "dst_len": route["dst_len"], "gateway": route.get_attr("RTA_GATEWAY") or "",
                            "metric": route.get_attr("RTA_PRIORITY") or 0})
-    return {"name": link.get_attr("IFLA_IFNAME"), "mac": link.get_attr("IFLA_ADDRESS"),
-            "mtu": link.get_attr("IFLA_MTU"), "addresses": addresses, "routes": routes}
+    name = link.get_attr("IFLA_IFNAME")
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6") as f:
+            ipv6 = f.read().strip() == "0"
+    except OSError:
+        ipv6 = False
+    return {"name": name, "mac": link.get_attr("IFLA_ADDRESS"), "mtu": link.get_attr("IFLA_MTU"),
+            "ipv6": ipv6, "addresses": addresses, "routes": routes}
 
 
 def plumb(ip, index, tap, mtu):

@@ -93,6 +93,8 @@ def configure(interfaces):
         for index, iface in zip(indexes, interfaces):
             rtnl.request("link", {"index": index}, [["IFLA_IFNAME", iface["name"]],
                                                     ["IFLA_MTU", iface["mtu"]]])
+            with open(f"/proc/sys/net/ipv6/conf/{iface['name']}/disable_ipv6", "w") as f:
+                f.write("0" if iface.get("ipv6") else "1")
             rtnl.request("link", {"index": index, "flags": IFF_UP, "change": IFF_UP}, [])
             for family, address, prefixlen, broadcast in iface["addresses"]:
                 attrs = [["IFA_LOCAL", address], ["IFA_ADDRESS", address]]

@@ -5,7 +5,10 @@ from dkvm.net_container import tap_name
 # i8042 probing costs 0.6 s under TCG and the guest has no PS/2 devices.
 BASE_APPEND = ["panic=-1", "i8042.noaux", "i8042.nokbd", "i8042.nopnp", "i8042.dumbkbd",
                "tsc=reliable", "no_timer_check", "random.trust_cpu=on"]
-QUIET_APPEND = ["quiet", "loglevel=0"]
+# The kernel console is a serial port: with DKVM_KERNEL_DEBUG, the whole boot log on
+# the container's stderr; otherwise only errors, into a file the container side
+# quotes when the VM fails.
+QUIET_APPEND = ["console=ttyS0", "quiet"]
 DEBUG_APPEND = ["console=ttyS0", "loglevel=7"]
 
 
@@ -59,8 +62,9 @@ def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, root=paths.PAYLOAD_MOUNT):
                  "-device", f"virtserialport,bus=ser0.0,nr=3,chardev=err,name={paths.PORT_STDERR}",
                  "-chardev", f"socket,id=in,path={paths.STDIN_SOCKET}",
                  "-device", f"virtserialport,bus=ser0.0,nr=4,chardev=in,name={paths.PORT_STDIN}"]
-    if plan.kernel_debug:
-        argv += ["-chardev", f"file,id=dbg,path=/proc/self/fd/{stderr_fd}", "-serial", "chardev:dbg"]
+    console = f"/proc/self/fd/{stderr_fd}" if plan.kernel_debug else paths.CONSOLE_LOG
+    argv += ["-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
+             "-qmp", f"unix:{paths.QMP_SOCKET},server=on,wait=off"]
     return argv
 
 

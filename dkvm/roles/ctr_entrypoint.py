@@ -24,6 +24,7 @@ from dkvm.terminal import get_size
 from dkvm.qemu import qemu_argv, qemu_env, virtiofsd_argv
 
 START_TIMEOUT = 30          # virtiofsd socket, QEMU connecting to the control socket
+BOOT_TIMEOUT = 180          # QEMU started -> the guest says hello (TCG on a busy host: ~10 s)
 EXIT_GRACE = 10             # QEMU powering off after the guest reported its exit
 FORWARDED_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2]
@@ -142,6 +143,7 @@ def supervise(control, qemu, children, terminal, stdin_conn, exec_listener):
     relays, last_channel = {}, 0
     held = []               # frames for the guest before it is ready for them
     status, exit_deadline = None, None
+    boot_deadline = time.monotonic() + BOOT_TIMEOUT
 
     def to_guest(data):
         if held is None:
@@ -204,13 +206,16 @@ def supervise(control, qemu, children, terminal, stdin_conn, exec_listener):
             if qemu.poll() is not None:
                 break
             check_children(children)
+            if held is not None and time.monotonic() > boot_deadline:
+                raise DkvmError(f"the VM did not start the workload within {BOOT_TIMEOUT}s"
+                                f"{console_tail()}")
     if status is None:
         try:
             qemu.wait(timeout=EXIT_GRACE)
         except subprocess.TimeoutExpired:
             pass
         raise DkvmError("the VM stopped without reporting the workload's exit status"
-                        f"{describe_exit(qemu, 'QEMU', paths.QEMU_LOG)}; "
+                        f"{describe_exit(qemu, 'QEMU', paths.QEMU_LOG)}{console_tail()}; "
                         "run with DKVM_KERNEL_DEBUG=1 to see the boot log")
     return status
 
@@ -246,6 +251,11 @@ def describe_exit(proc, name, log):
     how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
     text = tail(log)
     return f" ({name} {how}{': ' + text if text else ''})"
+
+
+def console_tail():
+    text = tail(paths.CONSOLE_LOG)
+    return f" (guest console: {text})" if text else ""
 
 
 def tail(path, limit=400):

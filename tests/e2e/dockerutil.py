@@ -1,5 +1,6 @@
 """Running docker for the end-to-end tests: every call has a time bound."""
 import subprocess
+import uuid
 
 RUN_TIMEOUT = 240
 BUSYBOX = "dkvm-test-busybox"
@@ -17,9 +18,15 @@ def sh(*args, timeout=RUN_TIMEOUT, check=True, input=None):
 
 
 def docker_run(runtime, *args, timeout=RUN_TIMEOUT, input=None):
-    """`docker run --rm --runtime=R ARGS...`; every run has a bound."""
-    return sh("docker", "run", "--rm", f"--runtime={runtime}", *args, timeout=timeout,
-              check=False, input=input)
+    """`docker run --rm --runtime=R ARGS...`; every run has a bound, and a run that
+    overstays it is removed, not left behind."""
+    name = f"dkvm-run-{uuid.uuid4().hex[:12]}"
+    try:
+        return sh("docker", "run", "--rm", f"--runtime={runtime}", "--name", name, *args,
+                  timeout=timeout, check=False, input=input)
+    except subprocess.TimeoutExpired:
+        sh("docker", "rm", "-f", name, check=False, timeout=60)
+        raise
 
 
 def image_exists(tag):

@@ -150,3 +150,79 @@ def test_names_resolve_through_dockers_embedded_dns_both_ways(busybox_image, net
         assert out.stdout.split() == ["runc-by-name", "runc-by-name"], out.stderr
     finally:
         sh("docker", "rm", "-f", vm, check=False)
+
+
+V6_NET = "dkvm-test-net-v6"
+
+
+@pytest.fixture(scope="module")
+def ipv6_network(docker):
+    sh("docker", "network", "rm", V6_NET, check=False)
+    sh("docker", "network", "create", "--ipv6", "--subnet", "fd00:dcba:1::/64",
+       "--subnet", "10.124.46.0/24", V6_NET)
+    yield V6_NET
+    sh("docker", "network", "rm", V6_NET, check=False)
+
+
+def test_ipv6_network_matches_runc(busybox_image, ipv6_network):
+    args = ["--network", V6_NET, "--ip", "10.124.46.20", "--ip6", "fd00:dcba:1::20",
+            busybox_image, "sh", "-c",
+            "ip addr show eth0; ip route; ip -6 route | grep -v -e '^multicast' -e '^fe80';"
+            "ping6 -c 1 -W 5 fd00:dcba:1::1 >/dev/null && echo ping6-gateway-ok"]
+    runc, dkvm = docker_run("runc", *args), docker_run("dkvm", *args)
+    assert dkvm.returncode == runc.returncode == 0, dkvm.stderr
+    assert identity(dkvm.stdout) == identity(runc.stdout)
+    assert "fd00:dcba:1::20/64" in dkvm.stdout and "ping6-gateway-ok" in dkvm.stdout
+
+
+def test_several_networks_attached_before_start(busybox_image, networks, ipv6_network,
+                                                container_name):
+    sh("docker", "create", "--runtime=dkvm", "--name", container_name, "--network", NET,
+       busybox_image, "sh", "-c", "ls /sys/class/net; ip -4 addr | grep inet")
+    sh("docker", "network", "connect", MTU_NET, container_name)
+    sh("docker", "network", "connect", V6_NET, container_name)
+    sh("docker", "start", "-a", container_name, timeout=240)
+    out = sh("docker", "logs", container_name).stdout
+    nets = sh("docker", "inspect", "-f",
+              "{{range $k, $v := .NetworkSettings.Networks}}{{$v.IPAddress}} {{end}}",
+              container_name).stdout.split()
+    assert out.split("\n")[:4] == ["eth0", "eth1", "eth2", "lo"], out
+    for ip in nets:
+        assert f"inet {ip}/" in out
+
+
+def test_dns_and_hosts_options_match_runc(busybox_image, networks):
+    args = ["--network", NET, "--ip", "10.123.45.30", "--hostname", "vmname",
+            "--domainname", "example.test", "--dns", "10.123.45.53", "--dns-search", "corp.test",
+            "--dns-option", "ndots:3", "--add-host", "extra.test:10.9.8.7", busybox_image,
+            "sh", "-c", "cat /etc/hosts /etc/resolv.conf /etc/hostname"]
+    runc, dkvm = docker_run("runc", *args), docker_run("dkvm", *args)
+    assert (dkvm.returncode, dkvm.stdout) == (runc.returncode, runc.stdout)
+    assert "extra.test" in dkvm.stdout and "ndots:3" in dkvm.stdout
+
+
+UDP_ECHO = ("import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.bind(('0.0.0.0', 9000))\n"
+            "while True:\n"
+            "    data, peer = s.recvfrom(100)\n"
+            "    s.sendto(b'pong:' + data, peer)\n")
+
+
+def test_published_udp_port_reaches_the_vm(busybox_image, networks, container_name):
+    """busybox has no UDP server; the payload's Python (there in every DKVM guest) is one."""
+    import socket
+    python = ["/.dkvm/lib/ld-linux-x86-64.so.2", "--library-path", "/.dkvm/lib",
+              "/.dkvm/python/bin/python3", "-I", "-c", UDP_ECHO]
+    sh("docker", "run", "-d", "--runtime=dkvm", "--name", container_name, "--network", NET,
+       "-p", "127.0.0.1:19000:9000/udp", busybox_image, *python)
+
+    def echoed():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1)
+            s.sendto(b"hello-udp", ("127.0.0.1", 19000))
+            try:
+                return s.recvfrom(100)[0]
+            except OSError:
+                return None
+    assert fetch_until(echoed, b"pong:hello-udp") == b"pong:hello-udp"

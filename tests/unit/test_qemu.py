@@ -111,20 +111,20 @@ def test_non_terminal_has_stdout_and_stderr_ports():
     assert len(nrs) == len(set(nrs))
 
 
-def test_kernel_debug_adds_serial_console_on_stderr():
+def test_kernel_debug_puts_the_serial_console_on_stderr():
     argv = qemu_argv(make_plan(kernel_debug=True), 1, 7, 9)
     append = value(argv, "-append").split()
     assert "console=ttyS0" in append and "quiet" not in append
-    assert chardevs(argv)["dbg"] == "file,id=dbg,path=/proc/self/fd/9"
-    assert value(argv, "-serial") == "chardev:dbg"
+    assert chardevs(argv)["console"] == "file,id=console,path=/proc/self/fd/9"
+    assert value(argv, "-serial") == "chardev:console"
 
 
-def test_quiet_without_debug():
+def test_quiet_without_debug_console_errors_go_to_a_file():
     argv = qemu_argv(make_plan(kernel_debug=False), 1, 7, 9)
     append = value(argv, "-append").split()
-    assert "quiet" in append and "console=ttyS0" not in append
-    assert "-serial" not in argv
-    assert "dbg" not in chardevs(argv)
+    assert "quiet" in append and "console=ttyS0" in append
+    assert chardevs(argv)["console"] == f"file,id=console,path={paths.CONSOLE_LOG}"
+    assert value(argv, "-serial") == "chardev:console"
 
 
 def test_kernel_append_passes_through_last():
