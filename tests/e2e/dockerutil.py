@@ -38,3 +38,14 @@ def docker_import(tree, tag, changes=()):
     cmd = ["docker", "import"] + [f"--change={c}" for c in changes] + ["-", tag]
     subprocess.run(cmd, stdin=tar.stdout, check=True, capture_output=True, timeout=600)
     tar.wait(timeout=60)
+
+
+def resize_and_check(child, old, new, attempts=20):
+    """Resize the pexpect terminal and ask `stty size` until the guest reports `new`:
+    the resize travels host -> container -> guest asynchronously."""
+    child.setwinsize(*new)
+    for _ in range(attempts):
+        child.sendline("stty size")
+        if child.expect(["%d %d" % new, "%d %d" % old]) == 0:
+            return
+    raise AssertionError(f"the guest terminal never took the size {new}")

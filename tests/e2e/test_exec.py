@@ -7,7 +7,7 @@ import time
 import pexpect
 import pytest
 
-from dockerutil import sh
+from dockerutil import resize_and_check, sh
 
 EXEC_TIMEOUT = 180
 RUNTIMES = ("runc", "dkvm")
@@ -117,13 +117,7 @@ def test_exec_with_terminal(containers):
         child.sendline("tty; stty size")
         child.expect(r"/dev/pts/\d+")
         child.expect("25 90")
-        child.setwinsize(33, 111)
-        for _ in range(20):
-            child.sendline("stty size")
-            if child.expect(["33 111", "25 90"]) == 0:
-                break
-        else:
-            raise AssertionError("the exec's terminal never took the new size")
+        resize_and_check(child, (25, 90), (33, 111))
         child.sendline("sleep 1000")
         time.sleep(1)
         child.sendcontrol("c")

@@ -4,7 +4,7 @@ import time
 import pexpect
 import pytest
 
-from dockerutil import docker_run, sh
+from dockerutil import docker_run, resize_and_check, sh
 
 PROMPT_TIMEOUT = 90
 
@@ -52,14 +52,7 @@ def test_interactive_shell_with_terminal(busybox_image):
         child.expect("result-42")
         child.sendline("stty size")
         child.expect("30 100")
-        child.setwinsize(40, 120)
-        # the resize travels host -> container -> guest asynchronously: ask until seen
-        for _ in range(20):
-            child.sendline("stty size")
-            if child.expect(["40 120", "30 100"]) == 0:
-                break
-        else:
-            raise AssertionError("the guest terminal never took the new size")
+        resize_and_check(child, (30, 100), (40, 120))
         child.sendline("exit 4")
         child.expect(pexpect.EOF)
     finally:
