@@ -2,7 +2,8 @@
 """Network benchmark: TCP throughput and round-trip time, host -> server and
 container -> server, with the server in a runc container and in a DKVM VM, in one run.
 
-Throughput: N MiB pushed with busybox nc into `nc -l > /dev/null`; RTT: median of
+Throughput: N MiB pushed by a Python client (from the host, or entered into a runc
+peer's network namespace) into busybox `nc -l`; RTT: median of
 20 pings. Needs the README set-up done (dockerd, dkvm installed, dkvm-demo image).
 """
 import argparse
@@ -33,26 +34,51 @@ def wait_listening(name, port):
     raise SystemExit(f"{name} never listened on {port}")
 
 
+PUSH = """
+import socket, sys, time
+ip, mib = sys.argv[1], int(sys.argv[2])
+chunk = bytes(1 << 20)
+start = time.monotonic()
+with socket.create_connection((ip, 5001), timeout=60) as conn:
+    for _ in range(mib):
+        conn.sendall(chunk)
+    conn.shutdown(socket.SHUT_WR)
+    conn.recv(1)        # the server closes once it has read everything
+print(mib / (time.monotonic() - start))
+"""
+
+
+def push(ip, mib, netns_pid=None):
+    """MiB/s of `mib` MiB sent to the server, from the host or from inside the network
+    namespace of a container (the host's Python, entered with nsenter)."""
+    prefix = ["nsenter", "-t", str(netns_pid), "-n"] if netns_pid else []
+    out = sh(*prefix, "python3", "-c", PUSH, ip, str(mib), check=True)
+    return float(out.stdout)
+
+
 def measure(runtime, image, mib):
     name = f"dkvm-bench-net-{runtime}"
     sh("docker", "rm", "-f", name)
     sh("docker", "run", "-d", f"--runtime={runtime}", "--name", name, "--network", NET, image,
-       "sh", "-c", "while :; do nc -l -p 5001 >/dev/null; done")
+       "sh", "-c", "while :; do nc -l -p 5001 >/dev/null; done")   # one client at a time
     try:
         wait_listening(name, 5001)
         ip = sh("docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
                 name).stdout.strip()
-        push = f"dd if=/dev/zero bs=1M count={mib} 2>/dev/null | nc -w 10 {ip} 5001"
-        start = time.monotonic()
-        sh("sh", "-c", push, check=True)
-        host_tput = mib / (time.monotonic() - start)
-        host_rtt = rtt_ms(sh("ping", "-c", "20", "-i", "0.2", ip).stdout)
-        peer = sh("docker", "run", "--rm", "--network", NET, image, "sh", "-c",
-                  f"s=$(date +%s%N); {push}; e=$(date +%s%N); echo $(( (e - s) / 1000000 )); "
-                  f"ping -c 20 -i 0.2 {ip}")
-        lines = peer.stdout.splitlines()
-        peer_tput = mib / (int(lines[0]) / 1000)
-        peer_rtt = rtt_ms(peer.stdout)
+        host_tput = push(ip, mib)
+        host_rtt = rtt_ms(sh("docker", "run", "--rm", "--network", "host", image,   # host's stack
+                             "ping", "-c", "20", "-i", "0.2", ip).stdout)
+        peer = f"{name}-peer"
+        sh("docker", "rm", "-f", peer)
+        sh("docker", "run", "-d", "--name", peer, "--network", NET, image, "sleep", "600",
+           check=True)
+        try:
+            pid = sh("docker", "inspect", "-f", "{{.State.Pid}}", peer).stdout.strip()
+            peer_tput = push(ip, mib, netns_pid=pid)
+            peer_rtt = rtt_ms(sh("docker", "exec", peer, "ping", "-c", "20", "-i", "0.2",
+                                 ip).stdout)
+        finally:
+            sh("docker", "rm", "-f", peer)
         return host_tput, host_rtt, peer_tput, peer_rtt
     finally:
         sh("docker", "rm", "-f", name)

@@ -4,7 +4,6 @@ then becomes runc; every other subcommand reaches runc untouched.
 Imports stay inside functions: this runs on every docker operation.
 """
 import os
-import sys
 
 # runc's global flags that take a value (the subcommand follows them)
 GLOBAL_VALUE_FLAGS = {"--root", "--log", "--log-format", "--criu", "--rootless"}

@@ -150,7 +150,10 @@ def run_workload(plan, ports, control):
             if fd in readers and fd in readers[fd].outputs:
                 readers[fd].read_output(fd)
         if control in ready_r:
-            for frame in wire.feed_tolerant(decoder, os.read(control, 65536), log):
+            data = os.read(control, 65536)
+            if not data:        # a port whose host side is gone reads as EOF forever
+                raise RuntimeError("the container side closed the control channel")
+            for frame in wire.feed_tolerant(decoder, data, log):
                 if frame.channel:
                     on_exec_frame(frame, sessions, pid, send)
                 elif frame.type == wire.SIGNAL:
@@ -248,6 +251,9 @@ def wait_for_ack(control):
     deadline = time.monotonic() + ACK_WAIT
     while time.monotonic() < deadline:
         ready, _, _ = select.select([control], [], [], max(0, deadline - time.monotonic()))
-        frames = wire.feed_tolerant(decoder, os.read(control, 65536), log) if ready else []
-        if any(f.type == wire.EXIT_ACK for f in frames):
+        if not ready:
+            continue
+        data = os.read(control, 65536)      # EOF: the container side is gone, stop waiting
+        if not data or any(f.type == wire.EXIT_ACK
+                           for f in wire.feed_tolerant(decoder, data, log)):
             return

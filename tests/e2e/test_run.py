@@ -1,7 +1,5 @@
 """`docker run --runtime=dkvm` against `--runtime=runc`: same stdout, stderr, exit code."""
-import os
 import platform
-import subprocess
 
 import pytest
 
