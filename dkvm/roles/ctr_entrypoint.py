@@ -1,8 +1,10 @@
 """dkvm-ctr-entrypoint: PID 1 of the container, the VM's host side.
 
-It writes the plan where the guest will read it, starts virtiofsd on the container's
-root, boots QEMU, forwards signals to the workload over the control channel, and
-leaves with the exit status the guest reports.
+It hands the container's network interfaces to the VM, writes the plan where the
+guest will read it, starts virtiofsd on the container's root and boots QEMU. Then it
+serves the control channel: signals and terminal resizes for the workload, stdin,
+`docker exec` relays (one channel each), DNS queries for Docker's embedded server;
+and it leaves with the exit status the guest reports.
 """
 import itertools
 import os
@@ -15,13 +17,13 @@ import threading
 import time
 
 from dkvm import paths, wire
-from dkvm.errors import DkvmError
 from dkvm.dns import EmbeddedDnsRelay
+from dkvm.errors import DkvmError
 from dkvm.framed import FramedSocket
 from dkvm.net_container import ipv6_sysctls, take_over_interfaces
 from dkvm.plan import PLAN_ENV, Plan
-from dkvm.terminal import get_size
 from dkvm.qemu import qemu_argv, qemu_env, virtiofsd_argv
+from dkvm.terminal import get_size
 
 START_TIMEOUT = 30          # virtiofsd socket, QEMU connecting to the control socket
 BOOT_TIMEOUT = 180          # QEMU started -> the guest says hello (TCG on a busy host: ~10 s)
