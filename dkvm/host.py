@@ -97,6 +97,25 @@ def payload_kernels(payload_dir):
     return kernels
 
 
+def upstream_nameservers():
+    """The name servers Docker's embedded DNS forwards to: the host's, or systemd-
+    resolved's upstream list when the host points at its local stub."""
+    for path in ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"):
+        servers = []
+        try:
+            with open(path) as f:
+                for line in f:
+                    words = line.split()
+                    if words[:1] == ["nameserver"] and len(words) > 1:
+                        servers.append(words[1])
+        except OSError:
+            continue
+        servers = [s for s in servers if not s.startswith("127.") and s != "::1" and ":" not in s]
+        if servers:
+            return servers
+    return []
+
+
 def find_runc(explicit=""):
     """The real runc: the one the runtime args name, or the distribution's."""
     if explicit:

@@ -38,6 +38,7 @@ class HostFacts:
     kvm_usable: bool
     kernels: dict                      # dist -> release
     defaults: dict = field(default_factory=dict)   # from the runtime's own args
+    dns_upstream: list = field(default_factory=list)  # the host's name servers
 
 
 def rewrite_create_config(config, host):
@@ -69,6 +70,7 @@ def rewrite_create_config(config, host):
         kernel_debug=opts.kernel_debug,
         dev_shm_size=opts.dev_shm_size,
         sysctl=dict(linux.get("sysctl") or {}),
+        dns_upstream=list(host.dns_upstream),
     )
     config["mounts"], plan.tmpfs = split_user_tmpfs(config.get("mounts") or [])
     config["mounts"] += payload_mounts(host.payload_dir)

@@ -62,7 +62,8 @@ def prepare_create(create_args, defaults):
         config = json.load(f)
     payload_dir = host.ensure_payload()
     facts = HostFacts(payload_dir=payload_dir, kvm_usable=host.kvm_usable(),
-                      kernels=host.payload_kernels(payload_dir), defaults=defaults)
+                      kernels=host.payload_kernels(payload_dir), defaults=defaults,
+                      dns_upstream=host.upstream_nameservers())
     new = rewrite_create_config(config, facts)
     tmp = config_path + ".dkvm-tmp"
     with open(tmp, "w") as f:

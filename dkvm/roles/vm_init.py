@@ -123,8 +123,9 @@ def run_workload(plan, ports, control):
     send(wire.encode(wire.HELLO))
     decoder = wire.Decoder()
     sessions = {}
-    forwarder = dns.GuestForwarder() if plan.interfaces and dns.uses_embedded_dns() else None
-    dns_socks = [forwarder.sock] if forwarder else []
+    forwarder = None
+    if plan.interfaces and dns.uses_embedded_dns():
+        forwarder = dns.GuestForwarder(plan.dns_upstream)
     while True:
         statuses = reap()
         if pid in statuses:
@@ -136,12 +137,21 @@ def run_workload(plan, ports, control):
                 del sessions[session.channel]
         readers = {fd: s for s in sessions.values() for fd in s.readable_fds()}
         writers = {fd: s for s in sessions.values() for fd in s.writable_fds()}
+        dns_socks = forwarder.sockets() if forwarder else []
         ready_r, ready_w, _ = select.select([control, wake_r, *dns_socks, *readers],
-                                            list(writers), [], 1.0)
-        if forwarder and forwarder.sock in ready_r:
-            query = forwarder.take_query()
-            if query:
-                send(wire.encode(wire.DNS, query))
+                                            list(writers), [],
+                                            forwarder.timeout(1.0) if forwarder else 1.0)
+        if forwarder:
+            for sock in dns_socks:
+                if sock not in ready_r:
+                    continue
+                if sock is forwarder.sock:
+                    query = forwarder.take_query()
+                    if query:
+                        send(wire.encode(wire.DNS, query))
+                else:
+                    forwarder.read_upstream(sock)
+            forwarder.tick()
         if wake_r in ready_r:
             os.read(wake_r, 4096)
         for fd in ready_w:

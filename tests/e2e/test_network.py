@@ -226,3 +226,20 @@ def test_published_udp_port_reaches_the_vm(busybox_image, networks, container_na
             except OSError:
                 return None
     assert fetch_until(echoed, b"pong:hello-udp") == b"pong:hello-udp"
+
+
+EXTERNAL_NAME = "deb.debian.org"     # the host resolves it: apt uses it
+
+
+def test_external_names_resolve_on_a_user_defined_network_as_with_runc(busybox_image,
+                                                                        networks):
+    import socket
+    try:
+        socket.gethostbyname(EXTERNAL_NAME)
+    except OSError:
+        pytest.skip(f"this host cannot resolve {EXTERNAL_NAME}")
+    cmd = [busybox_image, "sh", "-c", f"nslookup {EXTERNAL_NAME} | grep -A9 '^Name:' | sort"]
+    runc = docker_run("runc", "--network", NET, *cmd)
+    dkvm = docker_run("dkvm", "--network", NET, *cmd)
+    assert runc.returncode == 0 and "Address" in runc.stdout, runc.stdout + runc.stderr
+    assert (dkvm.returncode, dkvm.stdout) == (runc.returncode, runc.stdout), dkvm.stderr
