@@ -117,6 +117,19 @@ class GuestForwarder:
         if query.sock:
             query.sock.close()
 
+    def serve(self, ready):
+        """Handle the readable sockets among `ready`; returns the queries to send to
+        the embedded server (frame payloads)."""
+        queries = []
+        for sock in self.sockets():
+            if sock in ready:
+                if sock is self.sock:
+                    queries.append(self.take_query())
+                else:
+                    self.read_upstream(sock)
+        self.tick()
+        return [q for q in queries if q]
+
     def tick(self):
         for tag in list(self.queries):
             self.decide(tag)

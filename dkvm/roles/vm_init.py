@@ -142,16 +142,8 @@ def run_workload(plan, ports, control):
                                             list(writers), [],
                                             forwarder.timeout(1.0) if forwarder else 1.0)
         if forwarder:
-            for sock in dns_socks:
-                if sock not in ready_r:
-                    continue
-                if sock is forwarder.sock:
-                    query = forwarder.take_query()
-                    if query:
-                        send(wire.encode(wire.DNS, query))
-                else:
-                    forwarder.read_upstream(sock)
-            forwarder.tick()
+            for query in forwarder.serve(ready_r):
+                send(wire.encode(wire.DNS, query))
         if wake_r in ready_r:
             os.read(wake_r, 4096)
         for fd in ready_w:
