@@ -40,7 +40,6 @@ APT_PACKAGES = {
     "/usr/bin/python3.11": "python3.11",
 }
 KERNEL_META = "linux-image-amd64"
-PYTHON_VERSION = "3.11"
 PY_STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                   "pydoc_data", "site-packages", "dist-packages", "__pycache__",
                   "unittest/test", "distutils/tests", "ctypes/test", "sqlite3/test",

@@ -67,7 +67,7 @@ def split_env(env):
     """Split a container's env list into (workload env, DKVM_* settings)."""
     workload, settings = [], {}
     for item in env:
-        name, sep, value = item.partition("=")
+        name, _, value = item.partition("=")
         if name.startswith("DKVM_"):
             settings[name] = value
         else:

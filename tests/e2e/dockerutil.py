@@ -1,5 +1,6 @@
 """Running docker for the end-to-end tests: every call has a time bound."""
 import subprocess
+import time
 import uuid
 
 RUN_TIMEOUT = 240
@@ -49,3 +50,16 @@ def resize_and_check(child, old, new, attempts=20):
         if child.expect(["%d %d" % new, "%d %d" % old]) == 0:
             return
     raise AssertionError(f"the guest terminal never took the size {new}")
+
+
+def interrupt_foreground_sleep(child, container, timeout=60):
+    """Start `sleep 1000` at the shell in `child`, wait (bounded) until the guest runs
+    it, seen through `docker exec`, then press Ctrl-C."""
+    child.sendline("sleep 1000")
+    deadline = time.monotonic() + timeout
+    while "sleep 1000" not in sh("docker", "exec", container, "ps", "-o", "args",
+                                 check=False).stdout:
+        if time.monotonic() > deadline:
+            raise AssertionError("the foreground sleep never started")
+        time.sleep(0.2)
+    child.sendcontrol("c")

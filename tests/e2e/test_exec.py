@@ -7,7 +7,7 @@ import time
 import pexpect
 import pytest
 
-from dockerutil import resize_and_check, sh
+from dockerutil import interrupt_foreground_sleep, resize_and_check, sh
 
 EXEC_TIMEOUT = 180
 RUNTIMES = ("runc", "dkvm")
@@ -118,9 +118,7 @@ def test_exec_with_terminal(containers):
         child.expect(r"/dev/pts/\d+")
         child.expect("25 90")
         resize_and_check(child, (25, 90), (33, 111))
-        child.sendline("sleep 1000")
-        time.sleep(1)
-        child.sendcontrol("c")
+        interrupt_foreground_sleep(child, containers["dkvm"])
         child.expect(r"[#$] ")
         child.sendline("exit 9")
         child.expect(pexpect.EOF)

@@ -8,7 +8,7 @@ import time
 import pexpect
 import pytest
 
-from dockerutil import docker_run, sh
+from dockerutil import docker_run, interrupt_foreground_sleep, sh
 
 BOOT_TIMEOUT = 120
 
@@ -167,9 +167,7 @@ def test_ctrl_c_detach_and_attach(busybox_image, container_name):
                           encoding="utf-8")
     try:
         child.expect(r"[#$] ")
-        child.sendline("sleep 1000")
-        time.sleep(1)
-        child.sendcontrol("c")
+        interrupt_foreground_sleep(child, container_name)
         child.expect(r"[#$] ")
         child.sendline("echo status-$?")
         child.expect("status-130")
