@@ -73,6 +73,13 @@ def set_uts_names(hostname, domainname):
             raise OSError(err, f"setting host/domain name {name!r}: {os.strerror(err)}")
 
 
+def write_sysctls(values):
+    """{"net.ipv6.conf.lo.disable_ipv6": "0", ...} as `sysctl -w` would set them."""
+    for name, value in values.items():
+        with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
+            f.write(value)
+
+
 def interface_up(name):
     s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
     try:

@@ -6,16 +6,27 @@ does): frames pass untouched, so the guest keeps the container's MAC and IP, and
 Docker's bridge, DNS names and published ports see the VM where they saw the
 container. The container side keeps no address, so it never answers for the guest.
 """
+import errno
 from socket import AF_INET, AF_INET6
 
 ETH_P_ALL = 0x0003
 RT_SCOPE_UNIVERSE = 0
 RTPROT_KERNEL = 2
+RTN_UNICAST = 1
 MAIN_TABLE = 254
 
 
-def tap_name(index):
-    return f"dkvm-tap{index}"
+def tap_name(number):
+    return f"dkvm-tap{number}"
+
+
+def netdev_id(number):
+    """QEMU's ids for the backend and the NIC of tap `number` (hot-unplug needs them)."""
+    return f"net{number}"
+
+
+def nic_id(number):
+    return f"nic{number}"
 
 
 def ipv6_sysctls():
@@ -31,20 +42,30 @@ def ipv6_sysctls():
     return values
 
 
-def take_over_interfaces():
-    """Turn every non-loopback interface into plumbing; returns what the guest needs
-    to rebuild them, in the order their taps are numbered."""
+def open_iproute():
     from dkvm.pyroute2_light import light_pyroute2
     light_pyroute2()
     from pyroute2.iproute.linux import IPRoute
+    return IPRoute()
+
+
+def guest_links(ip):
+    """The container's interfaces that belong to the guest, by index."""
+    return sorted((link for link in ip.get_links()
+                   if link.get_attr("IFLA_IFNAME") != "lo" and link.get_attr("IFLA_ADDRESS")
+                   and not link.get_attr("IFLA_IFNAME").startswith(tap_name(""))),
+                  key=lambda link: link["index"])
+
+
+def take_over_interfaces():
+    """Turn every non-loopback interface into plumbing; returns what the guest needs
+    to rebuild them, in the order their taps are numbered."""
     interfaces = []
-    with IPRoute() as ip:
-        links = sorted((link for link in ip.get_links()
-                        if link.get_attr("IFLA_IFNAME") != "lo" and link.get_attr("IFLA_ADDRESS")),
-                       key=lambda link: link["index"])
-        for number, link in enumerate(links):
+    with open_iproute() as ip:
+        for number, link in enumerate(guest_links(ip)):
             interfaces.append(describe(ip, link))
-            plumb(ip, link["index"], tap_name(number), link.get_attr("IFLA_MTU"))
+            tap_index = create_tap(ip, tap_name(number), link.get_attr("IFLA_MTU"))
+            hand_over(ip, link["index"], tap_index)
     return interfaces
 
 
@@ -55,33 +76,76 @@ def describe(ip, link):
         if addr["family"] in (AF_INET, AF_INET6) and addr["scope"] == RT_SCOPE_UNIVERSE:
             addresses.append([addr["family"], addr.get_attr("IFA_ADDRESS"), addr["prefixlen"],
                               addr.get_attr("IFA_BROADCAST") or ""])
-    routes = []
-    for family in (AF_INET, AF_INET6):
-        for route in ip.get_routes(family=family, table=MAIN_TABLE):
-            if route.get_attr("RTA_OIF") != index or route["proto"] == RTPROT_KERNEL:
-                continue
-            routes.append({"family": family, "dst": route.get_attr("RTA_DST") or "",
-                           "dst_len": route["dst_len"], "gateway": route.get_attr("RTA_GATEWAY") or "",
-                           "metric": route.get_attr("RTA_PRIORITY") or 0})
+    routes = docker_routes(ip, index)
     name = link.get_attr("IFLA_IFNAME")
     try:
         with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6") as f:
             ipv6 = f.read().strip() == "0"
     except OSError:
         ipv6 = False
-    return {"name": name, "mac": link.get_attr("IFLA_ADDRESS"), "mtu": link.get_attr("IFLA_MTU"),
-            "ipv6": ipv6, "addresses": addresses, "routes": routes}
+    return {"name": name, "index": index, "mac": link.get_attr("IFLA_ADDRESS"),
+            "mtu": link.get_attr("IFLA_MTU"), "ipv6": ipv6, "addresses": addresses,
+            "routes": routes}
 
 
-def plumb(ip, index, tap, mtu):
+def routes_of(ip, index):
+    """The main table's routes out of one interface, as the guest rebuilds them."""
+    routes = []
+    for family in (AF_INET, AF_INET6):
+        for route in ip.get_routes(family=family, table=MAIN_TABLE):
+            if route.get_attr("RTA_OIF") == index and route["type"] == RTN_UNICAST:
+                routes.append({"family": family, "dst": route.get_attr("RTA_DST") or "",
+                               "dst_len": route["dst_len"],
+                               "gateway": route.get_attr("RTA_GATEWAY") or "",
+                               "metric": route.get_attr("RTA_PRIORITY") or 0,
+                               "proto": route["proto"], "scope": route["scope"]})
+    return routes
+
+
+def docker_routes(ip, index):
+    """The routes Docker made through an interface, not those its addresses make."""
+    return [{key: value for key, value in route.items() if key not in ("proto", "scope")}
+            for route in routes_of(ip, index) if route["proto"] != RTPROT_KERNEL]
+
+
+def create_tap(ip, tap, mtu):
     ip.link("add", ifname=tap, kind="tuntap", mode="tap")
     tap_index = ip.link_lookup(ifname=tap)[0]
     ip.link("set", index=tap_index, mtu=mtu, state="up")
+    return tap_index
+
+
+def hand_over(ip, index, tap_index):
+    """The interface gives its addresses to the guest and its frames to the tap.
+
+    Its routes stay (without a source address): Docker keeps programming them as the
+    container's networks change, and the guest follows them (net_hotplug)."""
+    routes = routes_of(ip, index)
     for addr in ip.get_addr(index=index):       # link-local ones too: the guest owns them
         ip.addr("del", index=index, address=addr.get_attr("IFA_ADDRESS"),
                 prefixlen=addr["prefixlen"])
+    left = routes_of(ip, index)
+    for route in sorted(routes, key=lambda route: bool(route["gateway"])):   # on-link first
+        if route not in left:
+            add_route(ip, index, route)
     redirect(ip, index, tap_index)
     redirect(ip, tap_index, index)
+
+
+def add_route(ip, index, route):
+    spec = {"family": route["family"], "dst_len": route["dst_len"], "oif": index,
+            "table": MAIN_TABLE, "proto": route["proto"], "scope": route["scope"]}
+    if route["dst_len"]:
+        spec["dst"] = route["dst"]
+    if route["gateway"]:
+        spec["gateway"] = route["gateway"]
+    if route["metric"]:
+        spec["priority"] = route["metric"]
+    try:
+        ip.route("add", **spec)
+    except Exception as err:        # pyroute2's NetlinkError; EEXIST: it came back itself
+        if getattr(err, "code", None) != errno.EEXIST:
+            raise
 
 
 def redirect(ip, from_index, to_index):

@@ -1,6 +1,6 @@
 """Command lines for QEMU and virtiofsd, built from the plan (pure functions)."""
 from dkvm import paths
-from dkvm.net_container import tap_name
+from dkvm.net_container import netdev_id, nic_id, tap_name
 
 # i8042 probing costs 0.6 s under TCG and the guest has no PS/2 devices.
 BASE_APPEND = ["panic=-1", "i8042.noaux", "i8042.nokbd", "i8042.nopnp", "i8042.dumbkbd",
@@ -50,8 +50,9 @@ def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, root=paths.PAYLOAD_MOUNT):
         "-device", f"virtserialport,bus=ser0.0,nr=1,chardev=ctl,name={paths.PORT_CONTROL}",
     ]
     for number, iface in enumerate(plan.interfaces):
-        argv += ["-netdev", f"tap,id=net{number},ifname={tap_name(number)},script=no,downscript=no",
-                 "-device", f"virtio-net-pci,netdev=net{number},mac={iface['mac']},romfile="]
+        netdev, device = nic_options(number, iface["mac"])
+        argv += ["-netdev", command_line_options(netdev, "type"),
+                 "-device", command_line_options(device, "driver")]
     if plan.terminal:
         argv += ["-chardev", "stdio,id=con,signal=off",
                  "-device", "virtconsole,bus=ser0.0,nr=0,chardev=con"]
@@ -66,6 +67,20 @@ def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, root=paths.PAYLOAD_MOUNT):
     argv += ["-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
              "-qmp", f"unix:{paths.QMP_SOCKET},server=on,wait=off"]
     return argv
+
+
+def nic_options(number, mac):
+    """The tap backend and the virtio NIC of tap `number`: the same options on the
+    command line at boot and in QMP's netdev_add/device_add when hot-plugged."""
+    netdev = {"type": "tap", "id": netdev_id(number), "ifname": tap_name(number),
+              "script": "no", "downscript": "no"}
+    device = {"driver": "virtio-net-pci", "netdev": netdev_id(number), "id": nic_id(number),
+              "mac": mac, "romfile": ""}
+    return netdev, device
+
+
+def command_line_options(options, first):
+    return ",".join([options[first]] + [f"{k}={v}" for k, v in options.items() if k != first])
 
 
 def qemu_env(root=paths.PAYLOAD_MOUNT):

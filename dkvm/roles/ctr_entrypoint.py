@@ -1,6 +1,7 @@
 """dkvm-ctr-entrypoint: PID 1 of the container, the VM's host side.
 
-It hands the container's network interfaces to the VM, writes the plan where the
+It hands the container's network interfaces to the VM (and, from then on, follows
+`docker network connect`/`disconnect` with hot-plugged NICs), writes the plan where the
 guest will read it, starts virtiofsd on the container's root and boots QEMU. Then it
 serves the control channel: signals and terminal resizes for the workload, stdin,
 `docker exec` relays (one channel each), DNS queries for Docker's embedded server;
@@ -21,6 +22,7 @@ from dkvm.dns import EmbeddedDnsRelay
 from dkvm.errors import DkvmError
 from dkvm.framed import FramedSocket
 from dkvm.net_container import ipv6_sysctls, take_over_interfaces
+from dkvm.net_hotplug import NetworkFollower
 from dkvm.plan import PLAN_ENV, Plan
 from dkvm.qemu import qemu_argv, qemu_env, virtiofsd_argv
 from dkvm.terminal import get_size
@@ -36,6 +38,7 @@ def main(argv):
     plan = Plan.from_json(os.environ[PLAN_ENV])
     if plan.terminal:
         plan.winsize = get_size(0)
+    follower = NetworkFollower()        # listening first: nothing Docker does is missed
     plan.interfaces = take_over_interfaces()
     plan.sysctl = {**ipv6_sysctls(), **plan.sysctl}
     with open(paths.PLAN_FILE, "w") as f:
@@ -45,11 +48,13 @@ def main(argv):
     exec_listener = listen(paths.EXEC_SOCKET, backlog=64)
     stdin_listener = None if plan.terminal else listen(paths.STDIN_SOCKET)
     qemu = start_qemu(plan)
+    follower.start(plan.interfaces, paths.QMP_SOCKET)
     children = {"QEMU": (qemu, paths.QEMU_LOG), "virtiofsd": (virtiofsd, paths.VIRTIOFSD_LOG)}
     try:
         conn = accept_qemu(control_listener, children)
         stdin_conn = accept_qemu(stdin_listener, children) if stdin_listener else None
-        status = supervise(conn, qemu, children, plan.terminal, stdin_conn, exec_listener)
+        status = supervise(conn, qemu, children, plan.terminal, stdin_conn, exec_listener,
+                           follower.inbox)
     finally:
         for proc in (qemu, virtiofsd):
             stop(proc)
@@ -133,10 +138,10 @@ def accept_qemu(listener, children):
     raise DkvmError("QEMU did not connect to the control channel in time")
 
 
-def supervise(control, qemu, children, terminal, stdin_conn, exec_listener):
-    """The container side of the control channel: relay signals and terminal resizes
-    to the guest, multiplex `docker exec` relays onto channels, start stdin when the
-    guest says hello, and wait for the workload's exit status."""
+def supervise(control, qemu, children, terminal, stdin_conn, exec_listener, network_changes):
+    """The container side of the control channel: relay signals, terminal resizes and
+    network changes to the guest, multiplex `docker exec` relays onto channels, start
+    stdin when the guest says hello, and wait for the workload's exit status."""
     pending = []
     for sig in FORWARDED_SIGNALS + ([signal.SIGWINCH] if terminal else []):
         signal.signal(sig, lambda signum, frame: pending.append(signum))
@@ -159,14 +164,16 @@ def supervise(control, qemu, children, terminal, stdin_conn, exec_listener):
         peers = [guest, *relays.values()]
         try:
             ready_r, ready_w, _ = select.select(
-                [guest.sock, exec_listener, *(r.sock for r in relays.values()),
-                 *dns.sockets()],
+                [guest.sock, exec_listener, network_changes,
+                 *(r.sock for r in relays.values()), *dns.sockets()],
                 [p.sock for p in peers if p.out], [], 0.5)
         except InterruptedError:
             continue
         for peer in peers:
             if peer.sock in ready_w:
                 peer.flush()
+        if network_changes in ready_r:
+            to_guest(network_changes.recv(wire.MAX_PAYLOAD))
         if exec_listener in ready_r:
             last_channel = free_channel(relays, last_channel)
             relays[last_channel] = FramedSocket(exec_listener.accept()[0])

@@ -70,9 +70,7 @@ def apply_identity(plan):
     guestos.mount("shm", "/dev/shm", "tmpfs", *guestos.mount_options(
         ["nosuid", "nodev", "noexec", "mode=1777", f"size={plan.dev_shm_size}"]))
     guestos.set_uts_names(plan.hostname, plan.domainname)
-    for name, value in plan.sysctl.items():
-        with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
-            f.write(value)
+    guestos.write_sysctls(plan.sysctl)
     guestos.interface_up("lo")
     net_guest.configure(plan.interfaces)
     for mount in plan.tmpfs:
@@ -121,6 +119,7 @@ def run_workload(plan, ports, control):
     # drops what arrives on a port nobody has open.
     send = lambda data: write_all(control, data)  # noqa: E731
     send(wire.encode(wire.HELLO))
+    network_changes = net_guest.PendingChanges()
     decoder = wire.Decoder()
     sessions = {}
     forwarder = None
@@ -140,7 +139,8 @@ def run_workload(plan, ports, control):
         dns_socks = forwarder.sockets() if forwarder else []
         ready_r, ready_w, _ = select.select([control, wake_r, *dns_socks, *readers],
                                             list(writers), [],
-                                            forwarder.timeout(1.0) if forwarder else 1.0)
+                                            network_changes.timeout(
+                                                forwarder.timeout(1.0) if forwarder else 1.0))
         if forwarder:
             for query in forwarder.serve(ready_r):
                 send(wire.encode(wire.DNS, query))
@@ -165,9 +165,15 @@ def run_workload(plan, ports, control):
                         pass
                 elif frame.type == wire.DNS and forwarder:
                     forwarder.give_answer(frame.payload)
+                elif frame.type == wire.NET:
+                    network_changes.add(frame.json())
                 elif frame.type == wire.RESIZE and console is not None:
                     size = frame.json()
                     terminal.set_size(console, size["rows"], size["cols"])
+        for error in network_changes.apply_ready():
+            log(f"network change failed: {error}")
+            send(wire.encode(wire.ERROR, {"message": f"network change in the guest failed: "
+                                                     f"{error}"}))
 
 
 def on_exec_frame(frame, sessions, workload_pid, send):

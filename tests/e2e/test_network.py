@@ -243,3 +243,70 @@ def test_external_names_resolve_on_a_user_defined_network_as_with_runc(busybox_i
     dkvm = docker_run("dkvm", "--network", NET, *cmd)
     assert runc.returncode == 0 and "Address" in runc.stdout, runc.stdout + runc.stderr
     assert (dkvm.returncode, dkvm.stdout) == (runc.returncode, runc.stdout), dkvm.stderr
+
+
+HOTPLUG_NET = "a-dkvm-test-hotplug"     # sorts first: Docker moves the default gateway to it
+SHOW_NETWORK = ("ip addr; ip route; ip -6 route | grep -v -e '^multicast' -e '^fe80';"
+                "echo ::hosts; cat /etc/hosts")
+
+
+@pytest.fixture(scope="module")
+def hotplug_network(docker):
+    sh("docker", "network", "rm", HOTPLUG_NET, check=False)
+    sh("docker", "network", "create", "--subnet", "10.125.47.0/24", HOTPLUG_NET)
+    yield HOTPLUG_NET
+    sh("docker", "network", "rm", HOTPLUG_NET, check=False)
+
+
+def network_view(name):
+    out = sh("docker", "exec", name, "sh", "-c", SHOW_NETWORK, check=False).stdout
+    return identity(out.split("::hosts")[0]), out.split("::hosts")[-1]
+
+
+def test_network_connect_and_disconnect_while_running_match_runc(
+        busybox_image, networks, hotplug_network, ipv6_network, container_name):
+    """Docker never tells the runtime: the VM must follow a running container's
+    networks being connected (NICs hot-plugged, the default gateway moved, /etc/hosts
+    rewritten) and disconnected, as runc's container sees them, and stay healthy."""
+    steps = [
+        ("connect", "--ip", "10.125.47.40", HOTPLUG_NET),
+        ("connect", "--ip", "10.124.46.40", "--ip6", "fd00:dcba:1::40", ipv6_network),
+        ("disconnect", HOTPLUG_NET),
+        ("disconnect", NET),                    # a NIC the VM booted with
+        ("connect", "--ip", "10.125.47.41", HOTPLUG_NET),
+    ]
+    peer = f"{container_name}-peer"
+    views = {}
+    try:
+        sh("docker", "run", "-d", "--name", peer, "--network", HOTPLUG_NET, busybox_image,
+           "sleep", "600")
+        for runtime in ("runc", "dkvm"):
+            sh("docker", "rm", "-f", container_name, check=False)
+            sh("docker", "run", "-d", f"--runtime={runtime}", "--name", container_name,
+               "--network", NET, "--ip", "10.123.45.40", "--hostname", "hotplug", busybox_image,
+               "sh", "-c", HTTPD.format(text=f"hot-{runtime}"))
+            views[runtime] = [network_view(container_name)]
+            for step in steps:
+                sh("docker", "network", step[0], *step[1:], container_name)
+                view = network_view(container_name)
+                if runtime == "dkvm":        # the guest follows Docker within moments
+                    expected = views["runc"][len(views[runtime])]
+                    deadline = time.monotonic() + 60
+                    while view != expected and time.monotonic() < deadline:
+                        time.sleep(0.5)
+                        view = network_view(container_name)
+                views[runtime].append(view)
+                if step == steps[1]:        # both networks attached: a peer reaches us
+                    out = sh("docker", "exec", peer, "sh", "-c",
+                             HTTP_GET.format(ip="10.125.47.40"), check=False)
+                    assert out.stdout.strip() == f"hot-{runtime}", (runtime, out)
+        for runc_view, dkvm_view in zip(views["runc"], views["dkvm"]):
+            assert dkvm_view == runc_view, "\n".join(map(repr, (dkvm_view, runc_view)))
+        assert "eth1" in str(views["dkvm"][1]) and "default via 10.125.47.1 dev eth1" in \
+            views["dkvm"][1][0]
+        assert "fd00:dcba:1::40/64" in str(views["dkvm"][2])
+        assert sh("docker", "inspect", "-f", "{{.State.Running}}", container_name
+                  ).stdout.strip() == "true"
+        assert "dkvm:" not in sh("docker", "logs", container_name).stderr
+    finally:
+        sh("docker", "rm", "-f", peer, container_name, check=False)

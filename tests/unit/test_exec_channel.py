@@ -431,6 +431,7 @@ def mux(tmp_path):
              for sig in ctr_entrypoint.FORWARDED_SIGNALS + [signal.SIGWINCH]}
     listener = ctr_entrypoint.listen(str(tmp_path / "exec.sock"), backlog=64)
     control, guest_end = socket.socketpair()
+    network_changes, network_follower = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     opened = [Peer(guest_end)]
 
     def connect_relay():
@@ -457,7 +458,8 @@ def mux(tmp_path):
         thread = threading.Thread(target=body, name="mux-scenario", daemon=True)
         thread.start()
         try:
-            result = ctr_entrypoint.supervise(control, FakeQemu(), {}, False, None, listener)
+            result = ctr_entrypoint.supervise(control, FakeQemu(), {}, False, None, listener,
+                                              network_changes)
         except DkvmError as err:
             result = err
         finally:
@@ -469,6 +471,7 @@ def mux(tmp_path):
         return result
 
     run.returned = returned
+    run.network_follower = network_follower
     yield run
     for sig, handler in saved.items():
         signal.signal(sig, handler)
@@ -476,6 +479,8 @@ def mux(tmp_path):
         peer.close()
     control.close()
     listener.close()
+    network_changes.close()
+    network_follower.close()
 
 
 def test_supervise_multiplexes_exec_relays(mux, capsys):
@@ -554,6 +559,23 @@ def test_supervise_forwards_signals_after_hello(mux):
         os.kill(os.getpid(), signal.SIGUSR1)
         frame = guest.recv()
         assert (frame.type, frame.json()) == (SIGNAL, {"signal": signal.SIGUSR1})
+        guest.send(EXIT, {"status": 0})
+        assert guest.recv() == Frame(EXIT_ACK)
+
+    assert mux(scenario) == 0
+
+
+def test_supervise_passes_network_changes_on_after_hello(mux):
+    change = {"add": [], "routes_del": [], "routes_add": [{"dev": "eth1", "dst_len": 0}]}
+
+    def scenario(guest, connect_relay):
+        mux.network_follower.send(wire.encode(wire.NET, change))
+        guest.quiet()                               # held: the guest is not up yet
+        guest.send(HELLO)
+        frame = guest.recv()
+        assert (frame.type, frame.json()) == (wire.NET, change)
+        mux.network_follower.send(wire.encode(wire.NET, {**change, "add": [{"name": "eth2"}]}))
+        assert guest.recv().json()["add"] == [{"name": "eth2"}]
         guest.send(EXIT, {"status": 0})
         assert guest.recv() == Frame(EXIT_ACK)
 

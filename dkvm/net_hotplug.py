@@ -1,0 +1,162 @@
+"""`docker network connect` and `disconnect` on a running container, in the VM.
+
+libnetwork never calls the runtime for these: it moves a veth into (or out of) the
+container's namespace and programs its addresses and routes there. So the entrypoint
+watches that namespace and follows. A new interface is handed over like the boot-time
+ones and hot-plugged into the VM as a virtio NIC over QMP; a vanished one is unplugged;
+route changes (Docker moves the default gateway between networks) are repeated in
+the guest, and so are rewrites of the files Docker keeps for the container's networks
+(/etc/hosts gains and loses the container's addresses). The guest learns all of it
+from one NET frame per change.
+"""
+import os
+import select
+import socket
+import sys
+import threading
+
+from dkvm import wire
+from dkvm.net_container import (create_tap, describe, docker_routes, guest_links, hand_over,
+                                ipv6_sysctls, netdev_id, nic_id, open_iproute, tap_name)
+
+SETTLE = 0.3            # libnetwork configures an interface in one burst of netlink messages
+UNPLUG_WAIT = 15        # the guest acknowledging a NIC's removal (ACPI eject)
+RECHECK = 1.0           # Docker may rewrite its files just after the netlink burst
+NETWORK_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")
+# rtnetlink multicast groups: links, IPv4 and IPv6 addresses and routes
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
+RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
+
+
+def file_stamps(paths=NETWORK_FILES):
+    stamps = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamps.append(None)
+    return stamps
+
+
+def route_changes(before, after):
+    """What the guest must delete and add to go from one route list to the other."""
+    return [r for r in before if r not in after], [r for r in after if r not in before]
+
+
+class NetworkFollower:
+    """Watches the container's namespace from a thread; frames for the guest come out
+    of `inbox`, one per datagram, for the entrypoint's loop to pass on in order."""
+
+    def __init__(self):
+        self.monitor = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+        self.monitor.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
+                           | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE))
+        self.inbox, self.outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.nics = {}                  # container-side ifindex -> tap number
+        self.routes = []
+        self.files = file_stamps()
+        self.sysctl = ipv6_sysctls()
+        self.next_number = 0
+        self.qmp_path, self.qmp = None, None
+
+    def start(self, interfaces, qmp_path):
+        """Follow from the boot-time interfaces (tapped in this order) on."""
+        self.nics = {iface["index"]: number for number, iface in enumerate(interfaces)}
+        self.next_number = len(interfaces)
+        self.qmp_path = qmp_path
+        with open_iproute() as ip:
+            self.routes = self.current_routes(ip)
+        threading.Thread(target=self.run, name="network-follower", daemon=True).start()
+
+    def run(self):
+        dirty, recheck = False, False
+        while True:
+            timeout = SETTLE if dirty else RECHECK if recheck else None
+            ready, _, _ = select.select([self.monitor], [], [], timeout)
+            if ready:
+                self.monitor.recv(1 << 16)
+                dirty = True
+                continue
+            recheck, dirty = dirty, False       # one more look, a while after a burst
+            try:
+                with open_iproute() as ip:
+                    self.follow(ip)
+            except Exception as err:        # keep the container running; say why
+                print(f"dkvm: cannot follow a network change into the VM: {err}",
+                      file=sys.stderr, flush=True)
+            finally:
+                if self.qmp is not None:
+                    self.qmp.close()
+                    self.qmp = None
+
+    def follow(self, ip):
+        links = {link["index"]: link for link in guest_links(ip)}
+        for index in [index for index in self.nics if index not in links]:
+            self.unplug(ip, self.nics.pop(index))
+        added = []
+        for index, link in links.items():
+            if index not in self.nics and link["flags"] & 1:      # IFF_UP: libnetwork is done
+                added.append(self.plug(ip, link))
+        routes = self.current_routes(ip)
+        removed_routes, added_routes = route_changes(self.routes, routes)
+        self.routes = routes
+        files = file_stamps()
+        files_changed, self.files = files != self.files, files
+        sysctl = ipv6_sysctls()         # Docker turns IPv6 on for lo with an IPv6 network
+        sysctl_changes = {name: value for name, value in sysctl.items()
+                          if self.sysctl.get(name) != value}
+        self.sysctl = sysctl
+        if added or removed_routes or added_routes or files_changed or sysctl_changes:
+            self.outbox.send(wire.encode(wire.NET, {
+                "sysctl": sysctl_changes, "add": added, "routes_del": removed_routes,
+                "routes_add": added_routes, "files_changed": files_changed}))
+
+    def plug(self, ip, link):
+        """Hand one new interface to the VM; its description for the guest."""
+        number = self.next_number       # never reused: an unplug may still be pending
+        iface = describe(ip, link)
+        iface["routes"] = []            # they come with the route changes
+        tap_index = create_tap(ip, tap_name(number), iface["mtu"])
+        try:
+            from dkvm.qemu import nic_options
+            netdev, device = nic_options(number, iface["mac"])
+            self.monitor_qmp().execute("netdev_add", **netdev)
+            try:
+                self.qmp.execute("device_add", **device)
+            except Exception:
+                self.qmp.execute("netdev_del", id=netdev["id"])
+                raise
+        except Exception:
+            ip.link("del", index=tap_index)
+            raise
+        hand_over(ip, link["index"], tap_index)
+        self.nics[link["index"]] = number
+        self.next_number += 1
+        return iface
+
+    def unplug(self, ip, number):
+        qmp = self.monitor_qmp()
+        qmp.execute("device_del", id=nic_id(number))
+        if not qmp.wait_event("DEVICE_DELETED", lambda data: data.get("device") == nic_id(number),
+                              UNPLUG_WAIT):
+            print(f"dkvm: the guest did not release {nic_id(number)} within {UNPLUG_WAIT}s",
+                  file=sys.stderr, flush=True)
+        qmp.execute("netdev_del", id=netdev_id(number))
+        for index in ip.link_lookup(ifname=tap_name(number)):
+            ip.link("del", index=index)
+
+    def current_routes(self, ip):
+        """Docker's routes through the guest's interfaces (not those the guest's kernel
+        makes for its addresses), each naming its interface."""
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in guest_links(ip)}
+        return [{**route, "index": index, "dev": names[index]}
+                for index in self.nics if index in names for route in docker_routes(ip, index)]
+
+    def monitor_qmp(self):
+        """Connected for one change at a time: QEMU serves one QMP client, and a person
+        debugging the VM may want it between changes."""
+        if self.qmp is None:
+            from dkvm.qmp import Qmp
+            self.qmp = Qmp(self.qmp_path)
+        return self.qmp

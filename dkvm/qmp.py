@@ -1,0 +1,70 @@
+"""A QMP client for the entrypoint's own QEMU: enough to hot-plug NICs.
+
+QMP is line-delimited JSON on the socket QEMU serves at /.dkvm/run/qmp.sock. Events
+may arrive between a command and its answer; they are kept for `wait_event`.
+"""
+import json
+import socket
+import time
+
+from dkvm.errors import DkvmError
+
+TIMEOUT = 10
+
+
+class Qmp:
+    def __init__(self, path, timeout=TIMEOUT):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as err:
+            self.sock.close()
+            raise DkvmError(f"cannot reach QEMU's monitor at {path}: {err}") from None
+        self.buffer = b""
+        self.events = []
+        self.read_message()                 # the greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, command, **arguments):
+        """Run one command; its result, or a DkvmError with QEMU's own description."""
+        request = {"execute": command, **({"arguments": arguments} if arguments else {})}
+        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            message = self.read_message()
+            if "return" in message:
+                return message["return"]
+            if "error" in message:
+                raise DkvmError(f"QEMU refused {command}: {message['error'].get('desc')}")
+            self.events.append(message)
+
+    def wait_event(self, name, matches, timeout):
+        """The first event called `name` whose data `matches`, or None after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events:
+                if event.get("event") == name and matches(event.get("data", {})):
+                    self.events.remove(event)
+                    return event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.sock.settimeout(remaining)
+            try:
+                self.events.append(self.read_message())
+            except (socket.timeout, TimeoutError):
+                return None
+            finally:
+                self.sock.settimeout(TIMEOUT)
+
+    def read_message(self):
+        while b"\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise DkvmError("QEMU's monitor closed the connection")
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self):
+        self.sock.close()
