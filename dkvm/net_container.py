@@ -7,13 +7,14 @@ Docker's bridge, DNS names and published ports see the VM where they saw the
 container. The container side keeps no address, so it never answers for the guest.
 """
 import errno
-from socket import AF_INET, AF_INET6
+from socket import AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP
 
 ETH_P_ALL = 0x0003
 RT_SCOPE_UNIVERSE = 0
 RTPROT_KERNEL = 2
 RTN_UNICAST = 1
 MAIN_TABLE = 254
+OWN_DNS_RULE_PRIORITY = 10
 
 
 def tap_name(number):
@@ -62,11 +63,24 @@ def take_over_interfaces():
     to rebuild them, in the order their taps are numbered."""
     interfaces = []
     with open_iproute() as ip:
+        refuse_own_dns_traffic(ip)
         for number, link in enumerate(guest_links(ip)):
             interfaces.append(describe(ip, link))
             tap_index = create_tap(ip, tap_name(number), link.get_attr("IFLA_MTU"))
             hand_over(ip, link["index"], tap_index)
     return interfaces
+
+
+def refuse_own_dns_traffic(ip):
+    """Docker's embedded DNS server forwards external names from this namespace, which
+    keeps routes but no address, and whose replies would go to the guest anyway: make
+    it fail at once (the guest asks the host's servers itself) instead of waiting.
+    Port 53 only: a route lookup without ports, as Docker makes to program a gateway,
+    must still work."""
+    for family in (AF_INET, AF_INET6):
+        for protocol in (IPPROTO_TCP, IPPROTO_UDP):
+            ip.rule("add", family=family, priority=OWN_DNS_RULE_PRIORITY,
+                    action="FR_ACT_UNREACHABLE", ip_proto=protocol, dport_range="53:53")
 
 
 def describe(ip, link):

@@ -142,3 +142,14 @@ def test_qemu_env_and_virtiofsd():
     assert argv[3] == "/.dkvm/qemu/virtiofsd"
     assert f"--socket-path={paths.VIRTIOFS_SOCKET}" in argv
     assert values(argv, "-o")[:2] == ["source=/", "sandbox=chroot"]
+
+
+def test_each_interface_gets_a_tap_and_a_nic_with_ids_for_unplugging():
+    plan = make_plan(interfaces=[{"mac": "02:42:ac:11:00:02"}, {"mac": "02:42:0a:7b:2d:0a"}])
+    argv = qemu_argv(plan, 1, 10, 11)
+    assert values(argv, "-netdev") == [
+        "tap,id=net0,ifname=dkvm-tap0,script=no,downscript=no",
+        "tap,id=net1,ifname=dkvm-tap1,script=no,downscript=no"]
+    nics = [d for d in devices(argv) if d.startswith("virtio-net-pci")]
+    assert nics == ["virtio-net-pci,netdev=net0,id=nic0,mac=02:42:ac:11:00:02,romfile=",
+                    "virtio-net-pci,netdev=net1,id=nic1,mac=02:42:0a:7b:2d:0a,romfile="]
