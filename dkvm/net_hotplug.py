@@ -18,6 +18,7 @@ import threading
 from dkvm import wire
 from dkvm.net_container import (create_tap, describe, docker_routes, guest_links, hand_over,
                                 ipv6_sysctls, netdev_id, nic_id, open_iproute, tap_name)
+from dkvm.qemu import nic_options
 
 SETTLE = 0.3            # libnetwork configures an interface in one burst of netlink messages
 UNPLUG_WAIT = 15        # the guest acknowledging a NIC's removal (ACPI eject)
@@ -26,6 +27,12 @@ NETWORK_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")
 # rtnetlink multicast groups: links, IPv4 and IPv6 addresses and routes
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
+IFF_UP = 0x1
+
+
+def warn(message):
+    """To the container's log (`docker logs`): Docker itself reported success."""
+    print(f"dkvm: {message}", file=sys.stderr, flush=True)
 
 
 def file_stamps(paths=NETWORK_FILES):
@@ -54,6 +61,8 @@ class NetworkFollower:
                            | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE))
         self.inbox, self.outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.nics = {}                  # container-side ifindex -> tap number
+        self.refused = set()            # ifindexes that could not be plugged: not retried,
+                                        # or each failure's clean-up would trigger the next
         self.routes = []
         self.files = file_stamps()
         self.sysctl = ipv6_sysctls()
@@ -75,7 +84,10 @@ class NetworkFollower:
             timeout = SETTLE if dirty else RECHECK if recheck else None
             ready, _, _ = select.select([self.monitor], [], [], timeout)
             if ready:
-                self.monitor.recv(1 << 16)
+                try:
+                    self.monitor.recv(1 << 16)
+                except OSError:         # ENOBUFS: events were lost; a full look follows
+                    pass
                 dirty = True
                 continue
             recheck, dirty = dirty, False       # one more look, a while after a burst
@@ -83,8 +95,7 @@ class NetworkFollower:
                 with open_iproute() as ip:
                     self.follow(ip)
             except Exception as err:        # keep the container running; say why
-                print(f"dkvm: cannot follow a network change into the VM: {err}",
-                      file=sys.stderr, flush=True)
+                warn(f"cannot follow a network change into the VM: {err}")
             finally:
                 if self.qmp is not None:
                     self.qmp.close()
@@ -93,11 +104,21 @@ class NetworkFollower:
     def follow(self, ip):
         links = {link["index"]: link for link in guest_links(ip)}
         for index in [index for index in self.nics if index not in links]:
-            self.unplug(ip, self.nics.pop(index))
+            number = self.nics.pop(index)
+            try:
+                self.unplug(ip, number)
+            except Exception as err:
+                warn(f"cannot unplug {nic_id(number)} from the VM: {err}")
         added = []
         for index, link in links.items():
-            if index not in self.nics and link["flags"] & 1:      # IFF_UP: libnetwork is done
+            if index in self.nics or index in self.refused or not link["flags"] & IFF_UP:
+                continue                # (down: libnetwork has not finished with it)
+            try:
                 added.append(self.plug(ip, link))
+            except Exception as err:
+                self.refused.add(index)
+                warn(f"cannot hot-plug {link.get_attr('IFLA_IFNAME')} into the VM, it stays "
+                     f"in the container: {err}")
         routes = self.current_routes(ip)
         removed_routes, added_routes = route_changes(self.routes, routes)
         self.routes = routes
@@ -119,7 +140,6 @@ class NetworkFollower:
         iface["routes"] = []            # they come with the route changes
         tap_index = create_tap(ip, tap_name(number), iface["mtu"])
         try:
-            from dkvm.qemu import nic_options
             netdev, device = nic_options(number, iface["mac"])
             self.monitor_qmp().execute("netdev_add", **netdev)
             try:
@@ -140,8 +160,7 @@ class NetworkFollower:
         qmp.execute("device_del", id=nic_id(number))
         if not qmp.wait_event("DEVICE_DELETED", lambda data: data.get("device") == nic_id(number),
                               UNPLUG_WAIT):
-            print(f"dkvm: the guest did not release {nic_id(number)} within {UNPLUG_WAIT}s",
-                  file=sys.stderr, flush=True)
+            warn(f"the guest did not release {nic_id(number)} within {UNPLUG_WAIT}s")
         qmp.execute("netdev_del", id=netdev_id(number))
         for index in ip.link_lookup(ifname=tap_name(number)):
             ip.link("del", index=index)

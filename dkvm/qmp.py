@@ -14,13 +14,7 @@ TIMEOUT = 10
 
 class Qmp:
     def __init__(self, path, timeout=TIMEOUT):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError as err:
-            self.sock.close()
-            raise DkvmError(f"cannot reach QEMU's monitor at {path}: {err}") from None
+        self.sock = connect(path, timeout)
         self.buffer = b""
         self.events = []
         self.read_message()                 # the greeting
@@ -68,3 +62,19 @@ class Qmp:
 
     def close(self):
         self.sock.close()
+
+
+def connect(path, timeout):
+    """QEMU creates its monitor's socket as it starts: a moment's wait is normal."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError as err:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise DkvmError(f"cannot reach QEMU's monitor at {path}: {err}") from None
+        time.sleep(0.05)

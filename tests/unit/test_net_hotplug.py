@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from dkvm import net_guest, net_hotplug
+from dkvm import net_guest, net_hotplug, wire
 from dkvm.errors import DkvmError
 from dkvm.qemu import command_line_options, nic_options
 from dkvm.qmp import Qmp
@@ -75,7 +75,7 @@ def test_qmp_keeps_events_that_come_before_an_answer(tmp_path):
 
 def test_qmp_socket_missing_is_a_clear_error(tmp_path):
     with pytest.raises(DkvmError, match="cannot reach QEMU's monitor"):
-        Qmp(str(tmp_path / "absent.sock"))
+        Qmp(str(tmp_path / "absent.sock"), timeout=0.3)
 
 
 def test_hot_plugged_nic_options_match_the_boot_command_line():
@@ -139,3 +139,119 @@ def test_a_nic_that_never_shows_up_is_reported_and_skipped(monkeypatch):
     errors = pending.apply_ready()
     assert len(errors) == 1 and "02:00:00:00:00:07" in errors[0] and "within 0s" in errors[0]
     assert applied == [change()]
+
+
+class FakeLink(dict):
+    def __init__(self, index, name, up=True):
+        super().__init__(index=index, flags=1 if up else 0)
+        self.name = name
+
+    def get_attr(self, attr):
+        return {"IFLA_IFNAME": self.name, "IFLA_ADDRESS": f"02:00:00:00:00:{self['index']:02x}",
+                "IFLA_MTU": 1500}[attr]
+
+
+class FakeIp:
+    """The container namespace as follow() sees it: links and Docker's routes."""
+
+    def __init__(self, links, routes):
+        self.links, self.routes, self.deleted = links, routes, []
+
+    def link(self, command, index):
+        assert command == "del"
+        self.deleted.append(index)
+
+
+class FakeQmp:
+    def __init__(self, refuse=()):
+        self.refuse, self.commands = refuse, []
+
+    def execute(self, command, **arguments):
+        self.commands.append((command, arguments.get("id")))
+        if command in self.refuse:
+            raise DkvmError(f"QEMU refused {command}: no free PCI slot")
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def follower(monkeypatch):
+    """A NetworkFollower over a FakeIp: eth0 was there at boot (tap 0)."""
+    ip = FakeIp([FakeLink(5, "eth0")], {5: [{"dst_len": 0, "gateway": "172.17.0.1"}]})
+    monkeypatch.setattr(net_hotplug, "guest_links", lambda ip: list(ip.links))
+    monkeypatch.setattr(net_hotplug, "docker_routes", lambda ip, index: [
+        dict(route) for route in ip.routes.get(index, [])])
+    monkeypatch.setattr(net_hotplug, "describe", lambda ip, link: {
+        "name": link.name, "index": link["index"], "mac": link.get_attr("IFLA_ADDRESS"),
+        "mtu": 1500, "routes": ip.routes.get(link["index"], [])})
+    monkeypatch.setattr(net_hotplug, "create_tap", lambda ip, tap, mtu: 100 + int(tap[8:]))
+    monkeypatch.setattr(net_hotplug, "hand_over", lambda ip, index, tap_index: None)
+    monkeypatch.setattr(net_hotplug, "ipv6_sysctls", lambda: {})
+    monkeypatch.setattr(net_hotplug, "file_stamps", lambda: [])
+    follower = net_hotplug.NetworkFollower()
+    follower.nics, follower.next_number = {5: 0}, 1
+    follower.routes = follower.current_routes(ip)
+    follower.ip = ip
+    yield follower
+    follower.monitor.close()
+
+
+def sent(follower):
+    follower.inbox.setblocking(False)
+    try:
+        return wire.Decoder().feed(follower.inbox.recv(1 << 20))[0].json()
+    except BlockingIOError:
+        return None
+
+
+def test_follow_plugs_a_new_interface_and_moves_the_default_gateway(follower):
+    ip = follower.ip
+    ip.links.append(FakeLink(9, "eth1"))
+    ip.routes = {9: [{"dst_len": 0, "gateway": "172.18.0.1"}]}     # Docker moved it
+    follower.qmp = FakeQmp()
+    follower.follow(ip)
+    assert follower.qmp.commands == [("netdev_add", "net1"), ("device_add", "nic1")]
+    change = sent(follower)
+    assert [iface["name"] for iface in change["add"]] == ["eth1"]
+    assert change["add"][0]["routes"] == []                         # they come as changes
+    assert change["routes_del"] == [{"dst_len": 0, "gateway": "172.17.0.1", "index": 5,
+                                     "dev": "eth0"}]
+    assert change["routes_add"] == [{"dst_len": 0, "gateway": "172.18.0.1", "index": 9,
+                                     "dev": "eth1"}]
+    follower.follow(ip)
+    assert sent(follower) is None                                   # nothing new: silence
+
+
+def test_follow_waits_for_libnetwork_to_bring_the_interface_up(follower):
+    follower.ip.links.append(FakeLink(9, "eth1", up=False))
+    follower.qmp = FakeQmp()
+    follower.follow(follower.ip)
+    assert follower.qmp.commands == [] and sent(follower) is None
+
+
+def test_a_refused_hot_plug_is_reported_once_and_the_rest_still_follows(follower, capsys):
+    ip = follower.ip
+    ip.links.append(FakeLink(9, "eth1"))
+    ip.routes[5] = [{"dst_len": 0, "gateway": "172.17.0.254"}]
+    follower.qmp = FakeQmp(refuse={"device_add"})
+    follower.follow(ip)
+    assert follower.qmp.commands == [("netdev_add", "net1"), ("device_add", "nic1"),
+                                     ("netdev_del", "net1")]
+    assert ip.deleted == [101]                                      # its tap is gone
+    err = capsys.readouterr().err
+    assert err.count("dkvm: cannot hot-plug eth1 into the VM, it stays in the container: "
+                     "QEMU refused device_add: no free PCI slot") == 1
+    assert sent(follower)["routes_add"][0]["gateway"] == "172.17.0.254"
+    follower.follow(ip)                                             # the clean-up's events
+    assert follower.qmp.commands[3:] == [] and capsys.readouterr().err == ""
+
+
+def test_follow_unplugs_a_vanished_interface(follower, monkeypatch):
+    unplugged = []
+    monkeypatch.setattr(follower, "unplug", lambda ip, number: unplugged.append(number))
+    follower.ip.links.clear()
+    follower.ip.routes.clear()
+    follower.follow(follower.ip)
+    assert unplugged == [0] and follower.nics == {}
+    assert sent(follower)["routes_del"][0]["dev"] == "eth0"
