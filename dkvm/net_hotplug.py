@@ -18,6 +18,7 @@ import threading
 from dkvm import wire
 from dkvm.net_container import (create_tap, describe, docker_routes, guest_links, hand_over,
                                 ipv6_sysctls, netdev_id, nic_id, open_iproute, tap_name)
+from dkvm.net_steps import interface_steps, route_step
 from dkvm.qemu import nic_options
 
 SETTLE = 0.3            # libnetwork configures an interface in one burst of netlink messages
@@ -129,9 +130,13 @@ class NetworkFollower:
                           if self.sysctl.get(name) != value}
         self.sysctl = sysctl
         if added or removed_routes or added_routes or files_changed or sysctl_changes:
+            steps = [{"sysctl": sysctl_changes}] if sysctl_changes else []
+            steps += interface_steps(added)
+            steps += [route_step(r["mac"], r, add=False, optional=True) for r in removed_routes]
+            steps += [route_step(r["mac"], r, add=True, optional=True) for r in added_routes]
             self.outbox.send(wire.encode(wire.NET, {
-                "sysctl": sysctl_changes, "add": added, "routes_del": removed_routes,
-                "routes_add": added_routes, "files_changed": files_changed}))
+                "wait_for": [iface["mac"].lower() for iface in added], "steps": steps,
+                "files_changed": files_changed}))
 
     def plug(self, ip, link):
         """Hand one new interface to the VM; its description for the guest."""
@@ -167,10 +172,10 @@ class NetworkFollower:
 
     def current_routes(self, ip):
         """Docker's routes through the guest's interfaces (not those the guest's kernel
-        makes for its addresses), each naming its interface."""
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in guest_links(ip)}
-        return [{**route, "index": index, "dev": names[index]}
-                for index in self.nics if index in names for route in docker_routes(ip, index)]
+        makes for its addresses), each with its interface's index and MAC."""
+        macs = {link["index"]: link.get_attr("IFLA_ADDRESS") for link in guest_links(ip)}
+        return [{**route, "index": index, "mac": macs[index]}
+                for index in self.nics if index in macs for route in docker_routes(ip, index)]
 
     def monitor_qmp(self):
         """Connected for one change at a time: QEMU serves one QMP client, and a person

@@ -21,6 +21,7 @@ FIELDS = {
     "sysctl": {},           # name -> value, as `--sysctl` and `--domainname` set them
     "winsize": [],          # [rows, cols] of the terminal at start, with -t
     "interfaces": [],       # the container's NICs, handed to the guest (net_container)
+    "network_setup": [],    # the guest's steps to rebuild them (net_steps)
     "dns_upstream": [],     # the host's name servers, which Docker's embedded DNS uses
 }
 

@@ -23,6 +23,7 @@ from dkvm.errors import DkvmError
 from dkvm.framed import FramedSocket
 from dkvm.net_container import ipv6_sysctls, take_over_interfaces
 from dkvm.net_hotplug import NetworkFollower
+from dkvm.net_steps import interface_steps
 from dkvm.plan import PLAN_ENV, Plan
 from dkvm.qemu import qemu_argv, qemu_env, virtiofsd_argv
 from dkvm.terminal import get_size
@@ -40,6 +41,7 @@ def main(argv):
         plan.winsize = get_size(0)
     follower = NetworkFollower()        # listening first: nothing Docker does is missed
     plan.interfaces = take_over_interfaces()
+    plan.network_setup = interface_steps(plan.interfaces)
     plan.sysctl = {**ipv6_sysctls(), **plan.sysctl}
     with open(paths.PLAN_FILE, "w") as f:
         f.write(plan.to_json())

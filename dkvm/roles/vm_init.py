@@ -72,7 +72,7 @@ def apply_identity(plan):
     guestos.set_uts_names(plan.hostname, plan.domainname)
     guestos.write_sysctls(plan.sysctl)
     guestos.interface_up("lo")
-    net_guest.configure(plan.interfaces)
+    net_guest.run_steps(plan.network_setup)
     for mount in plan.tmpfs:
         flags, data = guestos.mount_options(mount["options"])
         os.makedirs(mount["destination"], exist_ok=True)

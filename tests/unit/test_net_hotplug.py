@@ -108,8 +108,7 @@ def test_file_stamps_see_a_rewrite_in_place(tmp_path):
 
 
 def change(*macs):
-    return {"sysctl": {}, "add": [{"mac": mac, "name": "eth9"} for mac in macs],
-            "routes_del": [], "routes_add": [], "files_changed": False}
+    return {"wait_for": list(macs), "steps": [], "files_changed": False}
 
 
 def test_pending_changes_wait_in_order_for_their_nics(monkeypatch):
@@ -139,6 +138,10 @@ def test_a_nic_that_never_shows_up_is_reported_and_skipped(monkeypatch):
     errors = pending.apply_ready()
     assert len(errors) == 1 and "02:00:00:00:00:07" in errors[0] and "within 0s" in errors[0]
     assert applied == [change()]
+
+
+def route(gateway):
+    return {"family": 2, "dst": "", "dst_len": 0, "gateway": gateway, "metric": 0}
 
 
 class FakeLink(dict):
@@ -178,13 +181,13 @@ class FakeQmp:
 @pytest.fixture
 def follower(monkeypatch):
     """A NetworkFollower over a FakeIp: eth0 was there at boot (tap 0)."""
-    ip = FakeIp([FakeLink(5, "eth0")], {5: [{"dst_len": 0, "gateway": "172.17.0.1"}]})
+    ip = FakeIp([FakeLink(5, "eth0")], {5: [route("172.17.0.1")]})
     monkeypatch.setattr(net_hotplug, "guest_links", lambda ip: list(ip.links))
     monkeypatch.setattr(net_hotplug, "docker_routes", lambda ip, index: [
         dict(route) for route in ip.routes.get(index, [])])
     monkeypatch.setattr(net_hotplug, "describe", lambda ip, link: {
         "name": link.name, "index": link["index"], "mac": link.get_attr("IFLA_ADDRESS"),
-        "mtu": 1500, "routes": ip.routes.get(link["index"], [])})
+        "mtu": 1500, "ipv6": False, "addresses": [], "routes": ip.routes.get(link["index"], [])})
     monkeypatch.setattr(net_hotplug, "create_tap", lambda ip, tap, mtu: 100 + int(tap[8:]))
     monkeypatch.setattr(net_hotplug, "hand_over", lambda ip, index, tap_index: None)
     monkeypatch.setattr(net_hotplug, "ipv6_sysctls", lambda: {})
@@ -208,17 +211,17 @@ def sent(follower):
 def test_follow_plugs_a_new_interface_and_moves_the_default_gateway(follower):
     ip = follower.ip
     ip.links.append(FakeLink(9, "eth1"))
-    ip.routes = {9: [{"dst_len": 0, "gateway": "172.18.0.1"}]}     # Docker moved it
+    ip.routes = {9: [route("172.18.0.1")]}                          # Docker moved it
     follower.qmp = FakeQmp()
     follower.follow(ip)
     assert follower.qmp.commands == [("netdev_add", "net1"), ("device_add", "nic1")]
     change = sent(follower)
-    assert [iface["name"] for iface in change["add"]] == ["eth1"]
-    assert change["add"][0]["routes"] == []                         # they come as changes
-    assert change["routes_del"] == [{"dst_len": 0, "gateway": "172.17.0.1", "index": 5,
-                                     "dev": "eth0"}]
-    assert change["routes_add"] == [{"dst_len": 0, "gateway": "172.18.0.1", "index": 9,
-                                     "dev": "eth1"}]
+    assert change["wait_for"] == ["02:00:00:00:00:09"]
+    assert [step["what"] for step in change["steps"] if "what" in step] == [
+        "rename (eth1)", "rename to eth1 (eth1)", "set eth1 up (eth1)",
+        "removing route default via 172.17.0.1", "route default via 172.18.0.1"]
+    assert [(step["mac"], step["optional"]) for step in change["steps"][-2:]] == [
+        ("02:00:00:00:00:05", True), ("02:00:00:00:00:09", True)]
     follower.follow(ip)
     assert sent(follower) is None                                   # nothing new: silence
 
@@ -233,7 +236,7 @@ def test_follow_waits_for_libnetwork_to_bring_the_interface_up(follower):
 def test_a_refused_hot_plug_is_reported_once_and_the_rest_still_follows(follower, capsys):
     ip = follower.ip
     ip.links.append(FakeLink(9, "eth1"))
-    ip.routes[5] = [{"dst_len": 0, "gateway": "172.17.0.254"}]
+    ip.routes[5] = [route("172.17.0.254")]
     follower.qmp = FakeQmp(refuse={"device_add"})
     follower.follow(ip)
     assert follower.qmp.commands == [("netdev_add", "net1"), ("device_add", "nic1"),
@@ -242,7 +245,7 @@ def test_a_refused_hot_plug_is_reported_once_and_the_rest_still_follows(follower
     err = capsys.readouterr().err
     assert err.count("dkvm: cannot hot-plug eth1 into the VM, it stays in the container: "
                      "QEMU refused device_add: no free PCI slot") == 1
-    assert sent(follower)["routes_add"][0]["gateway"] == "172.17.0.254"
+    assert sent(follower)["steps"][-1]["what"] == "route default via 172.17.0.254"
     follower.follow(ip)                                             # the clean-up's events
     assert follower.qmp.commands[3:] == [] and capsys.readouterr().err == ""
 
@@ -254,4 +257,4 @@ def test_follow_unplugs_a_vanished_interface(follower, monkeypatch):
     follower.ip.routes.clear()
     follower.follow(follower.ip)
     assert unplugged == [0] and follower.nics == {}
-    assert sent(follower)["routes_del"][0]["dev"] == "eth0"
+    assert sent(follower)["steps"][0]["what"] == "removing route default via 172.17.0.1"
