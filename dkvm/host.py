@@ -65,6 +65,51 @@ def ensure_payload(archive=None):
     return target
 
 
+def prune_payloads(keep):
+    """Remove the payloads of other builds that no container uses: each upgrade would
+    otherwise leave one behind (about 140 MB). A running container has its payload
+    bind-mounted; a stopped one gets the current payload when it starts again."""
+    if not os.path.isdir(paths.HOST_STATE_DIR):
+        return []
+    used = payloads_in_use()
+    removed = []
+    for name in sorted(os.listdir(paths.HOST_STATE_DIR)):
+        path = os.path.join(paths.HOST_STATE_DIR, name)
+        if name == keep or name.startswith(".") or name in used or not os.path.isdir(path):
+            continue
+        remove_tree(path)
+        removed.append(name)
+    return removed
+
+
+def payloads_in_use():
+    """Build ids mounted in any mount namespace (a mount's root names its source)."""
+    used, seen = set(), set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+            if namespace in seen:
+                continue
+            seen.add(namespace)
+            with open(f"/proc/{pid}/mountinfo") as f:
+                for line in f:
+                    root = line.split()[3]
+                    parent, name = os.path.split(root.rstrip("/"))
+                    if os.path.basename(parent) == os.path.basename(paths.HOST_STATE_DIR):
+                        used.add(name)
+        except OSError:                 # the process is gone, or not ours to read
+            continue
+    return used
+
+
+def remove_tree(path):
+    """Payload trees are read-only: make each directory writable on the way down."""
+    def retry_writable(function, failed, _):
+        os.chmod(os.path.dirname(failed), 0o755)
+        function(failed)
+    shutil.rmtree(path, onerror=retry_writable)
+
+
 def extract_payload(zf, dest):
     """`payload/*` becomes the directory itself, shiv's `site-packages/*` joins it, so
     the container and the guest run the same dkvm code as the host."""

@@ -57,7 +57,7 @@ def build_id():
 
 
 def install(bin_dir, runc):
-    from dkvm.host import archive_path, ensure_payload, find_runc
+    from dkvm.host import archive_path, ensure_payload, find_runc, prune_payloads
     runc = find_runc(runc)
     source = archive_path()
     target = os.path.join(bin_dir, "dkvm.pyz")
@@ -74,6 +74,9 @@ def install(bin_dir, runc):
         os.symlink("dkvm.pyz", link)
     payload = ensure_payload(target)
     print(f"dkvm: payload at {payload}")
+    removed = prune_payloads(keep=os.path.basename(payload))
+    if removed:
+        print(f"dkvm: removed {len(removed)} unused payload(s) of other builds")
     entry = {"path": os.path.join(bin_dir, "dkvm-runtime"), "runtimeArgs": [f"--dkvm-runc={runc}"]}
     update_daemon_json(lambda cfg: cfg.setdefault("runtimes", {}).__setitem__(RUNTIME_NAME, entry))
     if reload_dockerd():
@@ -99,8 +102,8 @@ def uninstall(bin_dir):
         if os.path.lexists(path):
             os.remove(path)
     if os.path.isdir(paths.HOST_STATE_DIR):
-        subprocess.run(["chmod", "-R", "u+w", paths.HOST_STATE_DIR], check=False)
-        shutil.rmtree(paths.HOST_STATE_DIR, ignore_errors=True)
+        from dkvm.host import remove_tree
+        remove_tree(paths.HOST_STATE_DIR)
     print("dkvm: uninstalled")
     return 0
 

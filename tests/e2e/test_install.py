@@ -1,6 +1,7 @@
 """`dkvm install` keeps the rest of daemon.json, backs it up, and is idempotent."""
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -55,3 +56,30 @@ def test_doctor_reports_this_host(docker):
     assert "net.ipv4.ip_forward" in out.stdout and "rp_filter" in out.stdout
     if os.path.isdir("/sys/module/kvm_pvm"):
         assert "nested PVM" in out.stdout and "TCG" in out.stdout
+
+
+def test_install_removes_unused_payloads_of_other_builds_only(busybox_image):
+    """An upgrade leaves the old build's payload behind: `install` removes it, unless a
+    running container still has it mounted (here: a mount namespace holding it)."""
+    old, used = Path("/var/lib/dkvm/00000000000000aa"), Path("/var/lib/dkvm/00000000000000bb")
+    for payload in (old, used):
+        (payload / "python").mkdir(parents=True, exist_ok=True)
+        (payload / "python" / "lib.so").write_text("x")
+        os.chmod(payload / "python", 0o555)
+    holder = subprocess.Popen(["unshare", "-m", "sh", "-c",
+                               f"mount --bind {used} /mnt && echo held && exec sleep 120"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = sh("dkvm", "install")
+        assert "removed 1 unused payload(s)" in out.stdout, out.stdout
+        assert not old.exists() and (used / "python" / "lib.so").exists()
+        current = out.stdout.split("payload at ")[1].split()[0]
+        assert os.path.isfile(os.path.join(current, "BUILD_ID"))
+        assert sh("docker", "run", "--rm", "--runtime=dkvm", busybox_image, "true",
+                  check=False).returncode == 0
+    finally:
+        holder.kill()
+        holder.wait()
+        for payload in (old, used):
+            subprocess.run(["rm", "-rf", str(payload)], check=False)
