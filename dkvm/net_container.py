@@ -4,7 +4,9 @@ identity (MAC, addresses, MTU, routes) to the VM and becomes plumbing.
 A tap per interface, joined to it by tc mirred redirects on both ingresses (as Kata
 does): frames pass untouched, so the guest keeps the container's MAC and IP, and
 Docker's bridge, DNS names and published ports see the VM where they saw the
-container. The container side keeps no address, so it never answers for the guest.
+container. The container side keeps no address, so it never answers for the guest;
+it keeps the routes, which Docker goes on programming as networks come and go
+(net_hotplug follows them into the guest).
 """
 import errno
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP

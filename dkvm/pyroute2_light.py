@@ -1,6 +1,6 @@
 """Importing `pyroute2` runs its package __init__, which imports the whole library
-(asyncio, NDB, IPDB, conntrack, ...): 0.3 s natively, 3-5 s under TCG. DKVM needs a
-few of its modules; this lets them import without that __init__."""
+(asyncio, NDB, IPDB, conntrack, ...): 0.3 s natively, on every container start. DKVM
+needs a few of its modules; this lets them import without that __init__."""
 import os
 import sys
 import types
