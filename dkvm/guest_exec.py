@@ -8,7 +8,7 @@ sent only after every byte of output the process wrote.
 import errno
 import fcntl
 import os
-import signal
+import _signal
 
 from dkvm import guestos, terminal, wire
 from dkvm.guest_process import become_and_exec, report_exec_failure, workload_env
@@ -156,7 +156,7 @@ class ExecSession:
     def kill(self):
         if self.status is None:
             try:
-                os.killpg(self.pid, signal.SIGKILL)
+                os.killpg(self.pid, _signal.SIGKILL)
             except OSError:
                 pass
 

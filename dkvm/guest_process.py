@@ -2,7 +2,7 @@
 directory and environment runc would give, and runc's answers when exec fails.
 Shared by the workload and by `docker exec`; runs in a freshly forked child."""
 import os
-import signal
+import _signal
 
 
 class ExecError(Exception):
@@ -65,9 +65,9 @@ def become_and_exec(stdio, args, env, cwd, uid, gid, additional_gids,
     gives (127 not found, 126 not executable; `failure_status` for every failure
     where Docker has one code, as for exec)."""
     try:
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
+        for sig in (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGCHLD):
+            _signal.signal(sig, _signal.SIG_DFL)
+        _signal.set_wakeup_fd(-1)
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
         os.setgroups(list(dict.fromkeys(additional_gids)))

@@ -5,8 +5,8 @@ Docker connects, disconnects or re-routes networks of the running container
 
 Only struct and a netlink socket here: the requests come encoded, this fills in the
 NIC's index and the sequence number and checks each acknowledgement."""
+import _socket as socket   # not `socket`: it imports enum, a cost in the guest
 import os
-import socket
 import struct
 import time
 

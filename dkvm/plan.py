@@ -4,7 +4,7 @@ Written by the runtime at `create` (from config.json), carried into the containe
 one environment variable, and from there into the guest as a file. It is the only
 thing the three sides share, so it is plain JSON.
 """
-import json
+from dkvm import lightjson
 
 PLAN_ENV = "DKVM_PLAN"
 
@@ -48,8 +48,8 @@ class Plan:
         return f"Plan({self.as_dict()!r})"
 
     def to_json(self):
-        return json.dumps(self.as_dict(), separators=(",", ":"))
+        return lightjson.dumps(self.as_dict())
 
     @classmethod
     def from_json(cls, text):
-        return cls(**json.loads(text))
+        return cls(**lightjson.loads(text))

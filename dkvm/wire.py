@@ -5,8 +5,9 @@ A frame is an 8-byte header (magic, type, channel, payload length) and the paylo
 The decoder is fed whatever bytes arrived and returns whole frames, so partial reads
 and several frames in one read are the normal case, not an edge case.
 """
-import json
 import struct
+
+from dkvm import lightjson
 
 MAGIC = 0xD7
 HEADER = struct.Struct("!BBHI")
@@ -64,12 +65,12 @@ class Frame:
         return f"Frame({self.type}, {self.channel}, {self.payload!r})"
 
     def json(self):
-        return json.loads(self.payload or b"{}")
+        return lightjson.loads(self.payload or b"{}")
 
 
 def encode(ftype, payload=b"", channel=0):
     if isinstance(payload, dict):
-        payload = json.dumps(payload, separators=(",", ":")).encode()
+        payload = lightjson.dumps(payload).encode()
     if len(payload) > MAX_PAYLOAD:
         raise ProtocolError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     return HEADER.pack(MAGIC, ftype, channel, len(payload)) + payload
