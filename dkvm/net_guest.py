@@ -18,6 +18,8 @@ INDEX_OFFSET = 20           # ifi_index / ifa_index: after nlmsghdr (16) and 4 b
 RTMSG_END = 28              # nlmsghdr (16) + rtmsg (12): the route's attributes follow
 RTA_OIF = 4
 NIC_WAIT = 30               # a hot-plugged NIC showing up in the guest (ACPI, then the driver)
+RUNNING_WAIT = 10           # a NIC that is up being marked running
+LINK_SCOPE = "20"           # /proc/net/if_inet6: address, index, prefix, scope, flags, name
 
 
 def links_by_mac():
@@ -41,6 +43,9 @@ def run_steps(steps):
             if "sysctl" in step:
                 guestos.write_sysctls(step["sysctl"])
                 continue
+            if "running" in step:
+                wait_until_running(step["running"], step["ipv6"])
+                continue
             index = by_mac.get(step["mac"])
             if index is None:
                 if step["optional"]:
@@ -55,6 +60,28 @@ def run_steps(steps):
                 raise OSError(error, f"{step['what']}: {os.strerror(error)}")
     finally:
         sock.close()
+
+
+def wait_until_running(name, ipv6, timeout=RUNNING_WAIT):
+    """Until the kernel's link watcher has marked the NIC running (operstate up) and,
+    with IPv6, given it its link-local address. Bounded: a NIC still down after that
+    is the network's problem, not the boot's."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if read(f"/sys/class/net/{name}/operstate").strip() == "up" and (
+                not ipv6 or any(fields[3] == LINK_SCOPE and fields[5] == name
+                                for fields in map(str.split,
+                                                  read("/proc/net/if_inet6").splitlines()))):
+            return
+        time.sleep(0.01)
+
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def set_index(request, kind, index):
@@ -112,16 +139,7 @@ class PendingChanges:
                 if missing:
                     raise RuntimeError(f"hot-plugged NICs {sorted(missing)} did not appear "
                                        f"in the guest within {NIC_WAIT}s")
-                apply_change(change)
+                run_steps(change["steps"])
             except Exception as err:
                 errors.append(str(err))
         return errors
-
-
-def apply_change(change):
-    """Follow Docker: its steps, then forget cached copies of the files it rewrote
-    (virtiofs caches without expiry; this drops the unused inodes)."""
-    run_steps(change["steps"])
-    if change["files_changed"]:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("2")

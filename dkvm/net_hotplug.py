@@ -4,12 +4,11 @@ libnetwork never calls the runtime for these: it moves a veth into (or out of) t
 container's namespace and programs its addresses and routes there. So the entrypoint
 watches that namespace and follows. A new interface is handed over like the boot-time
 ones and hot-plugged into the VM as a virtio NIC over QMP; a vanished one is unplugged;
-route changes (Docker moves the default gateway between networks) are repeated in
-the guest, and so are rewrites of the files Docker keeps for the container's networks
-(/etc/hosts gains and loses the container's addresses). The guest learns all of it
-from one NET frame per change.
+route changes (Docker moves the default gateway between networks) and the IPv6
+sysctls Docker sets are repeated in the guest. The guest learns all of it from one
+NET frame per change. (Docker's rewrites of /etc/hosts reach the guest through
+virtiofs, like any file changed from outside: virtiofsd_argv.)
 """
-import os
 import select
 import socket
 import sys
@@ -23,8 +22,6 @@ from dkvm.qemu import nic_options
 
 SETTLE = 0.3            # libnetwork configures an interface in one burst of netlink messages
 UNPLUG_WAIT = 15        # the guest acknowledging a NIC's removal (ACPI eject)
-RECHECK = 1.0           # Docker may rewrite its files just after the netlink burst
-NETWORK_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")
 # rtnetlink multicast groups: links, IPv4 and IPv6 addresses and routes
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
@@ -34,17 +31,6 @@ IFF_UP = 0x1
 def warn(message):
     """To the container's log (`docker logs`): Docker itself reported success."""
     print(f"dkvm: {message}", file=sys.stderr, flush=True)
-
-
-def file_stamps(paths=NETWORK_FILES):
-    stamps = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-            stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        except OSError:
-            stamps.append(None)
-    return stamps
 
 
 def route_changes(before, after):
@@ -65,7 +51,6 @@ class NetworkFollower:
         self.refused = set()            # ifindexes that could not be plugged: not retried,
                                         # or each failure's clean-up would trigger the next
         self.routes = []
-        self.files = file_stamps()
         self.sysctl = ipv6_sysctls()
         self.next_number = 0
         self.qmp_path, self.qmp = None, None
@@ -80,10 +65,9 @@ class NetworkFollower:
         threading.Thread(target=self.run, name="network-follower", daemon=True).start()
 
     def run(self):
-        dirty, recheck = False, False
+        dirty = False
         while True:
-            timeout = SETTLE if dirty else RECHECK if recheck else None
-            ready, _, _ = select.select([self.monitor], [], [], timeout)
+            ready, _, _ = select.select([self.monitor], [], [], SETTLE if dirty else None)
             if ready:
                 try:
                     self.monitor.recv(1 << 16)
@@ -91,7 +75,7 @@ class NetworkFollower:
                     pass
                 dirty = True
                 continue
-            recheck, dirty = dirty, False       # one more look, a while after a burst
+            dirty = False
             try:
                 with open_iproute() as ip:
                     self.follow(ip)
@@ -123,20 +107,17 @@ class NetworkFollower:
         routes = self.current_routes(ip)
         removed_routes, added_routes = route_changes(self.routes, routes)
         self.routes = routes
-        files = file_stamps()
-        files_changed, self.files = files != self.files, files
         sysctl = ipv6_sysctls()         # Docker turns IPv6 on for lo with an IPv6 network
         sysctl_changes = {name: value for name, value in sysctl.items()
                           if self.sysctl.get(name) != value}
         self.sysctl = sysctl
-        if added or removed_routes or added_routes or files_changed or sysctl_changes:
+        if added or removed_routes or added_routes or sysctl_changes:
             steps = [{"sysctl": sysctl_changes}] if sysctl_changes else []
             steps += interface_steps(added)
             steps += [route_step(r["mac"], r, add=False, optional=True) for r in removed_routes]
             steps += [route_step(r["mac"], r, add=True, optional=True) for r in added_routes]
             self.outbox.send(wire.encode(wire.NET, {
-                "wait_for": [iface["mac"].lower() for iface in added], "steps": steps,
-                "files_changed": files_changed}))
+                "wait_for": [iface["mac"].lower() for iface in added], "steps": steps}))
 
     def plug(self, ip, link):
         """Hand one new interface to the VM; its description for the guest."""

@@ -5,9 +5,11 @@ The guest only finds each NIC's index by its MAC, writes it into the requests an
 sends them (net_guest): importing pyroute2's message classes would cost the guest
 most of a second of its boot under TCG.
 
-A step is {"sysctl": {name: value}}, or {"kind": "link" | "addr" | "route", "mac",
-"netlink": hex, "what": for errors, "ignore": [errno], "optional": skipped when no
-NIC has that MAC}. Requests carry index 0 (and RTA_OIF 0) for the guest to fill in.
+A step is {"sysctl": {name: value}}, {"running": interface name, "ipv6": bool} (wait
+for it), or
+{"kind": "link" | "addr" | "route", "mac", "netlink": hex, "what": for errors,
+"ignore": [errno], "optional": skipped when no NIC has that MAC}. Requests carry
+index 0 (and RTA_OIF 0) for the guest to fill in.
 """
 from dkvm.pyroute2_light import light_pyroute2
 
@@ -41,6 +43,10 @@ def interface_steps(interfaces, optional_routes=False):
     for iface in interfaces:
         steps += [route_step(iface["mac"], route, add=True, optional=optional_routes)
                   for route in iface["routes"]]
+    # the kernel marks a NIC running (and IPv6 gives it its link-local address) up to
+    # a second after its carrier comes; a veth has both when runc starts the workload
+    steps += [{"running": iface["name"], "ipv6": bool(iface.get("ipv6"))}
+              for iface in interfaces]
     return steps
 
 

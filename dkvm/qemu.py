@@ -94,9 +94,16 @@ def qemu_env(root=paths.PAYLOAD_MOUNT):
 def virtiofsd_argv(source="/", root=paths.PAYLOAD_MOUNT):
     """virtiofsd serving the container's root, submounts (volumes, /etc/hosts, the
     payload) included. The namespace sandbox cannot pivot_root under Docker; chroot
-    works with Docker's default capabilities."""
+    works with Docker's default capabilities.
+
+    cache=always keeps file data cached across opens (execs and imports 2-5x faster
+    than cache=auto under TCG); timeout=1 has the guest revalidate names and
+    attributes after a second instead of a day, and a changed file's cached data is
+    dropped then: what `docker cp`, another container sharing a volume or Docker
+    rewriting /etc/hosts change shows in the VM within a second."""
     return paths.payload_program_argv(paths.payload_path("qemu", "virtiofsd", root=root), root) + [
         f"--socket-path={paths.VIRTIOFS_SOCKET}", "-o", f"source={source}",
-        "-o", "sandbox=chroot", "-o", "cache=always", "-o", "xattr",
+        "-o", "sandbox=chroot", "-o", "cache=always", "-o", "timeout=1",
+        "-o", "xattr",
         "-o", "log_level=err", "--rlimit-nofile=0",
     ]

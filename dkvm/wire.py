@@ -29,9 +29,8 @@ EXEC_EXIT = 11  # guest -> relay: {"status": N} the process ended, all output se
 WINDOW = 12     # either way: {"bytes": N} the receiver consumed N data bytes: send more
 CLOSE = 13      # relay side -> guest: the relay is gone; end the process
 DNS = 14        # either way: a 2-byte tag, then a DNS query (to the host) or its answer
-NET = 15        # host -> guest: {"wait_for": [MAC of a hot-plugged NIC], "steps": [step],
-                #   "files_changed": bool} Docker changed the container's networks
-                #   (net_hotplug, net_steps)
+NET = 15        # host -> guest: {"wait_for": [MAC of a hot-plugged NIC], "steps": [step]}
+                #   Docker changed the container's networks (net_hotplug, net_steps)
 TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR, RESIZE, EXEC_START, STDIN, STDOUT, STDERR,
          EXEC_EXIT, WINDOW, CLOSE, DNS, NET}
 # Flow control for exec streams: a sender may have this many data bytes unconsumed

@@ -1,5 +1,6 @@
 """`docker run --runtime=dkvm` against `--runtime=runc`: same stdout, stderr, exit code."""
 import platform
+import time
 
 import pytest
 
@@ -165,6 +166,32 @@ def test_volumes_bind_mounts_and_tmpfs(busybox_image, tmp_path):
     assert (out.returncode, out.stdout) == (0, "from-host\ntmpfs\nx\n"), out.stderr
     assert (rw / "made").read_text() == "from-guest\n"
     assert not (ro / "nope").exists()
+
+
+def test_changes_from_outside_show_in_a_running_vm(busybox_image, container_name, tmp_path):
+    """What `docker cp` writes, and what another container writes into a shared volume,
+    the running VM reads back: files it had read (and cached) before included."""
+    volume = f"{container_name}-vol"
+    sh("docker", "volume", "rm", "-f", volume, check=False)
+    (tmp_path / "f").write_text("from docker cp, longer than before\n")
+    try:
+        sh("docker", "run", "-d", "--runtime=dkvm", "--name", container_name, "-v",
+           f"{volume}:/shared", busybox_image, "sleep", "600")
+        sh("docker", "exec", container_name, "sh", "-c",
+           "echo old > /f && cat /f && echo old > /shared/g && cat /shared/g")
+        sh("docker", "cp", str(tmp_path / "f"), f"{container_name}:/f")
+        docker_run("runc", "-v", f"{volume}:/shared", busybox_image, "sh", "-c",
+                   "echo written by a runc peer > /shared/g")
+        deadline, seen = time.monotonic() + 10, None
+        while time.monotonic() < deadline:
+            seen = sh("docker", "exec", container_name, "cat", "/f", "/shared/g").stdout
+            if seen == "from docker cp, longer than before\nwritten by a runc peer\n":
+                break
+            time.sleep(0.5)
+        assert seen == "from docker cp, longer than before\nwritten by a runc peer\n"
+    finally:
+        sh("docker", "rm", "-f", container_name, check=False)
+        sh("docker", "volume", "rm", "-f", volume, check=False)
 
 
 def test_named_volume(busybox_image):

@@ -1,7 +1,6 @@
 """Following Docker's network changes: the QMP client, the change diffs, and the
 guest's queue of changes waiting for their NICs."""
 import json
-import os
 import socket
 import threading
 
@@ -96,25 +95,14 @@ def test_route_changes_move_the_default_gateway():
     assert net_hotplug.route_changes([static], [static]) == ([], [])
 
 
-def test_file_stamps_see_a_rewrite_in_place(tmp_path):
-    hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.1 localhost\n")
-    before = net_hotplug.file_stamps([str(hosts), str(tmp_path / "absent")])
-    with open(hosts, "a") as f:             # Docker rewrites the bind-mounted file in place
-        f.write("10.0.0.2 me\n")
-    os.utime(hosts, ns=(1, 1))
-    assert net_hotplug.file_stamps([str(hosts), str(tmp_path / "absent")]) != before
-    assert before[1] is None
-
-
 def change(*macs):
-    return {"wait_for": list(macs), "steps": [], "files_changed": False}
+    return {"wait_for": list(macs), "steps": [{"sysctl": {"for": ",".join(macs)}}]}
 
 
 def test_pending_changes_wait_in_order_for_their_nics(monkeypatch):
     present, applied = set(), []
     monkeypatch.setattr(net_guest, "links_by_mac", lambda: {mac: 1 for mac in present})
-    monkeypatch.setattr(net_guest, "apply_change", applied.append)
+    monkeypatch.setattr(net_guest, "run_steps", applied.append)
     pending = net_guest.PendingChanges()
     assert pending.timeout(1.0) == 1.0
     first, second = change("02:00:00:00:00:01"), change()
@@ -123,21 +111,21 @@ def test_pending_changes_wait_in_order_for_their_nics(monkeypatch):
     assert pending.apply_ready() == [] and applied == []
     assert pending.timeout(1.0) == pending.POLL
     present.add("02:00:00:00:00:01")
-    assert pending.apply_ready() == [] and applied == [first, second]
+    assert pending.apply_ready() == [] and applied == [first["steps"], second["steps"]]
     assert pending.timeout(1.0) == 1.0
 
 
 def test_a_nic_that_never_shows_up_is_reported_and_skipped(monkeypatch):
     applied = []
     monkeypatch.setattr(net_guest, "links_by_mac", lambda: {})
-    monkeypatch.setattr(net_guest, "apply_change", applied.append)
+    monkeypatch.setattr(net_guest, "run_steps", applied.append)
     monkeypatch.setattr(net_guest, "NIC_WAIT", 0)
     pending = net_guest.PendingChanges()
     pending.add(change("02:00:00:00:00:07"))
     pending.add(change())
     errors = pending.apply_ready()
     assert len(errors) == 1 and "02:00:00:00:00:07" in errors[0] and "within 0s" in errors[0]
-    assert applied == [change()]
+    assert applied == [change()["steps"]]
 
 
 def route(gateway):
@@ -191,7 +179,6 @@ def follower(monkeypatch):
     monkeypatch.setattr(net_hotplug, "create_tap", lambda ip, tap, mtu: 100 + int(tap[8:]))
     monkeypatch.setattr(net_hotplug, "hand_over", lambda ip, index, tap_index: None)
     monkeypatch.setattr(net_hotplug, "ipv6_sysctls", lambda: {})
-    monkeypatch.setattr(net_hotplug, "file_stamps", lambda: [])
     follower = net_hotplug.NetworkFollower()
     follower.nics, follower.next_number = {5: 0}, 1
     follower.routes = follower.current_routes(ip)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from socket import AF_INET, AF_INET6
 
 import pytest
@@ -40,13 +41,14 @@ def decode(step, index, seq=1):
 def test_steps_rename_through_temporary_names_then_configure_then_route():
     steps = interface_steps([ETH0, {**ETH0, "name": "eth1", "mac": "02:42:0a:00:00:09",
                                     "addresses": [], "routes": []}])
-    whats = [step.get("what") or step["sysctl"] for step in steps]
+    whats = [step.get("what") or step.get("sysctl") or step for step in steps]
     assert whats == [
         "rename (eth0)", "rename (eth1)",
         "rename to eth0 (eth0)", {"net.ipv6.conf.eth0.disable_ipv6": "0"}, "set eth0 up (eth0)",
         "address 172.17.0.2/16 on eth0", "address fd00::2/64 on eth0",
         "rename to eth1 (eth1)", {"net.ipv6.conf.eth1.disable_ipv6": "0"}, "set eth1 up (eth1)",
-        "route default via 172.17.0.1", "route 10.9.0.0/24"]
+        "route default via 172.17.0.1", "route 10.9.0.0/24",
+        {"running": "eth0", "ipv6": True}, {"running": "eth1", "ipv6": True}]
     assert {step["mac"] for step in steps if "mac" in step} == {"02:42:ac:11:00:02",
                                                                "02:42:0a:00:00:09"}
     assert not any(step.get("optional") for step in steps)
@@ -60,7 +62,7 @@ def test_requests_get_the_guests_index_where_the_kernel_reads_it():
     address = decode(steps[4], index=3)
     assert (address["index"], address["prefixlen"]) == (3, 16)
     assert address.get_attr("IFA_BROADCAST") == "172.17.255.255"
-    route = decode(steps[-1], index=3)
+    route = decode(steps[-2], index=3)
     assert route.get_attr("RTA_OIF") == 3 and route.get_attr("RTA_DST") == "10.9.0.0"
     assert route.get_attr("RTA_PRIORITY") == 50
 
@@ -104,7 +106,8 @@ with open_iproute() as ip:
                     reason="needs unshare and /dev/net/tun")
 def test_steps_rebuild_the_interface_in_a_real_kernel():
     steps = interface_steps([{**ETH0, "ipv6": False, "addresses": ETH0["addresses"][:1]}])
-    steps = [s for s in steps if "sysctl" not in s]     # /proc/sys is the host's here
+    steps = [s for s in steps if "sysctl" not in s     # /proc/sys is the host's here,
+             and "running" not in s]                    # and no one reads this tap
     out = subprocess.run(["unshare", "-rnm", "sh", "-c",      # sysfs shows the new namespace
                           'mount -t sysfs sysfs /sys && exec "$@"', "-", sys.executable, "-c",
                           IN_NAMESPACE, str(REPO)],
@@ -115,3 +118,18 @@ def test_steps_rebuild_the_interface_in_a_real_kernel():
     assert json.loads(out.stdout) == {
         "mtu": 1400, "up": True, "addresses": ["172.17.0.2"],
         "routes": ["10.9.0.0/24 None", "172.17.0.0/16 None", "None/0 172.17.0.1"]}
+
+
+
+def test_waiting_for_the_nic_to_run_is_bounded_and_sees_the_link_local(tmp_path, monkeypatch):
+    files = {"/sys/class/net/eth0/operstate": "up\n", "/proc/net/if_inet6": ""}
+    monkeypatch.setattr(net_guest, "read", lambda path: files.get(path, ""))
+    net_guest.wait_until_running("eth0", ipv6=False)
+    start = time.monotonic()
+    net_guest.wait_until_running("eth0", ipv6=True, timeout=0.3)    # no link-local: gives up
+    assert 0.3 <= time.monotonic() - start < 2
+    files["/proc/net/if_inet6"] = ("fd000000000000000000000000000020 02 40 00 80     eth0\n"
+                                   "fe80000000000000004202fffe0a7c14 02 40 20 c0     eth0\n")  # tentative
+    start = time.monotonic()
+    net_guest.wait_until_running("eth0", ipv6=True)
+    assert time.monotonic() - start < 0.3
