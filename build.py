@@ -38,6 +38,7 @@ APT_PACKAGES = {
     "/usr/share/seabios/bios-256k.bin": "seabios",
     "/bin/busybox": "busybox-static",
     "/usr/bin/python3.11": "python3.11",
+    "/sbin/depmod": "kmod",
 }
 KERNEL_META = "linux-image-amd64"
 PY_STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
@@ -50,6 +51,14 @@ QEMU_MODULES = ["accel-tcg-x86_64.so"]
 # Modules the initramfs loads (with what they depend on) to reach the virtiofs root
 # and the control, output and network devices.
 INITRAMFS_MODULES = ["virtio_pci", "virtiofs", "virtio_console", "virtio_net"]
+# DKVM_KERNEL_MOUNT_LIB_MODULES: the modules a workload is likely to modprobe (with
+# what they depend on): iptables and nftables, bridges and virtual links (Docker in the
+# VM), overlay, loop and squashfs, traffic control. The whole tree would be 390 MB.
+GUEST_MODULE_DIRS = ["net/netfilter", "net/ipv4/netfilter", "net/ipv6/netfilter", "net/bridge",
+                     "net/sched", "net/8021q", "fs/overlayfs", "fs/squashfs",
+                     "drivers/net/vxlan", "drivers/net/ipvlan", "drivers/net/wireguard"]
+GUEST_MODULES = ["veth", "macvlan", "dummy", "tun", "loop",
+                 "crc32c_generic", "crc32c_intel"]   # libcrc32c's soft dependency (nftables)
 # In-container and in-guest roles start as `python3 <payload>/entry/<role>`: the
 # script's name is argv[0], which picks the role as it does on the host.
 ROLE_ENTRIES = ["dkvm-ctr-entrypoint", "dkvm-vm-init", "dkvm-exec"]
@@ -277,6 +286,23 @@ def build_kernel(payload):
         entries.append((f"lib/modules/{i:02d}-{name}.ko", 0o100644, modpaths[name].read_bytes()))
     entries.append(("init", 0o100755, (ROOT / "guest-init" / "init").read_bytes()))
     (kdir / "initrd.img").write_bytes(cpio_newc(entries))
+    build_guest_modules(kdir, moddir, release, modpaths)
+
+
+def build_guest_modules(kdir, moddir, release, modpaths):
+    """kernels/<dist>/lib/modules/<release>: the modules the guest may modprobe, with
+    depmod's indexes, for DKVM_KERNEL_MOUNT_LIB_MODULES."""
+    wanted = set(GUEST_MODULES)
+    for sub in GUEST_MODULE_DIRS:
+        wanted |= {path.stem.replace("-", "_") for path in (moddir / "kernel" / sub).rglob("*.ko")}
+    target = kdir / "lib" / "modules" / release
+    for name in module_load_order(sorted(wanted), modpaths):
+        rel = modpaths[name].relative_to(moddir)
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(modpaths[name], target / rel)
+    for index in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+        shutil.copyfile(moddir / index, target / index)
+    subprocess.run(["/sbin/depmod", "-b", str(kdir), release], check=True)
 
 
 def build_site_packages():
@@ -334,6 +360,11 @@ def main():
     log("gathering python, qemu, virtiofsd, busybox")
     elfs = gather_python(payload) + gather_qemu(payload)
     copy_file("/bin/busybox", payload / "bin" / "busybox", 0o755)
+    # the guest kernel's module loader where the image has none (a script, not a
+    # symlink: the payload travels in a zip)
+    (payload / "bin" / "modprobe").write_text(
+        '#!/.dkvm/bin/busybox sh\nexec /.dkvm/bin/busybox modprobe "$@"\n')
+    (payload / "bin" / "modprobe").chmod(0o755)
     gather_libs(payload, elfs)
     (payload / "run").mkdir()  # mount point of the container's private tmpfs
     for role in ROLE_ENTRIES:

@@ -13,7 +13,7 @@ MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec"
                "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
 IGNORED_MOUNT_OPTIONS = {"rw", "suid", "dev", "exec", "async", "rprivate", "private",
                          "rslave", "slave", "rshared", "shared", "bind", "rbind", "tmpcopyup"}
-MS_REC, MS_PRIVATE = 1 << 14, 1 << 18
+MS_REC, MS_PRIVATE, MS_BIND, MS_REMOUNT = 1 << 14, 1 << 18, 4096, 32
 CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
 RB_POWER_OFF = 0x4321FEDC
 TIOCSCTTY = 0x540E
@@ -27,6 +27,12 @@ def mount(source, target, fstype, flags=0, data=""):
                    data.encode() if data else None) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def bind_mount(source, target, readonly=False):
+    mount(source, target, "", MS_BIND)
+    if readonly:                # a bind mount takes its flags only when remounted
+        mount("", target, "", MS_REMOUNT | MS_BIND | MS_RDONLY)
 
 
 def mount_options(options):

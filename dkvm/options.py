@@ -17,6 +17,7 @@ class Options:
     kernel: str = "debian"
     kernel_append: str = ""
     kernel_debug: bool = False
+    kernel_lib_modules: bool = False
     sys_admin: bool = False
     dev_shm_size: int = 64 << 20
     # options from the runtime's own arguments (daemon.json runtimeArgs)
@@ -57,6 +58,7 @@ CONTAINER_OPTIONS = {
     "DKVM_KERNEL": ("kernel", parse_kernel),
     "DKVM_KERNEL_APPEND": ("kernel_append", lambda n, v, k: v),
     "DKVM_KERNEL_DEBUG": ("kernel_debug", lambda n, v, k: parse_bool(n, v)),
+    "DKVM_KERNEL_MOUNT_LIB_MODULES": ("kernel_lib_modules", lambda n, v, k: parse_bool(n, v)),
     "DKVM_SYS_ADMIN": ("sys_admin", lambda n, v, k: parse_bool(n, v)),
     "DKVM_DEV_SHM_SIZE": ("dev_shm_size", lambda n, v, k: parse_size(n, v)),
 }

@@ -16,6 +16,7 @@ FIELDS = {
     "cpus": 0,              # 0: as many as the container may use
     "memory_mib": 1024,
     "kernel": "debian", "kernel_append": "", "kernel_debug": False,
+    "kernel_lib_modules": False,    # the guest kernel's modules at /lib/modules
     "dev_shm_size": 64 << 20,
     "tmpfs": [],            # [{"destination", "options"}]
     "sysctl": {},           # name -> value, as `--sysctl` and `--domainname` set them

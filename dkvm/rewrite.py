@@ -68,6 +68,7 @@ def rewrite_create_config(config, host):
         kernel=opts.kernel,
         kernel_append=opts.kernel_append,
         kernel_debug=opts.kernel_debug,
+        kernel_lib_modules=opts.kernel_lib_modules,
         dev_shm_size=opts.dev_shm_size,
         sysctl=dict(linux.get("sysctl") or {}),
         dns_upstream=list(host.dns_upstream),

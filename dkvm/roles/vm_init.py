@@ -76,10 +76,25 @@ def apply_identity(plan):
     guestos.write_sysctls(plan.sysctl)
     guestos.interface_up("lo")
     net_guest.run_steps(plan.network_setup)
+    if plan.kernel_lib_modules:
+        mount_kernel_modules(plan.kernel)
     for mount in plan.tmpfs:
         flags, data = guestos.mount_options(mount["options"])
         os.makedirs(mount["destination"], exist_ok=True)
         guestos.mount("tmpfs", mount["destination"], "tmpfs", flags, data)
+
+
+def mount_kernel_modules(kernel):
+    """DKVM_KERNEL_MOUNT_LIB_MODULES: the payload's modules for this guest kernel, with
+    depmod's indexes, read-only at /lib/modules, so that `modprobe` and the kernel's
+    own module requests (crypto, netfilter extensions) find them. The image's
+    /lib/modules, built for other kernels, is hidden. The kernel asks /sbin/modprobe,
+    or the payload's busybox where the image has none."""
+    os.makedirs("/lib/modules", exist_ok=True)
+    guestos.bind_mount(paths.payload_path("kernels", kernel, "lib", "modules"), "/lib/modules",
+                       readonly=True)
+    if not os.path.exists("/sbin/modprobe"):
+        guestos.write_sysctls({"kernel.modprobe": paths.payload_path("bin", "modprobe")})
 
 
 def find_ports(wanted):

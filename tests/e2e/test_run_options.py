@@ -60,6 +60,24 @@ def test_kernel_debug_shows_boot_log_on_stderr_only(busybox_image):
     assert "Linux version" in out.stderr
 
 
+def test_kernel_modules_mounted_on_request(busybox_image):
+    """With DKVM_KERNEL_MOUNT_LIB_MODULES=1 the workload loads the guest kernel's
+    modules: by name (overlay, then mounted) and through the kernel's own requests
+    (nf_tables needs crc32c, which the kernel asks modprobe for). Without it, the VM
+    has no /lib/modules, as runc's container has none."""
+    script = ("modprobe overlay && mkdir -p /o && mount -t tmpfs t /o && "
+              "mkdir /o/l /o/u /o/w /o/m && "
+              "mount -t overlay x -o lowerdir=/o/l,upperdir=/o/u,workdir=/o/w /o/m && "
+              "grep -c ' /o/m overlay' /proc/mounts && modprobe nf_tables && "
+              "grep -o '^crc32c_generic' /proc/modules && "
+              "(touch /lib/modules/x 2>/dev/null || echo read-only)")
+    out = docker_run("dkvm", "-e", "DKVM_KERNEL_MOUNT_LIB_MODULES=1", busybox_image,
+                     "sh", "-c", script)
+    assert (out.returncode, out.stdout) == (0, "1\ncrc32c_generic\nread-only\n"), out.stderr
+    probe = [busybox_image, "sh", "-c", "ls /lib/modules >/dev/null 2>&1; echo $?"]
+    assert docker_run("dkvm", *probe).stdout == docker_run("runc", *probe).stdout == "1\n"
+
+
 def test_kernel_append(busybox_image):
     out = docker_run("dkvm", "-e", "DKVM_KERNEL_APPEND=dkvm.test=42", busybox_image,
                      "cat", "/proc/cmdline")

@@ -28,7 +28,7 @@ def test_unknown_option():
     msg = create_error("DKVM_FOO=1")
     assert "DKVM_FOO" in msg
     for accepted in ("DKVM_ACCEL", "DKVM_KERNEL", "DKVM_KERNEL_APPEND", "DKVM_KERNEL_DEBUG",
-                     "DKVM_SYS_ADMIN", "DKVM_DEV_SHM_SIZE"):
+                     "DKVM_SYS_ADMIN", "DKVM_DEV_SHM_SIZE", "DKVM_KERNEL_MOUNT_LIB_MODULES"):
         assert accepted in msg
 
 
@@ -37,6 +37,11 @@ def test_unknown_kernel(value):
     msg = create_error(f"DKVM_KERNEL={value}")
     assert "DKVM_KERNEL" in msg and repr(value) in msg
     assert "debian" in msg and "debian/6.1.0-28-amd64" in msg
+
+
+def test_bad_kernel_mount_lib_modules():
+    msg = create_error("DKVM_KERNEL_MOUNT_LIB_MODULES=all")
+    assert "DKVM_KERNEL_MOUNT_LIB_MODULES='all' is not valid: use 1 or 0" in msg
 
 
 def test_bad_kernel_debug():

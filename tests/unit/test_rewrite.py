@@ -107,10 +107,13 @@ def test_plan_env_drops_every_dkvm_setting():
 
 def test_plan_options_from_env():
     config = with_env(load_config("plain"), "DKVM_KERNEL=debian/6.1.0-28-amd64",
-                      "DKVM_KERNEL_DEBUG=yes", "DKVM_KERNEL_APPEND=init_on_free=1")
+                      "DKVM_KERNEL_DEBUG=yes", "DKVM_KERNEL_APPEND=init_on_free=1",
+                      "DKVM_KERNEL_MOUNT_LIB_MODULES=1")
     _, plan = rewrite(config)
     assert plan.kernel == "debian"
     assert plan.kernel_debug is True
+    assert plan.kernel_lib_modules is True
+    assert rewrite(load_config("plain"))[1].kernel_lib_modules is False
     assert plan.kernel_append == "init_on_free=1"
     assert plan.dev_shm_size == 64 << 20
 
