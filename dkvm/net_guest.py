@@ -32,9 +32,11 @@ def links_by_mac():
     return found
 
 
-def run_steps(steps):
+def run_steps(steps, until_waiting=False):
+    """Run the steps in order. A NIC not running yet is waited for (bounded) or, with
+    `until_waiting`, left to init's loop to poll: the steps left are returned."""
     if not steps:
-        return
+        return []
     by_mac = links_by_mac()
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
     try:
@@ -44,6 +46,8 @@ def run_steps(steps):
                 guestos.write_sysctls(step["sysctl"])
                 continue
             if "running" in step:
+                if until_waiting and not is_running(step["running"], step["ipv6"]):
+                    return steps[seq - 1:]
                 wait_until_running(step["running"], step["ipv6"])
                 continue
             index = by_mac.get(step["mac"])
@@ -60,6 +64,7 @@ def run_steps(steps):
                 raise OSError(error, f"{step['what']}: {os.strerror(error)}")
     finally:
         sock.close()
+    return []
 
 
 def wait_until_running(name, ipv6, timeout=RUNNING_WAIT):
@@ -67,13 +72,14 @@ def wait_until_running(name, ipv6, timeout=RUNNING_WAIT):
     with IPv6, given it its link-local address. Bounded: a NIC still down after that
     is the network's problem, not the boot's."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if read(f"/sys/class/net/{name}/operstate").strip() == "up" and (
-                not ipv6 or any(fields[3] == LINK_SCOPE and fields[5] == name
-                                for fields in map(str.split,
-                                                  read("/proc/net/if_inet6").splitlines()))):
-            return
+    while time.monotonic() < deadline and not is_running(name, ipv6):
         time.sleep(0.01)
+
+
+def is_running(name, ipv6):
+    return read(f"/sys/class/net/{name}/operstate").strip() == "up" and (
+        not ipv6 or any(fields[3] == LINK_SCOPE and fields[5] == name
+                        for fields in map(str.split, read("/proc/net/if_inet6").splitlines())))
 
 
 def read(path):
@@ -139,7 +145,12 @@ class PendingChanges:
                 if missing:
                     raise RuntimeError(f"hot-plugged NICs {sorted(missing)} did not appear "
                                        f"in the guest within {NIC_WAIT}s")
-                run_steps(change["steps"])
+                # a new NIC takes up to a second to run: exec I/O goes on meanwhile
+                left = run_steps(change["steps"], until_waiting=time.monotonic() < deadline)
             except Exception as err:
                 errors.append(str(err))
+                continue
+            if left:
+                self.waiting.insert(0, ({"wait_for": [], "steps": left}, deadline))
+                break
         return errors

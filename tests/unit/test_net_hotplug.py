@@ -3,6 +3,7 @@ guest's queue of changes waiting for their NICs."""
 import json
 import socket
 import threading
+import time
 
 import pytest
 
@@ -102,7 +103,8 @@ def change(*macs):
 def test_pending_changes_wait_in_order_for_their_nics(monkeypatch):
     present, applied = set(), []
     monkeypatch.setattr(net_guest, "links_by_mac", lambda: {mac: 1 for mac in present})
-    monkeypatch.setattr(net_guest, "run_steps", applied.append)
+    monkeypatch.setattr(net_guest, "run_steps",
+                        lambda steps, until_waiting: applied.append(steps) or [])
     pending = net_guest.PendingChanges()
     assert pending.timeout(1.0) == 1.0
     first, second = change("02:00:00:00:00:01"), change()
@@ -118,7 +120,8 @@ def test_pending_changes_wait_in_order_for_their_nics(monkeypatch):
 def test_a_nic_that_never_shows_up_is_reported_and_skipped(monkeypatch):
     applied = []
     monkeypatch.setattr(net_guest, "links_by_mac", lambda: {})
-    monkeypatch.setattr(net_guest, "run_steps", applied.append)
+    monkeypatch.setattr(net_guest, "run_steps",
+                        lambda steps, until_waiting: applied.append(steps) or [])
     monkeypatch.setattr(net_guest, "NIC_WAIT", 0)
     pending = net_guest.PendingChanges()
     pending.add(change("02:00:00:00:00:07"))
@@ -245,3 +248,23 @@ def test_follow_unplugs_a_vanished_interface(follower, monkeypatch):
     follower.follow(follower.ip)
     assert unplugged == [0] and follower.nics == {}
     assert sent(follower)["steps"][0]["what"] == "removing route default via 172.17.0.1"
+
+
+def test_a_new_nic_not_yet_running_is_polled_for_not_waited_on(monkeypatch):
+    running = set()
+    monkeypatch.setattr(net_guest, "links_by_mac", lambda: {"02:00:00:00:00:01": 3})
+    monkeypatch.setattr(net_guest, "is_running", lambda name, ipv6: name in running)
+    written = []
+    monkeypatch.setattr(net_guest.guestos, "write_sysctls", written.append)
+    pending = net_guest.PendingChanges()
+    pending.add({"wait_for": ["02:00:00:00:00:01"],
+                 "steps": [{"sysctl": {"a": "1"}}, {"running": "eth1", "ipv6": True},
+                           {"sysctl": {"b": "2"}}]})
+    start = time.monotonic()
+    assert pending.apply_ready() == []
+    assert time.monotonic() - start < 0.5                   # did not wait
+    assert written == [{"a": "1"}] and pending.waiting
+    assert pending.apply_ready() == [] and written == [{"a": "1"}]
+    running.add("eth1")
+    assert pending.apply_ready() == []
+    assert written == [{"a": "1"}, {"b": "2"}] and not pending.waiting
