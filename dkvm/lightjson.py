@@ -23,8 +23,10 @@ def dumps(value):
         return "null"
     if value is True or value is False:
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(int(value) if isinstance(value, int) else value)
+    if isinstance(value, int):
+        return repr(int(value))         # an IntEnum's repr is its name
+    if isinstance(value, float):
+        return repr(value)
     if isinstance(value, dict):
         return "{" + ",".join(f"{encode_basestring_ascii(str(key))}:{dumps(item)}"
                               for key, item in value.items()) + "}"

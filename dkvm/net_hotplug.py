@@ -15,8 +15,9 @@ import sys
 import threading
 
 from dkvm import wire
-from dkvm.net_container import (create_tap, describe, docker_routes, guest_links, hand_over,
-                                ipv6_sysctls, netdev_id, nic_id, open_iproute, tap_name)
+from dkvm.net_container import (IFF_UP, create_tap, describe, docker_routes, guest_links,
+                                hand_over, ipv6_sysctls, netdev_id, nic_id, open_iproute,
+                                tap_name)
 from dkvm.net_steps import interface_steps, route_step
 from dkvm.qemu import nic_options
 
@@ -25,7 +26,6 @@ UNPLUG_WAIT = 15        # the guest acknowledging a NIC's removal (ACPI eject)
 # rtnetlink multicast groups: links, IPv4 and IPv6 addresses and routes
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
-IFF_UP = 0x1
 
 
 def warn(message):

@@ -11,15 +11,15 @@ for it), or
 "ignore": [errno], "optional": skipped when no NIC has that MAC}. Requests carry
 index 0 (and RTA_OIF 0) for the guest to fill in.
 """
+from errno import ESRCH
+
+from dkvm.net_container import IFF_UP, MAIN_TABLE, RT_SCOPE_UNIVERSE, RTN_UNICAST, RTPROT_STATIC
 from dkvm.pyroute2_light import light_pyroute2
 
-IFF_UP = 0x1
 IFA_F_NODAD = 0x02
-RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST, MAIN_TABLE = 4, 0, 1, 254
-ESRCH = 3
 
 
-def interface_steps(interfaces, optional_routes=False):
+def interface_steps(interfaces):
     """Give each guest NIC its container interface's name, MTU, IPv6 switch, state,
     addresses, then routes. Names go through temporary ones first, so that swapping
     names between NICs cannot clash."""
@@ -41,8 +41,7 @@ def interface_steps(interfaces, optional_routes=False):
                                               "index": 0, "flags": IFA_F_NODAD}, attrs,
                                      create=True)))
     for iface in interfaces:
-        steps += [route_step(iface["mac"], route, add=True, optional=optional_routes)
-                  for route in iface["routes"]]
+        steps += [route_step(iface["mac"], route, add=True) for route in iface["routes"]]
     # the kernel marks a NIC running (and IPv6 gives it its link-local address) up to
     # a second after its carrier comes; a veth has both when runc starts the workload
     steps += [{"running": iface["name"], "ipv6": bool(iface.get("ipv6"))}
