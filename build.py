@@ -27,6 +27,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from dkvm.schema import Boot  # noqa: E402
 BUILD = ROOT / "build"
 DIST = ROOT / "dist"
 PYROUTE2 = "pyroute2==0.9.7"
@@ -273,7 +275,9 @@ def build_kernel(payload):
     kdir = payload / "kernels" / "debian"
     kdir.mkdir(parents=True, exist_ok=True)
     (kdir / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
-    (kdir / "release").write_text(release + "\n")
+    # the boot descriptor (schema.Boot), paths relative to this folder
+    (kdir / "boot.json").write_text(Boot(release=release, kernel="vmlinux", initrd="initrd.img",
+                                         modules="lib/modules").to_json() + "\n")
     moddir = tree / "lib" / "modules" / release
     modpaths = {}
     for path in moddir.rglob("*.ko"):

@@ -19,9 +19,9 @@ sys.path.insert(0, str(REPO))
 
 from build import cpio_newc  # noqa: E402
 from dkvm import paths  # noqa: E402
-from dkvm.host import ensure_payload  # noqa: E402
-from dkvm.plan import Plan  # noqa: E402
-from dkvm.qemu import kernel_append, qemu_env  # noqa: E402
+from dkvm.container.vmm import kernel_append, qemu_env  # noqa: E402
+from dkvm.host.payload import ensure_payload, payload_kernels  # noqa: E402
+from dkvm.schema import Plan  # noqa: E402
 
 POWEROFF_INIT = b"#!/bin/busybox sh\n/bin/busybox poweroff -f\n"
 TIMEOUT = 300
@@ -37,14 +37,15 @@ def timed(argv, env=None):
 def bare_qemu_argv(payload, initrd, vcpus):
     """The dkvm VM's machine, kernel and command line, with nothing of DKVM's: no
     virtiofs, no serial ports, an initramfs that powers off at once."""
-    plan = Plan(args=[], env=[])
-    kdir = os.path.join(payload, "kernels", plan.kernel)
+    plan = Plan()
+    plan.boot = payload_kernels(payload)[plan.options.kernel]
+    kernel = plan.boot.kernel.replace(paths.PAYLOAD_MOUNT, payload, 1)
     return paths.payload_program_argv(os.path.join(payload, "qemu", "qemu-system-x86_64"),
                                       payload) + [
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-L", os.path.join(payload, "qemu", "firmware"), "-machine", "pc",
         "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(vcpus),
-        "-m", f"{plan.memory_mib}M", "-kernel", f"{kdir}/vmlinux", "-initrd", initrd,
+        "-m", f"{plan.memory_mib}M", "-kernel", kernel, "-initrd", initrd,
         "-append", kernel_append(plan)]
 
 

@@ -1,5 +1,5 @@
 """Errors carry the one line a user should read; each role's entry point prints it."""
-import sys
+from dkvm import log
 
 
 class DkvmError(Exception):
@@ -12,11 +12,12 @@ class DkvmError(Exception):
 
 
 def run_role(body, argv):
-    """Run a role's body, turning a DkvmError into `dkvm: message` and its exit code."""
+    """Run a role's body, turning a DkvmError into its one line and its exit code."""
+    import sys
     try:
         code = body(argv)
     except DkvmError as err:
-        print(f"dkvm: {err.message}", file=sys.stderr, flush=True)
+        log.warn(err.message)
         code = err.exit_code
     except KeyboardInterrupt:
         code = 130

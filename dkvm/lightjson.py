@@ -36,6 +36,8 @@ def dumps(value):
 
 
 def loads(text):
+    """The value `text` holds; ValueError for anything that is not one JSON value
+    (bytes that are not UTF-8 included)."""
     if isinstance(text, (bytes, bytearray, memoryview)):
         text = bytes(text).decode()
     start = len(text) - len(text.lstrip(_WHITESPACE))
@@ -43,6 +45,10 @@ def loads(text):
         value, end = _scan(text, start)
     except StopIteration as stop:
         raise ValueError(f"not JSON at offset {stop.value}") from None
+    except (SystemError, RecursionError) as err:
+        # Where json.decoder was never imported (the guest), the scanner cannot make
+        # its JSONDecodeError and fails with SystemError instead; deep nesting recurses.
+        raise ValueError(f"not JSON: {type(err).__name__}") from None
     if text[end:].strip(_WHITESPACE):
         raise ValueError(f"extra data after JSON at offset {end}")
     return value

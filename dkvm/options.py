@@ -1,110 +1,143 @@
-"""DKVM_* options: parsed and validated once, at `create`, so a bad value fails
-`docker run` at once with a message naming the option and what it accepts."""
-import re
-from dataclasses import dataclass
+"""The DKVM_* options: one table, one row per option.
 
+Each row names the environment variable, the plan field it sets (`plan.options.<attr>`),
+its kind (how a value is parsed, what is accepted, how the default reads) and its
+default. Validation at create, the plan's `Options` record and the README's option
+table (checked by a unit test) all come from here, so a new option is one row plus
+the code that uses it.
+
+Shared by every side (the guest reads the defaults through the plan), so it imports
+nothing: the parsers are plain string work, no `re`.
+"""
 from dkvm.errors import DkvmError
 
-ACCELS = ("auto", "kvm", "tcg")
-BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
-_SIZE = re.compile(r"^(\d+)([kmg]?)b?$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
-@dataclass
-class Options:
-    accel: str = "auto"
-    kernel: str = "debian"
-    kernel_append: str = ""
-    kernel_debug: bool = False
-    kernel_lib_modules: bool = False
-    sys_admin: bool = False
-    dev_shm_size: int = 64 << 20
-    # options from the runtime's own arguments (daemon.json runtimeArgs)
-    runc: str = ""
+class Bool:
+    type = bool
+    accepts = "`1`, `0`"
+    TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
+
+    def parse(self, name, value, context):
+        word = value.strip().lower()
+        if word in self.TRUE or word in self.FALSE:
+            return word in self.TRUE
+        raise DkvmError(f"{name}={value!r} is not valid: use 1 or 0")
+
+    def show(self, value):
+        return "1" if value else "0"
 
 
-def parse_bool(name, value):
-    try:
-        return BOOLS[value.strip().lower()]
-    except KeyError:
-        raise DkvmError(f"{name}={value!r} is not valid: use 1 or 0") from None
+class Size:
+    """Bytes, written as `64m`, `512k`, `1g` (an optional trailing `b`)."""
+    type = int
+    accepts = "size (`64m`, `1g`)"
+
+    def parse(self, name, value, context):
+        text = value.strip().lower()
+        if text.endswith("b"):
+            text = text[:-1]
+        digits, unit = (text[:-1], text[-1]) if text[-1:] in "kmg" else (text, "")
+        if not digits.isdigit() or not digits.isascii() or int(digits) == 0:
+            raise DkvmError(f"{name}={value!r} is not valid: use a size such as 64m, 512m or 1g")
+        return int(digits) * SIZE_UNITS[unit]
+
+    def show(self, value):
+        for unit in "gmk":
+            if value % SIZE_UNITS[unit] == 0:
+                return f"{value // SIZE_UNITS[unit]}{unit}"
+        return str(value)
 
 
-def parse_size(name, value):
-    m = _SIZE.match(value.strip())
-    if not m or int(m.group(1)) == 0:
-        raise DkvmError(f"{name}={value!r} is not valid: use a size such as 64m, 512m or 1g")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+class Choice:
+    type = str
+
+    def __init__(self, *values):
+        self.values = values
+        self.accepts = ", ".join(f"`{v}`" for v in values)
+
+    def parse(self, name, value, context):
+        if value not in self.values:
+            raise DkvmError(f"{name}={value!r} is not valid: use one of {', '.join(self.values)}")
+        return value
+
+    def show(self, value):
+        return value
 
 
-def parse_accel(name, value):
-    if value not in ACCELS:
-        raise DkvmError(f"{name}={value!r} is not valid: use one of {', '.join(ACCELS)}")
-    return value
+class Text:
+    type = str
+    accepts = "text"
+
+    def parse(self, name, value, context):
+        return value
+
+    def show(self, value):
+        return value or "empty"
 
 
-def parse_kernel(name, value, kernels):
-    """`dist` or `dist/release`, one of the kernels this build carries."""
-    dist, _, release = value.partition("/")
-    if dist in kernels and (not release or release == kernels[dist]):
-        return dist
-    known = ", ".join(f"{d} or {d}/{r}" for d, r in sorted(kernels.items()))
-    raise DkvmError(f"{name}={value!r}: no such kernel; available: {known}")
+class KernelName:
+    """`dist` or `dist/release`: one of the kernels this build carries (the context's
+    `kernels`, dist -> boot descriptor)."""
+    type = str
+    accepts = "`<dist>` or `<dist>/<release>` (`dkvm kernels` lists them)"
+
+    def parse(self, name, value, context):
+        kernels = context.kernels
+        dist, _, release = value.partition("/")
+        if dist in kernels and (not release or release == kernels[dist].release):
+            return dist
+        known = ", ".join(f"{d} or {d}/{boot.release}" for d, boot in sorted(kernels.items()))
+        raise DkvmError(f"{name}={value!r}: no such kernel; available: {known}")
+
+    def show(self, value):
+        return value
 
 
-CONTAINER_OPTIONS = {
-    "DKVM_ACCEL": ("accel", lambda n, v, k: parse_accel(n, v)),
-    "DKVM_KERNEL": ("kernel", parse_kernel),
-    "DKVM_KERNEL_APPEND": ("kernel_append", lambda n, v, k: v),
-    "DKVM_KERNEL_DEBUG": ("kernel_debug", lambda n, v, k: parse_bool(n, v)),
-    "DKVM_KERNEL_MOUNT_LIB_MODULES": ("kernel_lib_modules", lambda n, v, k: parse_bool(n, v)),
-    "DKVM_SYS_ADMIN": ("sys_admin", lambda n, v, k: parse_bool(n, v)),
-    "DKVM_DEV_SHM_SIZE": ("dev_shm_size", lambda n, v, k: parse_size(n, v)),
-}
-RUNTIME_ARGS = {"--dkvm-runc": "runc", "--dkvm-accel": "accel"}
+class Option:
+    __slots__ = ("env", "attr", "kind", "default", "runtime_arg")
+
+    def __init__(self, env, attr, kind, default, runtime_arg=None):
+        self.env, self.attr, self.kind, self.default = env, attr, kind, default
+        self.runtime_arg = runtime_arg      # also settable host-wide, in daemon.json
+
+
+OPTIONS = [
+    Option("DKVM_ACCEL", "accel", Choice("auto", "kvm", "tcg"), "auto",
+           runtime_arg="--dkvm-accel"),
+    Option("DKVM_KERNEL", "kernel", KernelName(), "debian"),
+    Option("DKVM_KERNEL_APPEND", "kernel_append", Text(), ""),
+    Option("DKVM_KERNEL_DEBUG", "kernel_debug", Bool(), False),
+    Option("DKVM_KERNEL_MOUNT_LIB_MODULES", "kernel_lib_modules", Bool(), False),
+    Option("DKVM_DEV_SHM_SIZE", "dev_shm_size", Size(), 64 << 20),
+    Option("DKVM_SYS_ADMIN", "sys_admin", Bool(), False),
+]
+BY_ENV = {option.env: option for option in OPTIONS}
+PREFIX = "DKVM_"
 
 
 def split_env(env):
-    """Split a container's env list into (workload env, DKVM_* settings)."""
+    """Split a process's env list into (the workload's env, {DKVM_* name: value})."""
     workload, settings = [], {}
     for item in env:
         name, _, value = item.partition("=")
-        if name.startswith("DKVM_"):
+        if name.startswith(PREFIX):
             settings[name] = value
         else:
             workload.append(item)
     return workload, settings
 
 
-def parse_options(settings, kernels, defaults=None):
-    """Options from DKVM_* settings over the runtime's defaults; raises on bad input."""
-    opts = Options(**(defaults or {}))
+def parse_settings(settings, context, defaults=None):
+    """{attr: value} for every option: the DKVM_* settings over `defaults` (the
+    runtime's own arguments) over each option's default. Raises DkvmError naming the
+    first bad one."""
+    values = {option.attr: option.default for option in OPTIONS}
+    values.update(defaults or {})
     for name, value in settings.items():
-        if name not in CONTAINER_OPTIONS:
-            accepted = ", ".join(sorted(CONTAINER_OPTIONS))
-            raise DkvmError(f"unknown option {name}: DKVM accepts {accepted}")
-        attr, parse = CONTAINER_OPTIONS[name]
-        setattr(opts, attr, parse(name, value, kernels))
-    return opts
-
-
-def split_runtime_args(argv):
-    """Remove DKVM's own global flags (from daemon.json runtimeArgs) from a runtime
-    command line; returns (argv for runc, dict of DKVM defaults)."""
-    rest, found = [], {}
-    args = iter(argv)
-    for arg in args:
-        name, eq, value = arg.partition("=")
-        if name in RUNTIME_ARGS:
-            if not eq:
-                value = next(args, "")
-            if name == "--dkvm-accel":
-                parse_accel(name, value)
-            found[RUNTIME_ARGS[name]] = value
-        elif name.startswith("--dkvm-"):
-            raise DkvmError(f"unknown runtime argument {name}: DKVM accepts "
-                            + ", ".join(sorted(RUNTIME_ARGS)))
-        else:
-            rest.append(arg)
-    return rest, found
+        option = BY_ENV.get(name)
+        if option is None:
+            raise DkvmError(f"unknown option {name}: DKVM accepts {', '.join(sorted(BY_ENV))}")
+        values[option.attr] = option.kind.parse(name, value, context)
+    return values

@@ -1,4 +1,5 @@
-"""Where things live: on the host, in the container, and in the guest.
+"""Where things live: on the host, in the container, and in the guest; and the
+environment variables that carry the plan and exec requests into the container.
 
 The payload is bind-mounted read-only at PAYLOAD_MOUNT in every container and the
 guest sees the same path through virtiofs, so every in-container and in-guest path
@@ -23,6 +24,10 @@ PORT_STDERR = "org.dkvm.stderr"
 PORT_STDIN = "org.dkvm.stdin"
 STDIN_SOCKET = RUN_DIR + "/stdin.sock"
 EXEC_SOCKET = RUN_DIR + "/exec.sock"      # dkvm-exec relays connect here
+EMBEDDED_DNS = ("127.0.0.11", 53)         # Docker's DNS server in the container's namespace
+
+PLAN_ENV = "DKVM_PLAN"                    # the entrypoint's plan (schema.Plan, JSON)
+EXEC_ENV = "DKVM_EXEC"                    # the exec relay's request (schema.ExecRequest)
 
 
 def host_payload_dir(build_id):

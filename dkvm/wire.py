@@ -8,6 +8,7 @@ and several frames in one read are the normal case, not an edge case.
 import struct
 
 from dkvm import lightjson
+from dkvm.schema import ExecStart, Field, NetChange, Record, in_range
 
 MAGIC = 0xD7
 HEADER = struct.Struct("!BBHI")
@@ -30,13 +31,44 @@ WINDOW = 12     # either way: {"bytes": N} the receiver consumed N data bytes: s
 CLOSE = 13      # relay side -> guest: the relay is gone; end the process
 DNS = 14        # either way: a 2-byte tag, then a DNS query (to the host) or its answer
 NET = 15        # host -> guest: {"wait_for": [MAC of a hot-plugged NIC], "steps": [step]}
-                #   Docker changed the container's networks (net_hotplug, net_steps)
+                #   Docker changed the container's networks (container.net_follower, container.net_steps)
 TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR, RESIZE, EXEC_START, STDIN, STDOUT, STDERR,
          EXEC_EXIT, WINDOW, CLOSE, DNS, NET}
 # Flow control for exec streams: a sender may have this many data bytes unconsumed
 # by the far end; data frames carry at most MAX_DATA bytes.
 STREAM_WINDOW = 256 << 10
 MAX_DATA = 64 << 10
+
+
+DNS_TAG = struct.Struct("!H")     # a DNS frame's payload: this tag, then the DNS message
+
+
+class Status(Record):
+    """EXIT, EXEC_EXIT: an exit status as a shell shows it (128+N: killed by signal N)."""
+    FIELDS = {"status": Field(int, 0, in_range(0, 255), required=True)}
+
+
+class SignalNumber(Record):
+    FIELDS = {"signal": Field(int, 0, in_range(1, 64), required=True)}
+
+
+class Message(Record):
+    FIELDS = {"message": Field(str, "", required=True)}
+
+
+class WindowSize(Record):
+    FIELDS = {"rows": Field(int, 0, in_range(0, 0xFFFF), required=True),
+              "cols": Field(int, 0, in_range(0, 0xFFFF), required=True)}
+
+
+class Credit(Record):
+    """WINDOW: the receiver consumed this many data bytes: send more."""
+    FIELDS = {"bytes": Field(int, 0, in_range(1, STREAM_WINDOW), required=True)}
+
+
+# the payload each JSON frame type carries
+PAYLOADS = {EXIT: Status, SIGNAL: SignalNumber, ERROR: Message, RESIZE: WindowSize,
+            EXEC_START: ExecStart, EXEC_EXIT: Status, WINDOW: Credit, NET: NetChange}
 
 
 class ProtocolError(Exception):
@@ -63,13 +95,20 @@ class Frame:
     def __repr__(self):
         return f"Frame({self.type}, {self.channel}, {self.payload!r})"
 
-    def json(self):
-        return lightjson.loads(self.payload or b"{}")
+    def record(self):
+        """The payload as its type's record, checked: a ProtocolError if it is not one."""
+        try:
+            return PAYLOADS[self.type].from_dict(lightjson.loads(self.payload))
+        except ValueError as err:     # bad JSON, or a SchemaError
+            raise ProtocolError(f"frame type {self.type}: bad payload: {err}") from None
 
 
 def encode(ftype, payload=b"", channel=0):
+    """One frame; `payload` is bytes, a record, or a dict for the type's record."""
     if isinstance(payload, dict):
-        payload = lightjson.dumps(payload).encode()
+        payload = PAYLOADS[ftype].from_dict(payload)
+    if isinstance(payload, Record):
+        payload = payload.to_json().encode()
     if len(payload) > MAX_PAYLOAD:
         raise ProtocolError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     return HEADER.pack(MAGIC, ftype, channel, len(payload)) + payload

@@ -1,7 +1,9 @@
 """Running docker for the end-to-end tests: every call has a time bound."""
+import re
 import subprocess
-import time
 import uuid
+
+from waiting import wait_until
 
 RUN_TIMEOUT = 240
 BUSYBOX = "dkvm-test-busybox"
@@ -30,6 +32,18 @@ def docker_run(runtime, *args, timeout=RUN_TIMEOUT, input=None):
         raise
 
 
+DKVM_LINE = re.compile(r"dkvm(\[[^\]]*\])?: ")
+
+
+def dkvm_lines(text):
+    """The lines DKVM wrote (`dkvm: ...` or `dkvm[role id]: ...`)."""
+    return [line for line in text.splitlines() if DKVM_LINE.search(line)]
+
+
+def logs(name):
+    return sh("docker", "logs", name, check=False).stdout
+
+
 def image_exists(tag):
     return sh("docker", "image", "inspect", tag, check=False).returncode == 0
 
@@ -56,10 +70,7 @@ def interrupt_foreground_sleep(child, container, timeout=60):
     """Start `sleep 1000` at the shell in `child`, wait (bounded) until the guest runs
     it, seen through `docker exec`, then press Ctrl-C."""
     child.sendline("sleep 1000")
-    deadline = time.monotonic() + timeout
-    while "sleep 1000" not in sh("docker", "exec", container, "ps", "-o", "args",
-                                 check=False).stdout:
-        if time.monotonic() > deadline:
-            raise AssertionError("the foreground sleep never started")
-        time.sleep(0.2)
+    wait_until(lambda: "sleep 1000" in sh("docker", "exec", container, "ps", "-o", "args",
+                                          check=False).stdout,
+               "the foreground sleep to start", timeout)
     child.sendcontrol("c")

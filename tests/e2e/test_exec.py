@@ -2,12 +2,12 @@
 import hashlib
 import subprocess
 import threading
-import time
 
 import pexpect
 import pytest
 
-from dockerutil import interrupt_foreground_sleep, resize_and_check, sh
+from dockerutil import interrupt_foreground_sleep, logs, resize_and_check, sh
+from waiting import wait_until
 
 EXEC_TIMEOUT = 180
 RUNTIMES = ("runc", "dkvm")
@@ -82,13 +82,8 @@ def test_stdin_eof_reaches_the_process(containers):
 def test_detached_exec_keeps_running(containers):
     name = containers["dkvm"]
     sh("docker", "exec", "-d", name, "sh", "-c", "sleep 2; echo done > /scratch/detached")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        out = docker_exec(name, [], ["cat", "/scratch/detached"])
-        if out.stdout == b"done\n":
-            return
-        time.sleep(0.5)
-    raise AssertionError("the detached exec never finished its work")
+    wait_until(lambda: docker_exec(name, [], ["cat", "/scratch/detached"]).stdout == b"done\n",
+               "the detached exec to finish its work", timeout=60, interval=0.5)
 
 
 def test_twenty_concurrent_execs_keep_their_streams(containers):
@@ -135,9 +130,21 @@ def test_exec_while_booting_waits_then_runs(busybox_image, container_name):
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_exec_into_a_stopped_container_fails_as_with_runc(busybox_image, container_name,
-                                                          runtime):
-    sh("docker", "run", "--runtime=" + runtime, "--name", container_name, busybox_image, "true")
-    out = docker_exec(container_name, [], ["true"])
-    assert out.returncode == 1
-    assert b"is not running" in out.stderr
+def test_an_exec_running_when_the_container_stops_ends_as_with_runc(busybox_image,
+                                                                    container_name, runtime):
+    """The workload exits under a running exec: the exec is killed with the container
+    (137), as runc kills what is left in the container when its init exits."""
+    sh("docker", "run", "-d", f"--runtime={runtime}", "--name", container_name, busybox_image,
+       "sh", "-c", 'trap "exit 0" TERM; echo ready; sleep 600 & wait')
+    wait_until(lambda: "ready" in logs(container_name), "the workload to start")
+    running = subprocess.Popen(["docker", "exec", container_name, "sh", "-c",
+                                "echo started; exec sleep 600"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        assert running.stdout.readline() == b"started\n"
+        sh("docker", "stop", "-t", "30", container_name, timeout=60)
+        running.wait(timeout=60)
+    finally:
+        running.kill()
+        running.communicate(timeout=60)
+    assert running.returncode == 137

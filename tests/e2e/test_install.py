@@ -2,10 +2,10 @@
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 from dockerutil import sh
+from waiting import wait_until
 
 DAEMON_JSON = Path("/etc/docker/daemon.json")
 BACKUP = Path("/etc/docker/daemon.json.dkvm-backup")
@@ -27,7 +27,10 @@ def test_install_is_idempotent_and_keeps_other_settings(docker):
         assert after["runtimes"]["dkvm"]["path"] == "/usr/local/bin/dkvm-runtime"
         assert json.loads(BACKUP.read_text())["labels"] == ["dkvm-test=kept"]
         assert os.path.realpath("/usr/local/bin/dkvm-runtime") == "/usr/local/bin/dkvm.pyz"
-        assert wait_for_runtimes({"dkvm", "other"})
+        # dockerd reloads on SIGHUP asynchronously
+        wait_until(lambda: {"dkvm", "other"} <= set(json.loads(sh(
+            "docker", "info", "--format", "{{json .Runtimes}}").stdout)),
+            "dockerd to list both runtimes", timeout=15, interval=0.5)
     finally:
         DAEMON_JSON.write_text(original)
         sh("dkvm", "install")
@@ -36,17 +39,6 @@ def test_install_is_idempotent_and_keeps_other_settings(docker):
 def test_version_and_help(docker):
     assert sh("dkvm", "version").stdout.startswith("dkvm ")
     assert "install" in sh("dkvm", "--help").stdout
-
-
-def wait_for_runtimes(names, timeout=15):
-    """dockerd reloads on SIGHUP asynchronously: poll `docker info`, bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runtimes = json.loads(sh("docker", "info", "--format", "{{json .Runtimes}}").stdout)
-        if names <= set(runtimes):
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def test_doctor_reports_this_host(docker):

@@ -8,27 +8,14 @@ import time
 import pexpect
 import pytest
 
-from dockerutil import docker_run, interrupt_foreground_sleep, sh
+from dockerutil import docker_run, interrupt_foreground_sleep, logs, sh
+from waiting import wait_until, wait_until_steady
 
 BOOT_TIMEOUT = 120
 
 
 def run_detached(runtime, name, image, *cmd, flags=()):
     sh("docker", "run", "-d", f"--runtime={runtime}", "--name", name, *flags, image, *cmd)
-
-
-def wait_for(predicate, what, timeout=BOOT_TIMEOUT, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def logs(name):
-    return sh("docker", "logs", name, check=False).stdout
 
 
 def state(name):
@@ -43,10 +30,10 @@ TRAP_ALL = ('for s in USR1 HUP INT TERM; do trap "echo got-$s" $s; done; echo re
 @pytest.mark.parametrize("runtime", ["runc", "dkvm"])
 def test_docker_kill_signals_reach_the_workload(busybox_image, container_name, runtime):
     run_detached(runtime, container_name, busybox_image, "sh", "-c", TRAP_ALL)
-    wait_for(lambda: "ready" in logs(container_name), "the workload to start")
+    wait_until(lambda: "ready" in logs(container_name), "the workload to start")
     for sig in ("USR1", "HUP", "INT", "TERM"):
         sh("docker", "kill", "-s", sig, container_name)
-        wait_for(lambda: f"got-{sig}" in logs(container_name), f"the workload to see {sig}",
+        wait_until(lambda: f"got-{sig}" in logs(container_name), f"the workload to see {sig}",
                  timeout=30)
     start = time.monotonic()
     sh("docker", "kill", container_name)
@@ -57,7 +44,7 @@ def test_docker_kill_signals_reach_the_workload(busybox_image, container_name, r
 def test_stop_timeout_ends_a_workload_that_ignores_term(busybox_image, container_name):
     run_detached("dkvm", container_name, busybox_image, "sh", "-c",
                  'trap "" TERM; echo ready; while :; do sleep 0.1; done')
-    wait_for(lambda: "ready" in logs(container_name), "the workload to start")
+    wait_until(lambda: "ready" in logs(container_name), "the workload to start")
     start = time.monotonic()
     sh("docker", "stop", "-t", "3", container_name, timeout=60)
     elapsed = time.monotonic() - start
@@ -68,9 +55,9 @@ def test_stop_timeout_ends_a_workload_that_ignores_term(busybox_image, container
 def test_restart(busybox_image, container_name):
     run_detached("dkvm", container_name, busybox_image, "sh", "-c",
                  'trap "exit 0" TERM; echo started; while :; do sleep 0.1; done')
-    wait_for(lambda: "started" in logs(container_name), "the first start")
+    wait_until(lambda: "started" in logs(container_name), "the first start")
     sh("docker", "restart", "-t", "10", container_name, timeout=120)
-    wait_for(lambda: logs(container_name).count("started") == 2, "the second start")
+    wait_until(lambda: logs(container_name).count("started") == 2, "the second start")
     assert state(container_name)[0] == "running"
 
 
@@ -78,27 +65,32 @@ def test_pause_freezes_and_unpause_resumes_with_the_clock_recovered(busybox_imag
                                                                      container_name):
     run_detached("dkvm", container_name, busybox_image, "sh", "-c",
                  "while :; do date +%s; sleep 0.2; done")
-    wait_for(lambda: logs(container_name).strip(), "the first tick")
+    wait_until(lambda: logs(container_name).strip(), "the first tick")
     sh("docker", "pause", container_name)
-    time.sleep(1)   # let any output in flight land before counting
-    frozen = len(logs(container_name).split())
-    time.sleep(3)
-    assert len(logs(container_name).split()) == frozen   # nothing ran while paused
+    frozen = wait_until_steady(lambda: len(logs(container_name).split()),
+                               "output in flight to land")
+    time.sleep(3)                                         # watched: nothing runs while paused
+    assert len(logs(container_name).split()) == frozen
     sh("docker", "unpause", container_name)
 
     def caught_up():
         ticks = logs(container_name).split()
         return len(ticks) > frozen and abs(int(ticks[-1]) - time.time()) <= 2
-    wait_for(caught_up, "the guest clock to catch up after unpause", timeout=30)
+    wait_until(caught_up, "the guest clock to catch up after unpause", timeout=30)
 
 
 def test_rm_force_while_booting_leaves_nothing(busybox_image, container_name):
+    """`rm -f` once QEMU runs, while the guest boots (seconds under TCG): QEMU and
+    virtiofsd go with the container."""
     before = set(host_vm_processes())
-    run_detached("dkvm", container_name, busybox_image, "sleep", "100")
+    run_detached("dkvm", container_name, busybox_image, "sh", "-c", "echo started; sleep 100")
+    pid = sh("docker", "inspect", "-f", "{{.State.Pid}}", container_name).stdout.strip()
+    qemu = wait_until(lambda: sh("pgrep", "-P", pid, "-f", "qemu-system-x86_64",
+                               check=False).stdout.split(), "QEMU to start", timeout=60)
     sh("docker", "rm", "-f", container_name, timeout=60)
     assert sh("docker", "inspect", container_name, check=False).returncode != 0
-    wait_for(lambda: set(host_vm_processes()) <= before, "QEMU and virtiofsd to be gone",
-             timeout=30)
+    wait_until(lambda: set(host_vm_processes()) <= before and not set(qemu) & set(
+        host_vm_processes()), "QEMU and virtiofsd to be gone", timeout=30)
 
 
 def host_vm_processes():
@@ -112,7 +104,7 @@ def test_fault_of_qemu_or_virtiofsd_ends_the_container_with_a_reason(
         busybox_image, container_name, victim, pattern):
     run_detached("dkvm", container_name, busybox_image, "sh", "-c",
                  "echo ready; while :; do sleep 0.1; done")
-    wait_for(lambda: "ready" in logs(container_name), "the workload to start")
+    wait_until(lambda: "ready" in logs(container_name), "the workload to start")
     pid = sh("docker", "inspect", "-f", "{{.State.Pid}}", container_name).stdout.strip()
     children = sh("pgrep", "-P", pid, "-f", pattern).stdout.split()
     assert len(children) == 1
@@ -158,7 +150,7 @@ def test_no_leaks_after_30_cycles(busybox_image):
             sh("docker", "kill", name, timeout=60)
         finally:
             sh("docker", "rm", "-f", name, check=False)
-    wait_for(lambda: leak_snapshot() == before, "the host to be as before", timeout=30)
+    wait_until(lambda: leak_snapshot() == before, "the host to be as before", timeout=30)
 
 
 def test_ctrl_c_detach_and_attach(busybox_image, container_name):

@@ -1,10 +1,10 @@
 """The VM has the container's network: runc as the oracle, peers on the same bridge."""
-import time
 import urllib.request
 
 import pytest
 
-from dockerutil import docker_run, sh
+from dockerutil import dkvm_lines, docker_run, sh
+from waiting import poll
 
 NET = "dkvm-test-net"
 SUBNET, GATEWAY = "10.123.45.0/24", "10.123.45.1"
@@ -79,13 +79,9 @@ def start_httpd(runtime, name, image, text, *flags):
 
 
 def fetch_until(url_fetch, expected, timeout=120):
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        last = url_fetch()
-        if last == expected:
-            return last
-        time.sleep(0.5)
-    return last
+    """What `url_fetch()` gives once it is `expected` (the VM may still be booting), or
+    the last it gave."""
+    return poll(url_fetch, lambda got: got == expected, timeout, interval=0.5)
 
 
 @pytest.fixture
@@ -293,10 +289,8 @@ def test_network_connect_and_disconnect_while_running_match_runc(
                 view = network_view(container_name)
                 if runtime == "dkvm":        # the guest follows Docker within moments
                     expected = views["runc"][len(views[runtime])]
-                    deadline = time.monotonic() + 60
-                    while view != expected and time.monotonic() < deadline:
-                        time.sleep(0.5)
-                        view = network_view(container_name)
+                    view = poll(lambda: network_view(container_name),
+                                lambda seen: seen == expected, 60, interval=0.5)
                 views[runtime].append(view)
                 if step == steps[1]:        # both networks attached: a peer reaches us
                     out = sh("docker", "exec", peer, "sh", "-c",
@@ -309,6 +303,6 @@ def test_network_connect_and_disconnect_while_running_match_runc(
         assert "fd00:dcba:1::40/64" in str(views["dkvm"][2])
         assert sh("docker", "inspect", "-f", "{{.State.Running}}", container_name
                   ).stdout.strip() == "true"
-        assert "dkvm:" not in sh("docker", "logs", container_name).stderr
+        assert dkvm_lines(sh("docker", "logs", container_name).stderr) == []
     finally:
         sh("docker", "rm", "-f", peer, container_name, check=False)

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from dockerutil import docker_run, sh
+from dockerutil import dkvm_lines, docker_run, sh
 
 BAD_INPUT = {
     "accel": (["-e", "DKVM_ACCEL=foo"], ["DKVM_ACCEL", "auto, kvm, tcg"]),
@@ -26,10 +26,11 @@ def test_bad_input_fails_at_once_and_leaves_nothing(busybox_image, container_nam
     out = sh("docker", "run", "--runtime=dkvm", "--name", container_name, *flags, busybox_image,
              "true", check=False, timeout=60)
     assert out.returncode == 125
-    dkvm_lines = [line for line in out.stderr.splitlines() if "dkvm:" in line]
-    assert len(dkvm_lines) == 1, out.stderr
+    lines = dkvm_lines(out.stderr)
+    assert len(lines) == 1, out.stderr
+    assert lines[0].count("dkvm") == 1          # one prefix, never two
     for word in words:
-        assert word in dkvm_lines[0]
+        assert word in lines[0]
     state = sh("docker", "inspect", "-f", "{{.State.Status}}", container_name).stdout.strip()
     assert state == "created"   # as runc leaves a container whose create failed
     assert qemu_processes() == before

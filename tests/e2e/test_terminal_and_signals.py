@@ -1,10 +1,10 @@
 """stdin, terminals and docker stop, with runc as the oracle."""
-import time
 
 import pexpect
 import pytest
 
-from dockerutil import docker_run, resize_and_check, sh
+from dockerutil import docker_run, logs, resize_and_check, sh
+from waiting import wait_until
 
 PROMPT_TIMEOUT = 90
 
@@ -27,20 +27,11 @@ def test_docker_stop_delivers_sigterm_to_a_trap(busybox_image, container_name, r
     script = 'trap "echo got-term; exit 7" TERM; echo ready; while :; do sleep 0.1; done'
     sh("docker", "run", "-d", f"--runtime={runtime}", "--name", container_name, busybox_image,
        "sh", "-c", script)
-    wait_for_log(container_name, "ready")
+    wait_until(lambda: "ready" in logs(container_name), "the workload to start")
     sh("docker", "stop", "-t", "30", container_name, timeout=60)
     code = sh("docker", "wait", container_name, timeout=60).stdout.strip()
     assert code == "7"
     assert sh("docker", "logs", container_name).stdout == "ready\ngot-term\n"
-
-
-def wait_for_log(name, text, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in sh("docker", "logs", name, check=False).stdout:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{name} never logged {text!r}")
 
 
 def test_interactive_shell_with_terminal(busybox_image):

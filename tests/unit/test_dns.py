@@ -4,7 +4,8 @@ import socket
 import struct
 import time
 
-from dkvm import dns
+from dkvm.guest import dns
+from waiting import wait_until
 
 
 def message(txid, rcode=0, answers=0):
@@ -45,21 +46,17 @@ def forwarder_and_client(upstream_port=None):
 
 def ask(fwd, client, query):
     client.sendto(query, fwd.sock.getsockname())
-    deadline = time.monotonic() + 5
-    payload = None
-    while payload is None and time.monotonic() < deadline:
-        payload = fwd.take_query()
-    assert payload is not None
-    return payload
+    return wait_until(fwd.take_query, "the forwarder to take the query", timeout=5,
+                      interval=0.01)
 
 
 def pump_upstream(fwd, until, timeout=5):
-    deadline = time.monotonic() + timeout
-    while not until() and time.monotonic() < deadline:
+    def pumped():
         for sock in fwd.sockets()[1:]:
             fwd.read_upstream(sock)
         fwd.tick()
-        time.sleep(0.01)
+        return until()
+    wait_until(pumped, "the forwarder to answer", timeout=timeout, interval=0.01)
 
 
 def test_embedded_answer_with_records_wins():

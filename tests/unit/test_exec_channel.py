@@ -1,17 +1,20 @@
-"""`docker exec`'s control channel, piece by piece and without a VM: the guest's
-ExecSession (flow control, stdout/stderr apart, the exit status after the last byte,
-stdin and its EOF, terminals, CLOSE), the container side's multiplexer `supervise`
-(held frames until HELLO, channels, CLOSE, malformed frames, EXIT/EXIT_ACK) and the
-exec relay (EXEC_START first, the stdin window, WINDOW answers, the exit status).
+"""The control channel's three loops, driven by tests through socketpairs, without a
+VM: the guest's loop (guest.loop.GuestLoop) and its exec sessions (flow control,
+stdout/stderr apart, the exit status after the last byte, stdin and its EOF,
+terminals, CLOSE, signals and resizes for the workload), the container side's
+supervisor (held frames until HELLO, channels, CLOSE, malformed frames, signals,
+EXIT/EXIT_ACK) and the exec relay (EXEC_START first, the stdin window, WINDOW
+answers, the exit status).
 
 Every wait here is bounded: a broken peer fails the test, it never hangs it."""
 import fcntl
 import hashlib
-import json
 import os
+import queue
 import select
 import signal
 import socket
+import subprocess
 import sys
 import termios
 import threading
@@ -19,19 +22,20 @@ import time
 
 import pytest
 
-from dkvm import guest_exec, wire
+from dkvm import wire
+from dkvm.container import supervisor as supervisor_module
+from dkvm.container.exec_relay import ExecRelay
+from dkvm.container.supervisor import FORWARDED_SIGNALS, SignalInbox, Supervisor, free_channel
 from dkvm.errors import DkvmError
-from dkvm.roles import ctr_entrypoint, exec_relay
+from dkvm.guest.loop import GuestLoop
+from dkvm.roles.ctr_entrypoint import listen
+from dkvm.schema import ExecStart, NetChange, NetStep, Process
 from dkvm.wire import (CLOSE, EXEC_EXIT, EXEC_START, EXIT, EXIT_ACK, HELLO, MAX_DATA,
                        RESIZE, SIGNAL, STDERR, STDIN, STDOUT, STREAM_WINDOW, WINDOW, Frame)
 
 WAIT = 5            # the most any single expected event may take
 QUIET = 0.25        # how long "nothing more happens" is watched for
 CHANNEL = 7
-
-
-def window(n, channel=CHANNEL):
-    return Frame(WINDOW, channel, json.dumps({"bytes": n}).encode())
 
 
 def pattern(n, tag=b""):
@@ -57,9 +61,9 @@ def py(body):
     return [sys.executable, "-c", PATTERN_SRC + body]
 
 
-# --- the guest side: ExecSession -------------------------------------------------------
+# --- the guest side: GuestLoop and its ExecSession -------------------------------------
 
-def fake_spawn(request, workload_pid, stdio, use_tty):
+def fake_spawn(process, workload_pid, stdio):
     """spawn_in_workload without namespaces or a user switch: a session leader with
     `stdio` as 0-2 (and its controlling terminal, for a terminal), exec'ing args."""
     pid = os.fork()
@@ -67,13 +71,14 @@ def fake_spawn(request, workload_pid, stdio, use_tty):
         return pid
     try:
         os.setsid()
-        if use_tty:
+        if process.terminal:
             fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
-        os.execvp(request["args"][0], request["args"])
+        os.execvp(process.args[0], process.args)
     finally:
         os._exit(127)
 
@@ -84,73 +89,142 @@ def exit_status(wstatus):
     return 128 - code if code < 0 else code
 
 
-class GuestLoop:
-    """vm_init's main loop for one session: reap, select on the session's fds,
-    write stdin / read output; frames the session sends are decoded into `frames`.
-    It checks, on every data frame sent, that the relay's window is respected."""
+class GuestHarness:
+    """The guest's real loop (guest.loop.GuestLoop), turn by turn, with the test as the
+    relay at the other end of a socketpair. A reader thread takes every frame the
+    loop sends and checks it on arrival: our channel, data frames of at most
+    MAX_DATA, output within the window granted back so far, nothing after EXEC_EXIT.
+    A writer thread sends the relay's frames, so that a full socket never blocks the
+    thread that runs the loop."""
 
-    def __init__(self, request):
-        self.decoder = wire.Decoder()
-        self.frames = []
-        self.acked = 0              # output bytes the fake relay has acknowledged
-        self.exited = False
-        self.status = None          # as reaped
-        self.session = guest_exec.ExecSession(CHANNEL, request, 1, self.send)
+    def __init__(self, workload_args=("sleep", "300")):
+        self.relay_end, self.guest_end = socket.socketpair()
+        self.workload = subprocess.Popen(list(workload_args), stdout=subprocess.PIPE)
+        self.children = {self.workload.pid}
+        self.lock = threading.Lock()
+        self.frames, self.problems = [], []
+        self.acked = 0              # output bytes the fake relay has granted back
+        self.exec_pid, self.exited, self.status = None, False, None   # the exec, as reaped
+        self.most_buffered = 0      # the most stdin the session held at once
+        self.session = None
+        self.outbox = queue.Queue()
+        self.reader = threading.Thread(target=self.read_frames, name="relay-reader", daemon=True)
+        self.writer = threading.Thread(target=self.write_frames, name="relay-writer",
+                                       daemon=True)
+        self.reader.start()
+        self.writer.start()
+        self.loop = GuestLoop(self.guest_end.fileno(), self.workload.pid, reap=self.reap,
+                              spawn_exec=self.spawn)
 
-    def send(self, data):
-        frames = self.decoder.feed(data)
-        for frame in frames:
-            assert frame.channel == CHANNEL, frame
+    def start_exec(self, args, terminal=False, winsize=()):
+        self.send(EXEC_START, ExecStart(process=Process(args=args, terminal=terminal),
+                                        winsize=list(winsize)))
+        self.run_until(lambda: CHANNEL in self.loop.sessions or self.exits())
+        self.session = self.loop.sessions.get(CHANNEL)
+        return self
+
+    # --- the loop's side
+    def spawn(self, process, workload_pid, stdio):
+        self.exec_pid = fake_spawn(process, workload_pid, stdio)
+        self.children.add(self.exec_pid)
+        return self.exec_pid
+
+    def reap(self):
+        statuses = {}
+        for pid in list(self.children):
+            done, wstatus = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self.children.discard(pid)
+                statuses[pid] = exit_status(wstatus)
+        if self.exec_pid in statuses:
+            self.exited, self.status = True, statuses[self.exec_pid]
+        return statuses
+
+    # --- the relay's side
+    def read_frames(self):
+        decoder = wire.Decoder()
+        while True:
+            try:
+                data = self.relay_end.recv(1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            for frame in decoder.feed(data):
+                self.check(frame)
+
+    def check(self, frame):
+        with self.lock:
+            if frame.channel != CHANNEL:
+                self.problems.append(f"frame on channel {frame.channel}: {frame}")
             if frame.type in (STDOUT, STDERR):
-                assert 0 < len(frame.payload) <= MAX_DATA
-                assert not any(f.type == EXEC_EXIT for f in self.frames), "data after EXEC_EXIT"
-        self.frames += frames
-        assert self.sent_output() - self.acked <= STREAM_WINDOW, "output beyond the window"
+                if not 0 < len(frame.payload) <= MAX_DATA:
+                    self.problems.append(f"data frame of {len(frame.payload)} bytes")
+                if any(f.type == EXEC_EXIT for f in self.frames):
+                    self.problems.append("data after EXEC_EXIT")
+            self.frames.append(frame)
+            if self.sent_output() - self.acked > STREAM_WINDOW:
+                self.problems.append("output beyond the window")
 
-    # what the fake relay saw
+    def write_frames(self):
+        while True:
+            data = self.outbox.get()
+            if data is None:
+                return
+            try:
+                self.relay_end.sendall(data)
+            except OSError:
+                return
+
+    def send(self, ftype, payload=b"", channel=CHANNEL):
+        self.outbox.put(wire.encode(ftype, payload, channel))
+
+    def send_raw(self, data):
+        self.outbox.put(data)
+
+    def grant(self, n):
+        """A WINDOW for `n` output bytes, as the relay sends after writing them."""
+        with self.lock:
+            self.acked += n
+        self.send(WINDOW, {"bytes": n})
+
+    def ack(self):
+        """Grant back everything received."""
+        with self.lock:
+            unacked = self.sent_output() - self.acked
+        if unacked:
+            self.grant(unacked)
+
+    # what the relay saw
+    def received(self):
+        with self.lock:
+            return list(self.frames)
+
     def payload(self, ftype):
-        return b"".join(f.payload for f in self.frames if f.type == ftype)
+        return b"".join(f.payload for f in self.received() if f.type == ftype)
 
     def sent_output(self):
         return sum(len(f.payload) for f in self.frames if f.type in (STDOUT, STDERR))
 
     def windows(self):
-        return sum(f.json()["bytes"] for f in self.frames if f.type == WINDOW)
+        return sum(f.record().bytes for f in self.received() if f.type == WINDOW)
 
     def exits(self):
-        return [f.json()["status"] for f in self.frames if f.type == EXEC_EXIT]
+        return [f.record().status for f in self.received() if f.type == EXEC_EXIT]
 
-    def ack(self):
-        """Grant back everything received, as the relay does after writing it."""
-        unacked = self.sent_output() - self.acked
-        if unacked:
-            self.acked += unacked
-            self.session.on_frame(window(unacked))
-
+    # --- driving the loop
     def step(self, timeout=0.02):
-        session = self.session
-        if not self.exited:
-            pid, wstatus = os.waitpid(session.pid, os.WNOHANG)
-            if pid:
-                self.exited = True
-                self.status = exit_status(wstatus)
-                session.on_exit(self.status)
-        if session.ended:
-            return
-        ready_r, ready_w, _ = select.select(session.readable_fds(), session.writable_fds(),
-                                            [], timeout)
-        for fd in ready_w:
-            session.write_stdin()
-        for fd in ready_r:
-            if fd in session.outputs:
-                session.read_output(fd)
+        self.loop.step(timeout)
+        if self.session is not None:
+            self.most_buffered = max(self.most_buffered, len(self.session.stdin_buf))
+        assert not self.problems, self.problems
 
     def run_until(self, cond, auto_ack=False, timeout=WAIT, each=None):
         deadline = time.monotonic() + timeout
         while not cond():
             assert time.monotonic() < deadline, (
                 f"timed out: {len(self.frames)} frames, output {self.sent_output()}, "
-                f"acked {self.acked}, credit {self.session.credit}, exited {self.exited}")
+                f"acked {self.acked}, exited {self.exited}")
             if each:
                 each()
             self.step()
@@ -163,35 +237,53 @@ class GuestLoop:
         while time.monotonic() < deadline:
             self.step()
 
+    def ended(self):
+        return CHANNEL not in self.loop.sessions and self.session is not None
+
     def finish(self):
-        self.run_until(lambda: self.session.ended, auto_ack=True)
-        assert self.frames[-1].type == EXEC_EXIT
+        self.run_until(lambda: self.ended() and self.exits(), auto_ack=True)
+        self.idle(0.05)
+        frames = self.received()
+        assert frames[-1].type == EXEC_EXIT
         assert len(self.exits()) == 1
         return self.exits()[0]
 
-
-@pytest.fixture
-def guest(monkeypatch):
-    monkeypatch.setattr(guest_exec, "spawn_in_workload", fake_spawn)
-    loops = []
-
-    def start(args, **request):
-        loop = GuestLoop(dict(request, args=args, env=[], uid=0, gid=0))
-        loops.append(loop)
-        return loop
-
-    yield start
-    for loop in loops:              # never leave a process or fds behind, even on failure
-        session = loop.session
-        if not loop.exited:
+    def close(self):
+        """Never leave a process, an fd or a signal handler behind, even on failure."""
+        if self.exec_pid and not self.exited:
             try:
-                os.killpg(session.pid, signal.SIGKILL)
+                os.killpg(self.exec_pid, signal.SIGKILL)
             except OSError:
                 pass
-            os.waitpid(session.pid, 0)
-        if not session.ended:
+            os.waitpid(self.exec_pid, 0)
+        self.workload.kill()
+        self.workload.wait()
+        self.workload.stdout.close()
+        session = self.session
+        if session is not None and not session.ended:
             for fd in {*session.outputs, session.stdin_fd} - {None}:
                 os.close(fd)
+        self.loop.close()
+        self.outbox.put(None)
+        self.writer.join(WAIT)
+        self.relay_end.shutdown(socket.SHUT_RDWR)
+        self.reader.join(WAIT)
+        self.relay_end.close()
+        self.guest_end.close()
+
+
+@pytest.fixture
+def guest():
+    harnesses = []
+
+    def start(args, terminal=False, winsize=()):
+        harness = GuestHarness()
+        harnesses.append(harness)
+        return harness.start_exec(args, terminal, winsize)
+
+    yield start
+    for harness in harnesses:
+        harness.close()
 
 
 def test_output_stalls_when_the_window_is_spent_and_resumes_on_window(guest):
@@ -205,8 +297,7 @@ def test_output_stalls_when_the_window_is_spent_and_resumes_on_window(guest):
     assert len(g.payload(STDOUT)) == STREAM_WINDOW
     assert not g.exited and g.exits() == []
     # a partial grant lets exactly that much through
-    g.acked += 1000
-    g.session.on_frame(window(1000))
+    g.grant(1000)
     g.run_until(lambda: len(g.payload(STDOUT)) >= STREAM_WINDOW + 1000)
     g.idle()
     assert len(g.payload(STDOUT)) == STREAM_WINDOW + 1000
@@ -253,26 +344,23 @@ class FakeRelayStdin:
     """Sends `data` as the relay does: MAX_DATA frames within the window the
     session grants back, then an empty frame for EOF."""
 
-    def __init__(self, loop, data):
-        self.loop, self.data, self.sent, self.eof_sent = loop, data, 0, False
+    def __init__(self, harness, data):
+        self.harness, self.data, self.sent, self.eof_sent = harness, data, 0, False
         self.stalled = False        # the window ran out at least once
-        self.most_buffered = 0
 
     def credit(self):
-        return STREAM_WINDOW - (self.sent - self.loop.windows())
+        return STREAM_WINDOW - (self.sent - self.harness.windows())
 
     def __call__(self):
-        session = self.loop.session
         assert 0 <= self.credit() <= STREAM_WINDOW
-        while self.sent < len(self.data) and self.credit() > 0 and not session.ended:
+        while self.sent < len(self.data) and self.credit() > 0 and not self.harness.ended():
             n = min(MAX_DATA, self.credit(), len(self.data) - self.sent)
-            session.on_frame(Frame(STDIN, CHANNEL, self.data[self.sent:self.sent + n]))
+            self.harness.send(STDIN, self.data[self.sent:self.sent + n])
             self.sent += n
-            self.most_buffered = max(self.most_buffered, len(session.stdin_buf))
         if self.sent < len(self.data) and self.credit() == 0:
             self.stalled = True
         if self.sent == len(self.data) and not self.eof_sent:
-            session.on_frame(Frame(STDIN, CHANNEL, b""))
+            self.harness.send(STDIN, b"")
             self.eof_sent = True
 
 
@@ -280,26 +368,26 @@ def test_stdin_reaches_the_process_within_the_window_and_eof_ends_it(guest):
     data = os.urandom(4 * STREAM_WINDOW + 777)
     g = guest(["sh", "-c", "sleep 0.1; sha256sum"])     # starts late: the pipe fills
     relay = FakeRelayStdin(g, data)
-    g.run_until(lambda: g.session.ended, auto_ack=True, each=relay)
+    g.run_until(lambda: g.ended() and g.exits(), auto_ack=True, each=relay)
     assert g.exits() == [0]
     assert g.payload(STDOUT) == hashlib.sha256(data).hexdigest().encode() + b"  -\n"
     assert relay.eof_sent and relay.stalled
-    assert g.windows() == len(data)     # every byte written was granted back
-    assert relay.most_buffered <= STREAM_WINDOW
+    g.run_until(lambda: g.windows() == len(data))   # every byte written was granted back
+    assert g.most_buffered <= STREAM_WINDOW
 
 
 def test_stdin_the_process_never_reads_is_still_granted_back(guest):
     data = os.urandom(2 * STREAM_WINDOW)
     g = guest(["sh", "-c", "head -c 5 >/dev/null; echo done"])
     relay = FakeRelayStdin(g, data)
-    g.run_until(lambda: g.session.ended, auto_ack=True, each=relay)
+    g.run_until(lambda: g.ended() and g.exits(), auto_ack=True, each=relay)
     assert g.exits() == [0]
     assert g.payload(STDOUT) == b"done\n"
 
 
 def test_eof_on_stdin_without_data(guest):
     g = guest(["wc", "-c"])
-    g.session.on_frame(Frame(STDIN, CHANNEL, b""))
+    g.send(STDIN, b"")
     assert g.finish() == 0
     assert g.payload(STDOUT).strip() == b"0"
 
@@ -309,21 +397,21 @@ def test_terminal_session_output_size_resize_and_input(guest):
                            "head -c 300000 /dev/zero | tr '\\0' y; echo; echo END"],
               terminal=True, winsize=[33, 101])
     g.run_until(lambda: b"33 101" in g.payload(STDOUT), auto_ack=True)
-    g.session.on_frame(Frame(RESIZE, CHANNEL, b'{"rows":40,"cols":120}'))
-    g.session.on_frame(Frame(STDIN, CHANNEL, b"hello\n"))
+    g.send(RESIZE, {"rows": 40, "cols": 120})
+    g.send(STDIN, b"hello\n")
     assert g.finish() == 0
     out = g.payload(STDOUT)
     assert g.payload(STDERR) == b""             # a terminal has one stream
     assert b"40 120" in out and b"got:hello" in out
     assert out.count(b"y") == 300000            # all of it, past the window, before EXIT
     assert out.endswith(b"END\r\n")
-    assert g.windows() == len(b"hello\n")
+    g.run_until(lambda: g.windows() == len(b"hello\n"))
 
 
 def test_terminal_eof_is_ctrl_d(guest):
     g = guest(["cat"], terminal=True)
-    g.session.on_frame(Frame(STDIN, CHANNEL, b"abc\n"))
-    g.session.on_frame(Frame(STDIN, CHANNEL, b""))
+    g.send(STDIN, b"abc\n")
+    g.send(STDIN, b"")
     assert g.finish() == 0
     assert g.payload(STDOUT).count(b"abc") == 2     # the echo and cat's copy
 
@@ -344,11 +432,12 @@ def test_terminal_closed_by_a_live_process_does_not_hang_it_up(guest):
 def test_close_kills_the_process_and_ends_the_session(guest, terminal):
     g = guest(["sh", "-c", "echo started; sleep 30 & sleep 30; echo never"], terminal=terminal)
     g.run_until(lambda: b"started" in g.payload(STDOUT), auto_ack=True)
-    sent = len(g.frames)
-    g.session.on_frame(Frame(CLOSE, CHANNEL))
-    g.run_until(lambda: g.session.ended)
+    sent = len(g.received())
+    g.send(CLOSE)
+    g.run_until(lambda: g.ended() and g.exited)
+    g.idle(0.1)
     assert g.status == 128 + signal.SIGKILL
-    assert g.frames[sent:] == []        # nothing more for a relay that is gone
+    assert g.received()[sent:] == []        # nothing more for a relay that is gone
     assert g.session.outputs == {} and g.session.stdin_fd is None
 
 
@@ -364,22 +453,108 @@ def test_close_ends_the_session_even_with_the_window_spent(guest, close_after_ex
         g.run_until(lambda: g.session.credit == 0)
         g.idle(0.05)
     assert g.session.credit == 0 and not g.session.ended
-    sent = len(g.frames)
-    g.session.on_frame(Frame(CLOSE, CHANNEL))
-    g.run_until(lambda: g.session.ended)       # no acks: nobody is there to send them
+    sent = len(g.received())
+    g.send(CLOSE)
+    g.run_until(lambda: g.ended() and g.exited)    # no acks: nobody is there to send them
+    g.idle(0.1)
     assert g.status == (0 if close_after_exit else 128 + signal.SIGKILL)
-    assert g.frames[sent:] == []
+    assert g.received()[sent:] == []
     assert g.session.outputs == {} and g.session.stdin_fd is None
 
 
-# --- the container side: supervise -----------------------------------------------------
+# --- the guest loop's own frames: the workload, resizes, bad frames ----------------
 
-class FakeQemu:
-    def poll(self):
-        return None
+def control_frames(harness, ftype, **kw):
+    return [f for f in harness.received() if f.type == ftype]
 
-    def wait(self, timeout=None):
-        return None
+
+def test_a_signal_frame_reaches_the_workload_and_its_exit_ends_the_loop():
+    harness = GuestHarness(["sh", "-c", 'trap "exit 3" USR1; echo up; while :; do sleep 0.05; done'])
+    try:
+        assert select.select([harness.workload.stdout], [], [], WAIT)[0]     # trap set
+        assert harness.workload.stdout.readline() == b"up\n"
+        harness.send(SIGNAL, {"signal": signal.SIGUSR1}, channel=0)
+        harness.run_until(lambda: harness.loop.status is not None)
+        assert harness.loop.status == 3
+    finally:
+        harness.close()
+
+
+def test_a_resize_frame_sizes_the_console():
+    master, console = os.openpty()
+    harness = GuestHarness()
+    try:
+        harness.loop.console = console
+        harness.send(RESIZE, {"rows": 41, "cols": 123}, channel=0)
+        harness.run_until(lambda: os.get_terminal_size(master) == (123, 41))
+    finally:
+        harness.close()
+        os.close(master)
+        os.close(console)
+
+
+@pytest.mark.parametrize("frame", [
+    wire.encode(SIGNAL, b'{"signal":"KILL"}'),
+    wire.encode(SIGNAL, b'{"signal":0}'),
+    wire.encode(RESIZE, b"[]"),
+    wire.encode(wire.NET, b'{"wait_for":7}'),
+    wire.encode(WINDOW, b'{"bytes":"lots"}', CHANNEL),
+    b"garbage!" * 3,
+])
+def test_a_bad_frame_is_logged_and_the_loop_goes_on(frame, capsys):
+    harness = GuestHarness().start_exec(["cat"])
+    try:
+        harness.send_raw(frame)
+        harness.run_until(lambda: "dkvm: " in capsys.readouterr().err)
+        assert harness.loop.status is None and harness.workload.poll() is None
+        harness.send(STDIN, b"still here\n")      # the exec goes on
+        harness.send(STDIN, b"")
+        assert harness.finish() == 0 and harness.payload(STDOUT) == b"still here\n"
+    finally:
+        harness.close()
+
+
+@pytest.mark.parametrize("start", [
+    ExecStart(process=Process(args=["true"])).to_json().encode(),   # spawning fails
+    b'{"process":{"uid":-1}}',                                     # not a process
+])
+def test_an_exec_that_cannot_start_ends_with_126(start):
+    harness = GuestHarness()
+    try:
+        def refuse(process, workload_pid, stdio):
+            raise OSError(24, "Too many open files")
+        harness.loop.spawn_exec = refuse
+        harness.send(EXEC_START, start)
+        harness.run_until(lambda: harness.exits())
+        assert harness.exits() == [126]
+        assert b"exec failed in the guest" in harness.payload(STDERR)
+    finally:
+        harness.close()
+
+
+# --- the container side: the supervisor ------------------------------------------------
+
+def exec_start(name):
+    return ExecStart(process=Process(args=[name]))
+
+
+class FakeVm:
+    """The VM's processes as the supervisor sees them: running until `end()`."""
+
+    def __init__(self):
+        self.running = True
+
+    def check(self, helpers_only=False):
+        pass
+
+    def ended(self):
+        return not self.running
+
+    def wait(self, timeout):
+        pass
+
+    def exit_reason(self):
+        return " (QEMU exit status 0)"
 
 
 class Peer:
@@ -425,14 +600,13 @@ class Peer:
 
 @pytest.fixture
 def mux(tmp_path):
-    """Runs supervise in this (the main) thread against a scenario played in a
-    helper thread by the guest and relays; returns supervise's status or error."""
-    saved = {sig: signal.getsignal(sig)
-             for sig in ctr_entrypoint.FORWARDED_SIGNALS + [signal.SIGWINCH]}
-    listener = ctr_entrypoint.listen(str(tmp_path / "exec.sock"), backlog=64)
+    """Runs the supervisor in this (the main) thread against a scenario played in a
+    helper thread by the guest and relays; returns its status or error."""
+    listener = listen(str(tmp_path / "exec.sock"), backlog=64)
     control, guest_end = socket.socketpair()
     network_changes, network_follower = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     opened = [Peer(guest_end)]
+    signals = SignalInbox(FORWARDED_SIGNALS + [signal.SIGWINCH, signal.SIGCHLD])
 
     def connect_relay():
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -441,9 +615,9 @@ def mux(tmp_path):
         opened.append(Peer(sock))
         return opened[-1]
 
-    returned = threading.Event()    # supervise has returned (for the scenario)
+    returned = threading.Event()    # the supervisor has returned (for the scenario)
 
-    def run(scenario):
+    def run(scenario, vm=None):
         failures = []
 
         def body():
@@ -452,14 +626,14 @@ def mux(tmp_path):
             except BaseException as err:  # reported in the main thread
                 failures.append(err)
             finally:
-                for peer in opened:     # supervise sees the guest go: it returns
+                for peer in opened:     # the supervisor sees the guest go: it returns
                     peer.close()
 
+        supervisor = Supervisor(control, listener, network_changes, vm or FakeVm(), signals)
         thread = threading.Thread(target=body, name="mux-scenario", daemon=True)
         thread.start()
         try:
-            result = ctr_entrypoint.supervise(control, FakeQemu(), {}, False, None, listener,
-                                              network_changes)
+            result = supervisor.run()
         except DkvmError as err:
             result = err
         finally:
@@ -472,9 +646,10 @@ def mux(tmp_path):
 
     run.returned = returned
     run.network_follower = network_follower
+    run.control, run.guest, run.listener, run.network_changes, run.signals = (
+        control, opened[0], listener, network_changes, signals)
     yield run
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
+    signals.close()
     for peer in opened:
         peer.close()
     control.close()
@@ -490,7 +665,7 @@ def test_supervise_multiplexes_exec_relays(mux, capsys):
         relays = {}
         for name in "abcd":
             relays[name] = connect_relay()
-            relays[name].send(EXEC_START, {"args": [name]}, channel=99)  # the channel is ours
+            relays[name].send(EXEC_START, exec_start(name), channel=99)  # the channel is ours
         relays.pop("d").close()             # gone before the guest is even up
         # nothing reaches the guest before it says hello: it could not take it yet
         guest.quiet()
@@ -498,7 +673,7 @@ def test_supervise_multiplexes_exec_relays(mux, capsys):
         frames = [guest.recv() for _ in range(5)]
         starts = [f for f in frames if f.type == EXEC_START]
         for frame in starts:
-            channels[frame.json()["args"][0]] = frame.channel
+            channels[frame.record().process.args[0]] = frame.channel
         assert sorted(channels) == list("abcd")
         assert 0 not in channels.values() and len(set(channels.values())) == 4
         closes = [f for f in frames if f.type == CLOSE]
@@ -539,7 +714,7 @@ def test_supervise_multiplexes_exec_relays(mux, capsys):
         guest.send(EXEC_EXIT, {"status": 0}, channels["a"])
         assert relays["a"].recv() == Frame(EXEC_EXIT, 0, b'{"status":0}')
 
-        # the workload's exit: acknowledged, and supervise ends when the guest goes
+        # the workload's exit: acknowledged, and the supervisor ends when the guest goes
         guest.send(EXIT, {"status": 42})
         assert guest.recv() == Frame(EXIT_ACK)
         guest.quiet(0.05)
@@ -553,12 +728,12 @@ def test_supervise_multiplexes_exec_relays(mux, capsys):
 def test_supervise_forwards_signals_after_hello(mux):
     def scenario(guest, connect_relay):
         relay = connect_relay()
-        relay.send(EXEC_START, {"args": ["x"]})
+        relay.send(EXEC_START, exec_start("x"))
         guest.send(HELLO)
-        assert guest.recv().type == EXEC_START      # supervise's loop, and handlers, are up
+        assert guest.recv().type == EXEC_START      # the supervisor's loop is up
         os.kill(os.getpid(), signal.SIGUSR1)
         frame = guest.recv()
-        assert (frame.type, frame.json()) == (SIGNAL, {"signal": signal.SIGUSR1})
+        assert (frame.type, frame.record().signal) == (SIGNAL, signal.SIGUSR1)
         guest.send(EXIT, {"status": 0})
         assert guest.recv() == Frame(EXIT_ACK)
 
@@ -566,16 +741,17 @@ def test_supervise_forwards_signals_after_hello(mux):
 
 
 def test_supervise_passes_network_changes_on_after_hello(mux):
-    change = {"add": [], "routes_del": [], "routes_add": [{"dev": "eth1", "dst_len": 0}]}
+    change = NetChange(wait_for=["02:00:00:00:00:09"],
+                       steps=[NetStep(kind="running", name="eth1")])
 
     def scenario(guest, connect_relay):
         mux.network_follower.send(wire.encode(wire.NET, change))
         guest.quiet()                               # held: the guest is not up yet
         guest.send(HELLO)
         frame = guest.recv()
-        assert (frame.type, frame.json()) == (wire.NET, change)
-        mux.network_follower.send(wire.encode(wire.NET, {**change, "add": [{"name": "eth2"}]}))
-        assert guest.recv().json()["add"] == [{"name": "eth2"}]
+        assert (frame.type, frame.record()) == (wire.NET, change)
+        mux.network_follower.send(wire.encode(wire.NET, NetChange(wait_for=["x"])))
+        assert guest.recv().record().wait_for == ["x"]
         guest.send(EXIT, {"status": 0})
         assert guest.recv() == Frame(EXIT_ACK)
 
@@ -583,7 +759,7 @@ def test_supervise_passes_network_changes_on_after_hello(mux):
 
 
 def test_supervise_returns_after_grace_if_the_guest_stays(mux, monkeypatch):
-    monkeypatch.setattr(ctr_entrypoint, "EXIT_GRACE", 0.3)
+    monkeypatch.setattr(supervisor_module, "EXIT_GRACE", 0.3)
 
     def scenario(guest, connect_relay):
         guest.send(HELLO)
@@ -600,14 +776,14 @@ def test_supervise_keeps_a_left_channel_from_the_next_relay(mux):
     def scenario(guest, connect_relay):
         guest.send(HELLO)
         first = connect_relay()
-        first.send(EXEC_START, {"args": ["first"]})
+        first.send(EXEC_START, exec_start("first"))
         old = guest.recv().channel
         first.close()
         assert guest.recv() == Frame(CLOSE, old)
         second = connect_relay()
-        second.send(EXEC_START, {"args": ["second"]})
+        second.send(EXEC_START, exec_start("second"))
         start = guest.recv()
-        assert start.json()["args"] == ["second"] and start.channel != old
+        assert start.record().process.args == ["second"] and start.channel != old
         guest.send(STDOUT, b"stale", old)       # sent before the guest saw CLOSE
         guest.send(EXEC_EXIT, {"status": 137}, old)
         guest.send(STDOUT, b"fresh", start.channel)
@@ -628,8 +804,82 @@ def test_supervise_guest_gone_without_status_is_an_error(mux):
     assert "without reporting the workload's exit status" in result.message
 
 
+def test_a_signal_wakes_the_supervisor_at_once(mux):
+    """A signal is a byte on the wake-up pipe: the turn in progress ends, it does not
+    wait out its timeout (Python retries select after a handler: PEP 475)."""
+    supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
+                            mux.signals)
+    supervisor.on_hello(Frame(HELLO))
+    os.kill(os.getpid(), signal.SIGTERM)
+    start = time.monotonic()
+    supervisor.step(timeout=30)
+    assert time.monotonic() - start < WAIT
+    supervisor.guest.flush()
+    frame = mux.guest.recv()
+    assert (frame.type, frame.record().signal) == (SIGNAL, signal.SIGTERM)
+
+
+def test_signals_before_hello_are_held_not_lost(mux):
+    """dockerd may signal while the VM boots: the signal waits for the guest."""
+    def scenario(guest, connect_relay):
+        os.kill(os.getpid(), signal.SIGHUP)
+        guest.quiet()
+        guest.send(HELLO)
+        frame = guest.recv()
+        assert (frame.type, frame.record().signal) == (SIGNAL, signal.SIGHUP)
+        guest.send(EXIT, {"status": 0})
+        assert guest.recv() == Frame(EXIT_ACK)
+
+    assert mux(scenario) == 0
+
+
+@pytest.mark.parametrize("frame,report", [
+    (wire.encode(EXIT, b'{"status":"pwn"}'), "frame type 2: bad payload"),
+    (wire.encode(EXIT, b'{"status":256}'), "out of range"),
+    (wire.encode(wire.ERROR, b'{"message":["x"]}'), "expected str"),
+    (wire.encode(wire.EXIT_ACK), "unexpected frame type 3"),
+    (wire.encode(wire.RESIZE, b'{"rows":1,"cols":1}'), "unexpected frame type 6"),
+    (wire.encode(STDOUT, b"to nobody", 9), ""),         # an exec long gone: dropped
+])
+def test_a_bad_guest_frame_is_reported_and_the_supervisor_goes_on(mux, capsys, frame, report):
+    def scenario(guest, connect_relay):
+        guest.send(HELLO)
+        guest.sock.sendall(frame)
+        guest.send(EXIT, {"status": 4})
+        assert guest.recv() == Frame(EXIT_ACK)
+
+    assert mux(scenario) == 4
+    err = capsys.readouterr().err
+    assert (report in err and err.count("\n") == 1) if report else err == ""
+
+
+def test_the_guests_error_reaches_the_log_as_plain_text(mux, capsys, log_context):
+    log_context.set_role("entrypoint")
+
+    def scenario(guest, connect_relay):
+        guest.send(HELLO)
+        guest.send(wire.ERROR, {"message": "guest init failed: \x1b]0;owned\x07\nno"})
+        guest.send(EXIT, {"status": 125})
+        assert guest.recv() == Frame(EXIT_ACK)
+
+    assert mux(scenario) == 125
+    assert capsys.readouterr().err == "dkvm[entrypoint]: guest init failed: ?]0;owned??no\n"
+
+
+def test_the_vm_ending_without_a_status_is_an_error_naming_qemus_end(mux):
+    vm = FakeVm()
+
+    def scenario(guest, connect_relay):
+        guest.send(HELLO)
+        vm.running = False
+        assert mux.returned.wait(WAIT)
+
+    result = mux(scenario, vm)
+    assert isinstance(result, DkvmError)
+    assert "without reporting the workload's exit status (QEMU exit status 0)" in result.message
+
+
 def test_free_channel_goes_round_and_skips_those_in_use():
-    free_channel = ctr_entrypoint.free_channel
     assert free_channel({}) == 1
     assert free_channel({1: None, 2: None}, 2) == 3
     assert free_channel({5: None}, 4) == 6
@@ -637,7 +887,7 @@ def test_free_channel_goes_round_and_skips_those_in_use():
     assert free_channel({}, 65535) == 1
 
 
-# --- the relay: exec_relay.relay -------------------------------------------------------
+# --- the relay: container.exec_relay.ExecRelay -----------------------------------------
 
 class StdinPipe:
     """A pipe standing in for the relay's fd 0; `feed` hands the write end to a
@@ -687,7 +937,7 @@ def stdin_pipe():
 
 
 def run_relay(request, guest_scenario):
-    """exec_relay.relay in this thread against `guest_scenario(peer)` in another."""
+    """ExecRelay in this thread against `guest_scenario(peer)` in another."""
     mine, theirs = socket.socketpair()
     guest = Peer(theirs)
     failures = []
@@ -703,7 +953,7 @@ def run_relay(request, guest_scenario):
     thread = threading.Thread(target=body, name="fake-guest", daemon=True)
     thread.start()
     try:
-        status = exec_relay.relay(mine, request)
+        status = ExecRelay(mine, request).run()
     finally:
         thread.join(WAIT * 4)
         mine.close()
@@ -713,7 +963,7 @@ def run_relay(request, guest_scenario):
     return status
 
 
-REQUEST = {"args": ["cat"], "env": ["A=1"], "cwd": "/", "uid": 0, "gid": 0}
+REQUEST = Process(args=["cat"], env=["A=1"], cwd="/", uid=0, gid=0)
 
 
 def test_relay_streams_within_the_window_and_returns_the_status(stdin_pipe, capfdbinary):
@@ -723,7 +973,7 @@ def test_relay_streams_within_the_window_and_returns_the_status(stdin_pipe, capf
 
     def guest(peer):
         start = peer.recv()
-        assert start.type == EXEC_START and start.json() == REQUEST
+        assert start.type == EXEC_START and start.record() == ExecStart(process=REQUEST)
         got = bytearray()
         # no grant yet: exactly the window, then the relay waits
         while len(got) < STREAM_WINDOW:
@@ -758,7 +1008,7 @@ def test_relay_streams_within_the_window_and_returns_the_status(stdin_pipe, capf
                 peer.send(ftype, stream[i:i + MAX_DATA])
                 sizes.append(len(stream[i:i + MAX_DATA]))
         grants = [peer.recv() for _ in sizes]
-        assert [(f.type, f.json()["bytes"]) for f in grants] == [(WINDOW, n) for n in sizes]
+        assert [(f.type, f.record().bytes) for f in grants] == [(WINDOW, n) for n in sizes]
         peer.send(EXEC_EXIT, {"status": 7})
         peer.quiet(0.1)
 
@@ -800,7 +1050,8 @@ def test_relay_returns_137_when_the_vm_goes_with_stdin_unread(stdin_pipe, capfdb
     stdin_pipe.feed(os.urandom(pending))
 
     def guest(peer):
-        time.sleep(0.2)                 # read nothing: the relay's stdin stays unread
+        # read nothing: once the relay has sent, the guest goes with its stdin unread
+        assert select.select([peer.sock], [], [], WAIT)[0]
 
     assert run_relay(REQUEST, guest) == 137
     assert b"the VM stopped before the exec ended" in capfdbinary.readouterr().err

@@ -11,18 +11,22 @@ from socket import AF_INET, AF_INET6
 
 import pytest
 
-from dkvm import net_guest
-from dkvm.net_steps import interface_steps, route_step
-from dkvm.pyroute2_light import light_pyroute2
+from dkvm.container.net_steps import interface_steps, route_step
+from dkvm.container.pyroute2_light import light_pyroute2
+from dkvm.guest import network
+from dkvm.schema import Address, Interface, NetChange, Route, plain
 from unitutil import REPO
 
-ETH0 = {"name": "eth0", "index": 7, "mac": "02:42:AC:11:00:02", "mtu": 1400, "ipv6": True,
-        "addresses": [[AF_INET, "172.17.0.2", 16, "172.17.255.255"],
-                      [AF_INET6, "fd00::2", 64, ""]],
-        "routes": [{"family": AF_INET, "dst": "", "dst_len": 0, "gateway": "172.17.0.1",
-                    "metric": 0},
-                   {"family": AF_INET, "dst": "10.9.0.0", "dst_len": 24, "gateway": "",
-                    "metric": 50}]}
+ETH0 = Interface(name="eth0", index=7, mac="02:42:AC:11:00:02", mtu=1400, ipv6=True,
+                 addresses=[Address(family=AF_INET, address="172.17.0.2", prefixlen=16,
+                                    broadcast="172.17.255.255"),
+                            Address(family=AF_INET6, address="fd00::2", prefixlen=64)],
+                 routes=[Route(family=AF_INET, gateway="172.17.0.1"),
+                         Route(family=AF_INET, dst="10.9.0.0", dst_len=24, metric=50)])
+
+
+def interface(**changes):
+    return Interface.from_dict(plain({**ETH0.as_dict(), **changes}))
 
 
 def decode(step, index, seq=1):
@@ -31,17 +35,18 @@ def decode(step, index, seq=1):
     from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
     from pyroute2.netlink.rtnl.rtmsg import rtmsg
-    request = bytearray.fromhex(step["netlink"])
-    net_guest.set_index(request, step["kind"], index)
-    msg = {"link": ifinfmsg, "addr": ifaddrmsg, "route": rtmsg}[step["kind"]](bytes(request))
+    request = bytearray.fromhex(step.netlink)
+    network.set_index(request, step.kind, index)
+    msg = {"link": ifinfmsg, "addr": ifaddrmsg, "route": rtmsg}[step.kind](bytes(request))
     msg.decode()
     return msg
 
 
 def test_steps_rename_through_temporary_names_then_configure_then_route():
-    steps = interface_steps([ETH0, {**ETH0, "name": "eth1", "mac": "02:42:0a:00:00:09",
-                                    "addresses": [], "routes": []}])
-    whats = [step.get("what") or step.get("sysctl") or step for step in steps]
+    steps = interface_steps([ETH0, interface(name="eth1", mac="02:42:0a:00:00:09",
+                                             addresses=[], routes=[])])
+    whats = [step.what or step.sysctl or {"running": step.name, "ipv6": step.ipv6}
+             for step in steps]
     assert whats == [
         "rename (eth0)", "rename (eth1)",
         "rename to eth0 (eth0)", {"net.ipv6.conf.eth0.disable_ipv6": "0"}, "set eth0 up (eth0)",
@@ -49,9 +54,9 @@ def test_steps_rename_through_temporary_names_then_configure_then_route():
         "rename to eth1 (eth1)", {"net.ipv6.conf.eth1.disable_ipv6": "0"}, "set eth1 up (eth1)",
         "route default via 172.17.0.1", "route 10.9.0.0/24",
         {"running": "eth0", "ipv6": True}, {"running": "eth1", "ipv6": True}]
-    assert {step["mac"] for step in steps if "mac" in step} == {"02:42:ac:11:00:02",
-                                                               "02:42:0a:00:00:09"}
-    assert not any(step.get("optional") for step in steps)
+    assert {step.mac for step in steps if step.mac} == {"02:42:ac:11:00:02",
+                                                       "02:42:0a:00:00:09"}
+    assert not any(step.optional for step in steps)
 
 
 def test_requests_get_the_guests_index_where_the_kernel_reads_it():
@@ -68,29 +73,30 @@ def test_requests_get_the_guests_index_where_the_kernel_reads_it():
 
 
 def test_a_removed_route_tolerates_being_gone_already():
-    step = route_step("02:42:AC:11:00:02", ETH0["routes"][0], add=False, optional=True)
-    assert (step["what"], step["ignore"], step["optional"]) == (
+    step = route_step("02:42:AC:11:00:02", ETH0.routes[0], add=False, optional=True)
+    assert (step.what, step.ignore, step.optional) == (
         "removing route default via 172.17.0.1", [3], True)
     assert decode(step, index=5)["header"]["type"] == 25         # RTM_DELROUTE
 
 
 def test_a_step_for_a_missing_nic_fails_unless_optional(monkeypatch):
-    monkeypatch.setattr(net_guest, "links_by_mac", lambda: {})
-    optional = route_step("02:00:00:00:00:01", ETH0["routes"][0], add=False, optional=True)
-    net_guest.run_steps([optional])
+    monkeypatch.setattr(network, "links_by_mac", lambda: {})
+    optional = route_step("02:00:00:00:00:01", ETH0.routes[0], add=False, optional=True)
+    network.run_steps([optional])
     with pytest.raises(RuntimeError, match="no guest NIC with MAC 02:42:ac:11:00:02 for rename"):
-        net_guest.run_steps(interface_steps([ETH0]))
+        network.run_steps(interface_steps([ETH0]))
 
 
 IN_NAMESPACE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from dkvm import net_guest
-from dkvm.net_container import open_iproute
+from dkvm.container.net_plumbing import open_iproute
+from dkvm.guest import network
+from dkvm.schema import NetChange
 with open_iproute() as ip:
     ip.link("add", ifname="kernelname", kind="tuntap", mode="tap")
     ip.link("set", index=ip.link_lookup(ifname="kernelname")[0], address="02:42:ac:11:00:02")
-net_guest.run_steps(json.loads(sys.stdin.read()))
+network.run_steps(NetChange.from_json(sys.stdin.read()).steps)
 with open_iproute() as ip:
     (link,) = ip.get_links(ifname="eth0")
     print(json.dumps({
@@ -105,13 +111,14 @@ with open_iproute() as ip:
 @pytest.mark.skipif(not shutil.which("unshare") or not os.path.exists("/dev/net/tun"),
                     reason="needs unshare and /dev/net/tun")
 def test_steps_rebuild_the_interface_in_a_real_kernel():
-    steps = interface_steps([{**ETH0, "ipv6": False, "addresses": ETH0["addresses"][:1]}])
-    steps = [s for s in steps if "sysctl" not in s     # /proc/sys is the host's here,
-             and "running" not in s]                    # and no one reads this tap
+    steps = interface_steps([interface(ipv6=False, addresses=ETH0.addresses[:1])])
+    steps = [s for s in steps if s.kind not in ("sysctl",     # /proc/sys is the host's here,
+                                                "running")]    # and no one reads this tap
     out = subprocess.run(["unshare", "-rnm", "sh", "-c",      # sysfs shows the new namespace
                           'mount -t sysfs sysfs /sys && exec "$@"', "-", sys.executable, "-c",
                           IN_NAMESPACE, str(REPO)],
-                         input=json.dumps(steps), capture_output=True, text=True, timeout=60)
+                         input=NetChange(steps=steps).to_json(), capture_output=True, text=True,
+                         timeout=60)
     if out.returncode and "Operation not permitted" in out.stderr:
         pytest.skip("no user namespaces here")
     assert out.returncode == 0, out.stderr
@@ -123,13 +130,13 @@ def test_steps_rebuild_the_interface_in_a_real_kernel():
 
 def test_waiting_for_the_nic_to_run_is_bounded_and_sees_the_link_local(tmp_path, monkeypatch):
     files = {"/sys/class/net/eth0/operstate": "up\n", "/proc/net/if_inet6": ""}
-    monkeypatch.setattr(net_guest, "read", lambda path: files.get(path, ""))
-    net_guest.wait_until_running("eth0", ipv6=False)
+    monkeypatch.setattr(network, "read", lambda path: files.get(path, ""))
+    network.wait_until_running("eth0", ipv6=False)
     start = time.monotonic()
-    net_guest.wait_until_running("eth0", ipv6=True, timeout=0.3)    # no link-local: gives up
+    network.wait_until_running("eth0", ipv6=True, timeout=0.3)    # no link-local: gives up
     assert 0.3 <= time.monotonic() - start < 2
     files["/proc/net/if_inet6"] = ("fd000000000000000000000000000020 02 40 00 80     eth0\n"
                                    "fe80000000000000004202fffe0a7c14 02 40 20 c0     eth0\n")  # tentative
     start = time.monotonic()
-    net_guest.wait_until_running("eth0", ipv6=True)
+    network.wait_until_running("eth0", ipv6=True)
     assert time.monotonic() - start < 0.3

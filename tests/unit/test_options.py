@@ -1,14 +1,16 @@
 """DKVM_* options and runtime arguments: bad values fail `create` with a message that
-names the option and says what it accepts."""
+names the option and says what it accepts; the option table is the one source of
+names, defaults and the README's option table."""
+import re
+
 import pytest
 
-from unitutil import load_config, rewrite, with_env
+from unitutil import REPO, facts, load_config, rewrite, with_env
 from dkvm.errors import DkvmError
-from dkvm.options import (Options, parse_bool, parse_options, parse_size, split_env,
-                          split_runtime_args)
-from dkvm.rewrite import MIB, MIN_GUEST_MIB
-
-KERNELS = {"debian": "6.1.0-28-amd64"}
+from dkvm.host.rewrite import MIB, MIN_GUEST_MIB
+from dkvm.host.runc_cli import split_runtime_args
+from dkvm.options import BY_ENV, OPTIONS, Bool, Size, parse_settings, split_env
+from dkvm.schema import Options
 
 
 def create_error(*env, config="plain", **kw):
@@ -79,7 +81,7 @@ def test_kvm_required_but_unusable():
     assert "DKVM_ACCEL=kvm" in msg and "tcg" in msg
     # fine where KVM works
     _, plan = rewrite(with_env(load_config("plain"), "DKVM_ACCEL=kvm"), kvm_usable=True)
-    assert plan.accel == "kvm"
+    assert plan.options.accel == "kvm"
 
 
 def test_errors_exit_with_one():
@@ -93,29 +95,54 @@ def test_errors_exit_with_one():
 
 def test_runtime_default_accel_applies():
     _, plan = rewrite(load_config("plain"), kvm_usable=True, defaults={"accel": "tcg"})
-    assert plan.accel == "tcg"
+    assert plan.options.accel == "tcg"
 
 
 def test_container_env_overrides_runtime_default():
     config = with_env(load_config("plain"), "DKVM_ACCEL=kvm")
     _, plan = rewrite(config, kvm_usable=True, defaults={"accel": "tcg"})
-    assert plan.accel == "kvm"
+    assert plan.options.accel == "kvm"
     config = with_env(load_config("plain"), "DKVM_ACCEL=auto")
     _, plan = rewrite(config, kvm_usable=False, defaults={"accel": "kvm"})
-    assert plan.accel == "tcg"
+    assert plan.options.accel == "tcg"
 
 
-def test_runtime_default_runc_does_not_leak_into_plan():
-    _, plan = rewrite(load_config("plain"), defaults={"runc": "/usr/bin/runc.real"})
-    assert "runc" not in plan.to_json()
-
-
-def test_parse_options_defaults_not_shared():
+def test_parse_settings_defaults_not_shared():
     defaults = {"accel": "tcg"}
-    opts = parse_options({"DKVM_ACCEL": "kvm"}, KERNELS, defaults)
-    assert opts.accel == "kvm" and defaults == {"accel": "tcg"}
-    assert parse_options({}, KERNELS, defaults).accel == "tcg"
-    assert parse_options({}, KERNELS) == Options()
+    values = parse_settings({"DKVM_ACCEL": "kvm"}, facts(), defaults)
+    assert values["accel"] == "kvm" and defaults == {"accel": "tcg"}
+    assert parse_settings({}, facts(), defaults)["accel"] == "tcg"
+    assert Options(**parse_settings({}, facts())) == Options()
+
+
+def test_every_option_is_a_field_of_the_plan_with_its_default():
+    """One row makes the option: its plan field and default come from the table."""
+    assert list(Options.FIELDS) == [option.attr for option in OPTIONS]
+    assert Options().as_dict() == {option.attr: option.default for option in OPTIONS}
+    for option in OPTIONS:
+        assert option.env.startswith("DKVM_") and BY_ENV[option.env] is option
+        assert isinstance(option.default, option.kind.type)
+        # what the README shows as the default parses back to it ("empty" text aside)
+        if option.kind.show(option.default) != "empty":
+            assert option.kind.parse(option.env, option.kind.show(option.default),
+                                     facts()) == option.default
+
+
+def readme_options():
+    """The README's option table: {option: (values, default)}."""
+    text = (REPO / "README.md").read_text()
+    rows = {}
+    for line in text.split("## Options", 1)[1].split("\n## ", 1)[0].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        match = re.fullmatch(r"`(DKVM_\w+)`", cells[0]) if len(cells) == 4 else None
+        if match:
+            rows[match.group(1)] = (cells[1], cells[2].strip("`"))
+    return rows
+
+
+def test_readme_option_table_matches_the_option_table():
+    assert readme_options() == {option.env: (option.kind.accepts, option.kind.show(option.default))
+                                for option in OPTIONS}
 
 
 # --- value parsers -----------------------------------------------------------------
@@ -124,14 +151,20 @@ def test_parse_options_defaults_not_shared():
                                         ("4096", 4096), ("8k", 8 << 10), ("2gb", 2 << 30),
                                         (" 16m ", 16 << 20)])
 def test_parse_size(value, size):
-    assert parse_size("X", value) == size
+    assert Size().parse("X", value, None) == size
+
+
+@pytest.mark.parametrize("size,text", [(64 << 20, "64m"), (1 << 30, "1g"), (8 << 10, "8k"),
+                                       (1000, "1000")])
+def test_show_size(size, text):
+    assert Size().show(size) == text
 
 
 @pytest.mark.parametrize("value,flag", [("1", True), ("true", True), ("YES", True),
                                         ("0", False), ("false", False), ("no", False),
                                         ("", False)])
 def test_parse_bool(value, flag):
-    assert parse_bool("X", value) is flag
+    assert Bool().parse("X", value, None) is flag
 
 
 def test_split_env():
@@ -151,21 +184,17 @@ RUNC_ARGS = ["--root", "/var/run/docker/runtime-runc/moby", "--log", "/run/log.j
 def test_split_runtime_args_strips_dkvm_flags():
     argv = (["--dkvm-runc=/usr/sbin/runc.real"] + RUNC_ARGS[:4] + ["--dkvm-accel=tcg"]
             + RUNC_ARGS[4:])
-    rest, found = split_runtime_args(argv)
-    assert rest == RUNC_ARGS
-    assert found == {"runc": "/usr/sbin/runc.real", "accel": "tcg"}
+    assert split_runtime_args(argv) == (RUNC_ARGS, "/usr/sbin/runc.real", {"accel": "tcg"})
 
 
 def test_split_runtime_args_separate_value():
-    rest, found = split_runtime_args(["--dkvm-runc", "/opt/runc"] + RUNC_ARGS)
-    assert rest == RUNC_ARGS
-    assert found == {"runc": "/opt/runc"}
+    assert split_runtime_args(["--dkvm-runc", "/opt/runc"] + RUNC_ARGS) == \
+        (RUNC_ARGS, "/opt/runc", {})
 
 
 def test_split_runtime_args_leaves_runc_flags_alone():
     argv = ["--log=/x", "--debug", "--root", "/r", "--criu", "criu", "state", "abc123"]
-    rest, found = split_runtime_args(argv)
-    assert rest == argv and found == {}
+    assert split_runtime_args(argv) == (argv, "", {})
 
 
 def test_split_runtime_args_rejects_unknown_dkvm_flag():

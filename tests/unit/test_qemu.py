@@ -1,13 +1,17 @@
 """QEMU and virtiofsd command lines built from the plan."""
 import pytest
 
+from unitutil import KERNELS
 from dkvm import paths
-from dkvm.plan import Plan
-from dkvm.qemu import kernel_append, qemu_argv, qemu_env, virtiofsd_argv
+from dkvm.container.vmm import kernel_append, qemu_argv, qemu_env, virtiofsd_argv
+from dkvm.schema import Boot, Interface, Options, Plan, Process
 
 
-def make_plan(**kw):
-    return Plan(args=["true"], env=[], **kw)
+def make_plan(terminal=False, boot=KERNELS["debian"], **kw):
+    """A plan as the entrypoint has it; `kw` are plan fields or options."""
+    options = {k: kw.pop(k) for k in list(kw) if k in Options.FIELDS}
+    return Plan(process=Process(args=["true"], terminal=terminal), boot=boot,
+                options=Options(**options), **kw)
 
 
 def values(argv, flag):
@@ -37,11 +41,15 @@ def test_runs_payload_qemu_through_payload_loader():
     assert "-nodefaults" in argv and "-no-reboot" in argv
 
 
-def test_other_root():
-    argv = qemu_argv(make_plan(kernel="alpine"), 1, 10, 11, root="/payload")
-    assert argv[0] == "/payload/lib/ld-linux-x86-64.so.2"
-    assert value(argv, "-kernel") == "/payload/kernels/alpine/vmlinux"
-    assert value(argv, "-initrd") == "/payload/kernels/alpine/initrd.img"
+def test_a_kernel_without_an_initramfs_boots_without_one():
+    boot = Boot(release="6.1-fast", kernel="/.dkvm/kernels/fast/vmlinux",
+                append=["rootfstype=virtiofs", "root=root"])
+    argv = qemu_argv(make_plan(boot=boot), 1, 10, 11)
+    assert value(argv, "-kernel") == "/.dkvm/kernels/fast/vmlinux"
+    assert "-initrd" not in argv
+    # the kernel's own arguments come after DKVM's, before the user's
+    append = kernel_append(make_plan(boot=boot, kernel_append="x=1")).split()
+    assert append.index("acpi=noirq") < append.index("rootfstype=virtiofs") < append.index("x=1")
 
 
 def test_tcg_accel():
@@ -70,8 +78,8 @@ def test_smp_and_memory_follow_plan(vcpus, mem):
     assert "memory-backend=mem" in value(argv, "-machine").split(",")
 
 
-def test_kernel_from_plan():
-    argv = qemu_argv(make_plan(kernel="debian"), 1, 10, 11)
+def test_kernel_from_the_boot_descriptor():
+    argv = qemu_argv(make_plan(), 1, 10, 11)
     assert value(argv, "-kernel") == "/.dkvm/kernels/debian/vmlinux"
     assert value(argv, "-initrd") == "/.dkvm/kernels/debian/initrd.img"
 
@@ -145,7 +153,8 @@ def test_qemu_env_and_virtiofsd():
 
 
 def test_each_interface_gets_a_tap_and_a_nic_with_ids_for_unplugging():
-    plan = make_plan(interfaces=[{"mac": "02:42:ac:11:00:02"}, {"mac": "02:42:0a:7b:2d:0a"}])
+    plan = make_plan(interfaces=[Interface(mac="02:42:ac:11:00:02"),
+                                 Interface(mac="02:42:0a:7b:2d:0a")])
     argv = qemu_argv(plan, 1, 10, 11)
     assert values(argv, "-netdev") == [
         "tap,id=net0,ifname=dkvm-tap0,script=no,downscript=no",

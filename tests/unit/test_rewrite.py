@@ -3,11 +3,13 @@ import copy
 
 import pytest
 
-from unitutil import FIXTURE_NAMES, FIXTURES, PAYLOAD_DIR, facts, load_config, rewrite, with_env
+from unitutil import (CONTAINER_ID, FIXTURE_NAMES, FIXTURES, KERNELS, PAYLOAD_DIR, facts,
+                      load_config, rewrite, with_env)
 from dkvm import paths
-from dkvm.plan import PLAN_ENV
-from dkvm.rewrite import (CONTAINER_PATH, DEFAULT_GUEST_MIB, MIB, QEMU_OVERHEAD_MIB,
-                          rewrite_create_config, vcpus_for)
+from dkvm.host.rewrite import (CONTAINER_PATH, DEFAULT_GUEST_MIB, MIB, QEMU_OVERHEAD_MIB,
+                               rewrite_create_config, vcpus_for)
+from dkvm.paths import PLAN_ENV
+from dkvm.schema import ENTRYPOINT, Plan, Tmpfs
 
 DOCKER_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -86,23 +88,33 @@ def test_terminal_flag_is_left_to_the_container(any_config):
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_plan_holds_the_workload(name):
     _, plan = rewrite(load_config(name))
-    want = WORKLOADS[name]
-    got = dict(args=plan.args, env=plan.env, cwd=plan.cwd, uid=plan.uid, gid=plan.gid,
-               additional_gids=plan.additional_gids, terminal=plan.terminal,
-               hostname=plan.hostname)
-    assert got == want
+    want = dict(WORKLOADS[name])
+    assert plan.hostname == want.pop("hostname")
+    assert plan.process.as_dict() == want
+    assert plan.container_id == CONTAINER_ID
+
+
+def test_plan_leaves_the_entrypoints_fields_to_it(any_config):
+    """Which side sets what is the schema's: create sets none of the fields the
+    entrypoint owns (it cannot see the container's network or terminal)."""
+    _, config = any_config
+    _, plan = rewrite(config)
+    owned = Plan.fields_set_by(ENTRYPOINT)
+    assert owned == ["winsize", "interfaces", "network_setup"]
+    assert {name: getattr(plan, name) for name in owned} == \
+        {name: getattr(Plan(), name) for name in owned}
 
 
 def test_plan_env_drops_every_dkvm_setting():
     config = with_env(load_config("user-workdir-env"), "DKVM_KERNEL_APPEND=foo=1",
                       "DKVM_DEV_SHM_SIZE=128m", "NOT_DKVM_X=1")
     _, plan = rewrite(config, kvm_usable=True)
-    assert plan.env == [DOCKER_PATH, "HOSTNAME=vmhost", "FOO=bar", "NOT_DKVM_X=1"]
-    assert not any(e.startswith("DKVM_") for e in plan.env)
+    assert plan.process.env == [DOCKER_PATH, "HOSTNAME=vmhost", "FOO=bar", "NOT_DKVM_X=1"]
+    assert not any(e.startswith("DKVM_") for e in plan.process.env)
     # and the settings took effect
-    assert plan.accel == "tcg"          # DKVM_ACCEL=tcg beats a usable KVM
-    assert plan.kernel_append == "foo=1"
-    assert plan.dev_shm_size == 128 << 20
+    assert plan.options.accel == "tcg"          # DKVM_ACCEL=tcg beats a usable KVM
+    assert plan.options.kernel_append == "foo=1"
+    assert plan.options.dev_shm_size == 128 << 20
 
 
 def test_plan_options_from_env():
@@ -110,12 +122,13 @@ def test_plan_options_from_env():
                       "DKVM_KERNEL_DEBUG=yes", "DKVM_KERNEL_APPEND=init_on_free=1",
                       "DKVM_KERNEL_MOUNT_LIB_MODULES=1")
     _, plan = rewrite(config)
-    assert plan.kernel == "debian"
-    assert plan.kernel_debug is True
-    assert plan.kernel_lib_modules is True
-    assert rewrite(load_config("plain"))[1].kernel_lib_modules is False
-    assert plan.kernel_append == "init_on_free=1"
-    assert plan.dev_shm_size == 64 << 20
+    assert plan.options.kernel == "debian"
+    assert plan.boot == KERNELS["debian"]           # the chosen kernel's boot descriptor
+    assert plan.options.kernel_debug is True
+    assert plan.options.kernel_lib_modules is True
+    assert rewrite(load_config("plain"))[1].options.kernel_lib_modules is False
+    assert plan.options.kernel_append == "init_on_free=1"
+    assert plan.options.dev_shm_size == 64 << 20
 
 
 def test_plan_survives_json_round_trip(any_config):
@@ -127,7 +140,7 @@ def test_plan_survives_json_round_trip(any_config):
 @pytest.mark.parametrize("kvm_usable,accel", [(True, "kvm"), (False, "tcg")])
 def test_auto_accel_follows_kvm(kvm_usable, accel):
     _, plan = rewrite(load_config("plain"), kvm_usable=kvm_usable)
-    assert plan.accel == accel
+    assert plan.options.accel == accel
 
 
 # --- mounts ------------------------------------------------------------------------
@@ -135,9 +148,9 @@ def test_auto_accel_follows_kvm(kvm_usable, accel):
 def test_user_tmpfs_moves_into_the_plan():
     config = load_config("resources-tmpfs-volume")
     new, plan = rewrite(config)
-    assert plan.tmpfs == [{"destination": "/scratch",
-                           "options": ["noexec", "nosuid", "nodev", "rprivate", "size=10m",
-                                       "mode=1777"]}]
+    assert plan.tmpfs == [Tmpfs(destination="/scratch",
+                                options=["noexec", "nosuid", "nodev", "rprivate", "size=10m",
+                                         "mode=1777"])]
     dests = destinations(new)
     assert "/scratch" not in dests
     for dest in SYSTEM_MOUNTS + ["/hosttmp"]:
@@ -151,17 +164,16 @@ def test_user_tmpfs_moves_into_the_plan():
 def test_other_mounts_kept_in_order(any_config):
     _, config = any_config
     new, plan = rewrite(config)
-    moved = {t["destination"] for t in plan.tmpfs}
+    moved = {t.destination for t in plan.tmpfs}
     kept = [m for m in config["mounts"] if m["destination"] not in moved]
     assert new["mounts"][:len(kept)] == kept
     assert len(new["mounts"]) == len(kept) + 2
 
 
-def test_no_tmpfs_in_plan_without_tmpfs_option(any_config):
-    name, config = any_config
-    _, plan = rewrite(config)
-    if name != "resources-tmpfs-volume":
-        assert plan.tmpfs == []
+@pytest.mark.parametrize("name", [n for n in FIXTURE_NAMES if n != "resources-tmpfs-volume"])
+def test_no_tmpfs_in_plan_without_tmpfs_option(name):
+    _, plan = rewrite(load_config(name))
+    assert plan.tmpfs == []
 
 
 def test_payload_mounts_added_last(any_config):
@@ -278,11 +290,17 @@ def test_tun_device_and_cgroup_rule(any_config):
 
 
 def test_tun_not_duplicated_when_config_has_it():
+    """A config that already has the device and its rule (a second `create` from a
+    rewritten bundle, `--device /dev/net/tun`) gets neither twice."""
     config = load_config("plain")
     config["linux"]["devices"] = [{"path": "/dev/net/tun", "type": "c", "major": 10,
                                    "minor": 200, "fileMode": 0o600, "uid": 0, "gid": 0}]
+    config["linux"]["resources"]["devices"].append(
+        {"allow": True, "type": "c", "major": 10, "minor": 200, "access": "rwm"})
     new, _ = rewrite(config)
     assert devices_at(new, "/dev/net/tun") == config["linux"]["devices"]
+    assert len(allow_rules(new, 10, 200)) == 1
+    assert new["linux"]["resources"]["devices"] == config["linux"]["resources"]["devices"]
 
 
 @pytest.mark.parametrize("name,kvm_usable,has_kvm", [
@@ -293,7 +311,7 @@ def test_tun_not_duplicated_when_config_has_it():
 ])
 def test_kvm_device_only_with_kvm_accel(name, kvm_usable, has_kvm):
     new, plan = rewrite(load_config(name), kvm_usable=kvm_usable)
-    assert (plan.accel == "kvm") == has_kvm
+    assert (plan.options.accel == "kvm") == has_kvm
     kvm = devices_at(new, "/dev/kvm")
     if has_kvm:
         assert [(d["type"], d["major"], d["minor"]) for d in kvm] == [("c", 10, 232)]

@@ -7,10 +7,11 @@ import pytest
 
 import dkvm.__main__ as dkvm_main
 from unitutil import KERNELS, load_config, plan_of, with_env
-from dkvm import host, paths
+from dkvm import paths
 from dkvm.errors import DkvmError, run_role
+from dkvm.host import facts, payload
+from dkvm.host.runc_cli import container_id, find_subcommand, flag_value, report_to_runc_log
 from dkvm.roles import runtime
-from dkvm.roles.runtime import find_subcommand, flag_value, report_to_runc_log
 
 LOG = "/run/containerd/io.containerd.runtime.v2.task/moby/0123abcd/log.json"
 CREATE = ["--root", "/var/run/docker/runtime-runc/moby", "--log", LOG, "--log-format", "json",
@@ -54,6 +55,16 @@ def test_flag_value_forms(args, want):
     assert flag_value(args, "--bundle", "-b") == want
 
 
+@pytest.mark.parametrize("args,cid", [
+    (["--bundle", "/b", "--pid-file", "/p", "0123abcd"], "0123abcd"),
+    (["--process", "/p.json", "--detach", "--pid-file", "/x", "0123abcd"], "0123abcd"),
+    (["--bundle", "/b", "--no-pivot"], ""),
+    ([], ""),
+])
+def test_container_id_is_the_last_argument(args, cid):
+    assert container_id(args) == cid
+
+
 def test_flag_value_does_not_confuse_prefixes():
     args = ["--log-format", "json", "--log", "/l.json"]
     assert flag_value(args, "--log") == "/l.json"
@@ -64,7 +75,7 @@ def test_report_to_runc_log_json(tmp_path):
     log = tmp_path / "log.json"
     log.write_text('{"level":"info","msg":"earlier"}\n')
     args = ["--root", "/r", "--log", str(log), "--log-format", "json", "create", "id"]
-    report_to_runc_log(args, "DKVM_ACCEL='foo' is not valid")
+    report_to_runc_log(args, "dkvm: DKVM_ACCEL='foo' is not valid")
     lines = log.read_text().splitlines()
     assert lines[0] == '{"level":"info","msg":"earlier"}'      # appended, not replaced
     assert len(lines) == 2
@@ -76,7 +87,7 @@ def test_report_to_runc_log_json(tmp_path):
 
 def test_report_to_runc_log_text(tmp_path):
     log = tmp_path / "log"
-    report_to_runc_log(["--log", str(log), "create", "id"], "boom")
+    report_to_runc_log(["--log", str(log), "create", "id"], "dkvm: boom")
     assert log.read_text() == "dkvm: boom\n"
 
 
@@ -101,10 +112,10 @@ def fake_host(monkeypatch, tmp_path):
         calls["exec"] = (path, argv)
         raise Exec()
 
-    monkeypatch.setattr(host, "ensure_payload", lambda: "/var/lib/dkvm/feedface")
-    monkeypatch.setattr(host, "kvm_usable", lambda: False)
-    monkeypatch.setattr(host, "payload_kernels", lambda d: dict(KERNELS))
-    monkeypatch.setattr(host, "find_runc", lambda explicit="": explicit or "/usr/bin/runc")
+    monkeypatch.setattr(payload, "ensure_payload", lambda: "/var/lib/dkvm/feedface")
+    monkeypatch.setattr(facts, "kvm_usable", lambda: False)
+    monkeypatch.setattr(payload, "payload_kernels", lambda d: dict(KERNELS))
+    monkeypatch.setattr(facts, "find_runc", lambda explicit="": explicit or "/usr/bin/runc")
     monkeypatch.setattr(runtime.os, "execv", execv)
     return calls
 
@@ -127,8 +138,9 @@ def test_main_create_rewrites_and_execs_runc(fake_host, tmp_path):
     assert fake_host["exec"] == ("/opt/runc", ["/opt/runc"] + runc_args)
     new = json.loads((bundle / "config.json").read_text())
     plan = plan_of(new)
-    assert plan.args == ["/sbin/docker-init", "--", "/bin/sh", "-c", "true"]
-    assert plan.accel == "tcg"
+    assert plan.process.args == ["/sbin/docker-init", "--", "/bin/sh", "-c", "true"]
+    assert plan.options.accel == "tcg"
+    assert plan.container_id == "id"
     assert new["mounts"][-2]["source"] == "/var/lib/dkvm/feedface"
     assert not log.exists()
     assert [p.name for p in bundle.iterdir()] == ["config.json"]
@@ -141,16 +153,20 @@ def test_main_other_commands_pass_through(fake_host, tmp_path):
                                                    "state", "id"])
 
 
-def test_main_create_error_reaches_runc_log(fake_host, tmp_path):
+def test_main_create_error_reaches_runc_log(fake_host, tmp_path, log_context):
     config = with_env(load_config("plain"), "DKVM_ACCEL=foo")
     bundle = bundle_with(tmp_path, config)
     log = tmp_path / "log.json"
+    log_context.set_role("runtime")
     with pytest.raises(DkvmError):
         runtime.main(["dkvm-runtime", "--log", str(log), "--log-format", "json", "create",
-                      "--bundle", str(bundle), "id"])
+                      "--bundle", str(bundle), "0123456789abcdef"])
     assert "exec" not in fake_host
     entry = json.loads(log.read_text())
-    assert entry["level"] == "error" and "DKVM_ACCEL" in entry["msg"]
+    assert entry["level"] == "error"
+    # one prefix naming the role and the container, then the message
+    assert entry["msg"] == ("dkvm[runtime 0123456789ab]: DKVM_ACCEL='foo' is not valid: use "
+                            "one of auto, kvm, tcg")
     # the bundle's config is left as dockerd wrote it
     assert json.loads((bundle / "config.json").read_text()) == config
 
@@ -174,9 +190,23 @@ def test_main_exec_rewrites_the_process_and_execs_runc(fake_host, tmp_path):
     assert relay["args"] == paths.role_argv("dkvm-exec")
     assert relay["user"] == {"uid": 0, "gid": 0}
     request = json.loads(dict(e.split("=", 1) for e in relay["env"])["DKVM_EXEC"])
-    assert request == {"args": ["sh", "-c", "id"], "env": ["PATH=/usr/bin:/bin", "FOO=bar"],
-                       "cwd": "/srv", "uid": 1000, "gid": 1000, "additional_gids": [2000],
-                       "terminal": True}
+    assert request == {"container_id": "id", "process": {
+        "args": ["sh", "-c", "id"], "env": ["PATH=/usr/bin:/bin", "FOO=bar"], "cwd": "/srv",
+        "uid": 1000, "gid": 1000, "additional_gids": [2000], "terminal": True}}
+
+
+def test_an_unexpected_error_is_one_line_with_one_prefix(fake_host, tmp_path, monkeypatch):
+    """Not a DkvmError (a bug, a bundle that is not JSON): runc's log still gets one
+    line, prefixed once."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text("{not json")
+    log = tmp_path / "log"
+    with pytest.raises(ValueError):
+        runtime.main(["dkvm-runtime", "--log", str(log), "create", "--bundle", str(bundle),
+                      "cid"])
+    (line,) = log.read_text().splitlines()
+    assert line.startswith("dkvm[cid]: JSONDecodeError(") and line.count("dkvm") == 1
 
 
 def test_main_exec_without_process_file_is_refused_and_logged(fake_host, tmp_path):
@@ -198,40 +228,43 @@ def test_main_bad_runtime_arg_reaches_runc_log(fake_host, tmp_path):
 
 # --- argv[0] dispatch --------------------------------------------------------------
 
-@pytest.mark.parametrize("argv0,module", [
-    ("dkvm-runtime", "dkvm.roles.runtime"),
-    ("/usr/local/bin/dkvm-runtime", "dkvm.roles.runtime"),
-    ("dkvm-ctr-entrypoint", "dkvm.roles.ctr_entrypoint"),
-    ("/.dkvm/entry/dkvm-ctr-entrypoint", "dkvm.roles.ctr_entrypoint"),
-    ("/.dkvm/entry/dkvm-vm-init", "dkvm.roles.vm_init"),
-    ("dkvm-vm-init", "dkvm.roles.vm_init"),
-    ("/.dkvm/entry/dkvm-exec", "dkvm.roles.exec_relay"),
-    ("dkvm", "dkvm.roles.cli"),
-    ("/usr/local/bin/dkvm.pyz", "dkvm.roles.cli"),
-    ("dkvm-runtime-old", "dkvm.roles.cli"),
-    ("/usr/local/bin/dkvm-runtime/", "dkvm.roles.cli"),
-    ("", "dkvm.roles.cli"),
+@pytest.mark.parametrize("argv0,role,module", [
+    ("dkvm-runtime", "runtime", "dkvm.roles.runtime"),
+    ("/usr/local/bin/dkvm-runtime", "runtime", "dkvm.roles.runtime"),
+    ("dkvm-ctr-entrypoint", "entrypoint", "dkvm.roles.ctr_entrypoint"),
+    ("/.dkvm/entry/dkvm-ctr-entrypoint", "entrypoint", "dkvm.roles.ctr_entrypoint"),
+    ("/.dkvm/entry/dkvm-vm-init", "vm-init", "dkvm.roles.vm_init"),
+    ("dkvm-vm-init", "vm-init", "dkvm.roles.vm_init"),
+    ("/.dkvm/entry/dkvm-exec", "exec", "dkvm.roles.exec_relay"),
+    ("dkvm", "", "dkvm.roles.cli"),
+    ("/usr/local/bin/dkvm.pyz", "", "dkvm.roles.cli"),
+    ("dkvm-runtime-old", "", "dkvm.roles.cli"),
+    ("/usr/local/bin/dkvm-runtime/", "", "dkvm.roles.cli"),
+    ("", "", "dkvm.roles.cli"),
 ])
-def test_role_module(argv0, module):
-    assert dkvm_main.role_module(argv0) == module
+def test_role_of(argv0, role, module):
+    assert dkvm_main.role_of(argv0) == (role, module)
 
 
 def test_every_role_module_imports():
     import importlib
-    for module in list(dkvm_main.ROLES.values()) + [dkvm_main.DEFAULT_ROLE]:
+    for _, module in list(dkvm_main.ROLES.values()) + [dkvm_main.DEFAULT_ROLE]:
         assert callable(importlib.import_module(module).main)
 
 
 def test_main_dispatches_and_exits_with_role_code(capsys, monkeypatch, tmp_path):
-    """dkvm-exec with no VM to reach: the relay role's error and exit code."""
+    """dkvm-exec with no VM to reach: the relay role's error and exit code, on one line
+    that names the role and the container."""
     from dkvm.roles import exec_relay
-    monkeypatch.setenv("DKVM_EXEC", json.dumps({"args": ["true"], "env": [], "uid": 0, "gid": 0}))
+    monkeypatch.setenv("DKVM_EXEC", json.dumps({"container_id": "feedface0123456789",
+                                                "process": {"args": ["true"]}}))
     monkeypatch.setattr(exec_relay.paths, "EXEC_SOCKET", str(tmp_path / "missing.sock"))
     monkeypatch.setattr(exec_relay, "CONNECT_TIMEOUT", 0)
     with pytest.raises(SystemExit) as info:
         dkvm_main.main(["/.dkvm/entry/dkvm-exec", "sh"])
     assert info.value.code == 126
-    assert capsys.readouterr().err.startswith("dkvm: the VM was not ready for exec")
+    assert capsys.readouterr().err == \
+        "dkvm[exec feedface0123]: the VM was not ready for exec within 0s\n"
 
 
 def test_run_role_exit_codes(capsys):

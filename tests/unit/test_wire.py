@@ -29,13 +29,36 @@ def test_round_trip(ftype, payload, channel):
     frame = frames[0]
     assert (frame.type, frame.channel) == (ftype, channel)
     if isinstance(payload, dict):
-        assert frame.json() == payload
+        assert frame.record().as_dict() == payload
     else:
         assert frame.payload == payload
 
 
-def test_empty_payload_json_is_empty_dict():
-    assert Decoder().feed(encode(EXIT_ACK))[0].json() == {}
+@pytest.mark.parametrize("ftype,payload", [
+    (EXIT, b'{"status":"pwn"}'),            # not a number
+    (EXIT, b'{"status":256}'),              # not an exit status
+    (EXIT, b'{"status":-1}'),
+    (EXIT, b'{"status":true}'),             # a bool is not an int here
+    (EXIT, b"{}"),                          # missing
+    (EXIT, b'{"status":0,"extra":1}'),      # unknown field
+    (EXIT, b"[0]"),
+    (EXIT, b'{"status":0'),                 # not JSON
+    (EXIT, b"\xff\xfe"),                    # not UTF-8
+    (EXIT, b"[" * 100000),                  # nested past the recursion limit
+    (SIGNAL, b'{"signal":0}'),
+    (SIGNAL, b'{"signal":65}'),
+    (ERROR, b'{"message":7}'),
+    (wire.WINDOW, b'{"bytes":0}'),
+    (wire.WINDOW, b'{"bytes":%d}' % (wire.STREAM_WINDOW + 1)),
+    (wire.RESIZE, b'{"rows":70000,"cols":80}'),
+    (wire.EXEC_EXIT, b'{"status":256}'),
+    (wire.EXEC_START, b'{"process":{"args":"sh"}}'),
+    (wire.NET, b'{"steps":[{"kind":"format disk"}]}'),
+])
+def test_a_bad_payload_is_a_protocol_error_naming_the_frame(ftype, payload):
+    (frame,) = Decoder().feed(encode(ftype, payload))
+    with pytest.raises(ProtocolError, match=f"frame type {ftype}: bad payload"):
+        frame.record()
 
 
 def test_byte_by_byte():
@@ -62,10 +85,10 @@ def test_several_frames_in_one_feed_and_a_partial_tail():
     dec = Decoder()
     out = dec.feed(data[:-5])
     assert [f.type for f in out] == [HELLO, SIGNAL, SIGNAL]
-    assert [f.json() for f in out[1:]] == [{"signal": 2}, {"signal": 15}]
+    assert [f.record().signal for f in out[1:]] == [2, 15]
     assert dec.pending == len(frames_in[-1]) - 5
     (last,) = dec.feed(data[-5:])
-    assert last.json() == {"status": 0}
+    assert last.record().status == 0
     assert dec.pending == 0
 
 
@@ -109,7 +132,7 @@ def test_malformed_header_raises_and_decoder_recovers(header):
     assert dec.pending == 0
     # usable again: the next good frame decodes
     (frame,) = dec.feed(encode(EXIT, {"status": 1}))
-    assert frame.type == EXIT and frame.json() == {"status": 1}
+    assert frame.type == EXIT and frame.record().status == 1
 
 
 def test_garbage_after_partial_header_is_detected_once_header_complete():

@@ -7,16 +7,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for shared in (REPO, REPO / "tests"):       # dkvm, and the tests' shared `waiting`
+    if str(shared) not in sys.path:
+        sys.path.insert(0, str(shared))
 
-from dkvm.plan import PLAN_ENV, Plan  # noqa: E402
-from dkvm.rewrite import HostFacts, rewrite_create_config  # noqa: E402
+from dkvm.host.facts import HostFacts  # noqa: E402
+from dkvm.host.rewrite import rewrite_create_config  # noqa: E402
+from dkvm.paths import PLAN_ENV  # noqa: E402
+from dkvm.schema import Boot, Plan  # noqa: E402
 
 FIXTURE_NAMES = ["plain", "user-workdir-env", "resources-tmpfs-volume", "tty-init",
                  "privileged-cpuset"]
-KERNELS = {"debian": "6.1.0-28-amd64"}
+KERNELS = {"debian": Boot(release="6.1.0-28-amd64", kernel="/.dkvm/kernels/debian/vmlinux",
+                          initrd="/.dkvm/kernels/debian/initrd.img",
+                          modules="/.dkvm/kernels/debian/lib/modules")}
 PAYLOAD_DIR = "/var/lib/dkvm/0123456789abcdef"
+CONTAINER_ID = "0123456789abcdef0123456789abcdef"
 
 
 def load_config(name):
@@ -37,7 +43,7 @@ def plan_of(config):
 
 
 def rewrite(config, **kw):
-    new = rewrite_create_config(config, facts(**kw))
+    new = rewrite_create_config(config, facts(**kw), CONTAINER_ID)
     return new, plan_of(new)
 
 

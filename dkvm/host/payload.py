@@ -1,5 +1,5 @@
-"""Host-side facts and the payload directory: unpacked once per build, shared by
-every container of that build (read-only bind mount)."""
+"""The payload directory: unpacked once per build from the archive, shared by every
+container of that build (read-only bind mount), pruned when no container uses it."""
 import fcntl
 import os
 import shutil
@@ -11,24 +11,7 @@ import zipfile
 from dkvm import paths
 from dkvm.errors import DkvmError
 
-KVM_GET_API_VERSION = 0xAE00
-
-
-def kvm_usable():
-    """KVM that can boot a stock kernel. PVM (kvm_pvm) provides /dev/kvm but a stock
-    kernel hangs under it, so it counts as unusable."""
-    if os.path.isdir("/sys/module/kvm_pvm"):
-        return False
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        return fcntl.ioctl(fd, KVM_GET_API_VERSION) == 12
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+BOOT_FILE = "boot.json"          # in each kernels/<dist>: a schema.Boot
 
 
 def archive_path():
@@ -38,6 +21,11 @@ def archive_path():
         raise DkvmError(f"{sys.argv[0]} is not the dkvm.pyz archive; run the installed "
                         "dkvm.pyz or a symlink to it")
     return path
+
+
+def build_id(archive=None):
+    with zipfile.ZipFile(archive or archive_path()) as zf:
+        return zf.read("payload/BUILD_ID").decode().strip()
 
 
 def ensure_payload(archive=None):
@@ -133,45 +121,18 @@ def extract_payload(zf, dest):
 
 
 def payload_kernels(payload_dir):
-    """The kernels a payload carries: dist -> release."""
+    """The kernels a payload carries: dist -> schema.Boot, with paths as the container
+    and the guest see them (under the payload mount). Each kernels/<dist>/boot.json is
+    written by build.py with paths relative to its folder."""
+    from dkvm.schema import Boot
     kroot = os.path.join(payload_dir, "kernels")
     kernels = {}
     for dist in sorted(os.listdir(kroot)):
-        with open(os.path.join(kroot, dist, "release")) as f:
-            kernels[dist] = f.read().strip()
+        with open(os.path.join(kroot, dist, BOOT_FILE)) as f:
+            boot = Boot.from_json(f.read())
+        inside = paths.payload_path("kernels", dist)
+        for name in ("kernel", "initrd", "modules"):
+            if getattr(boot, name):
+                setattr(boot, name, os.path.join(inside, getattr(boot, name)))
+        kernels[dist] = boot
     return kernels
-
-
-def upstream_nameservers():
-    """The name servers Docker's embedded DNS forwards to: the host's, or systemd-
-    resolved's upstream list when the host points at its local stub."""
-    for path in ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"):
-        servers = []
-        try:
-            with open(path) as f:
-                for line in f:
-                    words = line.split()
-                    if words[:1] == ["nameserver"] and len(words) > 1:
-                        servers.append(words[1])
-        except OSError:
-            continue
-        servers = [s for s in servers if not s.startswith("127.") and s != "::1" and ":" not in s]
-        if servers:
-            return servers
-    return []
-
-
-def find_runc(explicit=""):
-    """The real runc: the one the runtime args name, or the distribution's."""
-    if explicit:
-        if not os.access(explicit, os.X_OK):
-            raise DkvmError(f"--dkvm-runc={explicit}: not an executable file")
-        return explicit
-    me = os.path.realpath(sys.argv[0])
-    candidates = [shutil.which("runc")] + ["/usr/sbin/runc", "/usr/bin/runc",
-                                           "/usr/local/sbin/runc", "/usr/local/bin/runc"]
-    for cand in candidates:
-        if cand and os.access(cand, os.X_OK) and os.path.realpath(cand) != me:
-            return cand
-    raise DkvmError("runc not found (looked in PATH, /usr/sbin, /usr/bin, /usr/local): "
-                    "install runc or pass --dkvm-runc=PATH in the runtime's runtimeArgs")

@@ -7,10 +7,13 @@ import time
 
 import pytest
 
-from dkvm import net_guest, net_hotplug, wire
+from dkvm import wire
+from dkvm.container import net_follower
+from dkvm.container.qmp import Qmp
+from dkvm.container.vmm import command_line_options, nic_options
 from dkvm.errors import DkvmError
-from dkvm.qemu import command_line_options, nic_options
-from dkvm.qmp import Qmp
+from dkvm.guest import network
+from dkvm.schema import Interface, NetChange, NetStep, Route
 
 
 class FakeQemuMonitor:
@@ -88,24 +91,25 @@ def test_hot_plugged_nic_options_match_the_boot_command_line():
 
 
 def test_route_changes_move_the_default_gateway():
-    old_default = {"dst_len": 0, "gateway": "172.17.0.1", "index": 5, "dev": "eth0"}
-    new_default = {"dst_len": 0, "gateway": "172.18.0.1", "index": 9, "dev": "eth1"}
-    static = {"dst_len": 16, "dst": "10.1.0.0", "gateway": "", "index": 5, "dev": "eth0"}
-    assert net_hotplug.route_changes([old_default, static], [static, new_default]) == (
+    old_default = Route(gateway="172.17.0.1", mac="02:00:00:00:00:05")
+    new_default = Route(gateway="172.18.0.1", mac="02:00:00:00:00:09")
+    static = Route(dst_len=16, dst="10.1.0.0", mac="02:00:00:00:00:05")
+    assert net_follower.route_changes([old_default, static], [static, new_default]) == (
         [old_default], [new_default])
-    assert net_hotplug.route_changes([static], [static]) == ([], [])
+    assert net_follower.route_changes([static], [static]) == ([], [])
 
 
 def change(*macs):
-    return {"wait_for": list(macs), "steps": [{"sysctl": {"for": ",".join(macs)}}]}
+    return NetChange(wait_for=list(macs),
+                     steps=[NetStep(kind="sysctl", sysctl={"for": ",".join(macs)})])
 
 
 def test_pending_changes_wait_in_order_for_their_nics(monkeypatch):
     present, applied = set(), []
-    monkeypatch.setattr(net_guest, "links_by_mac", lambda: {mac: 1 for mac in present})
-    monkeypatch.setattr(net_guest, "run_steps",
+    monkeypatch.setattr(network, "links_by_mac", lambda: {mac: 1 for mac in present})
+    monkeypatch.setattr(network, "run_steps",
                         lambda steps, until_waiting: applied.append(steps) or [])
-    pending = net_guest.PendingChanges()
+    pending = network.PendingChanges()
     assert pending.timeout(1.0) == 1.0
     first, second = change("02:00:00:00:00:01"), change()
     pending.add(first)
@@ -113,26 +117,26 @@ def test_pending_changes_wait_in_order_for_their_nics(monkeypatch):
     assert pending.apply_ready() == [] and applied == []
     assert pending.timeout(1.0) == pending.POLL
     present.add("02:00:00:00:00:01")
-    assert pending.apply_ready() == [] and applied == [first["steps"], second["steps"]]
+    assert pending.apply_ready() == [] and applied == [first.steps, second.steps]
     assert pending.timeout(1.0) == 1.0
 
 
 def test_a_nic_that_never_shows_up_is_reported_and_skipped(monkeypatch):
     applied = []
-    monkeypatch.setattr(net_guest, "links_by_mac", lambda: {})
-    monkeypatch.setattr(net_guest, "run_steps",
+    monkeypatch.setattr(network, "links_by_mac", lambda: {})
+    monkeypatch.setattr(network, "run_steps",
                         lambda steps, until_waiting: applied.append(steps) or [])
-    monkeypatch.setattr(net_guest, "NIC_WAIT", 0)
-    pending = net_guest.PendingChanges()
+    monkeypatch.setattr(network, "NIC_WAIT", 0)
+    pending = network.PendingChanges()
     pending.add(change("02:00:00:00:00:07"))
     pending.add(change())
     errors = pending.apply_ready()
     assert len(errors) == 1 and "02:00:00:00:00:07" in errors[0] and "within 0s" in errors[0]
-    assert applied == [change()["steps"]]
+    assert applied == [change().steps]
 
 
 def route(gateway):
-    return {"family": 2, "dst": "", "dst_len": 0, "gateway": gateway, "metric": 0}
+    return Route(family=2, gateway=gateway)
 
 
 class FakeLink(dict):
@@ -173,16 +177,16 @@ class FakeQmp:
 def follower(monkeypatch):
     """A NetworkFollower over a FakeIp: eth0 was there at boot (tap 0)."""
     ip = FakeIp([FakeLink(5, "eth0")], {5: [route("172.17.0.1")]})
-    monkeypatch.setattr(net_hotplug, "guest_links", lambda ip: list(ip.links))
-    monkeypatch.setattr(net_hotplug, "docker_routes", lambda ip, index: [
-        dict(route) for route in ip.routes.get(index, [])])
-    monkeypatch.setattr(net_hotplug, "describe", lambda ip, link: {
-        "name": link.name, "index": link["index"], "mac": link.get_attr("IFLA_ADDRESS"),
-        "mtu": 1500, "ipv6": False, "addresses": [], "routes": ip.routes.get(link["index"], [])})
-    monkeypatch.setattr(net_hotplug, "create_tap", lambda ip, tap, mtu: 100 + int(tap[8:]))
-    monkeypatch.setattr(net_hotplug, "hand_over", lambda ip, index, tap_index: None)
-    monkeypatch.setattr(net_hotplug, "ipv6_sysctls", lambda: {})
-    follower = net_hotplug.NetworkFollower()
+    monkeypatch.setattr(net_follower, "guest_links", lambda ip: list(ip.links))
+    monkeypatch.setattr(net_follower, "docker_routes", lambda ip, index, mac: [
+        Route(**{**route.as_dict(), "mac": mac}) for route in ip.routes.get(index, [])])
+    monkeypatch.setattr(net_follower, "describe", lambda ip, link: Interface(
+        name=link.name, index=link["index"], mac=link.get_attr("IFLA_ADDRESS"),
+        routes=ip.routes.get(link["index"], [])))
+    monkeypatch.setattr(net_follower, "create_tap", lambda ip, tap, mtu: 100 + int(tap[8:]))
+    monkeypatch.setattr(net_follower, "hand_over", lambda ip, index, tap_index: None)
+    monkeypatch.setattr(net_follower, "ipv6_sysctls", lambda: {})
+    follower = net_follower.NetworkFollower()
     follower.nics, follower.next_number = {5: 0}, 1
     follower.routes = follower.current_routes(ip)
     follower.ip = ip
@@ -193,7 +197,7 @@ def follower(monkeypatch):
 def sent(follower):
     follower.inbox.setblocking(False)
     try:
-        return wire.Decoder().feed(follower.inbox.recv(1 << 20))[0].json()
+        return wire.Decoder().feed(follower.inbox.recv(1 << 20))[0].record()
     except BlockingIOError:
         return None
 
@@ -206,11 +210,11 @@ def test_follow_plugs_a_new_interface_and_moves_the_default_gateway(follower):
     follower.follow(ip)
     assert follower.qmp.commands == [("netdev_add", "net1"), ("device_add", "nic1")]
     change = sent(follower)
-    assert change["wait_for"] == ["02:00:00:00:00:09"]
-    assert [step["what"] for step in change["steps"] if "what" in step] == [
+    assert change.wait_for == ["02:00:00:00:00:09"]
+    assert [step.what for step in change.steps if step.what] == [
         "rename (eth1)", "rename to eth1 (eth1)", "set eth1 up (eth1)",
         "removing route default via 172.17.0.1", "route default via 172.18.0.1"]
-    assert [(step["mac"], step["optional"]) for step in change["steps"][-2:]] == [
+    assert [(step.mac, step.optional) for step in change.steps[-2:]] == [
         ("02:00:00:00:00:05", True), ("02:00:00:00:00:09", True)]
     follower.follow(ip)
     assert sent(follower) is None                                   # nothing new: silence
@@ -223,7 +227,10 @@ def test_follow_waits_for_libnetwork_to_bring_the_interface_up(follower):
     assert follower.qmp.commands == [] and sent(follower) is None
 
 
-def test_a_refused_hot_plug_is_reported_once_and_the_rest_still_follows(follower, capsys):
+def test_a_refused_hot_plug_is_reported_once_and_the_rest_still_follows(follower, capsys,
+                                                                         log_context):
+    log_context.set_role("entrypoint")
+    log_context.set_container("0123456789abcdef")
     ip = follower.ip
     ip.links.append(FakeLink(9, "eth1"))
     ip.routes[5] = [route("172.17.0.254")]
@@ -233,9 +240,9 @@ def test_a_refused_hot_plug_is_reported_once_and_the_rest_still_follows(follower
                                      ("netdev_del", "net1")]
     assert ip.deleted == [101]                                      # its tap is gone
     err = capsys.readouterr().err
-    assert err.count("dkvm: cannot hot-plug eth1 into the VM, it stays in the container: "
-                     "QEMU refused device_add: no free PCI slot") == 1
-    assert sent(follower)["steps"][-1]["what"] == "route default via 172.17.0.254"
+    assert err.count("dkvm[entrypoint 0123456789ab]: cannot hot-plug eth1 into the VM, it "
+                     "stays in the container: QEMU refused device_add: no free PCI slot") == 1
+    assert sent(follower).steps[-1].what == "route default via 172.17.0.254"
     follower.follow(ip)                                             # the clean-up's events
     assert follower.qmp.commands[3:] == [] and capsys.readouterr().err == ""
 
@@ -247,19 +254,20 @@ def test_follow_unplugs_a_vanished_interface(follower, monkeypatch):
     follower.ip.routes.clear()
     follower.follow(follower.ip)
     assert unplugged == [0] and follower.nics == {}
-    assert sent(follower)["steps"][0]["what"] == "removing route default via 172.17.0.1"
+    assert sent(follower).steps[0].what == "removing route default via 172.17.0.1"
 
 
 def test_a_new_nic_not_yet_running_is_polled_for_not_waited_on(monkeypatch):
     running = set()
-    monkeypatch.setattr(net_guest, "links_by_mac", lambda: {"02:00:00:00:00:01": 3})
-    monkeypatch.setattr(net_guest, "is_running", lambda name, ipv6: name in running)
+    monkeypatch.setattr(network, "links_by_mac", lambda: {"02:00:00:00:00:01": 3})
+    monkeypatch.setattr(network, "is_running", lambda name, ipv6: name in running)
     written = []
-    monkeypatch.setattr(net_guest.guestos, "write_sysctls", written.append)
-    pending = net_guest.PendingChanges()
-    pending.add({"wait_for": ["02:00:00:00:00:01"],
-                 "steps": [{"sysctl": {"a": "1"}}, {"running": "eth1", "ipv6": True},
-                           {"sysctl": {"b": "2"}}]})
+    monkeypatch.setattr(network.syscalls, "write_sysctls", written.append)
+    pending = network.PendingChanges()
+    pending.add(NetChange(wait_for=["02:00:00:00:00:01"],
+                          steps=[NetStep(kind="sysctl", sysctl={"a": "1"}),
+                                 NetStep(kind="running", name="eth1", ipv6=True),
+                                 NetStep(kind="sysctl", sysctl={"b": "2"})]))
     start = time.monotonic()
     assert pending.apply_ready() == []
     assert time.monotonic() - start < 0.5                   # did not wait

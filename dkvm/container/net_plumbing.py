@@ -6,10 +6,12 @@ does): frames pass untouched, so the guest keeps the container's MAC and IP, and
 Docker's bridge, DNS names and published ports see the VM where they saw the
 container. The container side keeps no address, so it never answers for the guest;
 it keeps the routes, which Docker goes on programming as networks come and go
-(net_hotplug follows them into the guest).
+(net_follower follows them into the guest).
 """
 import errno
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP
+
+from dkvm.schema import Address, Interface, Route
 
 ETH_P_ALL = 0x0003
 IFF_UP = 0x1
@@ -47,7 +49,7 @@ def ipv6_sysctls():
 
 
 def open_iproute():
-    from dkvm.pyroute2_light import light_pyroute2
+    from dkvm.container.pyroute2_light import light_pyroute2
     light_pyroute2()
     from pyroute2.iproute.linux import IPRoute
     return IPRoute()
@@ -87,42 +89,41 @@ def refuse_own_dns_traffic(ip):
 
 
 def describe(ip, link):
+    """The schema.Interface the guest rebuilds this link from."""
     index = link["index"]
-    addresses = []
-    for addr in ip.get_addr(index=index):
-        if addr["family"] in (AF_INET, AF_INET6) and addr["scope"] == RT_SCOPE_UNIVERSE:
-            addresses.append([addr["family"], addr.get_attr("IFA_ADDRESS"), addr["prefixlen"],
-                              addr.get_attr("IFA_BROADCAST") or ""])
-    routes = docker_routes(ip, index)
+    addresses = [Address(family=addr["family"], address=addr.get_attr("IFA_ADDRESS"),
+                         prefixlen=addr["prefixlen"],
+                         broadcast=addr.get_attr("IFA_BROADCAST") or "")
+                 for addr in ip.get_addr(index=index)
+                 if addr["family"] in (AF_INET, AF_INET6) and addr["scope"] == RT_SCOPE_UNIVERSE]
     name = link.get_attr("IFLA_IFNAME")
     try:
         with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6") as f:
             ipv6 = f.read().strip() == "0"
     except OSError:
         ipv6 = False
-    return {"name": name, "index": index, "mac": link.get_attr("IFLA_ADDRESS"),
-            "mtu": link.get_attr("IFLA_MTU"), "ipv6": ipv6, "addresses": addresses,
-            "routes": routes}
+    mac = link.get_attr("IFLA_ADDRESS")
+    return Interface(name=name, index=index, mac=mac, mtu=link.get_attr("IFLA_MTU"),
+                     ipv6=ipv6, addresses=addresses, routes=docker_routes(ip, index, mac))
 
 
-def routes_of(ip, index):
-    """The main table's routes out of one interface, as the guest rebuilds them."""
+def routes_of(ip, index, mac=""):
+    """The main table's routes out of one interface (whose MAC is `mac`)."""
     routes = []
     for family in (AF_INET, AF_INET6):
         for route in ip.get_routes(family=family, table=MAIN_TABLE):
             if route.get_attr("RTA_OIF") == index and route["type"] == RTN_UNICAST:
-                routes.append({"family": family, "dst": route.get_attr("RTA_DST") or "",
-                               "dst_len": route["dst_len"],
-                               "gateway": route.get_attr("RTA_GATEWAY") or "",
-                               "metric": route.get_attr("RTA_PRIORITY") or 0,
-                               "proto": route["proto"], "scope": route["scope"]})
+                routes.append(Route(family=family, dst=route.get_attr("RTA_DST") or "",
+                                    dst_len=route["dst_len"],
+                                    gateway=route.get_attr("RTA_GATEWAY") or "",
+                                    metric=route.get_attr("RTA_PRIORITY") or 0,
+                                    proto=route["proto"], scope=route["scope"], mac=mac))
     return routes
 
 
-def docker_routes(ip, index):
+def docker_routes(ip, index, mac=""):
     """The routes Docker made through an interface, not those its addresses make."""
-    return [{key: value for key, value in route.items() if key not in ("proto", "scope")}
-            for route in routes_of(ip, index) if route["proto"] != RTPROT_KERNEL]
+    return [route for route in routes_of(ip, index, mac) if route.proto != RTPROT_KERNEL]
 
 
 def create_tap(ip, tap, mtu):
@@ -136,28 +137,27 @@ def hand_over(ip, index, tap_index):
     """The interface gives its addresses to the guest and its frames to the tap.
 
     Its routes stay (without a source address): Docker keeps programming them as the
-    container's networks change, and the guest follows them (net_hotplug)."""
+    container's networks change, and the guest follows them (net_follower)."""
     routes = routes_of(ip, index)
     for addr in ip.get_addr(index=index):       # link-local ones too: the guest owns them
         ip.addr("del", index=index, address=addr.get_attr("IFA_ADDRESS"),
                 prefixlen=addr["prefixlen"])
     left = routes_of(ip, index)
-    for route in sorted(routes, key=lambda route: bool(route["gateway"])):   # on-link first
+    for route in sorted(routes, key=lambda route: bool(route.gateway)):   # on-link first
         if route not in left:
             add_route(ip, index, route)
-    redirect(ip, index, tap_index)
-    redirect(ip, tap_index, index)
+    PLUMBING.join(ip, index, tap_index)
 
 
 def add_route(ip, index, route):
-    spec = {"family": route["family"], "dst_len": route["dst_len"], "oif": index,
-            "table": MAIN_TABLE, "proto": route["proto"], "scope": route["scope"]}
-    if route["dst_len"]:
-        spec["dst"] = route["dst"]
-    if route["gateway"]:
-        spec["gateway"] = route["gateway"]
-    if route["metric"]:
-        spec["priority"] = route["metric"]
+    spec = {"family": route.family, "dst_len": route.dst_len, "oif": index,
+            "table": MAIN_TABLE, "proto": route.proto, "scope": route.scope}
+    if route.dst_len:
+        spec["dst"] = route.dst
+    if route.gateway:
+        spec["gateway"] = route.gateway
+    if route.metric:
+        spec["priority"] = route.metric
     try:
         ip.route("add", **spec)
     except Exception as err:        # pyroute2's NetlinkError; EEXIST: it came back itself
@@ -165,10 +165,24 @@ def add_route(ip, index, route):
             raise
 
 
-def redirect(ip, from_index, to_index):
-    """Everything arriving on `from_index` leaves by `to_index`, before any stack sees it."""
-    ip.tc("add", "ingress", from_index, "ffff:")
-    ip.tc("add-filter", "u32", from_index, parent="ffff:", protocol=ETH_P_ALL, target=0x1,
-          keys=["0x0/0x0+0"],
-          action={"kind": "mirred", "direction": "egress", "action": "redirect",
-                  "ifindex": to_index})
+class MirredRedirect:
+    """The network mode: how a container interface and its tap become one wire. Here
+    tc mirred redirects on both ingresses, so frames pass untouched (the guest keeps the
+    container's MAC); a bridge or macvtap would be another class with `join`."""
+
+    def join(self, ip, index, tap_index):
+        self.redirect(ip, index, tap_index)
+        self.redirect(ip, tap_index, index)
+
+    @staticmethod
+    def redirect(ip, from_index, to_index):
+        """Everything arriving on `from_index` leaves by `to_index`, before any stack
+        sees it."""
+        ip.tc("add", "ingress", from_index, "ffff:")
+        ip.tc("add-filter", "u32", from_index, parent="ffff:", protocol=ETH_P_ALL, target=0x1,
+              keys=["0x0/0x0+0"],
+              action={"kind": "mirred", "direction": "egress", "action": "redirect",
+                      "ifindex": to_index})
+
+
+PLUMBING = MirredRedirect()

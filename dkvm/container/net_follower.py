@@ -11,26 +11,22 @@ virtiofs, like any file changed from outside: virtiofsd_argv.)
 """
 import select
 import socket
-import sys
 import threading
 
 from dkvm import wire
-from dkvm.net_container import (IFF_UP, create_tap, describe, docker_routes, guest_links,
-                                hand_over, ipv6_sysctls, netdev_id, nic_id, open_iproute,
-                                tap_name)
-from dkvm.net_steps import interface_steps, route_step
-from dkvm.qemu import nic_options
+from dkvm.container.net_plumbing import (IFF_UP, create_tap, describe, docker_routes,
+                                         guest_links, hand_over, ipv6_sysctls, netdev_id,
+                                         nic_id, open_iproute, tap_name)
+from dkvm.container.net_steps import interface_steps, route_step, sysctl_step
+from dkvm.container.vmm import nic_options
+from dkvm.log import warn
+from dkvm.schema import NetChange
 
 SETTLE = 0.3            # libnetwork configures an interface in one burst of netlink messages
 UNPLUG_WAIT = 15        # the guest acknowledging a NIC's removal (ACPI eject)
 # rtnetlink multicast groups: links, IPv4 and IPv6 addresses and routes
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
-
-
-def warn(message):
-    """To the container's log (`docker logs`): Docker itself reported success."""
-    print(f"dkvm: {message}", file=sys.stderr, flush=True)
 
 
 def route_changes(before, after):
@@ -57,7 +53,7 @@ class NetworkFollower:
 
     def start(self, interfaces, qmp_path):
         """Follow from the boot-time interfaces (tapped in this order) on."""
-        self.nics = {iface["index"]: number for number, iface in enumerate(interfaces)}
+        self.nics = {iface.index: number for number, iface in enumerate(interfaces)}
         self.next_number = len(interfaces)
         self.qmp_path = qmp_path
         with open_iproute() as ip:
@@ -112,21 +108,21 @@ class NetworkFollower:
                           if self.sysctl.get(name) != value}
         self.sysctl = sysctl
         if added or removed_routes or added_routes or sysctl_changes:
-            steps = [{"sysctl": sysctl_changes}] if sysctl_changes else []
+            steps = [sysctl_step(sysctl_changes)] if sysctl_changes else []
             steps += interface_steps(added)
-            steps += [route_step(r["mac"], r, add=False, optional=True) for r in removed_routes]
-            steps += [route_step(r["mac"], r, add=True, optional=True) for r in added_routes]
-            self.outbox.send(wire.encode(wire.NET, {
-                "wait_for": [iface["mac"].lower() for iface in added], "steps": steps}))
+            steps += [route_step(r.mac, r, add=False, optional=True) for r in removed_routes]
+            steps += [route_step(r.mac, r, add=True, optional=True) for r in added_routes]
+            self.outbox.send(wire.encode(wire.NET, NetChange(
+                wait_for=[iface.mac.lower() for iface in added], steps=steps)))
 
     def plug(self, ip, link):
         """Hand one new interface to the VM; its description for the guest."""
         number = self.next_number       # never reused: an unplug may still be pending
         iface = describe(ip, link)
-        iface["routes"] = []            # they come with the route changes
-        tap_index = create_tap(ip, tap_name(number), iface["mtu"])
+        iface.routes = []               # they come with the route changes
+        tap_index = create_tap(ip, tap_name(number), iface.mtu)
         try:
-            netdev, device = nic_options(number, iface["mac"])
+            netdev, device = nic_options(number, iface.mac)
             self.monitor_qmp().execute("netdev_add", **netdev)
             try:
                 self.qmp.execute("device_add", **device)
@@ -153,15 +149,15 @@ class NetworkFollower:
 
     def current_routes(self, ip):
         """Docker's routes through the guest's interfaces (not those the guest's kernel
-        makes for its addresses), each with its interface's index and MAC."""
+        makes for its addresses), each with its interface's MAC."""
         macs = {link["index"]: link.get_attr("IFLA_ADDRESS") for link in guest_links(ip)}
-        return [{**route, "index": index, "mac": macs[index]}
-                for index in self.nics if index in macs for route in docker_routes(ip, index)]
+        return [route for index in self.nics if index in macs
+                for route in docker_routes(ip, index, macs[index])]
 
     def monitor_qmp(self):
         """Connected for one change at a time: QEMU serves one QMP client, and a person
         debugging the VM may want it between changes."""
         if self.qmp is None:
-            from dkvm.qmp import Qmp
+            from dkvm.container.qmp import Qmp
             self.qmp = Qmp(self.qmp_path)
         return self.qmp

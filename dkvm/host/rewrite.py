@@ -5,18 +5,15 @@ few extra privileges QEMU and virtiofsd need, and everything the workload was to
 given (args, env, user, cwd, tmpfs mounts, hostname) moves into the plan for the guest.
 """
 import copy
-import json
 import math
-import os
-from dataclasses import dataclass, field
 
 from dkvm import paths
 from dkvm.errors import DkvmError
-from dkvm.options import parse_options, split_env
-from dkvm.plan import PLAN_ENV, Plan
+from dkvm.options import parse_settings, split_env
+from dkvm.schema import ExecRequest, Options, Plan, Process, Tmpfs
 
 MIB = 1 << 20
-DEFAULT_GUEST_MIB = 1024
+DEFAULT_GUEST_MIB = Plan.FIELDS["memory_mib"].default
 MIN_GUEST_MIB = 192
 # Memory the container needs beyond guest RAM: QEMU itself, virtiofsd and the
 # entrypoint. Measured under TCG (-m 256m, guest RAM filled): 117 MiB beyond guest
@@ -31,45 +28,27 @@ SYSTEM_TMPFS = {"/dev", "/dev/shm", "/run/secrets", "/dev/pts", "/dev/mqueue", "
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-@dataclass
-class HostFacts:
-    """What the rewrite needs to know about the host, gathered by the caller."""
-    payload_dir: str
-    kvm_usable: bool
-    kernels: dict                      # dist -> release
-    defaults: dict = field(default_factory=dict)   # from the runtime's own args
-    dns_upstream: list = field(default_factory=list)  # the host's name servers
-
-
-def rewrite_create_config(config, host):
-    """Return the config for the container that boots the VM running `config`'s process."""
+def rewrite_create_config(config, host, container_id=""):
+    """Return the config for the container that boots the VM running `config`'s
+    process; `host` is a host.facts.HostFacts."""
     config = copy.deepcopy(config)
     process = config.get("process") or {}
     linux = config.setdefault("linux", {})
     workload_env, settings = split_env(process.get("env") or [])
-    opts = parse_options(settings, host.kernels, host.defaults)
+    options = Options(**parse_settings(settings, host, host.defaults))
+    options.accel = choose_accel(options.accel, host.kvm_usable)
+    host.engine.check_network_namespace(linux)
     resources = linux.setdefault("resources", {})
-    accel = choose_accel(opts.accel, host.kvm_usable)
-    check_network_namespace(linux)
 
     plan = Plan(
-        args=list(process.get("args") or []),
-        env=workload_env,
-        cwd=process.get("cwd") or "/",
-        uid=process.get("user", {}).get("uid", 0),
-        gid=process.get("user", {}).get("gid", 0),
-        additional_gids=list(process.get("user", {}).get("additionalGids") or []),
-        terminal=bool(process.get("terminal")),
-        hostname=config.get("hostname", ""),
-        domainname=config.get("domainname", ""),
-        accel=accel,
+        container_id=container_id,
+        process=process_spec(process, workload_env),
+        options=options,
         cpus=vcpus_for(resources.get("cpu") or {}),
         memory_mib=plan_memory(resources),
-        kernel=opts.kernel,
-        kernel_append=opts.kernel_append,
-        kernel_debug=opts.kernel_debug,
-        kernel_lib_modules=opts.kernel_lib_modules,
-        dev_shm_size=opts.dev_shm_size,
+        boot=host.kernels[options.kernel],
+        hostname=config.get("hostname", ""),
+        domainname=config.get("domainname", ""),
         sysctl=dict(linux.get("sysctl") or {}),
         dns_upstream=list(host.dns_upstream),
     )
@@ -77,56 +56,40 @@ def rewrite_create_config(config, host):
     config["mounts"] += payload_mounts(host.payload_dir)
 
     process["args"] = paths.role_argv("dkvm-ctr-entrypoint")
-    process["env"] = [f"PATH={CONTAINER_PATH}", f"{PLAN_ENV}={plan.to_json()}"]
+    process["env"] = [f"PATH={CONTAINER_PATH}", f"{paths.PLAN_ENV}={plan.to_json()}"]
     process["user"] = {"uid": 0, "gid": 0}
-    add_capabilities(process, EXTRA_CAPS + (["CAP_SYS_ADMIN"] if opts.sys_admin else []))
+    add_capabilities(process, EXTRA_CAPS + (["CAP_SYS_ADMIN"] if options.sys_admin else []))
     allow_unshare_clone_fs(linux)
     add_device(linux, TUN)
-    if accel == "kvm":
+    if options.accel == "kvm":
         add_device(linux, KVM)
     config["process"] = process
     return config
 
 
-EXEC_ENV = "DKVM_EXEC"
-
-
-def rewrite_exec_process(process):
+def rewrite_exec_process(process, container_id=""):
     """Return the process.json for `runc exec` that relays `process` into the guest.
     The relay runs as root in the container (it talks to the container side's
     control multiplexer); the user, env, cwd and terminal go to the guest."""
     process = copy.deepcopy(process)
-    user = process.get("user") or {}
     env, _ = split_env(process.get("env") or [])
-    request = {
-        "args": list(process.get("args") or []),
-        "env": env,
-        "cwd": process.get("cwd") or "/",
-        "uid": user.get("uid", 0),
-        "gid": user.get("gid", 0),
-        "additional_gids": list(user.get("additionalGids") or []),
-        "terminal": bool(process.get("terminal")),
-    }
+    request = ExecRequest(container_id=container_id, process=process_spec(process, env))
     process["args"] = paths.role_argv("dkvm-exec")
-    process["env"] = [f"PATH={CONTAINER_PATH}",
-                      f"{EXEC_ENV}={json.dumps(request, separators=(',', ':'))}"]
+    process["env"] = [f"PATH={CONTAINER_PATH}", f"{paths.EXEC_ENV}={request.to_json()}"]
     process["user"] = {"uid": 0, "gid": 0}
     process["cwd"] = "/"
     add_capabilities(process, [])
     return process
 
 
-def check_network_namespace(linux):
-    """The VM takes over the container's interfaces: it needs a namespace of its own."""
-    namespaces = linux.get("namespaces") or []
-    net = [ns for ns in namespaces if ns.get("type") == "network"]
-    # dockerd names the host's namespace .../netns/default; other engines omit it
-    if not net or os.path.basename(net[0].get("path") or "") == "default":
-        raise DkvmError("--network host is not supported by DKVM: the VM needs a network "
-                        "namespace of its own (use a bridge network, or --network none)")
-    if net[0].get("path"):
-        raise DkvmError("--network container:NAME is not supported by DKVM: the VM needs a "
-                        "network namespace of its own (use a bridge network, or --network none)")
+def process_spec(process, env):
+    """The guest's copy of an OCI process (the workload's, or an exec's)."""
+    user = process.get("user") or {}
+    return Process(args=list(process.get("args") or []), env=list(env),
+                   cwd=process.get("cwd") or "/", uid=user.get("uid", 0),
+                   gid=user.get("gid", 0),
+                   additional_gids=list(user.get("additionalGids") or []),
+                   terminal=bool(process.get("terminal")))
 
 
 def choose_accel(wanted, kvm_usable):
@@ -182,8 +145,8 @@ def split_user_tmpfs(mounts):
     keep, moved = [], []
     for mount in mounts:
         if mount.get("type") == "tmpfs" and mount.get("destination") not in SYSTEM_TMPFS:
-            moved.append({"destination": mount["destination"],
-                          "options": list(mount.get("options") or [])})
+            moved.append(Tmpfs(destination=mount["destination"],
+                               options=list(mount.get("options") or [])))
         else:
             keep.append(mount)
     return keep, moved
@@ -223,10 +186,13 @@ def allow_unshare_clone_fs(linux):
 
 
 def add_device(linux, dev):
+    """The device node, and the cgroup rule that allows it: each once."""
     devices = linux.setdefault("devices", [])
     if not any(d.get("path") == dev["path"] for d in devices):
         devices.append({"path": dev["path"], "type": "c", "major": dev["major"],
                         "minor": dev["minor"], "fileMode": 0o666, "uid": 0, "gid": 0})
     rules = linux.setdefault("resources", {}).setdefault("devices", [])
-    rules.append({"allow": True, "type": "c", "major": dev["major"], "minor": dev["minor"],
-                  "access": "rwm"})
+    rule = {"allow": True, "type": "c", "major": dev["major"], "minor": dev["minor"],
+            "access": "rwm"}
+    if rule not in rules:
+        rules.append(rule)

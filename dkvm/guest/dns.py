@@ -1,15 +1,16 @@
 """Docker's embedded DNS (127.0.0.11 in the container's namespace) answers for the
 other containers of a user-defined network. The guest cannot reach that namespace's
 loopback, so a forwarder in the guest takes queries on 127.0.0.11:53 and sends them
-over the control channel; the container side asks the embedded server and sends the
-answer back. A query is a DNS frame: a 2-byte tag, then the DNS message as is."""
+over the control channel; the container side asks the embedded server
+(container.dns_relay) and sends the answer back. A query is a DNS frame: a 2-byte tag
+(wire.DNS_TAG), then the DNS message as is."""
 import _socket as socket   # not `socket`: it imports enum, a cost in the guest
-import struct
 import time
 
-EMBEDDED_DNS = ("127.0.0.11", 53)
+from dkvm.paths import EMBEDDED_DNS
+from dkvm.wire import DNS_TAG as TAG
+
 ANSWER_TIMEOUT = 5
-TAG = struct.Struct("!H")
 
 
 def uses_embedded_dns(resolv_conf="/etc/resolv.conf"):
@@ -139,40 +140,3 @@ class GuestForwarder:
         waits = [q.upstream_at + UPSTREAM_GRACE - time.monotonic()
                  for q in self.queries.values() if q.upstream_at is not None]
         return max(0.0, min([default] + waits))
-
-
-class EmbeddedDnsRelay:
-    """On the container side: one UDP socket per query in flight to the embedded DNS."""
-
-    def __init__(self, server=EMBEDDED_DNS):
-        self.server = server
-        self.pending = {}               # socket -> (tag bytes, deadline)
-
-    def ask(self, payload):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        try:
-            sock.connect(self.server)
-            sock.send(payload[TAG.size:])
-        except OSError:
-            sock.close()
-            return
-        self.pending[sock] = (payload[:TAG.size], time.monotonic() + ANSWER_TIMEOUT)
-
-    def sockets(self):
-        now = time.monotonic()
-        for sock, (_, deadline) in list(self.pending.items()):
-            if deadline < now:          # the client has given up on it too
-                del self.pending[sock]
-                sock.close()
-        return list(self.pending)
-
-    def answer(self, sock):
-        """The frame payload answering the query `sock` carried, or None."""
-        tag, _ = self.pending.pop(sock)
-        try:
-            data = sock.recv(65535)
-        except OSError:
-            data = None
-        sock.close()
-        return tag + data if data else None

@@ -58,27 +58,28 @@ def report_exec_failure(message):
                  f"{message}: unknown\r\n").encode())
 
 
-def become_and_exec(stdio, args, env, cwd, uid, gid, additional_gids,
-                    report=report_run_failure, failure_status=None):
-    """In a forked child: take `stdio` as fds 0-2, drop to the user, exec `args`.
-    Never returns; a failure is reported in runc's words with the exit code Docker
-    gives (127 not found, 126 not executable; `failure_status` for every failure
-    where Docker has one code, as for exec)."""
+def become_and_exec(stdio, process, report=report_run_failure, failure_status=None):
+    """In a forked child: take `stdio` as fds 0-2, become the schema.Process `process`
+    (user, groups, cwd, env) and exec its args. Never returns; a failure is reported
+    in runc's words with the exit code Docker gives (127 not found, 126 not executable;
+    `failure_status` for every failure where Docker has one code, as for exec)."""
     try:
+        env = workload_env(process.env, process.uid)
+        cwd = process.cwd or "/"
         for sig in (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGCHLD):
             _signal.signal(sig, _signal.SIG_DFL)
         _signal.set_wakeup_fd(-1)
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
-        os.setgroups(list(dict.fromkeys(additional_gids)))
-        os.setgid(gid)
-        os.setuid(uid)
+        os.setgroups(list(dict.fromkeys(process.additional_gids)))
+        os.setgid(process.gid)
+        os.setuid(process.uid)
         try:
             os.chdir(cwd)
         except OSError as err:
             raise ExecError(f'chdir to cwd ("{cwd}") set in config.json failed: '
                             f'{os.strerror(err.errno).lower()}', 126) from None
-        os.execve(resolve(args[0], env.get("PATH", "")), args, env)
+        os.execve(resolve(process.args[0], env.get("PATH", "")), process.args, env)
     except ExecError as err:
         report(err.message)
         os._exit(failure_status or err.status)

@@ -1,7 +1,7 @@
 """The guest side of networking: run the steps the container side prepared
-(net_steps) to rebuild each container interface, found by its MAC, at boot and when
-Docker connects, disconnects or re-routes networks of the running container
-(net_hotplug).
+(container.net_steps) to rebuild each container interface, found by its MAC, at boot
+and when Docker connects, disconnects or re-routes networks of the running container
+(container.net_follower).
 
 Only struct and a netlink socket here: the requests come encoded, this fills in the
 NIC's index and the sequence number and checks each acknowledgement."""
@@ -10,7 +10,8 @@ import os
 import struct
 import time
 
-from dkvm import guestos
+from dkvm.guest import syscalls
+from dkvm.schema import NetChange
 
 NETLINK_ROUTE = 0
 NLMSG_ERROR = 2
@@ -42,26 +43,26 @@ def run_steps(steps, until_waiting=False):
     try:
         sock.bind((0, 0))
         for seq, step in enumerate(steps, 1):
-            if "sysctl" in step:
-                guestos.write_sysctls(step["sysctl"])
+            if step.kind == "sysctl":
+                syscalls.write_sysctls(step.sysctl)
                 continue
-            if "running" in step:
-                if until_waiting and not is_running(step["running"], step["ipv6"]):
+            if step.kind == "running":
+                if until_waiting and not is_running(step.name, step.ipv6):
                     return steps[seq - 1:]
-                wait_until_running(step["running"], step["ipv6"])
+                wait_until_running(step.name, step.ipv6)
                 continue
-            index = by_mac.get(step["mac"])
+            index = by_mac.get(step.mac)
             if index is None:
-                if step["optional"]:
+                if step.optional:
                     continue            # its NIC is gone, and what the step was for with it
-                raise RuntimeError(f"no guest NIC with MAC {step['mac']} for {step['what']}")
-            request = bytearray.fromhex(step["netlink"])
+                raise RuntimeError(f"no guest NIC with MAC {step.mac} for {step.what}")
+            request = bytearray.fromhex(step.netlink)
             struct.pack_into("I", request, 8, seq)
-            set_index(request, step["kind"], index)
+            set_index(request, step.kind, index)
             sock.send(request)
             error = wait_ack(sock, seq)
-            if error and error not in step["ignore"]:
-                raise OSError(error, f"{step['what']}: {os.strerror(error)}")
+            if error and error not in step.ignore:
+                raise OSError(error, f"{step.what}: {os.strerror(error)}")
     finally:
         sock.close()
     return []
@@ -124,7 +125,7 @@ class PendingChanges:
     POLL = 0.05
 
     def __init__(self):
-        self.waiting = []               # [(change, deadline)]
+        self.waiting = []               # [(schema.NetChange, deadline)]
 
     def add(self, change):
         self.waiting.append((change, time.monotonic() + NIC_WAIT))
@@ -137,7 +138,7 @@ class PendingChanges:
         errors = []
         while self.waiting:
             change, deadline = self.waiting[0]
-            missing = set(change["wait_for"]) - set(links_by_mac())
+            missing = set(change.wait_for) - set(links_by_mac())
             if missing and time.monotonic() < deadline:
                 break
             self.waiting.pop(0)
@@ -146,11 +147,11 @@ class PendingChanges:
                     raise RuntimeError(f"hot-plugged NICs {sorted(missing)} did not appear "
                                        f"in the guest within {NIC_WAIT}s")
                 # a new NIC takes up to a second to run: exec I/O goes on meanwhile
-                left = run_steps(change["steps"], until_waiting=time.monotonic() < deadline)
+                left = run_steps(change.steps, until_waiting=time.monotonic() < deadline)
             except Exception as err:
                 errors.append(str(err))
                 continue
             if left:
-                self.waiting.insert(0, ({"wait_for": [], "steps": left}, deadline))
+                self.waiting.insert(0, (NetChange(steps=left), deadline))
                 break
         return errors

@@ -1,6 +1,6 @@
 """Command lines for QEMU and virtiofsd, built from the plan (pure functions)."""
 from dkvm import paths
-from dkvm.net_container import netdev_id, nic_id, tap_name
+from dkvm.container.net_plumbing import netdev_id, nic_id, tap_name
 
 # i8042 probing costs 0.6 s under TCG and the guest has no PS/2 devices. ACPI's
 # interrupt links cost 0.35 s (AML run for each PCI device) where the BIOS's PCI
@@ -16,35 +16,36 @@ DEBUG_APPEND = ["console=ttyS0", "loglevel=7"]
 
 
 def kernel_append(plan):
-    parts = BASE_APPEND + (DEBUG_APPEND if plan.kernel_debug else QUIET_APPEND)
-    if plan.kernel_append:
-        parts.append(plan.kernel_append)
+    """DKVM's arguments for any kernel, the kernel's own (its boot descriptor), then the
+    user's DKVM_KERNEL_APPEND, which may override both."""
+    options = plan.options
+    parts = BASE_APPEND + plan.boot.append + (DEBUG_APPEND if options.kernel_debug
+                                             else QUIET_APPEND)
+    if options.kernel_append:
+        parts.append(options.kernel_append)
     return " ".join(parts)
 
 
-def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, root=paths.PAYLOAD_MOUNT):
+def qemu_argv(plan, vcpus, stdout_fd, stderr_fd):
     """QEMU for one container. Without a terminal, the workload's stdout and stderr
     leave through two virtio-serial ports written straight to the container's fds,
     and stdin arrives on a third from a socket the entrypoint feeds and closes at EOF
     (QEMU opens a pipe chardev read-write, so it would never see EOF itself). With a
-    terminal, the guest
-    console is QEMU's stdio. The kernel's console exists only when DKVM_KERNEL_DEBUG
-    asks for it (on stderr)."""
-    kdir = paths.payload_path("kernels", plan.kernel, root=root)
+    terminal, the guest console is QEMU's stdio. The kernel's console goes to the
+    container's stderr only when DKVM_KERNEL_DEBUG asks for it."""
     mem = plan.memory_mib
-    if plan.accel == "kvm":
+    if plan.options.accel == "kvm":
         accel, cpu = ["-accel", "kvm"], "host"
     else:
         accel, cpu = ["-accel", "tcg,thread=multi"], "max"
-    argv = paths.payload_program_argv(paths.payload_path("qemu", "qemu-system-x86_64", root=root),
-                                      root)
+    argv = paths.payload_program_argv(paths.payload_path("qemu", "qemu-system-x86_64"))
     argv += [
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-L", paths.payload_path("qemu", "firmware", root=root),
+        "-L", paths.payload_path("qemu", "firmware"),
         "-machine", "pc,memory-backend=mem", *accel, "-cpu", cpu,
         "-smp", str(vcpus), "-m", f"{mem}M",
         "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on",
-        "-kernel", f"{kdir}/vmlinux", "-initrd", f"{kdir}/initrd.img",
+        *boot_options(plan.boot),
         "-append", kernel_append(plan),
         "-chardev", f"socket,id=vfs,path={paths.VIRTIOFS_SOCKET}",
         "-device", f"vhost-user-fs-pci,chardev=vfs,tag={paths.VIRTIOFS_TAG},queue-size=1024",
@@ -53,10 +54,10 @@ def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, root=paths.PAYLOAD_MOUNT):
         "-device", f"virtserialport,bus=ser0.0,nr=1,chardev=ctl,name={paths.PORT_CONTROL}",
     ]
     for number, iface in enumerate(plan.interfaces):
-        netdev, device = nic_options(number, iface["mac"])
+        netdev, device = nic_options(number, iface.mac)
         argv += ["-netdev", command_line_options(netdev, "type"),
                  "-device", command_line_options(device, "driver")]
-    if plan.terminal:
+    if plan.process.terminal:
         argv += ["-chardev", "stdio,id=con,signal=off",
                  "-device", "virtconsole,bus=ser0.0,nr=0,chardev=con"]
     else:
@@ -66,10 +67,15 @@ def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, root=paths.PAYLOAD_MOUNT):
                  "-device", f"virtserialport,bus=ser0.0,nr=3,chardev=err,name={paths.PORT_STDERR}",
                  "-chardev", f"socket,id=in,path={paths.STDIN_SOCKET}",
                  "-device", f"virtserialport,bus=ser0.0,nr=4,chardev=in,name={paths.PORT_STDIN}"]
-    console = f"/proc/self/fd/{stderr_fd}" if plan.kernel_debug else paths.CONSOLE_LOG
+    console = f"/proc/self/fd/{stderr_fd}" if plan.options.kernel_debug else paths.CONSOLE_LOG
     argv += ["-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
              "-qmp", f"unix:{paths.QMP_SOCKET},server=on,wait=off"]
     return argv
+
+
+def boot_options(boot):
+    """The kernel, and its initramfs if it has one, from the boot descriptor."""
+    return ["-kernel", boot.kernel] + (["-initrd", boot.initrd] if boot.initrd else [])
 
 
 def nic_options(number, mac):

@@ -13,7 +13,7 @@ def read(path):
 
 
 def check_accel():
-    from dkvm.host import kvm_usable
+    from dkvm.host.facts import kvm_usable
     if kvm_usable():
         return "ok", "KVM is usable: VMs run at native speed", ""
     if os.path.isdir("/sys/module/kvm_pvm"):
@@ -28,7 +28,7 @@ def check_accel():
 
 def check_runc():
     from dkvm.errors import DkvmError
-    from dkvm.host import find_runc
+    from dkvm.host.facts import find_runc
     try:
         return "ok", f"runc at {find_runc()}", ""
     except DkvmError as err:

@@ -10,14 +10,36 @@ import fcntl
 import os
 import _signal
 
-from dkvm import guestos, terminal, wire
-from dkvm.guest_process import become_and_exec, report_exec_failure, workload_env
+from dkvm import terminal, wire
+from dkvm.guest import syscalls
+from dkvm.guest.process import become_and_exec, report_exec_failure
 
 EXEC_START_FAILED = 126     # what Docker answers for any exec that cannot start
 
 
+def spawn_in_workload(process, workload_pid, stdio):
+    """Fork the exec'd process into the workload's mount namespace (the PID namespace
+    is already PID 1's for its children) as a session leader."""
+    mnt = os.open(f"/proc/{workload_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    pid = os.fork()
+    if pid:
+        os.close(mnt)
+        return pid
+    try:
+        syscalls.setns(mnt, syscalls.CLONE_NEWNS)
+        os.setsid()
+        if process.terminal:
+            fcntl.ioctl(stdio[0], syscalls.TIOCSCTTY, 0)
+    except BaseException as err:
+        os.write(stdio[2], f"dkvm: cannot enter the container: {err}\n".encode())
+        os._exit(EXEC_START_FAILED)
+    become_and_exec(stdio, process, report=report_exec_failure, failure_status=EXEC_START_FAILED)
+
+
 class ExecSession:
-    def __init__(self, channel, request, workload_pid, send):
+    def __init__(self, channel, start, workload_pid, send, spawn=spawn_in_workload):
+        """`start`: the schema.ExecStart; `send`: writes frames to the container side;
+        `spawn`: how the process is started (a test starts it without namespaces)."""
         self.channel, self.send = channel, send
         self.credit = wire.STREAM_WINDOW
         self.stdin_buf, self.stdin_eof = bytearray(), False
@@ -26,11 +48,10 @@ class ExecSession:
         self.master = None
         self.hung_up = False        # the terminal's other side closed, the process lives on
         self.abandoned = False      # the relay is gone (CLOSE)
-        use_tty = bool(request.get("terminal"))
-        if use_tty:
+        if start.process.terminal:
             self.master, slave = os.openpty()
-            if request.get("winsize"):
-                terminal.set_size(self.master, *request["winsize"])
+            if len(start.winsize) == 2:
+                terminal.set_size(self.master, *start.winsize)
             child_stdio = (slave, slave, slave)
             self.stdin_fd = self.master
             self.outputs = {self.master: wire.STDOUT}
@@ -42,7 +63,7 @@ class ExecSession:
             self.outputs = {out_r: wire.STDOUT, err_r: wire.STDERR}
         for fd in {self.stdin_fd, *self.outputs}:
             os.set_blocking(fd, False)
-        self.pid = spawn_in_workload(request, workload_pid, child_stdio, use_tty)
+        self.pid = spawn(start.process, workload_pid, child_stdio)
         for fd in set(child_stdio):
             os.close(fd)
 
@@ -62,11 +83,11 @@ class ExecSession:
                 self.stdin_eof = True
             self.write_stdin()
         elif frame.type == wire.WINDOW:
-            self.credit += frame.json()["bytes"]
+            self.credit += frame.record().bytes
             self.drain()
         elif frame.type == wire.RESIZE and self.master is not None:
-            size = frame.json()
-            terminal.set_size(self.master, size["rows"], size["cols"])
+            size = frame.record()
+            terminal.set_size(self.master, size.rows, size.cols)
         elif frame.type == wire.CLOSE:
             self.kill()
             self.abandon()
@@ -160,24 +181,3 @@ class ExecSession:
             except OSError:
                 pass
 
-
-def spawn_in_workload(request, workload_pid, stdio, use_tty):
-    """Fork the exec'd process into the workload's mount namespace (the PID namespace
-    is already PID 1's for its children) as a session leader."""
-    env = workload_env(request["env"], request["uid"])
-    mnt = os.open(f"/proc/{workload_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    pid = os.fork()
-    if pid:
-        os.close(mnt)
-        return pid
-    try:
-        guestos.setns(mnt, guestos.CLONE_NEWNS)
-        os.setsid()
-        if use_tty:
-            fcntl.ioctl(stdio[0], guestos.TIOCSCTTY, 0)
-    except BaseException as err:
-        os.write(stdio[2], f"dkvm: cannot enter the container: {err}\n".encode())
-        os._exit(126)
-    become_and_exec(stdio, request["args"], env, request.get("cwd") or "/", request["uid"],
-                    request["gid"], request.get("additional_gids") or [],
-                    report=report_exec_failure, failure_status=EXEC_START_FAILED)

@@ -1,0 +1,137 @@
+"""One `docker exec`, relayed into the guest over the entrypoint's multiplexer: the
+request, stdin (within the window the guest grants), stdout and stderr apart,
+terminal resizes, and the guest process's exit status.
+
+The loop is an object so that a test drives it with a socketpair."""
+import os
+import select
+import signal
+import socket
+import time
+
+from dkvm import log, terminal, wire
+from dkvm.errors import DkvmError
+from dkvm.schema import ExecStart
+
+VM_GONE_STATUS = 137
+
+
+def connect(path, timeout):
+    """The multiplexer's socket; a VM still booting has none yet: wait, bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise DkvmError(f"the VM was not ready for exec within {timeout}s", 126)
+            time.sleep(0.1)
+
+
+class ExecRelay:
+    def __init__(self, sock, process, winsize=()):
+        self.sock = sock
+        self.start = ExecStart(process=process, winsize=list(winsize))
+        self.decoder = wire.Decoder()
+        self.credit = wire.STREAM_WINDOW        # stdin bytes the guest will take now
+        self.stdin_open = True
+        self.status = None
+        self.wake_r = None
+
+    def run(self):
+        """The guest process's exit status; 137 if the VM goes first."""
+        try:
+            self.send(wire.EXEC_START, self.start)
+            while self.status is None:
+                self.step()
+            return self.status
+        except (BrokenPipeError, ConnectionResetError):   # gone with our frames unread
+            return vm_gone()
+        finally:
+            self.stop_watching_resizes()
+
+    def watch_resizes(self):
+        """SIGWINCH wakes the loop at once (a wake-up fd: a flag would wait for select's
+        timeout, as Python retries select after a handler)."""
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_w = wake_w
+        signal.signal(signal.SIGWINCH, lambda *a: None)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+
+    def stop_watching_resizes(self):
+        if self.wake_r is not None:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGWINCH, signal.SIG_DFL)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            self.wake_r = None
+
+    def step(self, timeout=1.0):
+        watch = [self.sock] + ([0] if self.stdin_open and self.credit > 0 else [])
+        if self.wake_r is not None:
+            watch.append(self.wake_r)
+        ready, _, _ = select.select(watch, [], [], timeout)
+        if self.wake_r in ready:
+            os.read(self.wake_r, 4096)
+            self.send_size()
+        if 0 in ready:
+            data = read_stdin(min(self.credit, wire.MAX_DATA))
+            self.send(wire.STDIN, data)
+            self.credit -= len(data)
+            self.stdin_open = bool(data)
+        if self.sock in ready:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                self.status = vm_gone()
+                return
+            for frame in wire.feed_tolerant(self.decoder, data, warn):
+                try:
+                    self.on_frame(frame)
+                except wire.ProtocolError as err:
+                    warn(str(err))
+
+    def send_size(self):
+        size = terminal.get_size(0)
+        if size:
+            self.send(wire.RESIZE, {"rows": size[0], "cols": size[1]})
+
+    def send(self, ftype, payload=b""):
+        self.sock.sendall(wire.encode(ftype, payload))
+
+    def on_frame(self, frame):
+        if frame.type in (wire.STDOUT, wire.STDERR):
+            write_all(1 if frame.type == wire.STDOUT else 2, frame.payload)
+            if frame.payload:
+                self.send(wire.WINDOW, {"bytes": len(frame.payload)})
+        elif frame.type == wire.WINDOW:
+            self.credit += frame.record().bytes
+        elif frame.type == wire.EXEC_EXIT:
+            self.status = frame.record().status
+
+
+def vm_gone():
+    log.warn("the VM stopped before the exec ended")
+    return VM_GONE_STATUS
+
+
+def read_stdin(limit):
+    try:
+        return os.read(0, limit)
+    except OSError:
+        return b""
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BrokenPipeError:
+            return
+
+
+def warn(message):
+    log.warn(f"exec channel: {message}")

@@ -1,0 +1,131 @@
+"""The VM's processes on the container side, virtiofsd and QEMU: started from the
+payload, watched, described when they die, stopped at the end."""
+import os
+import stat
+import subprocess
+import time
+
+from dkvm import paths
+from dkvm.container.vmm import qemu_argv, qemu_env, virtiofsd_argv
+from dkvm.errors import DkvmError
+
+START_TIMEOUT = 30          # virtiofsd creating its socket
+LOG_TAIL = 400              # characters of a log quoted in an error
+
+
+class Child:
+    def __init__(self, name, proc, log):
+        self.name, self.proc, self.log = name, proc, log
+
+    def exited(self):
+        return self.proc.poll() is not None
+
+    def describe_exit(self):
+        """` (QEMU killed by signal 9: <its log's tail>)`, or "" while it runs."""
+        code = self.proc.poll()
+        if code is None:
+            return ""
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        text = tail(self.log)
+        return f" ({self.name} {how}{': ' + text if text else ''})"
+
+
+class VmProcesses:
+    def __init__(self):
+        self.virtiofsd = self.qemu = None
+
+    def children(self):
+        return [child for child in (self.virtiofsd, self.qemu) if child]
+
+    def start_virtiofsd(self):
+        log = open(paths.VIRTIOFSD_LOG, "wb")
+        proc = subprocess.Popen(virtiofsd_argv(), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log)
+        self.virtiofsd = Child("virtiofsd", proc, paths.VIRTIOFSD_LOG)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.exists(paths.VIRTIOFS_SOCKET):
+            if proc.poll() is not None:
+                raise DkvmError(f"virtiofsd failed to start: {tail(paths.VIRTIOFSD_LOG)}")
+            if time.monotonic() > deadline:
+                raise DkvmError("virtiofsd did not create its socket in time")
+            time.sleep(0.01)
+
+    def start_qemu(self, plan):
+        """QEMU gets the container's stdio as extra fds for the stdio ports; its own fd 2
+        goes to a log so that its warnings never mix with the workload's output."""
+        out_fd, err_fd = dup_or_null(1), dup_or_null(2)
+        vcpus = plan.cpus or len(os.sched_getaffinity(0))
+        argv = qemu_argv(plan, vcpus, out_fd, err_fd)
+        log = open(paths.QEMU_LOG, "wb")
+        stdio = {} if plan.process.terminal else {"stdin": subprocess.DEVNULL, "stdout": log}
+        proc = subprocess.Popen(argv, env=dict(os.environ, **qemu_env()), stderr=log,
+                                pass_fds=(out_fd, err_fd), **stdio)
+        os.close(out_fd)
+        os.close(err_fd)
+        self.qemu = Child("QEMU", proc, paths.QEMU_LOG)
+
+    # --- what the supervisor asks
+    def check(self, helpers_only=False):
+        """Raise if a child died while it was needed (with `helpers_only`, virtiofsd:
+        the VM cannot go on without it; QEMU's own end is the caller's to judge)."""
+        for child in self.children():
+            if child.exited() and not (helpers_only and child is self.qemu):
+                raise DkvmError(f"{child.name} exited unexpectedly{child.describe_exit()}")
+
+    def ended(self):
+        return self.qemu.exited()
+
+    def wait(self, timeout):
+        try:
+            self.qemu.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def exit_reason(self):
+        """Why the VM stopped, for an error: QEMU's status and log, the guest console."""
+        return self.qemu.describe_exit() + console_tail()
+
+    def stop(self, timeout=5):
+        for child in reversed(self.children()):
+            proc = child.proc
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def dup_or_null(fd):
+    """A copy of one of our stdio fds, or /dev/null where the runtime gave none."""
+    try:
+        return os.dup(fd)
+    except OSError:
+        return os.open("/dev/null", os.O_RDWR)
+
+
+def console_tail():
+    text = tail(paths.CONSOLE_LOG)
+    return f" (guest console: {text})" if text else ""
+
+
+def tail(path, limit=LOG_TAIL):
+    """A log's last lines, joined into one. Read with a bound, and only if it is a
+    regular file: never through a link, never a FIFO (the guest can reach the run
+    directory over virtiofs)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return ""
+        os.lseek(fd, max(0, info.st_size - 4 * limit), os.SEEK_SET)
+        data = os.read(fd, 4 * limit).decode(errors="replace").strip()
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    return " | ".join(data.splitlines())[-limit:]

@@ -1,0 +1,189 @@
+"""The guest's side of the control channel: one loop, one handler per frame type.
+
+It reaps (init adopts every orphan), delivers signals and terminal resizes to the
+workload, runs `docker exec` sessions (one per channel), answers DNS through the
+container side, applies network changes when their NICs appear, and ends when the
+workload does, with its exit status.
+
+The loop is an object so that a test drives it with a socketpair: `step()` is one
+turn. It polls (a wake-up fd for SIGCHLD, timeouts for what it waits on) because
+init may not start threads once the workload's PID namespace exists.
+"""
+import os
+import select
+import _signal
+import time
+
+from dkvm import log, terminal, wire
+from dkvm.guest.exec_session import EXEC_START_FAILED, ExecSession, spawn_in_workload
+from dkvm.guest.network import PendingChanges
+
+IDLE = 1.0
+ACK_WAIT = 5
+
+
+def reap():
+    """Reap every exited child: {pid: exit status, 128+N for signal N}."""
+    statuses = {}
+    while True:
+        try:
+            pid, wstatus = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return statuses
+        if pid == 0:
+            return statuses
+        code = os.waitstatus_to_exitcode(wstatus)
+        statuses[pid] = 128 - code if code < 0 else code
+
+
+def write_all(fd, data):
+    """A virtio-serial port takes at most 32 KiB a write."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class GuestLoop:
+    def __init__(self, control, workload_pid, console=None, forwarder=None, reap=reap,
+                 spawn_exec=spawn_in_workload):
+        """`control`: the control port's fd; `console`: the terminal's fd (with -t);
+        `forwarder`: the guest's DNS forwarder, if the workload uses Docker's DNS;
+        `reap` and `spawn_exec`: how children are reaped and execs started (a test
+        passes its own)."""
+        self.control = control
+        self.workload_pid = workload_pid
+        self.console = console
+        self.forwarder = forwarder
+        self.reap = reap
+        self.spawn_exec = spawn_exec
+        self.decoder = wire.Decoder()
+        self.sessions = {}                  # channel -> ExecSession
+        self.network_changes = PendingChanges()
+        self.status = None                  # the workload's, once it is reaped
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.previous_wakeup = _signal.set_wakeup_fd(self.wake_w)
+        self.previous_sigchld = _signal.signal(_signal.SIGCHLD, lambda *a: None)
+        self.handlers = {wire.SIGNAL: self.on_signal, wire.RESIZE: self.on_resize,
+                         wire.DNS: self.on_dns, wire.NET: self.on_net}
+
+    def send(self, data):
+        write_all(self.control, data)
+
+    def run(self):
+        """Serve until the workload exits; its status."""
+        while self.status is None:
+            self.step()
+        return self.status
+
+    def step(self, timeout=IDLE):
+        self.reap_children()
+        if self.status is not None:
+            return
+        readers = {fd: s for s in self.sessions.values() for fd in s.readable_fds()}
+        writers = {fd: s for s in self.sessions.values() for fd in s.writable_fds()}
+        dns_socks = self.forwarder.sockets() if self.forwarder else []
+        if self.forwarder:
+            timeout = self.forwarder.timeout(timeout)
+        ready_r, ready_w, _ = select.select(
+            [self.control, self.wake_r, *dns_socks, *readers], list(writers), [],
+            self.network_changes.timeout(timeout))
+        if self.forwarder:
+            for query in self.forwarder.serve(ready_r):
+                self.send(wire.encode(wire.DNS, query))
+        if self.wake_r in ready_r:
+            os.read(self.wake_r, 4096)
+        for fd in ready_w:
+            writers[fd].write_stdin()
+        for fd in ready_r:
+            if fd in readers and fd in readers[fd].outputs:
+                readers[fd].read_output(fd)
+        if self.control in ready_r:
+            data = os.read(self.control, 65536)
+            if not data:        # a port whose host side is gone reads as EOF forever
+                raise RuntimeError("the container side closed the control channel")
+            for frame in wire.feed_tolerant(self.decoder, data, log.warn):
+                self.on_frame(frame)
+        for error in self.network_changes.apply_ready():
+            self.report_error(f"network change in the guest failed: {error}")
+
+    def reap_children(self):
+        statuses = self.reap()
+        if self.workload_pid in statuses:
+            self.status = statuses[self.workload_pid]
+        for session in list(self.sessions.values()):
+            if session.pid in statuses:
+                session.on_exit(statuses[session.pid])
+            if session.ended:
+                del self.sessions[session.channel]
+
+    def report_error(self, message):
+        log.warn(message)
+        self.send(wire.encode(wire.ERROR, {"message": message}))
+
+    # --- frames from the container side
+    def on_frame(self, frame):
+        try:
+            if frame.channel:
+                self.on_exec_frame(frame)
+            elif frame.type in self.handlers:
+                self.handlers[frame.type](frame)
+        except wire.ProtocolError as err:
+            log.warn(str(err))
+
+    def on_signal(self, frame):
+        try:
+            os.kill(self.workload_pid, frame.record().signal)
+        except ProcessLookupError:
+            pass
+
+    def on_resize(self, frame):
+        size = frame.record()
+        if self.console is not None:
+            terminal.set_size(self.console, size.rows, size.cols)
+
+    def on_dns(self, frame):
+        if self.forwarder:
+            self.forwarder.give_answer(frame.payload)
+
+    def on_net(self, frame):
+        self.network_changes.add(frame.record())
+
+    def on_exec_frame(self, frame):
+        if frame.type == wire.EXEC_START:
+            self.start_exec(frame)
+        elif frame.channel in self.sessions:
+            self.sessions[frame.channel].on_frame(frame)
+
+    def start_exec(self, frame):
+        try:
+            self.sessions[frame.channel] = ExecSession(frame.channel, frame.record(),
+                                                       self.workload_pid, self.send,
+                                                       spawn=self.spawn_exec)
+        except Exception as err:
+            log.warn(f"exec failed: {err!r}")
+            self.send(wire.encode(wire.STDERR, f"dkvm: exec failed in the guest: {err}\n"
+                                  .encode(), frame.channel))
+            self.send(wire.encode(wire.EXEC_EXIT, {"status": EXEC_START_FAILED},
+                                  frame.channel))
+
+    def close(self):
+        _signal.set_wakeup_fd(self.previous_wakeup)
+        _signal.signal(_signal.SIGCHLD, self.previous_sigchld)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+def report_exit(control, status):
+    """EXIT to the container side, then its EXIT_ACK (or its end, or ACK_WAIT): the
+    status must be taken before the VM powers off."""
+    write_all(control, wire.encode(wire.EXIT, {"status": status}))
+    decoder = wire.Decoder()
+    deadline = time.monotonic() + ACK_WAIT
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([control], [], [], max(0, deadline - time.monotonic()))
+        if not ready:
+            continue
+        data = os.read(control, 65536)      # EOF: the container side is gone, stop waiting
+        if not data or any(f.type == wire.EXIT_ACK
+                           for f in wire.feed_tolerant(decoder, data, log.warn)):
+            return

@@ -1,0 +1,103 @@
+"""The container engines DKVM serves, each in one place: how it names the network
+namespace it gives a container, and where it looks for runtimes (what `dkvm install`
+edits). Docker today; Podman and containerd join here."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+from dkvm.errors import DkvmError
+
+RUNTIME_NAME = "dkvm"
+VERIFY_TIMEOUT = 15
+
+
+class Docker:
+    name = "docker"
+    daemon_json = "/etc/docker/daemon.json"
+    pidfile = "/var/run/docker.pid"
+
+    # --- create: what the config's namespaces mean
+    def check_network_namespace(self, linux):
+        """The VM takes over the container's interfaces: it needs a namespace of its
+        own, which dockerd asks runc to create (no path). A path is the host's
+        namespace (dockerd names it .../netns/default) or another container's."""
+        namespaces = linux.get("namespaces") or []
+        net = [ns for ns in namespaces if ns.get("type") == "network"]
+        if not net or os.path.basename(net[0].get("path") or "") == "default":
+            raise DkvmError("--network host is not supported by DKVM: the VM needs a network "
+                            "namespace of its own (use a bridge network, or --network none)")
+        if net[0].get("path"):
+            raise DkvmError("--network container:NAME is not supported by DKVM: the VM needs "
+                            "a network namespace of its own (use a bridge network, or "
+                            "--network none)")
+
+    # --- install: daemon.json's runtimes
+    def register(self, runtime_path, runtime_args):
+        entry = {"path": runtime_path, "runtimeArgs": list(runtime_args)}
+        self.update_daemon_json(
+            lambda cfg: cfg.setdefault("runtimes", {}).__setitem__(RUNTIME_NAME, entry))
+        if not self.reload():
+            return False
+        self.verify_registered(True)
+        return True
+
+    def unregister(self):
+        def drop(cfg):
+            cfg.get("runtimes", {}).pop(RUNTIME_NAME, None)
+            if cfg.get("runtimes") == {}:
+                del cfg["runtimes"]
+        if os.path.exists(self.daemon_json):
+            self.update_daemon_json(drop)
+        if self.reload():
+            self.verify_registered(False)
+
+    def update_daemon_json(self, change):
+        """Apply `change` to daemon.json, keeping every other setting; back it up first."""
+        cfg, original = {}, None
+        if os.path.exists(self.daemon_json):
+            with open(self.daemon_json) as f:
+                original = f.read()
+            try:
+                cfg = json.loads(original) if original.strip() else {}
+            except json.JSONDecodeError as err:
+                raise DkvmError(f"{self.daemon_json} is not valid JSON ({err}); fix it first") \
+                    from None
+        change(cfg)
+        text = json.dumps(cfg, indent=2) + "\n"
+        if text == original:
+            return
+        os.makedirs(os.path.dirname(self.daemon_json), exist_ok=True)
+        if original is not None:
+            with open(self.daemon_json + ".dkvm-backup", "w") as f:
+                f.write(original)
+        tmp = self.daemon_json + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.daemon_json)
+
+    def reload(self):
+        """SIGHUP makes dockerd reload its runtimes; False when no dockerd runs."""
+        try:
+            with open(self.pidfile) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, signal.SIGHUP)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def verify_registered(self, expected):
+        deadline = time.monotonic() + VERIFY_TIMEOUT
+        while time.monotonic() < deadline:
+            out = subprocess.run(["docker", "info", "--format", "{{json .Runtimes}}"],
+                                 capture_output=True, text=True, timeout=VERIFY_TIMEOUT)
+            if out.returncode == 0 and (f'"{RUNTIME_NAME}"' in out.stdout) == expected:
+                return
+            time.sleep(0.5)
+        state = "registered" if expected else "unregistered"
+        raise DkvmError(f"dockerd did not show the runtime {state} in `docker info` within "
+                        f"{VERIFY_TIMEOUT}s; check `journalctl -u docker` or dockerd's log")
+
+
+DOCKER = Docker()

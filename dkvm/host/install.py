@@ -1,0 +1,53 @@
+"""`dkvm install` and `dkvm uninstall`: the files in a bin directory, the unpacked
+payload, and the runtime registered with the engine."""
+import os
+import shutil
+
+from dkvm import paths
+from dkvm.host.engines import DOCKER, RUNTIME_NAME
+
+PROGRAMS = ("dkvm-runtime", "dkvm")     # symlinks to dkvm.pyz: argv[0] picks the role
+
+
+def install(bin_dir, runc, engine=DOCKER):
+    from dkvm.host.facts import find_runc
+    from dkvm.host.payload import archive_path, ensure_payload, prune_payloads
+    runc = find_runc(runc)
+    source = archive_path()
+    target = os.path.join(bin_dir, "dkvm.pyz")
+    os.makedirs(bin_dir, exist_ok=True)
+    if os.path.realpath(source) != os.path.realpath(target):
+        tmp = target + ".tmp"
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+    for name in PROGRAMS:
+        link = os.path.join(bin_dir, name)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink("dkvm.pyz", link)
+    payload = ensure_payload(target)
+    print(f"dkvm: payload at {payload}")
+    removed = prune_payloads(keep=os.path.basename(payload))
+    if removed:
+        print(f"dkvm: removed {len(removed)} unused payload(s) of other builds")
+    if engine.register(os.path.join(bin_dir, "dkvm-runtime"), [f"--dkvm-runc={runc}"]):
+        print(f"dkvm: runtime '{RUNTIME_NAME}' registered: "
+              f"docker run --runtime={RUNTIME_NAME} IMAGE")
+    else:
+        print(f"dkvm: {engine.name} is not running; runtime '{RUNTIME_NAME}' is registered "
+              "for its next start")
+    return 0
+
+
+def uninstall(bin_dir, engine=DOCKER):
+    engine.unregister()
+    for name in PROGRAMS + ("dkvm.pyz",):
+        path = os.path.join(bin_dir, name)
+        if os.path.lexists(path):
+            os.remove(path)
+    if os.path.isdir(paths.HOST_STATE_DIR):
+        from dkvm.host.payload import remove_tree
+        remove_tree(paths.HOST_STATE_DIR)
+    print("dkvm: uninstalled")
+    return 0

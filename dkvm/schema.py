@@ -1,0 +1,255 @@
+"""The one schema every side reads: the launch plan, the process spec (the workload's
+and each `docker exec`'s), interfaces and routes, network changes.
+
+The plan is made by the runtime at `create` from config.json, completed by the
+container's entrypoint with what only it can see (its network interfaces, its
+terminal), and read by the guest's init. Each plan field says which of the two sets
+it (`set_by`); nothing else writes it.
+
+Records are plain classes (dataclasses cost the guest an import under TCG). Built
+from code they trust their arguments; `from_dict` checks what comes from elsewhere
+(the plan from the environment, a frame from the guest): each field's type, nested
+records, and any range, raising SchemaError (a ValueError) that names the field.
+"""
+from dkvm import lightjson
+from dkvm.options import OPTIONS
+
+CREATE, ENTRYPOINT = "create", "entrypoint"
+MAX_ID = (1 << 32) - 1
+
+
+class SchemaError(ValueError):
+    pass
+
+
+class ListOf:
+    def __init__(self, item):
+        self.item = item
+
+
+class MapOf:
+    """A JSON object with string keys."""
+
+    def __init__(self, item):
+        self.item = item
+
+
+class Field:
+    __slots__ = ("kind", "default", "check", "set_by", "required")
+
+    def __init__(self, kind, default, check=None, set_by=CREATE, required=False):
+        """`check`: a range the value must be in; `required`: `from_dict` refuses a
+        dict without it (a frame's one field: a default would hide its absence)."""
+        self.kind, self.default, self.check, self.set_by = kind, default, check, set_by
+        self.required = required
+
+    def fresh_default(self):
+        default = self.default
+        if isinstance(default, type):           # a record: a new one each time
+            return default()
+        return type(default)(default) if isinstance(default, (list, dict)) else default
+
+
+def in_range(low, high):
+    return lambda value: low <= value <= high
+
+
+def one_of(*values):
+    return lambda value: value in values
+
+
+def convert(kind, value, where):
+    """`value` (decoded JSON) checked against `kind`; records come out as records."""
+    if kind is bool or kind is str:
+        if not isinstance(value, kind):
+            raise SchemaError(f"{where}: expected {kind.__name__}, got {type(value).__name__}")
+        return value
+    if kind is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SchemaError(f"{where}: expected int, got {type(value).__name__}")
+        return value
+    if isinstance(kind, ListOf):
+        if not isinstance(value, list):
+            raise SchemaError(f"{where}: expected a list, got {type(value).__name__}")
+        return [convert(kind.item, item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(kind, MapOf):
+        if not isinstance(value, dict):
+            raise SchemaError(f"{where}: expected an object, got {type(value).__name__}")
+        return {key: convert(kind.item, item, f"{where}.{key}") for key, item in value.items()}
+    return kind.from_dict(value, where)
+
+
+def plain(value):
+    """Records as dicts, all the way down: what JSON carries."""
+    if isinstance(value, Record):
+        return value.as_dict()
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    return value
+
+
+class Record:
+    FIELDS = {}
+
+    def __init__(self, **values):
+        unknown = set(values) - set(self.FIELDS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown fields {sorted(unknown)}")
+        for name, field in self.FIELDS.items():
+            setattr(self, name, values[name] if name in values else field.fresh_default())
+
+    @classmethod
+    def from_dict(cls, data, where=None):
+        where = where or cls.__name__
+        if not isinstance(data, dict):
+            raise SchemaError(f"{where}: expected an object, got {type(data).__name__}")
+        missing = [name for name, field in cls.FIELDS.items()
+                   if field.required and name not in data]
+        if missing:
+            raise SchemaError(f"{where}: missing {', '.join(missing)}")
+        values = {}
+        for name, value in data.items():
+            field = cls.FIELDS.get(name)
+            if field is None:
+                raise SchemaError(f"{where}: unknown field {name!r}")
+            value = convert(field.kind, value, f"{where}.{name}")
+            if field.check is not None and not field.check(value):
+                raise SchemaError(f"{where}.{name}: {value!r} is out of range")
+            values[name] = value
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls.from_dict(lightjson.loads(text))
+
+    def as_dict(self):
+        return {name: plain(getattr(self, name)) for name in self.FIELDS}
+
+    def to_json(self):
+        return lightjson.dumps(self.as_dict())
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self.as_dict() == other.as_dict()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.as_dict()!r})"
+
+
+# --- processes -------------------------------------------------------------------------
+
+class Process(Record):
+    """What runc would have run: the workload, or one `docker exec`."""
+    FIELDS = {
+        "args": Field(ListOf(str), []),
+        "env": Field(ListOf(str), []),              # without DKVM_* settings
+        "cwd": Field(str, "/"),
+        "uid": Field(int, 0, in_range(0, MAX_ID)),
+        "gid": Field(int, 0, in_range(0, MAX_ID)),
+        "additional_gids": Field(ListOf(int), []),
+        "terminal": Field(bool, False),
+    }
+
+
+class ExecStart(Record):
+    """EXEC_START: one `docker exec`, and its terminal's size at start (with -t)."""
+    FIELDS = {"process": Field(Process, Process), "winsize": Field(ListOf(int), [])}
+
+
+class ExecRequest(Record):
+    """What the runtime hands the exec relay (in its environment) at `runc exec`."""
+    FIELDS = {"container_id": Field(str, ""), "process": Field(Process, Process)}
+
+
+# --- the guest kernel ------------------------------------------------------------------
+
+class Boot(Record):
+    """How to boot one guest kernel (a folder of the payload's kernels/): paths as the
+    container and the guest see them."""
+    FIELDS = {
+        "release": Field(str, ""),
+        "kernel": Field(str, ""),           # the ELF QEMU loads (PVH entry)
+        "initrd": Field(str, ""),           # "" when the kernel needs none
+        "append": Field(ListOf(str), []),   # this kernel's own command line
+        "modules": Field(str, ""),          # its lib/modules tree, for the guest to mount
+    }
+
+
+# --- networking ------------------------------------------------------------------------
+
+class Address(Record):
+    FIELDS = {"family": Field(int, 0), "address": Field(str, ""), "prefixlen": Field(int, 0),
+              "broadcast": Field(str, "")}
+
+
+class Route(Record):
+    """A main-table route out of one interface; `mac` names that interface in the guest."""
+    FIELDS = {"family": Field(int, 0), "dst": Field(str, ""), "dst_len": Field(int, 0),
+              "gateway": Field(str, ""), "metric": Field(int, 0), "proto": Field(int, 0),
+              "scope": Field(int, 0), "mac": Field(str, "")}
+
+
+class Interface(Record):
+    """One of the container's interfaces, handed to the guest (same name, MAC, MTU,
+    addresses, routes)."""
+    FIELDS = {"name": Field(str, ""), "index": Field(int, 0), "mac": Field(str, ""),
+              "mtu": Field(int, 1500), "ipv6": Field(bool, False),
+              "addresses": Field(ListOf(Address), []), "routes": Field(ListOf(Route), [])}
+
+
+STEP_KINDS = ("sysctl", "running", "link", "addr", "route")
+
+
+class NetStep(Record):
+    """One step of the guest's network set-up (made by the container side's net_steps):
+    `sysctl` writes `sysctl`; `running` waits for NIC `name` to run (and, with `ipv6`,
+    to have its link-local address); `link`, `addr`, `route` send `netlink` (hex, index
+    0 for the guest to fill in) for the NIC with `mac`."""
+    FIELDS = {"kind": Field(str, "sysctl", one_of(*STEP_KINDS)),
+              "sysctl": Field(MapOf(str), {}),
+              "name": Field(str, ""), "ipv6": Field(bool, False),
+              "mac": Field(str, ""), "netlink": Field(str, ""), "what": Field(str, ""),
+              "ignore": Field(ListOf(int), []),     # errnos that mean done already
+              "optional": Field(bool, False)}       # skipped when no NIC has that MAC
+
+
+class NetChange(Record):
+    """NET: Docker changed the running container's networks; `steps` run once the
+    hot-plugged NICs with the MACs in `wait_for` are there."""
+    FIELDS = {"wait_for": Field(ListOf(str), []), "steps": Field(ListOf(NetStep), [])}
+
+
+# --- the plan --------------------------------------------------------------------------
+
+class Options(Record):
+    """The DKVM_* options, one field per row of options.OPTIONS (`accel` resolved to
+    kvm or tcg at create)."""
+    FIELDS = {option.attr: Field(option.kind.type, option.default) for option in OPTIONS}
+
+
+class Tmpfs(Record):
+    FIELDS = {"destination": Field(str, ""), "options": Field(ListOf(str), [])}
+
+
+class Plan(Record):
+    FIELDS = {
+        "container_id": Field(str, ""),
+        "process": Field(Process, Process),
+        "options": Field(Options, Options),
+        "cpus": Field(int, 0),                  # 0: as many as the container may use
+        "memory_mib": Field(int, 1024),
+        "boot": Field(Boot, Boot),
+        "hostname": Field(str, ""),
+        "domainname": Field(str, ""),
+        "sysctl": Field(MapOf(str), {}),        # `--sysctl`, `--domainname`
+        "tmpfs": Field(ListOf(Tmpfs), []),      # `--tmpfs`: mounted in the guest
+        "dns_upstream": Field(ListOf(str), []),  # the host's name servers
+        "winsize": Field(ListOf(int), [], set_by=ENTRYPOINT),      # [rows, cols], with -t
+        "interfaces": Field(ListOf(Interface), [], set_by=ENTRYPOINT),
+        "network_setup": Field(ListOf(NetStep), [], set_by=ENTRYPOINT),
+    }
+
+    @classmethod
+    def fields_set_by(cls, who):
+        return [name for name, field in cls.FIELDS.items() if field.set_by == who]
