@@ -50,6 +50,22 @@ class Size:
         return str(value)
 
 
+class Seconds:
+    """A whole number of seconds, `90` or `90s`."""
+    type = int
+    accepts = "seconds (`90`, `300s`)"
+
+    def parse(self, name, value, context):
+        text = value.strip().lower().removesuffix("s")
+        if not text.isdigit() or not text.isascii() or int(text) == 0:
+            raise DkvmError(f"{name}={value!r} is not valid: use a number of seconds such as "
+                            "90 or 300s")
+        return int(text)
+
+    def show(self, value):
+        return f"{value}s"
+
+
 class Choice:
     type = str
 
@@ -112,6 +128,7 @@ OPTIONS = [
     Option("DKVM_KERNEL_MOUNT_LIB_MODULES", "kernel_lib_modules", Bool(), False),
     Option("DKVM_DEV_SHM_SIZE", "dev_shm_size", Size(), 64 << 20),
     Option("DKVM_SYS_ADMIN", "sys_admin", Bool(), False),
+    Option("DKVM_BOOT_TIMEOUT", "boot_timeout", Seconds(), 180),
 ]
 BY_ENV = {option.env: option for option in OPTIONS}
 PREFIX = "DKVM_"

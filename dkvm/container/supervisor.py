@@ -19,9 +19,9 @@ from dkvm import log, wire
 from dkvm.container.dns_relay import EmbeddedDnsRelay
 from dkvm.container.framed import FramedSocket
 from dkvm.errors import DkvmError
+from dkvm.schema import Options
 from dkvm.terminal import get_size
 
-BOOT_TIMEOUT = 180          # QEMU started -> the guest says hello (TCG on a busy host: ~10 s)
 EXIT_GRACE = 10             # QEMU powering off after the guest reported its exit
 IDLE = 0.5                  # the longest a turn sleeps: children and deadlines are checked then
 FORWARDED_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
@@ -62,9 +62,10 @@ class SignalInbox:
 
 class Supervisor:
     def __init__(self, control, exec_listener, network_inbox, vm, signals, terminal=False,
-                 stdin_conn=None):
+                 stdin_conn=None, boot_timeout=Options().boot_timeout):
         """`vm`: the VM's processes (processes.VmProcesses); `signals`: a
-        SignalInbox; `stdin_conn`: QEMU's stdin socket, fed from fd 0 after hello."""
+        SignalInbox; `stdin_conn`: QEMU's stdin socket, fed from fd 0 after hello;
+        `boot_timeout`: how long the guest may take to say hello (DKVM_BOOT_TIMEOUT)."""
         self.guest = FramedSocket(control)
         self.exec_listener = exec_listener
         self.network_inbox = network_inbox
@@ -79,7 +80,8 @@ class Supervisor:
         self.status = None
         self.exit_deadline = None
         self.vm_ended = False
-        self.boot_deadline = time.monotonic() + BOOT_TIMEOUT
+        self.boot_timeout = boot_timeout
+        self.boot_deadline = time.monotonic() + boot_timeout
         self.handlers = {wire.HELLO: self.on_hello, wire.EXIT: self.on_exit,
                          wire.DNS: self.on_dns, wire.ERROR: self.on_error}
 
@@ -142,7 +144,8 @@ class Supervisor:
     def on_idle(self):
         self.check_children()
         if self.held is not None and time.monotonic() > self.boot_deadline:
-            raise DkvmError(f"the VM did not start the workload within {BOOT_TIMEOUT}s"
+            raise DkvmError(f"the VM did not start the workload within {self.boot_timeout}s "
+                            "(DKVM_BOOT_TIMEOUT)"
                             f"{self.vm.exit_reason()}")
 
     def to_guest(self, data):

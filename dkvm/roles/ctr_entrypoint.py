@@ -45,7 +45,8 @@ def main(argv):
         control = accept_qemu(control_listener, vm)
         stdin_conn = accept_qemu(stdin_listener, vm) if stdin_listener else None
         return Supervisor(control, exec_listener, follower.inbox, vm, signals,
-                          terminal=plan.process.terminal, stdin_conn=stdin_conn).run()
+                          terminal=plan.process.terminal, stdin_conn=stdin_conn,
+                          boot_timeout=plan.options.boot_timeout).run()
     finally:
         vm.stop()
 

@@ -11,6 +11,7 @@ BAD_INPUT = {
     "memory": (["-m", "64m"], ["memory limit", "at least"]),
     "unknown-option": (["-e", "DKVM_NOPE=1"], ["DKVM_NOPE", "DKVM_ACCEL"]),
     "bool": (["-e", "DKVM_KERNEL_DEBUG=maybe"], ["DKVM_KERNEL_DEBUG", "1 or 0"]),
+    "seconds": (["-e", "DKVM_BOOT_TIMEOUT=soon"], ["DKVM_BOOT_TIMEOUT", "seconds"]),
 }
 
 
@@ -34,6 +35,15 @@ def test_bad_input_fails_at_once_and_leaves_nothing(busybox_image, container_nam
     state = sh("docker", "inspect", "-f", "{{.State.Status}}", container_name).stdout.strip()
     assert state == "created"   # as runc leaves a container whose create failed
     assert qemu_processes() == before
+
+
+def test_a_boot_slower_than_the_boot_timeout_fails_with_one_line(busybox_image):
+    """Under TCG the kernel alone takes over a second to boot."""
+    out = docker_run("dkvm", "-e", "DKVM_ACCEL=tcg", "-e", "DKVM_BOOT_TIMEOUT=1",
+                     busybox_image, "echo", "never")
+    assert out.returncode != 0 and out.stdout == ""
+    (line,) = dkvm_lines(out.stderr)
+    assert "the VM did not start the workload within 1s (DKVM_BOOT_TIMEOUT)" in line
 
 
 def test_accel_tcg_forced(busybox_image):

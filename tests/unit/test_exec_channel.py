@@ -866,6 +866,17 @@ def test_the_guests_error_reaches_the_log_as_plain_text(mux, capsys, log_context
     assert capsys.readouterr().err == "dkvm[entrypoint]: guest init failed: ?]0;owned??no\n"
 
 
+def test_a_guest_that_never_says_hello_fails_after_the_boot_timeout(mux):
+    supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
+                            mux.signals, boot_timeout=1)
+    with pytest.raises(DkvmError) as info:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            supervisor.step(timeout=0.1)
+    assert info.value.message.startswith(
+        "the VM did not start the workload within 1s (DKVM_BOOT_TIMEOUT)")
+
+
 def test_the_vm_ending_without_a_status_is_an_error_naming_qemus_end(mux):
     vm = FakeVm()
 

@@ -59,6 +59,18 @@ def test_bad_dev_shm_size(value):
     assert "64m" in msg
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "1.5", "5m", "١٢"])
+def test_bad_boot_timeout(value):
+    msg = create_error(f"DKVM_BOOT_TIMEOUT={value}")
+    assert f"DKVM_BOOT_TIMEOUT={value!r} is not valid: use a number of seconds" in msg
+
+
+@pytest.mark.parametrize("value,seconds", [("90", 90), ("300s", 300), (" 5S ", 5)])
+def test_boot_timeout(value, seconds):
+    _, plan = rewrite(with_env(load_config("plain"), f"DKVM_BOOT_TIMEOUT={value}"))
+    assert plan.options.boot_timeout == seconds
+
+
 def test_memory_below_minimum():
     config = load_config("resources-tmpfs-volume")
     config["linux"]["resources"]["memory"]["limit"] = (MIN_GUEST_MIB - 1) * MIB
