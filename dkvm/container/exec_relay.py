@@ -10,6 +10,7 @@ import socket
 import time
 
 from dkvm import log, terminal, wire
+from dkvm.container.signal_inbox import SignalInbox
 from dkvm.errors import DkvmError
 from dkvm.schema import ExecStart
 
@@ -39,7 +40,7 @@ class ExecRelay:
         self.credit = wire.STREAM_WINDOW        # stdin bytes the guest will take now
         self.stdin_open = True
         self.status = None
-        self.wake_r = None
+        self.resizes = None                     # a SignalInbox for SIGWINCH, with -t
 
     def run(self):
         """The guest process's exit status; 137 if the VM goes first."""
@@ -54,28 +55,20 @@ class ExecRelay:
             self.stop_watching_resizes()
 
     def watch_resizes(self):
-        """SIGWINCH wakes the loop at once (a wake-up fd: a flag would wait for select's
-        timeout, as Python retries select after a handler)."""
-        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.wake_w = wake_w
-        signal.signal(signal.SIGWINCH, lambda *a: None)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        """A terminal's resizes (SIGWINCH) wake the loop at once."""
+        self.resizes = SignalInbox([signal.SIGWINCH])
 
     def stop_watching_resizes(self):
-        if self.wake_r is not None:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGWINCH, signal.SIG_DFL)
-            os.close(self.wake_r)
-            os.close(self.wake_w)
-            self.wake_r = None
+        if self.resizes is not None:
+            self.resizes.close()
+            self.resizes = None
 
     def step(self, timeout=1.0):
         watch = [self.sock] + ([0] if self.stdin_open and self.credit > 0 else [])
-        if self.wake_r is not None:
-            watch.append(self.wake_r)
+        if self.resizes is not None:
+            watch.append(self.resizes)
         ready, _, _ = select.select(watch, [], [], timeout)
-        if self.wake_r in ready:
-            os.read(self.wake_r, 4096)
+        if self.resizes in ready and self.resizes.take():
             self.send_size()
         if 0 in ready:
             data = read_stdin(min(self.credit, wire.MAX_DATA))

@@ -82,8 +82,10 @@ class VmProcesses:
             pass
 
     def exit_reason(self):
-        """Why the VM stopped, for an error: QEMU's status and log, the guest console."""
-        return self.qemu.describe_exit() + console_tail()
+        """Why the VM stopped, for an error: how each child ended (with its log's
+        tail), the guest console."""
+        children = [child for child in (self.qemu, self.virtiofsd) if child]
+        return "".join(child.describe_exit() for child in children) + console_tail()
 
     def stop(self, timeout=5):
         for child in reversed(self.children()):

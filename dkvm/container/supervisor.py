@@ -28,38 +28,6 @@ FORWARDED_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
                      signal.SIGUSR1, signal.SIGUSR2]
 
 
-class SignalInbox:
-    """Signals as bytes on a pipe (signal.set_wakeup_fd), so that the loop wakes at
-    once for each and none is lost while the VM boots. Python never raises
-    InterruptedError from select (PEP 475): a flag set by a handler would wait out
-    the loop's timeout."""
-
-    def __init__(self, signals):
-        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.previous = {sig: signal.signal(sig, self.ignore) for sig in signals}
-        self.previous_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
-
-    @staticmethod
-    def ignore(signum, frame):
-        """The byte on the pipe is the delivery; a handler must exist for it."""
-
-    def fileno(self):
-        return self.read_fd
-
-    def take(self):
-        try:
-            return list(os.read(self.read_fd, 4096))
-        except BlockingIOError:
-            return []
-
-    def close(self):
-        signal.set_wakeup_fd(self.previous_fd)
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        os.close(self.read_fd)
-        os.close(self.write_fd)
-
-
 class Supervisor:
     def __init__(self, control, exec_listener, network_inbox, vm, signals, terminal=False,
                  stdin_conn=None, boot_timeout=Options().boot_timeout):
@@ -167,10 +135,12 @@ class Supervisor:
 
     def check_children(self):
         """QEMU's end ends the loop (with the status, or an error saying why there is
-        none); a helper (virtiofsd) dying is an error at once."""
-        self.vm.check(helpers_only=True)
+        none). Before the status, a helper (virtiofsd) dying is an error at once; after
+        it, the VM is going anyway (virtiofsd leaves when QEMU does)."""
         if self.vm.ended():
             self.vm_ended = True
+        elif self.status is None:
+            self.vm.check(helpers_only=True)
 
     def accept_relay(self):
         self.last_channel = free_channel(self.relays, self.last_channel)

@@ -18,7 +18,8 @@ from dkvm.container.net_follower import NetworkFollower
 from dkvm.container.net_plumbing import ipv6_sysctls, take_over_interfaces
 from dkvm.container.net_steps import interface_steps, sysctl_step
 from dkvm.container.processes import VmProcesses
-from dkvm.container.supervisor import FORWARDED_SIGNALS, SignalInbox, Supervisor
+from dkvm.container.signal_inbox import SignalInbox
+from dkvm.container.supervisor import FORWARDED_SIGNALS, Supervisor
 from dkvm.errors import DkvmError
 from dkvm.schema import Plan
 from dkvm.terminal import get_size

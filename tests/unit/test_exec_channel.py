@@ -14,6 +14,7 @@ import queue
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import termios
@@ -25,7 +26,8 @@ import pytest
 from dkvm import wire
 from dkvm.container import supervisor as supervisor_module
 from dkvm.container.exec_relay import ExecRelay
-from dkvm.container.supervisor import FORWARDED_SIGNALS, SignalInbox, Supervisor, free_channel
+from dkvm.container.signal_inbox import SignalInbox
+from dkvm.container.supervisor import FORWARDED_SIGNALS, Supervisor, free_channel
 from dkvm.errors import DkvmError
 from dkvm.guest.loop import GuestLoop
 from dkvm.roles.ctr_entrypoint import listen
@@ -539,13 +541,15 @@ def exec_start(name):
 
 
 class FakeVm:
-    """The VM's processes as the supervisor sees them: running until `end()`."""
+    """The VM's processes as the supervisor sees them: QEMU runs until `running` is
+    false; virtiofsd dies when `helper_dead` is set."""
 
     def __init__(self):
-        self.running = True
+        self.running, self.helper_dead = True, False
 
     def check(self, helpers_only=False):
-        pass
+        if self.helper_dead:
+            raise DkvmError("virtiofsd exited unexpectedly")
 
     def ended(self):
         return not self.running
@@ -877,6 +881,32 @@ def test_a_guest_that_never_says_hello_fails_after_the_boot_timeout(mux):
         "the VM did not start the workload within 1s (DKVM_BOOT_TIMEOUT)")
 
 
+@pytest.mark.parametrize("after_exit", [False, True])
+def test_virtiofsd_dying_is_an_error_until_the_status_is_in(mux, after_exit):
+    """Once the guest has reported, the VM is going: virtiofsd leaves when QEMU does,
+    and SIGCHLD for it must not turn a clean exit into an error."""
+    vm = FakeVm()
+
+    def scenario(guest, connect_relay):
+        guest.send(HELLO)
+        if after_exit:
+            guest.send(EXIT, {"status": 0})
+            assert guest.recv() == Frame(EXIT_ACK)
+        vm.helper_dead = True
+        os.kill(os.getpid(), signal.SIGCHLD)
+        if after_exit:      # taken (signals come first in a turn), and still serving
+            guest.send(EXIT, {"status": 0})
+            assert guest.recv() == Frame(EXIT_ACK)
+            vm.running = False
+        assert mux.returned.wait(WAIT)
+
+    result = mux(scenario, vm)
+    if after_exit:
+        assert result == 0
+    else:
+        assert isinstance(result, DkvmError) and "virtiofsd exited" in result.message
+
+
 def test_the_vm_ending_without_a_status_is_an_error_naming_qemus_end(mux):
     vm = FakeVm()
 
@@ -975,6 +1005,45 @@ def run_relay(request, guest_scenario):
 
 
 REQUEST = Process(args=["cat"], env=["A=1"], cwd="/", uid=0, gid=0)
+
+
+def test_relay_sends_the_terminal_size_when_it_changes(capfdbinary):
+    master, slave = os.openpty()
+    saved = os.dup(0)
+    os.dup2(slave, 0)
+    mine, theirs = socket.socketpair()
+    guest = Peer(theirs)
+    failures = []
+
+    def scenario():
+        try:
+            start = guest.recv()
+            assert start.record().winsize == [24, 80]
+            os.set_blocking(master, True)
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
+            os.kill(os.getpid(), signal.SIGWINCH)
+            frame = guest.recv()
+            assert (frame.type, frame.record().as_dict()) == (RESIZE, {"rows": 50, "cols": 132})
+            guest.send(EXEC_EXIT, {"status": 0})
+        except BaseException as err:
+            failures.append(err)
+
+    try:
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        relay = ExecRelay(mine, Process(args=["sh"], terminal=True), [24, 80])
+        relay.watch_resizes()
+        thread = threading.Thread(target=scenario, daemon=True)
+        thread.start()
+        assert relay.run() == 0
+        thread.join(WAIT)
+        assert not failures, failures
+        assert signal.getsignal(signal.SIGWINCH) == signal.SIG_DFL     # restored
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, master, slave):
+            os.close(fd)
+        mine.close()
+        theirs.close()
 
 
 def test_relay_streams_within_the_window_and_returns_the_status(stdin_pipe, capfdbinary):
