@@ -8,6 +8,7 @@ from dkvm.paths import EMBEDDED_DNS
 from dkvm.wire import DNS_TAG as TAG
 
 ANSWER_TIMEOUT = 5      # the guest's resolver has given up by then
+MAX_PENDING = 128       # queries in flight; more are dropped (a resolver asks again)
 
 
 class EmbeddedDnsRelay:
@@ -18,6 +19,8 @@ class EmbeddedDnsRelay:
         self.pending = {}               # socket -> (tag bytes, deadline)
 
     def ask(self, payload):
+        if len(payload) <= TAG.size or len(self.sockets()) >= MAX_PENDING:
+            return
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setblocking(False)
         try:

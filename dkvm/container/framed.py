@@ -1,17 +1,29 @@
 """A non-blocking socket that carries control-channel frames: decoded on the way
-in, buffered on the way out, so one slow peer never stalls the others."""
+in, buffered on the way out, so one slow peer never stalls the others. The buffer
+has a bound: a peer that makes it overflow is misbehaving (flow control keeps an
+honest one far below it)."""
 from dkvm import wire
 
 
+class QueueFull(Exception):
+    pass
+
+
 class FramedSocket:
-    def __init__(self, sock):
+    def __init__(self, sock, limit):
         sock.setblocking(False)
         self.sock = sock
         self.decoder = wire.Decoder()
         self.out = bytearray()
+        self.limit = limit
         self.closed = False
 
+    def fileno(self):
+        return self.sock.fileno()
+
     def queue(self, data):
+        if len(self.out) + len(data) > self.limit:
+            raise QueueFull(f"more than {self.limit} bytes waiting to be sent")
         self.out += data
 
     def flush(self):

@@ -5,6 +5,12 @@ It relays signals, terminal resizes and network changes to the guest, multiplexe
 stdin when the guest says hello, and returns the workload's exit status. Frames for
 the guest wait until it says hello (it could not take them before).
 
+The guest is not trusted: every frame it sends is checked before use, the data it
+sends an exec is held to that exec's flow-control window, and every queue has a
+bound. A guest that breaks the protocol ends its container with one line saying how.
+(The exec relays are the container side's own: their garbage is reported and
+dropped.)
+
 The loop is an object so that a test drives it with socketpairs: `step()` is one turn.
 """
 import itertools
@@ -17,7 +23,7 @@ import time
 
 from dkvm import log, wire
 from dkvm.container.dns_relay import EmbeddedDnsRelay
-from dkvm.container.framed import FramedSocket
+from dkvm.container.framed import FramedSocket, QueueFull
 from dkvm.errors import DkvmError
 from dkvm.schema import Options
 from dkvm.terminal import get_size
@@ -26,6 +32,21 @@ EXIT_GRACE = 10             # QEMU powering off after the guest reported its exi
 IDLE = 0.5                  # the longest a turn sleeps: children and deadlines are checked then
 FORWARDED_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2]
+MAX_EXECS = 128             # concurrent `docker exec`s; more are refused
+# What may wait to be sent: to a relay, its window of output and the guest's small
+# frames; to the guest, each relay's window of stdin and the rest (signals, DNS
+# answers, network changes).
+RELAY_QUEUE_LIMIT = 2 * wire.STREAM_WINDOW
+GUEST_QUEUE_LIMIT = MAX_EXECS * RELAY_QUEUE_LIMIT + (8 << 20)
+# frame types the guest may send on an exec's channel, and on channel 0
+TO_RELAY = {wire.STDOUT, wire.STDERR, wire.WINDOW, wire.EXEC_EXIT}
+POLL_IN, POLL_OUT = select.POLLIN | select.POLLHUP | select.POLLERR, select.POLLOUT
+# (a socket whose peer is gone polls as POLLHUP/POLLERR: reading it says so)
+
+
+class GuestMisbehaved(DkvmError):
+    def __init__(self, what):
+        super().__init__(f"the guest broke the control protocol ({what}); the VM is stopped")
 
 
 class Supervisor:
@@ -34,7 +55,7 @@ class Supervisor:
         """`vm`: the VM's processes (processes.VmProcesses); `signals`: a
         SignalInbox; `stdin_conn`: QEMU's stdin socket, fed from fd 0 after hello;
         `boot_timeout`: how long the guest may take to say hello (DKVM_BOOT_TIMEOUT)."""
-        self.guest = FramedSocket(control)
+        self.guest = FramedSocket(control, GUEST_QUEUE_LIMIT)
         self.exec_listener = exec_listener
         self.network_inbox = network_inbox
         self.vm = vm
@@ -43,8 +64,10 @@ class Supervisor:
         self.stdin_conn = stdin_conn
         self.dns = EmbeddedDnsRelay()
         self.relays = {}                    # channel -> FramedSocket of an exec relay
+        self.unacked = {}                   # channel -> output bytes the relay has not granted
         self.last_channel = 0
         self.held = []                      # frames for the guest until it says hello
+        self.held_bytes = 0
         self.status = None
         self.exit_deadline = None
         self.vm_ended = False
@@ -75,39 +98,48 @@ class Supervisor:
         return self.status
 
     def step(self, timeout=IDLE):
+        """One turn: wait (poll: no limit on descriptor numbers) for what can be read or
+        written, then handle it."""
         peers = [self.guest, *self.relays.values()]
-        readable = [self.guest.sock, self.exec_listener, self.network_inbox, self.signals,
-                    *(relay.sock for relay in self.relays.values()), *self.dns.sockets()]
-        ready_r, ready_w, _ = select.select(readable, [p.sock for p in peers if p.out], [],
-                                            timeout)
-        if self.signals in ready_r:
+        poller = select.poll()
+        for source in (self.guest, self.exec_listener, self.network_inbox, self.signals,
+                       *self.relays.values(), *self.dns.sockets()):
+            poller.register(source, POLL_IN)
+        for peer in peers:
+            if peer.out:
+                poller.register(peer, POLL_IN | POLL_OUT)
+        events = dict(poller.poll(timeout * 1000))
+        if not events:
+            self.on_idle()
+            return
+
+        def ready(source, mask=POLL_IN):
+            return events.get(source.fileno(), 0) & mask
+
+        if ready(self.signals):
             for signum in self.signals.take():
                 self.on_signal(signum)
         for peer in peers:
-            if peer.sock in ready_w:
+            if ready(peer, POLL_OUT):
                 peer.flush()
-        if self.network_inbox in ready_r:
+        if ready(self.network_inbox):
             self.to_guest(self.network_inbox.recv(wire.MAX_PAYLOAD))
-        if self.exec_listener in ready_r:
+        if ready(self.exec_listener):
             self.accept_relay()
-        for sock in ready_r:
-            if sock in self.dns.pending:
+        for sock in list(self.dns.pending):
+            if ready(sock):
                 answer = self.dns.answer(sock)
                 if answer:
-                    self.guest.queue(wire.encode(wire.DNS, answer))
+                    self.to_guest(wire.encode(wire.DNS, answer))
         for channel, relay in list(self.relays.items()):
-            if relay.sock in ready_r:
+            if ready(relay):
                 for frame in relay.receive(self.warn):
-                    self.to_guest(wire.encode(frame.type, frame.payload, channel))
+                    self.on_relay_frame(channel, frame)
             if relay.closed:
-                relay.close()
-                del self.relays[channel]
-                self.to_guest(wire.encode(wire.CLOSE, channel=channel))
-        if self.guest.sock in ready_r:
-            for frame in self.guest.receive(self.warn):
+                self.drop_relay(channel)
+        if ready(self.guest):
+            for frame in self.guest.receive(self.guest_garbage):
                 self.on_guest_frame(frame)
-        if not ready_r and not ready_w:
-            self.on_idle()
 
     def on_idle(self):
         self.check_children()
@@ -117,10 +149,26 @@ class Supervisor:
                             f"{self.vm.exit_reason()}")
 
     def to_guest(self, data):
-        if self.held is None:
-            self.guest.queue(data)
-        else:
+        if self.held is not None:
+            self.held_bytes += len(data)
+            if self.held_bytes > GUEST_QUEUE_LIMIT:
+                raise DkvmError(f"more than {GUEST_QUEUE_LIMIT} bytes for the guest waited "
+                                "for it to start")
             self.held.append(data)
+            return
+        try:
+            self.guest.queue(data)
+        except QueueFull as err:
+            raise GuestMisbehaved(f"it stopped reading its control channel: {err}") from None
+
+    def check_children(self):
+        """QEMU's end ends the loop (with the status, or an error saying why there is
+        none). Before the status, a helper (virtiofsd) dying is an error at once; after
+        it, the VM is going anyway (virtiofsd leaves when QEMU does)."""
+        if self.vm.ended():
+            self.vm_ended = True
+        elif self.status is None:
+            self.vm.check(helpers_only=True)
 
     # --- events on the container side
     def on_signal(self, signum):
@@ -133,48 +181,83 @@ class Supervisor:
         else:
             self.to_guest(wire.encode(wire.SIGNAL, {"signal": signum}))
 
-    def check_children(self):
-        """QEMU's end ends the loop (with the status, or an error saying why there is
-        none). Before the status, a helper (virtiofsd) dying is an error at once; after
-        it, the VM is going anyway (virtiofsd leaves when QEMU does)."""
-        if self.vm.ended():
-            self.vm_ended = True
-        elif self.status is None:
-            self.vm.check(helpers_only=True)
-
     def accept_relay(self):
+        conn = self.exec_listener.accept()[0]
+        if len(self.relays) >= MAX_EXECS:
+            conn.close()            # the relay says the VM went: an error for that exec
+            self.warn(f"more than {MAX_EXECS} concurrent execs: one refused")
+            return
         self.last_channel = free_channel(self.relays, self.last_channel)
-        self.relays[self.last_channel] = FramedSocket(self.exec_listener.accept()[0])
+        self.relays[self.last_channel] = FramedSocket(conn, RELAY_QUEUE_LIMIT)
+        self.unacked[self.last_channel] = 0
+
+    def on_relay_frame(self, channel, frame):
+        if frame.type == wire.WINDOW:
+            try:
+                self.unacked[channel] = max(0, self.unacked[channel] - frame.record().bytes)
+            except wire.ProtocolError as err:
+                self.warn(str(err))
+                return
+        self.to_guest(wire.encode(frame.type, frame.payload, channel))
+
+    def drop_relay(self, channel):
+        self.relays.pop(channel).close()
+        del self.unacked[channel]
+        self.to_guest(wire.encode(wire.CLOSE, channel=channel))
 
     # --- frames from the guest
     def on_guest_frame(self, frame):
         if frame.channel:
-            relay = self.relays.get(frame.channel)
-            if relay is not None:
-                relay.queue(wire.encode(frame.type, frame.payload))
+            self.to_relay(frame)
             return
         handler = self.handlers.get(frame.type)
         if handler is None:
-            self.warn(f"unexpected frame type {frame.type} from the guest")
-            return
+            raise GuestMisbehaved(f"frame type {frame.type} on channel 0")
         try:
             handler(frame)
         except wire.ProtocolError as err:
-            self.warn(str(err))
+            raise GuestMisbehaved(str(err)) from None
+
+    def to_relay(self, frame):
+        """An exec's frame, checked and held to its window; one for an exec whose relay
+        has gone (it may still be on its way) is dropped."""
+        if frame.type not in TO_RELAY:
+            raise GuestMisbehaved(f"frame type {frame.type} on exec channel {frame.channel}")
+        if frame.type in (wire.WINDOW, wire.EXEC_EXIT):
+            try:
+                frame.record()
+            except wire.ProtocolError as err:
+                raise GuestMisbehaved(str(err)) from None
+        relay = self.relays.get(frame.channel)
+        if relay is None:
+            return
+        if frame.type in (wire.STDOUT, wire.STDERR):
+            self.unacked[frame.channel] += len(frame.payload)
+            if self.unacked[frame.channel] > wire.STREAM_WINDOW:
+                raise GuestMisbehaved(f"{self.unacked[frame.channel]} bytes for exec channel "
+                                      f"{frame.channel} beyond its window of "
+                                      f"{wire.STREAM_WINDOW}")
+        try:
+            relay.queue(wire.encode(frame.type, frame.payload))
+        except QueueFull as err:
+            raise GuestMisbehaved(f"exec channel {frame.channel}: {err}") from None
+
+    def guest_garbage(self, message):
+        raise GuestMisbehaved(message)
 
     def on_hello(self, frame):
         if self.held is None:
             return
-        for data in self.held:
-            self.guest.queue(data)
-        self.held = None
+        held, self.held = self.held, None
+        for data in held:
+            self.to_guest(data)
         if self.stdin_conn is not None:
             start_stdin_relay(self.stdin_conn)
 
     def on_exit(self, frame):
         self.status = frame.record().status
         self.exit_deadline = time.monotonic() + EXIT_GRACE
-        self.guest.queue(wire.encode(wire.EXIT_ACK))
+        self.to_guest(wire.encode(wire.EXIT_ACK))
 
     def on_dns(self, frame):
         self.dns.ask(frame.payload)

@@ -11,6 +11,8 @@ from dkvm.paths import EMBEDDED_DNS
 from dkvm.wire import DNS_TAG as TAG
 
 ANSWER_TIMEOUT = 5
+MAX_PENDING = 128       # queries in flight; more are dropped (a resolver asks again), so
+                        # that no process in the guest can exhaust init's descriptors
 
 
 def uses_embedded_dns(resolv_conf="/etc/resolv.conf"):
@@ -63,7 +65,12 @@ class GuestForwarder:
             data, client = self.sock.recvfrom(65535)
         except BlockingIOError:
             return None
+        self.tick()
+        if len(self.queries) >= MAX_PENDING:
+            return None
         self.next_tag = (self.next_tag + 1) & 0xFFFF
+        while self.next_tag in self.queries:
+            self.next_tag = (self.next_tag + 1) & 0xFFFF
         query = self.queries[self.next_tag] = PendingQuery(client,
                                                            time.monotonic() + ANSWER_TIMEOUT)
         if self.upstream:

@@ -20,6 +20,7 @@ from dkvm.guest.network import PendingChanges
 
 IDLE = 1.0
 ACK_WAIT = 5
+POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
 def reap():
@@ -76,6 +77,8 @@ class GuestLoop:
         return self.status
 
     def step(self, timeout=IDLE):
+        """One turn: reap, wait (poll: no limit on descriptor numbers) for what can be
+        read or written, handle it."""
         self.reap_children()
         if self.status is not None:
             return
@@ -84,11 +87,22 @@ class GuestLoop:
         dns_socks = self.forwarder.sockets() if self.forwarder else []
         if self.forwarder:
             timeout = self.forwarder.timeout(timeout)
-        ready_r, ready_w, _ = select.select(
-            [self.control, self.wake_r, *dns_socks, *readers], list(writers), [],
-            self.network_changes.timeout(timeout))
+        masks = {}
+        for fd in (self.control, self.wake_r, *(s.fileno() for s in dns_socks), *readers):
+            masks[fd] = POLL_IN
+        for fd in writers:
+            masks[fd] = masks.get(fd, 0) | select.POLLOUT
+        poller = select.poll()
+        for fd, mask in masks.items():
+            poller.register(fd, mask)
+        events = poller.poll(self.network_changes.timeout(timeout) * 1000)
+        ready_r = [fd for fd, mask in events if mask & POLL_IN]
+        # a pipe whose reader is gone polls as POLLERR only: writing says so (EPIPE)
+        ready_w = [fd for fd, mask in events if mask & (select.POLLOUT | select.POLLERR)
+                   and fd in writers]
         if self.forwarder:
-            for query in self.forwarder.serve(ready_r):
+            ready_socks = [sock for sock in dns_socks if sock.fileno() in ready_r]
+            for query in self.forwarder.serve(ready_socks):
                 self.send(wire.encode(wire.DNS, query))
         if self.wake_r in ready_r:
             os.read(self.wake_r, 4096)

@@ -837,24 +837,92 @@ def test_signals_before_hello_are_held_not_lost(mux):
     assert mux(scenario) == 0
 
 
-@pytest.mark.parametrize("frame,report", [
+@pytest.mark.parametrize("frame,why", [
     (wire.encode(EXIT, b'{"status":"pwn"}'), "frame type 2: bad payload"),
     (wire.encode(EXIT, b'{"status":256}'), "out of range"),
     (wire.encode(wire.ERROR, b'{"message":["x"]}'), "expected str"),
-    (wire.encode(wire.EXIT_ACK), "unexpected frame type 3"),
-    (wire.encode(wire.RESIZE, b'{"rows":1,"cols":1}'), "unexpected frame type 6"),
-    (wire.encode(STDOUT, b"to nobody", 9), ""),         # an exec long gone: dropped
+    (wire.encode(wire.EXIT_ACK), "frame type 3 on channel 0"),
+    (wire.encode(wire.RESIZE, b'{"rows":1,"cols":1}'), "frame type 6 on channel 0"),
+    (wire.encode(STDIN, b"x", 5), "frame type 8 on exec channel 5"),
+    (wire.encode(EXEC_EXIT, b'{"status":-1}', 5), "out of range"),
+    (b"garbage!" * 4, "malformed frame header"),
 ])
-def test_a_bad_guest_frame_is_reported_and_the_supervisor_goes_on(mux, capsys, frame, report):
+def test_a_guest_that_breaks_the_protocol_ends_its_container_with_one_line(mux, frame, why):
     def scenario(guest, connect_relay):
         guest.send(HELLO)
         guest.sock.sendall(frame)
+        assert mux.returned.wait(WAIT)
+
+    result = mux(scenario)
+    assert isinstance(result, DkvmError), result
+    assert result.message.startswith("the guest broke the control protocol (")
+    assert why in result.message and "\n" not in result.message
+
+
+def test_a_frame_for_an_exec_long_gone_is_dropped(mux, capsys):
+    def scenario(guest, connect_relay):
+        guest.send(HELLO)
+        guest.send(STDOUT, b"to nobody", 9)
         guest.send(EXIT, {"status": 4})
         assert guest.recv() == Frame(EXIT_ACK)
 
     assert mux(scenario) == 4
-    err = capsys.readouterr().err
-    assert (report in err and err.count("\n") == 1) if report else err == ""
+    assert capsys.readouterr().err == ""
+
+
+def test_output_beyond_an_execs_window_ends_the_container(mux):
+    """The guest must wait for the relay's grants; the supervisor holds it to that."""
+    def scenario(guest, connect_relay):
+        relay = connect_relay()
+        relay.send(EXEC_START, exec_start("x"))
+        guest.send(HELLO)
+        channel = guest.recv().channel
+        for _ in range(STREAM_WINDOW // MAX_DATA):
+            guest.send(STDOUT, b"o" * MAX_DATA, channel)
+        relay.send(WINDOW, {"bytes": MAX_DATA})             # one chunk granted back
+        assert guest.recv() == Frame(WINDOW, channel, b'{"bytes":65536}')
+        guest.send(STDOUT, b"o" * MAX_DATA, channel)        # within the window again
+        guest.send(STDOUT, b"o", channel)                   # one byte too many
+        assert mux.returned.wait(WAIT)
+
+    result = mux(scenario)
+    assert isinstance(result, DkvmError)
+    assert f"{STREAM_WINDOW + 1} bytes for exec channel 1 beyond its window" in result.message
+
+
+def test_a_guest_that_stops_reading_ends_the_container_at_the_bound(mux, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "GUEST_QUEUE_LIMIT", 1 << 20)
+
+    def scenario(guest, connect_relay):
+        guest.send(HELLO)
+        guest.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        relay = connect_relay()
+        relay.send(EXEC_START, exec_start("x"))
+        for _ in range(64):         # stdin the guest never reads; the relay may well send
+            try:                    # (a relay keeps to the window, this one does not)
+                relay.send(STDIN, b"i" * MAX_DATA)
+            except OSError:
+                break
+        assert mux.returned.wait(WAIT)
+
+    result = mux(scenario)
+    assert isinstance(result, DkvmError)
+    assert "stopped reading its control channel" in result.message
+
+
+def test_execs_beyond_the_limit_are_refused(mux, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "MAX_EXECS", 2)
+
+    def scenario(guest, connect_relay):
+        guest.send(HELLO)
+        first, third = connect_relay(), (connect_relay(), connect_relay())[1]
+        assert third.sock.recv(1) == b""            # closed at once: the relay says so
+        first.send(EXEC_START, exec_start("a"))
+        assert guest.recv().type == EXEC_START
+        guest.send(EXIT, {"status": 0})
+        assert guest.recv() == Frame(EXIT_ACK)
+
+    assert mux(scenario) == 0
 
 
 def test_the_guests_error_reaches_the_log_as_plain_text(mux, capsys, log_context):
