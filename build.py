@@ -370,7 +370,6 @@ def main():
         '#!/.dkvm/bin/busybox sh\nexec /.dkvm/bin/busybox modprobe "$@"\n')
     (payload / "bin" / "modprobe").chmod(0o755)
     gather_libs(payload, elfs)
-    (payload / "run").mkdir()  # mount point of the container's private tmpfs
     for role in ROLE_ENTRIES:
         (payload / "entry").mkdir(exist_ok=True)
         (payload / "entry" / role).write_text(ENTRY_SCRIPT)

@@ -1,16 +1,26 @@
 """Where things live: on the host, in the container, and in the guest; and the
 environment variables that carry the plan and exec requests into the container.
 
-The payload is bind-mounted read-only at PAYLOAD_MOUNT in every container and the
-guest sees the same path through virtiofs, so every in-container and in-guest path
-is fixed; only the host directory depends on the build id.
+The container's root is DKVM's own (a skeleton of empty mount points, read-only): the
+payload at PAYLOAD_MOUNT, private tmpfs at /run, /tmp and /etc, and SHARE_DIR, the one
+directory virtiofsd exports, holding the image's root filesystem with Docker's mounts
+(SHARED_ROOTFS) and the payload again for the guest (SHARED_PAYLOAD). Nothing the
+container side runs or opens is inside the image; nothing it keeps (sockets, logs) is
+inside the export. The guest's init mounts the export at SHARE_DIR in a root of its
+own and sees the payload at PAYLOAD_MOUNT too; the workload's root is SHARED_ROOTFS.
+So every in-container and in-guest path is fixed; only the host directory depends on
+the build id.
 """
 import os
 
 HOST_STATE_DIR = "/var/lib/dkvm"
 PAYLOAD_MOUNT = "/.dkvm"
-RUN_DIR = PAYLOAD_MOUNT + "/run"           # tmpfs private to one container
-PLAN_FILE = RUN_DIR + "/plan.json"
+SHARE_DIR = "/share"                      # what virtiofsd serves
+SHARED_ROOTFS = SHARE_DIR + "/rootfs"     # the image's root, the workload's root
+SHARED_PAYLOAD = SHARE_DIR + "/dkvm"      # the payload, read-only, for the guest
+PRIVATE_DIRS = ("/run", "/tmp", "/etc")   # the container side's own tmpfs
+RUN_DIR = "/run"                          # sockets and logs: private to the container side
+SKELETON = "dkvm-root"                    # in the bundle: the container's root
 CONTROL_SOCKET = RUN_DIR + "/control.sock"
 VIRTIOFS_SOCKET = RUN_DIR + "/virtiofs.sock"
 QEMU_LOG = RUN_DIR + "/qemu.log"

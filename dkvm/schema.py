@@ -242,6 +242,7 @@ class Plan(Record):
         "boot": Field(Boot, Boot),
         "hostname": Field(str, ""),
         "domainname": Field(str, ""),
+        "readonly_root": Field(bool, False),    # `--read-only`
         "sysctl": Field(MapOf(str), {}),        # `--sysctl`, `--domainname`
         "tmpfs": Field(ListOf(Tmpfs), []),      # `--tmpfs`: mounted in the guest
         "dns_upstream": Field(ListOf(str), []),  # the host's name servers

@@ -8,7 +8,7 @@ and several frames in one read are the normal case, not an edge case.
 import struct
 
 from dkvm import lightjson
-from dkvm.schema import ExecStart, Field, NetChange, Record, in_range
+from dkvm.schema import ExecStart, Field, NetChange, Plan, Record, in_range
 
 MAGIC = 0xD7
 HEADER = struct.Struct("!BBHI")
@@ -32,8 +32,10 @@ CLOSE = 13      # relay side -> guest: the relay is gone; end the process
 DNS = 14        # either way: a 2-byte tag, then a DNS query (to the host) or its answer
 NET = 15        # host -> guest: {"wait_for": [MAC of a hot-plugged NIC], "steps": [step]}
                 #   Docker changed the container's networks (container.net_follower, container.net_steps)
+INIT = 16       # guest -> host: init is up and has its control port open: send the plan
+PLAN = 17       # host -> guest: the plan (schema.Plan): nothing of it is in the export
 TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR, RESIZE, EXEC_START, STDIN, STDOUT, STDERR,
-         EXEC_EXIT, WINDOW, CLOSE, DNS, NET}
+         EXEC_EXIT, WINDOW, CLOSE, DNS, NET, INIT, PLAN}
 # Flow control for exec streams: a sender may have this many data bytes unconsumed
 # by the far end; data frames carry at most MAX_DATA bytes.
 STREAM_WINDOW = 256 << 10
@@ -68,7 +70,8 @@ class Credit(Record):
 
 # the payload each JSON frame type carries
 PAYLOADS = {EXIT: Status, SIGNAL: SignalNumber, ERROR: Message, RESIZE: WindowSize,
-            EXEC_START: ExecStart, EXEC_EXIT: Status, WINDOW: Credit, NET: NetChange}
+            EXEC_START: ExecStart, EXEC_EXIT: Status, WINDOW: Credit, NET: NetChange,
+            PLAN: Plan}
 
 
 class ProtocolError(Exception):

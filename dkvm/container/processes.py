@@ -3,13 +3,11 @@ payload, watched, described when they die, stopped at the end."""
 import os
 import stat
 import subprocess
-import time
 
 from dkvm import paths
 from dkvm.container.vmm import qemu_argv, qemu_env, virtiofsd_argv
 from dkvm.errors import DkvmError
 
-START_TIMEOUT = 30          # virtiofsd creating its socket
 LOG_TAIL = 400              # characters of a log quoted in an error
 
 
@@ -37,18 +35,16 @@ class VmProcesses:
     def children(self):
         return [child for child in (self.virtiofsd, self.qemu) if child]
 
-    def start_virtiofsd(self):
+    def start_virtiofsd(self, listener, plan):
+        """virtiofsd on the socket QEMU will connect to, already listening: both start
+        at once."""
         log = open(paths.VIRTIOFSD_LOG, "wb")
-        proc = subprocess.Popen(virtiofsd_argv(), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=log)
+        fd = listener.fileno()
+        proc = subprocess.Popen(virtiofsd_argv(fd, plan.options.sys_admin),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                pass_fds=(fd,))
+        listener.close()
         self.virtiofsd = Child("virtiofsd", proc, paths.VIRTIOFSD_LOG)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not os.path.exists(paths.VIRTIOFS_SOCKET):
-            if proc.poll() is not None:
-                raise DkvmError(f"virtiofsd failed to start: {tail(paths.VIRTIOFSD_LOG)}")
-            if time.monotonic() > deadline:
-                raise DkvmError("virtiofsd did not create its socket in time")
-            time.sleep(0.01)
 
     def start_qemu(self, plan):
         """QEMU gets the container's stdio as extra fds for the stdio ports; its own fd 2

@@ -25,7 +25,6 @@ from dkvm import log, wire
 from dkvm.container.dns_relay import EmbeddedDnsRelay
 from dkvm.container.framed import FramedSocket, QueueFull
 from dkvm.errors import DkvmError
-from dkvm.schema import Options
 from dkvm.terminal import get_size
 
 EXIT_GRACE = 10             # QEMU powering off after the guest reported its exit
@@ -50,17 +49,18 @@ class GuestMisbehaved(DkvmError):
 
 
 class Supervisor:
-    def __init__(self, control, exec_listener, network_inbox, vm, signals, terminal=False,
-                 stdin_conn=None, boot_timeout=Options().boot_timeout):
+    def __init__(self, control, exec_listener, network_inbox, vm, signals, plan,
+                 stdin_conn=None):
         """`vm`: the VM's processes (processes.VmProcesses); `signals`: a
-        SignalInbox; `stdin_conn`: QEMU's stdin socket, fed from fd 0 after hello;
-        `boot_timeout`: how long the guest may take to say hello (DKVM_BOOT_TIMEOUT)."""
+        SignalInbox; `plan`: what the guest asks for first; `stdin_conn`: QEMU's stdin
+        socket, fed from fd 0 after hello."""
         self.guest = FramedSocket(control, GUEST_QUEUE_LIMIT)
         self.exec_listener = exec_listener
         self.network_inbox = network_inbox
         self.vm = vm
         self.signals = signals
-        self.terminal = terminal
+        self.plan = plan
+        self.terminal = plan.process.terminal
         self.stdin_conn = stdin_conn
         self.dns = EmbeddedDnsRelay()
         self.relays = {}                    # channel -> FramedSocket of an exec relay
@@ -71,10 +71,11 @@ class Supervisor:
         self.status = None
         self.exit_deadline = None
         self.vm_ended = False
-        self.boot_timeout = boot_timeout
-        self.boot_deadline = time.monotonic() + boot_timeout
-        self.handlers = {wire.HELLO: self.on_hello, wire.EXIT: self.on_exit,
-                         wire.DNS: self.on_dns, wire.ERROR: self.on_error}
+        self.boot_timeout = plan.options.boot_timeout
+        self.boot_deadline = time.monotonic() + self.boot_timeout
+        self.handlers = {wire.INIT: self.on_init, wire.HELLO: self.on_hello,
+                         wire.EXIT: self.on_exit, wire.DNS: self.on_dns,
+                         wire.ERROR: self.on_error}
 
     # --- the loop
     def run(self):
@@ -156,6 +157,9 @@ class Supervisor:
                                 "for it to start")
             self.held.append(data)
             return
+        self.send_to_guest(data)
+
+    def send_to_guest(self, data):
         try:
             self.guest.queue(data)
         except QueueFull as err:
@@ -244,6 +248,11 @@ class Supervisor:
 
     def guest_garbage(self, message):
         raise GuestMisbehaved(message)
+
+    def on_init(self, frame):
+        """The guest's init asks for its plan: not held, it is what lets the guest
+        say hello."""
+        self.send_to_guest(wire.encode(wire.PLAN, self.plan))
 
     def on_hello(self, frame):
         if self.held is None:

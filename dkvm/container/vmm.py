@@ -97,10 +97,13 @@ def qemu_env(root=paths.PAYLOAD_MOUNT):
     return {"QEMU_MODULE_DIR": paths.payload_path("qemu", "modules", root=root)}
 
 
-def virtiofsd_argv(source="/", root=paths.PAYLOAD_MOUNT):
-    """virtiofsd serving the container's root, submounts (volumes, /etc/hosts, the
-    payload) included. The namespace sandbox cannot pivot_root under Docker; chroot
-    works with Docker's default capabilities.
+def virtiofsd_argv(listen_fd, sys_admin=False, source=paths.SHARE_DIR, root=paths.PAYLOAD_MOUNT):
+    """virtiofsd serving the export: the image's root with its submounts (volumes,
+    /etc/hosts) and the payload for the guest. It takes the listening socket the
+    entrypoint made (`listen_fd`: no socket or pidfile of its own to write). The
+    namespace sandbox cannot pivot_root under Docker; chroot works with Docker's
+    default capabilities. With DKVM_SYS_ADMIN it keeps CAP_SYS_ADMIN, which it drops
+    by default.
 
     cache=always keeps file data cached across opens (execs and imports 2-5x faster
     than cache=auto under TCG); timeout=1 has the guest revalidate names and
@@ -108,8 +111,8 @@ def virtiofsd_argv(source="/", root=paths.PAYLOAD_MOUNT):
     dropped then: what `docker cp`, another container sharing a volume or Docker
     rewriting /etc/hosts change shows in the VM within a second."""
     return paths.payload_program_argv(paths.payload_path("qemu", "virtiofsd", root=root), root) + [
-        f"--socket-path={paths.VIRTIOFS_SOCKET}", "-o", f"source={source}",
+        f"--fd={listen_fd}", "-o", f"source={source}",
         "-o", "sandbox=chroot", "-o", "cache=always", "-o", "timeout=1",
-        "-o", "xattr",
+        "-o", "xattr", *(["-o", "modcaps=+sys_admin"] if sys_admin else []),
         "-o", "log_level=err", "--rlimit-nofile=0",
     ]

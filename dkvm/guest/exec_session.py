@@ -15,6 +15,20 @@ from dkvm.guest import syscalls
 from dkvm.guest.process import become_and_exec, report_exec_failure
 
 EXEC_START_FAILED = 126     # what Docker answers for any exec that cannot start
+TIOCSPTLCK, TIOCGPTPEER = 0x40045431, 0x5441
+
+
+def open_pty(workload_pid):
+    """A terminal of the workload's own devpts (its /dev/pts, through its root), as an
+    exec under runc gets one: `tty` names it there."""
+    master = os.open(f"/proc/{workload_pid}/root/dev/pts/ptmx",
+                     os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(master, TIOCSPTLCK, b"\0\0\0\0")          # unlock
+        return master, fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        os.close(master)
+        raise
 
 
 def spawn_in_workload(process, workload_pid, stdio):
@@ -49,7 +63,7 @@ class ExecSession:
         self.hung_up = False        # the terminal's other side closed, the process lives on
         self.abandoned = False      # the relay is gone (CLOSE)
         if start.process.terminal:
-            self.master, slave = os.openpty()
+            self.master, slave = open_pty(workload_pid)
             if len(start.winsize) == 2:
                 terminal.set_size(self.master, *start.winsize)
             child_stdio = (slave, slave, slave)

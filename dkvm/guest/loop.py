@@ -20,6 +20,7 @@ from dkvm.guest.network import PendingChanges
 
 IDLE = 1.0
 ACK_WAIT = 5
+PLAN_WAIT = 30
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
@@ -37,6 +38,24 @@ def reap():
         statuses[pid] = 128 - code if code < 0 else code
 
 
+def receive_plan(control, decoder, timeout=PLAN_WAIT):
+    """Ask the container side for the plan (INIT) and wait for it (PLAN), bounded.
+    The container side holds everything else back until HELLO."""
+    write_all(control, wire.encode(wire.INIT))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([control], [], [], max(0, deadline - time.monotonic()))
+        if not ready:
+            continue
+        data = os.read(control, 65536)
+        if not data:
+            raise RuntimeError("the container side closed the control channel")
+        for frame in wire.feed_tolerant(decoder, data, log.warn):
+            if frame.type == wire.PLAN:
+                return frame.record()
+    raise RuntimeError(f"no plan from the container side within {timeout}s")
+
+
 def write_all(fd, data):
     """A virtio-serial port takes at most 32 KiB a write."""
     view = memoryview(data)
@@ -46,7 +65,7 @@ def write_all(fd, data):
 
 class GuestLoop:
     def __init__(self, control, workload_pid, console=None, forwarder=None, reap=reap,
-                 spawn_exec=spawn_in_workload):
+                 spawn_exec=spawn_in_workload, decoder=None):
         """`control`: the control port's fd; `console`: the terminal's fd (with -t);
         `forwarder`: the guest's DNS forwarder, if the workload uses Docker's DNS;
         `reap` and `spawn_exec`: how children are reaped and execs started (a test
@@ -57,7 +76,7 @@ class GuestLoop:
         self.forwarder = forwarder
         self.reap = reap
         self.spawn_exec = spawn_exec
-        self.decoder = wire.Decoder()
+        self.decoder = decoder or wire.Decoder()
         self.sessions = {}                  # channel -> ExecSession
         self.network_changes = PendingChanges()
         self.status = None                  # the workload's, once it is reaped

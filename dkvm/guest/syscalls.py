@@ -14,6 +14,8 @@ MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec"
 IGNORED_MOUNT_OPTIONS = {"rw", "suid", "dev", "exec", "async", "rprivate", "private",
                          "rslave", "slave", "rshared", "shared", "bind", "rbind", "tmpcopyup"}
 MS_REC, MS_PRIVATE, MS_BIND, MS_REMOUNT = 1 << 14, 1 << 18, 4096, 32
+MNT_DETACH = 2
+SYS_PIVOT_ROOT = 155        # x86_64
 CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
 RB_POWER_OFF = 0x4321FEDC
 TIOCSCTTY = 0x540E
@@ -56,6 +58,20 @@ def setns(fd, nstype):
     if _libc.setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def pivot_to(new_root):
+    """Make `new_root` this mount namespace's root, as runc does: the old root is
+    stacked on it by pivot_root(".", ".") and detached."""
+    mount(new_root, new_root, "", MS_BIND | MS_REC)
+    os.chdir(new_root)
+    if _libc.syscall(SYS_PIVOT_ROOT, b".", b".") != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pivot_root to {new_root}: {os.strerror(err)}")
+    if _libc.umount2(b".", MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"detaching the old root: {os.strerror(err)}")
+    os.chdir("/")
 
 
 def make_mounts_private():

@@ -1,12 +1,15 @@
 """The workload in the guest: PID 1 of its own PID and mount namespaces, as runc
-starts it, with the container's stdio ports or the console as its terminal."""
+starts it, in the image's root, with the container's stdio ports or the console as
+its terminal."""
 import fcntl
 import os
 
-from dkvm.guest import syscalls
+from dkvm import paths
+from dkvm.guest import syscalls, world
 from dkvm.guest.process import become_and_exec
 
 CONSOLE = "/dev/hvc0"
+SETUP_FAILED = 125          # the VM could not give the workload its container
 
 
 def open_console(winsize):
@@ -18,27 +21,39 @@ def open_console(winsize):
     return console
 
 
-def spawn(process, stdio):
+def spawn(plan, stdio):
     """Start the workload as PID 1 of its own PID namespace, as runc does: it sees
-    itself as PID 1, gets PID 1's signal semantics, and reaps its own orphans. With a
-    terminal, the console is its controlling terminal and stdio. (After this, init
-    may not start threads: the kernel refuses them once it has unshared its PID
-    namespace.)"""
+    itself as PID 1, gets PID 1's signal semantics, and reaps its own orphans. Its
+    mount namespace has the image's root as its root (pivot_root: nothing of init's
+    stays reachable) with a container's filesystems mounted in it. With a terminal,
+    the console is its controlling terminal and stdio. (After this, init may not
+    start threads: the kernel refuses them once it has unshared its PID namespace.)"""
     syscalls.unshare(syscalls.CLONE_NEWPID)
     pid = os.fork()
     if pid:
         return pid
     try:
+        if plan.process.terminal:
+            tty = os.open(CONSOLE, os.O_RDWR)
+            stdio = (tty, tty, tty)
         syscalls.unshare(syscalls.CLONE_NEWNS)
         syscalls.make_mounts_private()
+        if plan.options.kernel_lib_modules:
+            world.mount_kernel_modules(plan.boot.modules, paths.SHARED_ROOTFS + "/lib/modules")
+        syscalls.pivot_to(paths.SHARED_ROOTFS)
+        world.mount_container_filesystems(plan)
         syscalls.mount("proc", "/proc", "proc",
                        *syscalls.mount_options(["nosuid", "nodev", "noexec"]))
+        if plan.readonly_root:          # as runc shows it (the container side enforces it)
+            syscalls.mount("", "/", "", syscalls.MS_REMOUNT | syscalls.MS_BIND
+                           | syscalls.MS_RDONLY)
         os.setsid()
-        if process.terminal:
-            tty = os.open(CONSOLE, os.O_RDWR)
+        if plan.process.terminal:
             fcntl.ioctl(tty, syscalls.TIOCSCTTY, 0)
-            stdio = (tty, tty, tty)
     except BaseException as err:
-        os.write(2, f"dkvm: cannot set up the workload: {err}\n".encode())
-        os._exit(127)
-    become_and_exec(stdio, process)
+        try:
+            os.write(stdio[2] if stdio else 2,
+                     f"dkvm: cannot set up the container in the VM: {err}\n".encode())
+        finally:
+            os._exit(SETUP_FAILED)
+    become_and_exec(stdio, plan.process)

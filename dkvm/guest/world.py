@@ -1,7 +1,11 @@
-"""The container's world, rebuilt in the VM before the workload starts: the kernel
-filesystems runc would mount, /dev/shm, host and domain names, sysctls, the network,
-the kernel's modules when asked for, `--tmpfs` mounts; and the virtio-serial ports
-that carry the control channel and the workload's stdio."""
+"""The container's world, rebuilt in the VM before the workload starts.
+
+init keeps a root of its own (a tmpfs the initramfs made, with the container's export
+at paths.SHARE_DIR and the payload at paths.PAYLOAD_MOUNT); the workload's root is the
+image's, paths.SHARED_ROOTFS, in a mount namespace of its own where it finds what runc
+would have mounted (sysfs, /dev, cgroups, /dev/shm, `--tmpfs`), over whatever the
+image has there (workload.spawn). Host and domain names, sysctls and the network are
+the VM's own; the kernel's modules appear in both roots when asked for."""
 import os
 import time
 
@@ -11,18 +15,29 @@ from dkvm.guest import network, syscalls
 PORT_WAIT = 10
 
 
-def setup_filesystems():
-    """The kernel filesystems a container gets from runc, mounted over the container's
-    own (which virtiofs shows but belong to the container side)."""
+def mount_init_filesystems():
+    """init's own proc, sysfs and /dev: for its ports, the network and sysctls."""
+    for source, target, fstype in (("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"),
+                                   ("devtmpfs", "/dev", "devtmpfs")):
+        os.makedirs(target, exist_ok=True)
+        syscalls.mount(source, target, fstype, syscalls.MS_NOSUID)
+
+
+def mount_container_filesystems(plan):
+    """In the workload's new root (paths resolve inside the image, its symlinks
+    included): the kernel filesystems a container gets from runc, /dev/shm of the size
+    asked for, the `--tmpfs` mounts; /proc comes after, with the PID namespace."""
     mounts = [
-        ("proc", "/proc", "proc", ["nosuid", "nodev", "noexec"]),
         ("sysfs", "/sys", "sysfs", ["nosuid", "nodev", "noexec"]),
         ("devtmpfs", "/dev", "devtmpfs", ["nosuid", "mode=755"]),
         ("devpts", "/dev/pts", "devpts", ["nosuid", "noexec", "gid=5", "mode=620",
                                           "ptmxmode=666"]),
         ("mqueue", "/dev/mqueue", "mqueue", ["nosuid", "nodev", "noexec"]),
         ("cgroup2", "/sys/fs/cgroup", "cgroup2", ["nosuid", "nodev", "noexec"]),
-    ]
+        ("shm", "/dev/shm", "tmpfs", ["nosuid", "nodev", "noexec", "mode=1777",
+                                      f"size={plan.options.dev_shm_size}"]),
+    ] + [("tmpfs", mount.destination, "tmpfs", mount.options) for mount in plan.tmpfs]
+    os.makedirs("/proc", exist_ok=True)
     for source, target, fstype, options in mounts:
         os.makedirs(target, exist_ok=True)
         syscalls.mount(source, target, fstype, *syscalls.mount_options(options))
@@ -33,32 +48,27 @@ def setup_filesystems():
 
 
 def apply_identity(plan):
-    os.makedirs("/dev/shm", exist_ok=True)
-    syscalls.mount("shm", "/dev/shm", "tmpfs", *syscalls.mount_options(
-        ["nosuid", "nodev", "noexec", "mode=1777", f"size={plan.options.dev_shm_size}"]))
     syscalls.set_uts_names(plan.hostname, plan.domainname)
     syscalls.write_sysctls(plan.sysctl)
     syscalls.interface_up("lo")
     network.run_steps(plan.network_setup)
-    if plan.options.kernel_lib_modules:
-        mount_kernel_modules(plan.boot.modules)
-    for mount in plan.tmpfs:
-        flags, data = syscalls.mount_options(mount.options)
-        os.makedirs(mount.destination, exist_ok=True)
-        syscalls.mount("tmpfs", mount.destination, "tmpfs", flags, data)
 
 
-def mount_kernel_modules(modules):
+def mount_kernel_modules(modules, target):
     """DKVM_KERNEL_MOUNT_LIB_MODULES: the boot descriptor's modules for this kernel,
-    with depmod's indexes, read-only at /lib/modules, so that `modprobe` and the
-    kernel's own module requests (crypto, netfilter extensions) find them. The image's
-    /lib/modules, built for other kernels, is hidden. The kernel asks /sbin/modprobe,
-    or the payload's busybox where the image has none."""
+    with depmod's indexes, read-only at `target`: /lib/modules of init, whose root is
+    where the kernel runs its module requests (crypto, netfilter extensions, with the
+    payload's busybox modprobe), and of the workload (the image's own, built for other
+    kernels, are hidden)."""
     if not modules:
         raise RuntimeError("this guest kernel carries no modules to mount")
-    os.makedirs("/lib/modules", exist_ok=True)
-    syscalls.bind_mount(modules, "/lib/modules", readonly=True)
-    if not os.path.exists("/sbin/modprobe"):
+    os.makedirs(target, exist_ok=True)
+    syscalls.bind_mount(modules, target, readonly=True)
+
+
+def serve_module_requests(plan):
+    if plan.options.kernel_lib_modules:
+        mount_kernel_modules(plan.boot.modules, "/lib/modules")
         syscalls.write_sysctls({"kernel.modprobe": paths.payload_path("bin", "modprobe")})
 
 

@@ -1,10 +1,35 @@
 """The runtime's edits to the bundle the engine hands runc: config.json at `create`,
-the process file at `exec`. The I/O around the pure rewrites of host.rewrite."""
+the process file at `exec`, and the container's own root (a skeleton of mount
+points) beside them. The I/O around the pure rewrites of host.rewrite."""
 import json
 import os
 
+from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.host import runc_cli
+
+# the container's root: a mount point for each of its mounts (paths.SKELETON)
+SKELETON_DIRS = ("proc", "dev", "sys", "run", "tmp", "etc", paths.PAYLOAD_MOUNT[1:],
+                 paths.SHARED_ROOTFS[1:], paths.SHARED_PAYLOAD[1:])
+
+
+class BundleLayout:
+    """Where one container's root is (made here, in its bundle: the engine removes it
+    with the bundle) and where its image's root is."""
+
+    def __init__(self, bundle, config):
+        # runc wants the root's real path (engines name bundles under /var/run: a link)
+        self.skeleton = os.path.join(os.path.realpath(bundle), paths.SKELETON)
+        root = (config.get("root") or {}).get("path") or "rootfs"
+        self.image_root = os.path.normpath(os.path.join(os.path.abspath(bundle), root))
+
+    def resolve(self, destination, binds):
+        from dkvm.host.image_paths import real_destination
+        return real_destination(self.image_root, destination, binds)
+
+    def make_skeleton(self):
+        for name in SKELETON_DIRS:
+            os.makedirs(os.path.join(self.skeleton, name), mode=0o755, exist_ok=True)
 
 
 def prepare_create(create_args, defaults):
@@ -14,9 +39,38 @@ def prepare_create(create_args, defaults):
     config_path = os.path.join(bundle, "config.json")
     with open(config_path) as f:
         config = json.load(f)
-    new = rewrite_create_config(config, gather_host_facts(defaults),
+    layout = BundleLayout(bundle, config)
+    new = rewrite_create_config(config, gather_host_facts(defaults), layout,
                                 runc_cli.container_id(create_args))
+    layout.make_skeleton()
+    if (config.get("root") or {}).get("readonly"):
+        make_mount_points(layout, new)
     replace_json(config_path, new)
+
+
+def make_mount_points(layout, config):
+    """`--read-only`: the image is mounted read-only in the container, where runc
+    cannot make the mount points of the mounts inside it, nor the guest those of its
+    `--tmpfs` and modules: make them first, as runc would have."""
+    from dkvm.host.image_paths import make_mount_point
+    from dkvm.schema import Plan
+    binds = []
+    for mount in config["mounts"]:
+        if not mount["destination"].startswith(paths.SHARED_ROOTFS + "/"):
+            continue
+        path = mount["destination"][len(paths.SHARED_ROOTFS):]
+        source = mount.get("source", "")
+        make_mount_point(layout.image_root, binds, path,
+                         directory=mount.get("type") != "bind" or os.path.isdir(source))
+        if mount.get("type") == "bind":
+            binds.append((path, source))
+    env = dict(item.partition("=")[::2] for item in config["process"]["env"])
+    plan = Plan.from_json(env[paths.PLAN_ENV])
+    in_guest = [tmpfs.destination for tmpfs in plan.tmpfs]
+    if plan.options.kernel_lib_modules:
+        in_guest.append("/lib/modules")
+    for path in in_guest:
+        make_mount_point(layout.image_root, binds, layout.resolve(path, binds))
 
 
 def prepare_exec(exec_args):

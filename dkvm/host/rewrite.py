@@ -3,6 +3,16 @@
 The container becomes the VM's host side: it runs DKVM's entrypoint as root with the
 few extra privileges QEMU and virtiofsd need, and everything the workload was to be
 given (args, env, user, cwd, tmpfs mounts, hostname) moves into the plan for the guest.
+
+Its root is DKVM's own, not the image's (paths): a read-only skeleton of mount points
+with the payload and private tmpfs, so that nothing the container side runs or reads
+comes from the image. The image's root goes to paths.SHARED_ROOTFS, the directory
+virtiofsd exports, and every mount meant for the workload (volumes, binds, Docker's
+/etc files) goes into it at the place its destination really names in the image
+(symlinks resolved inside the image, as runc resolves them in a container's root).
+The mounts that the container side keeps (proc, sys, dev) and DKVM's own come after
+them, so that nothing mounted for the workload can cover what the container side
+uses.
 """
 import copy
 import math
@@ -25,12 +35,16 @@ TUN = {"path": "/dev/net/tun", "major": 10, "minor": 200}
 KVM = {"path": "/dev/kvm", "major": 10, "minor": 232}
 # tmpfs mounts the runtime itself sets up in every container; others are the user's.
 SYSTEM_TMPFS = {"/dev", "/dev/shm", "/run/secrets", "/dev/pts", "/dev/mqueue", "/sys/fs/cgroup"}
+# the engine's mounts the container side keeps for itself (the guest has its own)
+CONTAINER_SIDE_MOUNTS = {"/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys",
+                         "/sys/fs/cgroup"}
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def rewrite_create_config(config, host, container_id=""):
+def rewrite_create_config(config, host, bundle, container_id=""):
     """Return the config for the container that boots the VM running `config`'s
-    process; `host` is a host.facts.HostFacts."""
+    process; `host` is a host.facts.HostFacts, `bundle` a host.bundle.BundleLayout
+    (where the container's own root is, and how a path resolves in the image)."""
     config = copy.deepcopy(config)
     process = config.get("process") or {}
     linux = config.setdefault("linux", {})
@@ -51,11 +65,15 @@ def rewrite_create_config(config, host, container_id=""):
         domainname=config.get("domainname", ""),
         sysctl=dict(linux.get("sysctl") or {}),
         dns_upstream=list(host.dns_upstream),
+        readonly_root=bool((config.get("root") or {}).get("readonly")),
     )
-    config["mounts"], plan.tmpfs = split_user_tmpfs(config.get("mounts") or [])
-    config["mounts"] += payload_mounts(host.payload_dir)
+    mounts, plan.tmpfs = split_user_tmpfs(config.get("mounts") or [])
+    config["mounts"] = lay_out_mounts(mounts, bundle.image_root, plan.readonly_root,
+                                      host.payload_dir, bundle.resolve)
+    config["root"] = {"path": bundle.skeleton, "readonly": True}
 
     process["args"] = paths.role_argv("dkvm-ctr-entrypoint")
+    process["cwd"] = "/"
     process["env"] = [f"PATH={CONTAINER_PATH}", f"{paths.PLAN_ENV}={plan.to_json()}"]
     process["user"] = {"uid": 0, "gid": 0}
     add_capabilities(process, EXTRA_CAPS + (["CAP_SYS_ADMIN"] if options.sys_admin else []))
@@ -152,12 +170,42 @@ def split_user_tmpfs(mounts):
     return keep, moved
 
 
-def payload_mounts(payload_dir):
+def lay_out_mounts(mounts, image_root, readonly, payload_dir, resolve):
+    """The container's mounts, in order: the image's root in the export, the mounts
+    meant for the workload inside it (each at its real place in the image:
+    `resolve(destination, earlier binds)`), then the engine's mounts the container side
+    keeps, then DKVM's own, last, so that they cover anything mounted before them."""
+    workload, container_side = [], []
+    binds = []                          # (destination in the image, host source)
+    for mount in mounts:
+        destination = mount.get("destination", "")
+        if destination in CONTAINER_SIDE_MOUNTS:
+            container_side.append(mount)
+            continue
+        real = resolve(destination, list(binds))
+        workload.append({**mount, "destination": paths.SHARED_ROOTFS + real})
+        if mount.get("type") == "bind":
+            binds.append((real, mount.get("source", "")))
+    image = {"destination": paths.SHARED_ROOTFS, "type": "bind", "source": image_root,
+             "options": ["rbind", "rprivate", "ro" if readonly else "rw"]}
+    return [image] + workload + container_side + own_mounts(payload_dir)
+
+
+def own_mounts(payload_dir):
+    """The payload for the container side and, in the export, for the guest; private
+    tmpfs for sockets and logs (/run), /tmp, and an empty read-only /etc (the loader
+    and libc find no ld.so.preload, nsswitch.conf or anything else there)."""
+    payload = {"type": "bind", "source": payload_dir, "options": ["rbind", "ro", "nosuid",
+                                                                 "nodev"]}
+    tmpfs = {"type": "tmpfs", "source": "tmpfs"}
     return [
-        {"destination": paths.PAYLOAD_MOUNT, "type": "bind", "source": payload_dir,
-         "options": ["rbind", "ro", "nosuid", "nodev"]},
-        {"destination": paths.RUN_DIR, "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "nodev", "mode=700", "size=16m"]},
+        {**payload, "destination": paths.PAYLOAD_MOUNT},
+        {**payload, "destination": paths.SHARED_PAYLOAD},
+        {**tmpfs, "destination": "/run", "options": ["nosuid", "nodev", "mode=700", "size=16m"]},
+        {**tmpfs, "destination": "/tmp", "options": ["nosuid", "nodev", "mode=1777",
+                                                     "size=16m"]},
+        {**tmpfs, "destination": "/etc", "options": ["ro", "nosuid", "nodev", "noexec",
+                                                     "mode=755", "size=64k"]},
     ]
 
 

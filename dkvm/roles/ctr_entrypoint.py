@@ -3,9 +3,10 @@
 It catches signals from the first moment (they wait for the guest), hands the
 container's network interfaces to the VM (and, from then on, follows `docker network
 connect`/`disconnect` with hot-plugged NICs), completes the plan with what only the
-container can see and writes it where the guest will read it, starts virtiofsd on the
-container's root and boots QEMU. Then the supervisor serves the control channel
-until the guest reports the workload's exit status, which becomes ours.
+container can see, makes the sockets QEMU and virtiofsd meet on (in its private /run),
+and starts virtiofsd on the export and QEMU together. Then the supervisor serves the
+control channel (the guest asks it for the plan first) until the guest reports the
+workload's exit status, which becomes ours.
 """
 import os
 import select
@@ -33,21 +34,18 @@ def main(argv):
     log.set_container(plan.container_id)
     follower = NetworkFollower()        # listening first: nothing Docker does is missed
     complete_plan(plan, take_over_interfaces(), get_size(0) if plan.process.terminal else [])
-    with open(paths.PLAN_FILE, "w") as f:
-        f.write(plan.to_json())
     vm = VmProcesses()
     try:
-        vm.start_virtiofsd()
         control_listener = listen(paths.CONTROL_SOCKET)
         exec_listener = listen(paths.EXEC_SOCKET, backlog=64)
         stdin_listener = None if plan.process.terminal else listen(paths.STDIN_SOCKET)
+        vm.start_virtiofsd(listen(paths.VIRTIOFS_SOCKET), plan)
         vm.start_qemu(plan)
         follower.start(plan.interfaces, paths.QMP_SOCKET)
         control = accept_qemu(control_listener, vm)
         stdin_conn = accept_qemu(stdin_listener, vm) if stdin_listener else None
-        return Supervisor(control, exec_listener, follower.inbox, vm, signals,
-                          terminal=plan.process.terminal, stdin_conn=stdin_conn,
-                          boot_timeout=plan.options.boot_timeout).run()
+        return Supervisor(control, exec_listener, follower.inbox, vm, signals, plan,
+                          stdin_conn=stdin_conn).run()
     finally:
         vm.stop()
 

@@ -1,6 +1,7 @@
-"""dkvm-vm-init: PID 1 in the guest. It rebuilds the container's world in the VM,
-runs the workload as the container would have, serves the control channel while it
-runs, reports its exit status to the container side and powers the VM off.
+"""dkvm-vm-init: PID 1 in the guest. It asks the container side for the plan,
+rebuilds the container's world in the VM, runs the workload as the container would
+have, serves the control channel while it runs, reports its exit status to the
+container side and powers the VM off.
 
 The guest imports no module it can do without: each costs under TCG. (`_signal`,
 `_socket`, `lightjson`: the standard modules around them pull in enum and re.)"""
@@ -9,8 +10,7 @@ import _signal
 
 from dkvm import log, paths, wire
 from dkvm.guest import dns, syscalls, workload, world
-from dkvm.guest.loop import GuestLoop, reap, report_exit, write_all
-from dkvm.schema import Plan
+from dkvm.guest.loop import GuestLoop, reap, receive_plan, report_exit, write_all
 
 FATAL_STATUS = 125
 
@@ -18,17 +18,18 @@ FATAL_STATUS = 125
 def main(argv):
     control = None
     try:
-        world.setup_filesystems()
-        with open(paths.PLAN_FILE) as f:
-            plan = Plan.from_json(f.read())
-        log.set_container(plan.container_id)
-        terminal = plan.process.terminal
-        ports = world.find_ports(wanted=(paths.PORT_CONTROL,) if terminal else
-                                 (paths.PORT_CONTROL, paths.PORT_STDIN, paths.PORT_STDOUT,
-                                  paths.PORT_STDERR))
+        world.mount_init_filesystems()
+        ports = world.find_ports(wanted=(paths.PORT_CONTROL,))
         control = os.open(ports[paths.PORT_CONTROL], os.O_RDWR | os.O_CLOEXEC)
+        decoder = wire.Decoder()
+        plan = receive_plan(control, decoder)
+        log.set_container(plan.container_id)
+        if not plan.process.terminal:
+            ports = world.find_ports(wanted=(paths.PORT_CONTROL, paths.PORT_STDIN,
+                                             paths.PORT_STDOUT, paths.PORT_STDERR))
         world.apply_identity(plan)
-        status = run_workload(plan, ports, control)
+        world.serve_module_requests(plan)
+        status = run_workload(plan, ports, control, decoder)
     except Exception as err:  # PID 1 must never die with a traceback: report and stop
         log.warn(repr(err))
         if control is not None:
@@ -37,7 +38,7 @@ def main(argv):
     finish(control, status)
 
 
-def run_workload(plan, ports, control):
+def run_workload(plan, ports, control, decoder):
     """Start the workload, say hello (the container side holds stdin and execs back
     until then: this guest kernel drops what arrives on a port nobody has open), then
     serve the control channel until the workload exits; its exit status."""
@@ -45,13 +46,13 @@ def run_workload(plan, ports, control):
         console, stdio = workload.open_console(plan.winsize), None
     else:
         console, stdio = None, world.open_stdio_ports(ports)
-    pid = workload.spawn(plan.process, stdio)
+    pid = workload.spawn(plan, stdio)
     for fd in stdio or ():
         os.close(fd)
     forwarder = None
-    if plan.interfaces and dns.uses_embedded_dns():
+    if plan.interfaces and dns.uses_embedded_dns(paths.SHARED_ROOTFS + "/etc/resolv.conf"):
         forwarder = dns.GuestForwarder(plan.dns_upstream)
-    loop = GuestLoop(control, pid, console=console, forwarder=forwarder)
+    loop = GuestLoop(control, pid, console=console, forwarder=forwarder, decoder=decoder)
     loop.send(wire.encode(wire.HELLO))
     return loop.run()
 

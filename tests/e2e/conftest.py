@@ -15,8 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the tests' shared `waiting`
 
-from dockerutil import (BUSYBOX, DEBIAN, GROUP, PASSWD, STATIC, docker_import, image_exists,
-                        sh)
+from dockerutil import (BUSYBOX, DEBIAN, PATH_ENV, STATIC, busybox_tree, docker_import,
+                        image_exists, sh)
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,18 +36,8 @@ def docker():
 def busybox_image(docker):
     if not image_exists(BUSYBOX):
         with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp)
-            (root / "bin").mkdir()
-            (root / "etc").mkdir()
-            shutil.copy("/bin/busybox", root / "bin" / "busybox")
-            applets = sh("/bin/busybox", "--list").stdout.split()
-            for applet in applets:
-                if applet != "busybox":
-                    os.symlink("busybox", root / "bin" / applet)
-            (root / "etc" / "passwd").write_text(PASSWD)
-            (root / "etc" / "group").write_text(GROUP)
-            docker_import(root, BUSYBOX, ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:"
-                                          "/usr/bin:/sbin:/bin"])
+            busybox_tree(Path(tmp))
+            docker_import(Path(tmp), BUSYBOX, [PATH_ENV])
     return BUSYBOX
 
 

@@ -1,5 +1,7 @@
 """Running docker for the end-to-end tests: every call has a time bound."""
+import os
 import re
+import shutil
 import subprocess
 import uuid
 
@@ -42,6 +44,21 @@ def dkvm_lines(text):
 
 def logs(name):
     return sh("docker", "logs", name, check=False).stdout
+
+
+PATH_ENV = "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def busybox_tree(root):
+    """A static busybox with its applets, and the test users and groups."""
+    (root / "bin").mkdir(parents=True)
+    (root / "etc").mkdir()
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    for applet in sh("/bin/busybox", "--list").stdout.split():
+        if applet != "busybox":
+            os.symlink("busybox", root / "bin" / applet)
+    (root / "etc" / "passwd").write_text(PASSWD)
+    (root / "etc" / "group").write_text(GROUP)
 
 
 def image_exists(tag):

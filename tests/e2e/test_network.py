@@ -1,10 +1,13 @@
 """The VM has the container's network: runc as the oracle, peers on the same bridge."""
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from dockerutil import dkvm_lines, docker_run, sh
 from waiting import poll
+
+HERE = Path(__file__).resolve().parent
 
 NET = "dkvm-test-net"
 SUBNET, GATEWAY = "10.123.45.0/24", "10.123.45.1"
@@ -197,21 +200,14 @@ def test_dns_and_hosts_options_match_runc(busybox_image, networks):
     assert "extra.test" in dkvm.stdout and "ndots:3" in dkvm.stdout
 
 
-UDP_ECHO = ("import socket\n"
-            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-            "s.bind(('0.0.0.0', 9000))\n"
-            "while True:\n"
-            "    data, peer = s.recvfrom(100)\n"
-            "    s.sendto(b'pong:' + data, peer)\n")
-
-
-def test_published_udp_port_reaches_the_vm(busybox_image, networks, container_name):
-    """busybox has no UDP server; the payload's Python (there in every DKVM guest) is one."""
+def test_published_udp_port_reaches_the_vm(busybox_image, networks, container_name, tmp_path):
+    """busybox has no UDP server: a static one (images/udp_echo.c), from a volume."""
     import socket
-    python = ["/.dkvm/lib/ld-linux-x86-64.so.2", "--library-path", "/.dkvm/lib",
-              "/.dkvm/python/bin/python3", "-I", "-c", UDP_ECHO]
+    sh("gcc", "-static", "-O2", "-o", str(tmp_path / "udp_echo"),
+       str(HERE / "images" / "udp_echo.c"))
     sh("docker", "run", "-d", "--runtime=dkvm", "--name", container_name, "--network", NET,
-       "-p", "127.0.0.1:19000:9000/udp", busybox_image, *python)
+       "-p", "127.0.0.1:19000:9000/udp", "-v", f"{tmp_path}:/srv:ro", busybox_image,
+       "/srv/udp_echo")
 
     def echoed():
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

@@ -31,7 +31,7 @@ from dkvm.container.supervisor import FORWARDED_SIGNALS, Supervisor, free_channe
 from dkvm.errors import DkvmError
 from dkvm.guest.loop import GuestLoop
 from dkvm.roles.ctr_entrypoint import listen
-from dkvm.schema import ExecStart, NetChange, NetStep, Process
+from dkvm.schema import ExecStart, NetChange, NetStep, Options, Plan, Process
 from dkvm.wire import (CLOSE, EXEC_EXIT, EXEC_START, EXIT, EXIT_ACK, HELLO, MAX_DATA,
                        RESIZE, SIGNAL, STDERR, STDIN, STDOUT, STREAM_WINDOW, WINDOW, Frame)
 
@@ -633,7 +633,8 @@ def mux(tmp_path):
                 for peer in opened:     # the supervisor sees the guest go: it returns
                     peer.close()
 
-        supervisor = Supervisor(control, listener, network_changes, vm or FakeVm(), signals)
+        supervisor = Supervisor(control, listener, network_changes, vm or FakeVm(), signals,
+                                Plan())
         thread = threading.Thread(target=body, name="mux-scenario", daemon=True)
         thread.start()
         try:
@@ -812,7 +813,7 @@ def test_a_signal_wakes_the_supervisor_at_once(mux):
     """A signal is a byte on the wake-up pipe: the turn in progress ends, it does not
     wait out its timeout (Python retries select after a handler: PEP 475)."""
     supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
-                            mux.signals)
+                            mux.signals, Plan())
     supervisor.on_hello(Frame(HELLO))
     os.kill(os.getpid(), signal.SIGTERM)
     start = time.monotonic()
@@ -940,7 +941,7 @@ def test_the_guests_error_reaches_the_log_as_plain_text(mux, capsys, log_context
 
 def test_a_guest_that_never_says_hello_fails_after_the_boot_timeout(mux):
     supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
-                            mux.signals, boot_timeout=1)
+                            mux.signals, Plan(options=Options(boot_timeout=1)))
     with pytest.raises(DkvmError) as info:
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:

@@ -17,6 +17,7 @@ from dkvm.container.supervisor import Supervisor
 from dkvm.errors import DkvmError
 from dkvm.guest import network
 from dkvm.roles.ctr_entrypoint import listen
+from dkvm.schema import Plan
 from test_exec_channel import FakeVm, GuestHarness
 
 SECONDS = 2.0
@@ -105,7 +106,7 @@ def test_the_supervisor_goes_on_or_ends_the_container_with_one_line(rng, capsys,
             control, guest = socket.socketpair()
             listener = listen(str(tmp_path / "exec.sock"))
             inbox, _follower = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            supervisor = Supervisor(control, listener, inbox, FakeVm(), signals)
+            supervisor = Supervisor(control, listener, inbox, FakeVm(), signals, Plan())
             try:
                 guest.setblocking(False)
                 for _ in range(rng.randint(1, 8)):

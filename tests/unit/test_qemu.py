@@ -146,10 +146,17 @@ def test_kernel_append_passes_through_last():
 
 def test_qemu_env_and_virtiofsd():
     assert qemu_env() == {"QEMU_MODULE_DIR": "/.dkvm/qemu/modules"}
-    argv = virtiofsd_argv()
+    argv = virtiofsd_argv(5)
     assert argv[3] == "/.dkvm/qemu/virtiofsd"
-    assert f"--socket-path={paths.VIRTIOFS_SOCKET}" in argv
-    assert values(argv, "-o")[:2] == ["source=/", "sandbox=chroot"]
+    assert "--fd=5" in argv                     # the entrypoint's socket: no pidfile
+    assert not any(a.startswith("--socket-path") for a in argv)
+    assert values(argv, "-o")[:2] == ["source=/share", "sandbox=chroot"]
+    assert "modcaps=+sys_admin" not in values(argv, "-o")
+
+
+def test_sys_admin_reaches_virtiofsd():
+    """virtiofsd drops CAP_SYS_ADMIN unless told to keep it."""
+    assert "modcaps=+sys_admin" in values(virtiofsd_argv(5, sys_admin=True), "-o")
 
 
 def test_each_interface_gets_a_tap_and_a_nic_with_ids_for_unplugging():

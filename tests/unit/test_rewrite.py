@@ -3,8 +3,9 @@ import copy
 
 import pytest
 
-from unitutil import (CONTAINER_ID, FIXTURE_NAMES, FIXTURES, KERNELS, PAYLOAD_DIR, facts,
-                      load_config, rewrite, with_env)
+from unitutil import (BUNDLE, CONTAINER_ID, FIXTURE_NAMES, FIXTURES, KERNELS, PAYLOAD_DIR,
+                      facts, layout, load_config, rewrite, with_env)
+from dkvm.host.bundle import BundleLayout
 from dkvm import paths
 from dkvm.host.rewrite import (CONTAINER_PATH, DEFAULT_GUEST_MIB, MIB, QEMU_OVERHEAD_MIB,
                                rewrite_create_config, vcpus_for)
@@ -42,9 +43,6 @@ RESOURCES = {
     "tty-init": (0, DEFAULT_GUEST_MIB),
     "privileged-cpuset": (1, DEFAULT_GUEST_MIB),  # --cpuset-cpus 0
 }
-SYSTEM_MOUNTS = ["/proc", "/dev", "/dev/pts", "/sys", "/sys/fs/cgroup", "/dev/mqueue",
-                 "/dev/shm", "/etc/resolv.conf", "/etc/hostname", "/etc/hosts"]
-
 
 def destinations(config):
     return [m["destination"] for m in config["mounts"]]
@@ -143,53 +141,97 @@ def test_auto_accel_follows_kvm(kvm_usable, accel):
     assert plan.options.accel == accel
 
 
-# --- mounts ------------------------------------------------------------------------
+# --- the container's root and mounts ----------------------------------------------
 
-def test_user_tmpfs_moves_into_the_plan():
+CONTAINER_SIDE = ["/proc", "/dev", "/dev/pts", "/sys", "/sys/fs/cgroup", "/dev/mqueue",
+                  "/dev/shm"]
+DOCKER_FILES = ["/etc/resolv.conf", "/etc/hostname", "/etc/hosts"]
+OWN = ["/.dkvm", "/share/dkvm", "/run", "/tmp", "/etc"]
+
+
+def test_the_containers_root_is_dkvms_own_read_only_skeleton(any_config):
+    _, config = any_config
+    new, _ = rewrite(config)
+    assert new["root"] == {"path": BUNDLE + "/dkvm-root", "readonly": True}
+    assert new["process"]["cwd"] == "/"       # the workload's cwd is the guest's business
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_the_images_root_is_the_first_mount_in_the_export(readonly):
+    config = load_config("plain")
+    config["root"]["readonly"] = readonly
+    new, _ = rewrite(config)
+    image = new["mounts"][0]
+    assert image == {"destination": "/share/rootfs", "type": "bind",
+                     "source": config["root"]["path"],
+                     "options": ["rbind", "rprivate", "ro" if readonly else "rw"]}
+
+
+def test_mounts_for_the_workload_go_into_the_image_in_order_then_the_container_sides():
     config = load_config("resources-tmpfs-volume")
     new, plan = rewrite(config)
     assert plan.tmpfs == [Tmpfs(destination="/scratch",
                                 options=["noexec", "nosuid", "nodev", "rprivate", "size=10m",
                                          "mode=1777"])]
-    dests = destinations(new)
-    assert "/scratch" not in dests
-    for dest in SYSTEM_MOUNTS + ["/hosttmp"]:
-        assert dests.count(dest) == 1, dest
-    shm = next(m for m in new["mounts"] if m["destination"] == "/dev/shm")
-    assert shm["type"] == "tmpfs"
-    volume = next(m for m in new["mounts"] if m["destination"] == "/hosttmp")
-    assert volume["type"] == "bind" and "ro" in volume["options"]
+    assert destinations(new) == (["/share/rootfs", "/share/rootfs/hosttmp"]
+                                 + ["/share/rootfs" + d for d in DOCKER_FILES]
+                                 + ["/proc", "/dev", "/dev/pts", "/sys", "/sys/fs/cgroup",
+                                    "/dev/mqueue", "/dev/shm"] + OWN)
+    volume = new["mounts"][1]
+    original = next(m for m in config["mounts"] if m["destination"] == "/hosttmp")
+    assert volume == {**original, "destination": "/share/rootfs/hosttmp"}
 
 
-def test_other_mounts_kept_in_order(any_config):
+def test_every_engine_mount_is_kept_once(any_config):
     _, config = any_config
     new, plan = rewrite(config)
     moved = {t.destination for t in plan.tmpfs}
     kept = [m for m in config["mounts"] if m["destination"] not in moved]
-    assert new["mounts"][:len(kept)] == kept
-    assert len(new["mounts"]) == len(kept) + 2
+    by_source = [(m["type"], m.get("source"), m.get("options")) for m in new["mounts"]]
+    for mount in kept:
+        assert by_source.count((mount["type"], mount.get("source"), mount.get("options"))) \
+            >= 1, mount
+    container_side = [m for m in new["mounts"] if m["destination"] in CONTAINER_SIDE]
+    assert container_side == [m for m in kept if m["destination"] in CONTAINER_SIDE]
+
+
+def test_dkvms_own_mounts_come_last_and_cover_the_skeleton(any_config):
+    """Whatever a workload mount resolved to, nothing of it is what the container side
+    runs or reads: the payload, its tmpfs and an empty /etc are mounted after it."""
+    _, config = any_config
+    new, _ = rewrite(config)
+    own = new["mounts"][-len(OWN):]
+    assert [m["destination"] for m in own] == OWN
+    for payload in own[:2]:
+        assert payload["type"] == "bind" and payload["source"] == PAYLOAD_DIR
+        assert "ro" in payload["options"] and "rw" not in payload["options"]
+    for tmpfs in own[2:]:
+        assert tmpfs["type"] == "tmpfs"
+    assert "ro" in own[-1]["options"]                   # /etc: empty and read-only
+    assert "mode=700" in own[2]["options"]              # /run: root's only
+
+
+def test_a_destination_is_resolved_inside_the_image(tmp_path):
+    """A link in the image redirects a mount inside the image (as under runc), never
+    onto the container side's own root."""
+    image = tmp_path / "rootfs"
+    (image / "etc").mkdir(parents=True)
+    (image / "data").symlink_to("/.dkvm/lib")          # aimed at DKVM's loader
+    (image / "etc" / "hosts").symlink_to("../run/hosts")
+    config = load_config("plain")
+    config["root"]["path"] = str(image)
+    config["mounts"].append({"destination": "/data", "type": "bind", "source": "/srv/vol",
+                             "options": ["rbind"]})
+    new = rewrite_create_config(config, facts(), BundleLayout(str(tmp_path), config))
+    dests = destinations(new)
+    assert "/share/rootfs/.dkvm/lib" in dests and "/share/rootfs/run/hosts" in dests
+    assert dests.count("/.dkvm") == 1 and dests[-len(OWN):] == OWN
 
 
 @pytest.mark.parametrize("name", [n for n in FIXTURE_NAMES if n != "resources-tmpfs-volume"])
 def test_no_tmpfs_in_plan_without_tmpfs_option(name):
     _, plan = rewrite(load_config(name))
     assert plan.tmpfs == []
-
-
-def test_payload_mounts_added_last(any_config):
-    _, config = any_config
-    new, _ = rewrite(config)
-    payload, run = new["mounts"][-2:]
-    assert payload["destination"] == "/.dkvm" == paths.PAYLOAD_MOUNT
-    assert payload["type"] == "bind"
-    assert payload["source"] == PAYLOAD_DIR
-    assert "ro" in payload["options"] and "rw" not in payload["options"]
-    assert "rbind" in payload["options"] or "bind" in payload["options"]
-    # the private tmpfs is mounted on top of the read-only payload, so after it
-    assert run["destination"] == "/.dkvm/run" == paths.RUN_DIR
-    assert run["type"] == "tmpfs"
-    assert destinations(new).count("/.dkvm") == 1
-    assert destinations(new).count("/.dkvm/run") == 1
 
 
 # --- capabilities and seccomp ------------------------------------------------------
@@ -383,14 +425,15 @@ def test_vcpus_for(cpu, count):
 def test_input_not_mutated(any_config):
     _, config = any_config
     before = copy.deepcopy(config)
-    new = rewrite_create_config(config, facts(kvm_usable=True))
+    new = rewrite_create_config(config, facts(kvm_usable=True), layout(config))
     assert config == before
     assert new != before
 
 
 def test_rewrite_is_deterministic(any_config):
     _, config = any_config
-    assert rewrite_create_config(config, facts()) == rewrite_create_config(config, facts())
+    assert rewrite_create_config(config, facts(), layout(config)) == \
+        rewrite_create_config(config, facts(), layout(config))
 
 
 def test_sysctls_and_domainname_go_to_the_plan():

@@ -1,6 +1,7 @@
 """dkvm-runtime: finding runc's subcommand and flags on the command lines containerd
 really uses, reporting errors into runc's log, and the argv[0] role dispatch."""
 import json
+import os
 import re
 
 import pytest
@@ -141,9 +142,15 @@ def test_main_create_rewrites_and_execs_runc(fake_host, tmp_path):
     assert plan.process.args == ["/sbin/docker-init", "--", "/bin/sh", "-c", "true"]
     assert plan.options.accel == "tcg"
     assert plan.container_id == "id"
-    assert new["mounts"][-2]["source"] == "/var/lib/dkvm/feedface"
+    assert new["mounts"][-5]["source"] == "/var/lib/dkvm/feedface"
     assert not log.exists()
-    assert [p.name for p in bundle.iterdir()] == ["config.json"]
+    # the container's own root: its mount points, made in the bundle
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "dkvm-root"]
+    assert new["root"] == {"path": os.path.realpath(bundle / "dkvm-root"), "readonly": True}
+    for mount in new["mounts"]:
+        if not mount["destination"].startswith("/share/rootfs/"):
+            assert (bundle / "dkvm-root" / mount["destination"].lstrip("/")).is_dir() or \
+                mount["destination"].startswith(("/dev/", "/sys/")), mount
 
 
 def test_main_other_commands_pass_through(fake_host, tmp_path):

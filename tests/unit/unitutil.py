@@ -11,6 +11,7 @@ for shared in (REPO, REPO / "tests"):       # dkvm, and the tests' shared `waiti
     if str(shared) not in sys.path:
         sys.path.insert(0, str(shared))
 
+from dkvm.host.bundle import BundleLayout  # noqa: E402
 from dkvm.host.facts import HostFacts  # noqa: E402
 from dkvm.host.rewrite import rewrite_create_config  # noqa: E402
 from dkvm.paths import PLAN_ENV  # noqa: E402
@@ -23,6 +24,7 @@ KERNELS = {"debian": Boot(release="6.1.0-28-amd64", kernel="/.dkvm/kernels/debia
                           modules="/.dkvm/kernels/debian/lib/modules")}
 PAYLOAD_DIR = "/var/lib/dkvm/0123456789abcdef"
 CONTAINER_ID = "0123456789abcdef0123456789abcdef"
+BUNDLE = "/run/containerd/io.containerd.runtime.v2.task/moby/" + CONTAINER_ID
 
 
 def load_config(name):
@@ -42,8 +44,14 @@ def plan_of(config):
     return Plan.from_json(entries[0][len(PLAN_ENV) + 1:])
 
 
+def layout(config):
+    """The captured configs' image roots are not on this machine: every destination
+    resolves as written."""
+    return BundleLayout(BUNDLE, config)
+
+
 def rewrite(config, **kw):
-    new = rewrite_create_config(config, facts(**kw), CONTAINER_ID)
+    new = rewrite_create_config(config, facts(**kw), layout(config), CONTAINER_ID)
     return new, plan_of(new)
 
 
