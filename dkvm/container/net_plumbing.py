@@ -127,7 +127,9 @@ def docker_routes(ip, index, mac=""):
 
 
 def create_tap(ip, tap, mtu):
-    ip.link("add", ifname=tap, kind="tuntap", mode="tap")
+    """A persistent tap owned by root, so that QEMU attaches to it by name without
+    CAP_NET_ADMIN (it runs with no capabilities: processes.start_qemu)."""
+    ip.link("add", ifname=tap, kind="tuntap", mode="tap", uid=0, gid=0)
     tap_index = ip.link_lookup(ifname=tap)[0]
     ip.link("set", index=tap_index, mtu=mtu, state="up")
     return tap_index

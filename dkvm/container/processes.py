@@ -55,7 +55,8 @@ class VmProcesses:
         log = open(paths.QEMU_LOG, "wb")
         stdio = {} if plan.process.terminal else {"stdin": subprocess.DEVNULL, "stdout": log}
         proc = subprocess.Popen(argv, env=dict(os.environ, **qemu_env()), stderr=log,
-                                pass_fds=(out_fd, err_fd), **stdio)
+                                pass_fds=(out_fd, err_fd), preexec_fn=drop_capabilities,
+                                **stdio)
         os.close(out_fd)
         os.close(err_fd)
         self.qemu = Child("QEMU", proc, paths.QEMU_LOG)
@@ -93,6 +94,22 @@ class VmProcesses:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+PR_SET_SECUREBITS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 28, 47, 4
+SECBIT_NOROOT, SECBIT_NOROOT_LOCKED = 1 << 0, 1 << 1
+
+
+def drop_capabilities():
+    """In QEMU's child before exec: root keeps no capability across exec (QEMU needs
+    none: /dev/kvm and /dev/net/tun are world-usable, its taps are root's, its sockets
+    are in root's /run), and none can come back."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 or \
+            libc.prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"dropping QEMU's capabilities: {os.strerror(err)}")
 
 
 def dup_or_null(fd):

@@ -8,6 +8,8 @@ from dkvm.container.net_plumbing import netdev_id, nic_id, tap_name
 # the rest (NIC hot-plug, power-off).
 BASE_APPEND = ["panic=-1", "i8042.noaux", "i8042.nokbd", "i8042.nopnp", "i8042.dumbkbd",
                "tsc=reliable", "no_timer_check", "random.trust_cpu=on", "acpi=noirq"]
+# QEMU's own seccomp filter: none of the system calls it has no use for here
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 # The kernel console is a serial port: with DKVM_KERNEL_DEBUG, the whole boot log on
 # the container's stderr; otherwise only errors, into a file the container side
 # quotes when the VM fails.
@@ -41,6 +43,7 @@ def qemu_argv(plan, vcpus, stdout_fd, stderr_fd):
     argv = paths.payload_program_argv(paths.payload_path("qemu", "qemu-system-x86_64"))
     argv += [
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-sandbox", SANDBOX,
         "-L", paths.payload_path("qemu", "firmware"),
         "-machine", "pc,memory-backend=mem", *accel, "-cpu", cpu,
         "-smp", str(vcpus), "-m", f"{mem}M",

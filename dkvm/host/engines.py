@@ -4,6 +4,7 @@ edits). Docker today; Podman and containerd join here."""
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 
@@ -70,12 +71,8 @@ class Docker:
             return
         os.makedirs(os.path.dirname(self.daemon_json), exist_ok=True)
         if original is not None:
-            with open(self.daemon_json + ".dkvm-backup", "w") as f:
-                f.write(original)
-        tmp = self.daemon_json + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.daemon_json)
+            replace_file(self.daemon_json + ".dkvm-backup", original, like=self.daemon_json)
+        replace_file(self.daemon_json, text, like=self.daemon_json)
 
     def reload(self):
         """SIGHUP makes dockerd reload its runtimes; False when no dockerd runs."""
@@ -101,3 +98,31 @@ class Docker:
 
 
 DOCKER = Docker()
+
+
+def replace_file(path, text, like=None):
+    """Write `path` whole or not at all: a temporary file of a unique name beside it,
+    with the mode and owner of `like` (when it exists), synced, then renamed over it."""
+    import tempfile
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            if like and os.path.exists(like):
+                info = os.stat(like)
+                os.fchmod(f.fileno(), stat.S_IMODE(info.st_mode))
+                os.fchown(f.fileno(), info.st_uid, info.st_gid)
+            else:
+                os.fchmod(f.fileno(), 0o644)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

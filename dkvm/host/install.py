@@ -28,7 +28,7 @@ def install(bin_dir, runc, engine=DOCKER):
         os.symlink("dkvm.pyz", link)
     payload = ensure_payload(target)
     print(f"dkvm: payload at {payload}")
-    removed = prune_payloads(keep=os.path.basename(payload))
+    removed, _ = prune_payloads(keep=os.path.basename(payload))
     if removed:
         print(f"dkvm: removed {len(removed)} unused payload(s) of other builds")
     if engine.register(os.path.join(bin_dir, "dkvm-runtime"), [f"--dkvm-runc={runc}"]):
@@ -41,13 +41,19 @@ def install(bin_dir, runc, engine=DOCKER):
 
 
 def uninstall(bin_dir, engine=DOCKER):
+    """Everything install made, but a payload a running container still uses (its
+    QEMU runs from it): that one goes with a later `uninstall` or `install`."""
+    from dkvm.host.payload import prune_payloads, remove_tree
     engine.unregister()
     for name in PROGRAMS + ("dkvm.pyz",):
         path = os.path.join(bin_dir, name)
         if os.path.lexists(path):
             os.remove(path)
-    if os.path.isdir(paths.HOST_STATE_DIR):
-        from dkvm.host.payload import remove_tree
+    _, in_use = prune_payloads()
+    if in_use:
+        print(f"dkvm: kept {len(in_use)} payload(s) in {paths.HOST_STATE_DIR} that running "
+              "containers use; run `dkvm uninstall` again once they are gone")
+    elif os.path.isdir(paths.HOST_STATE_DIR):
         remove_tree(paths.HOST_STATE_DIR)
     print("dkvm: uninstalled")
     return 0

@@ -53,21 +53,25 @@ def ensure_payload(archive=None):
     return target
 
 
-def prune_payloads(keep):
-    """Remove the payloads of other builds that no container uses: each upgrade would
+def prune_payloads(keep=None):
+    """Remove the payloads that no container uses, but `keep`'s: each upgrade would
     otherwise leave one behind (about 140 MB). A running container has its payload
-    bind-mounted; a stopped one gets the current payload when it starts again."""
+    bind-mounted (and is left it); a stopped one gets the current payload when it
+    starts again. Returns (removed, in use) build ids."""
     if not os.path.isdir(paths.HOST_STATE_DIR):
-        return []
+        return [], []
     used = payloads_in_use()
-    removed = []
+    removed, kept = [], []
     for name in sorted(os.listdir(paths.HOST_STATE_DIR)):
         path = os.path.join(paths.HOST_STATE_DIR, name)
-        if name == keep or name.startswith(".") or name in used or not os.path.isdir(path):
+        if name == keep or name.startswith(".") or not os.path.isdir(path):
+            continue
+        if name in used:
+            kept.append(name)
             continue
         remove_tree(path)
         removed.append(name)
-    return removed
+    return removed, kept
 
 
 def payloads_in_use():

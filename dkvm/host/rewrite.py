@@ -76,6 +76,7 @@ def rewrite_create_config(config, host, bundle, container_id=""):
     process["cwd"] = "/"
     process["env"] = [f"PATH={CONTAINER_PATH}", f"{paths.PLAN_ENV}={plan.to_json()}"]
     process["user"] = {"uid": 0, "gid": 0}
+    process["noNewPrivileges"] = True
     add_capabilities(process, EXTRA_CAPS + (["CAP_SYS_ADMIN"] if options.sys_admin else []))
     allow_unshare_clone_fs(linux)
     add_device(linux, TUN)
@@ -96,6 +97,7 @@ def rewrite_exec_process(process, container_id=""):
     process["env"] = [f"PATH={CONTAINER_PATH}", f"{paths.EXEC_ENV}={request.to_json()}"]
     process["user"] = {"uid": 0, "gid": 0}
     process["cwd"] = "/"
+    process["noNewPrivileges"] = True
     add_capabilities(process, [])
     return process
 

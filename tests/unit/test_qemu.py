@@ -39,6 +39,10 @@ def test_runs_payload_qemu_through_payload_loader():
                         "/.dkvm/qemu/qemu-system-x86_64"]
     assert value(argv, "-L") == "/.dkvm/qemu/firmware"
     assert "-nodefaults" in argv and "-no-reboot" in argv
+    # QEMU's own seccomp filter, with everything it can deny denied
+    assert value(argv, "-sandbox").split(",") == ["on", "obsolete=deny",
+                                                  "elevateprivileges=deny", "spawn=deny",
+                                                  "resourcecontrol=deny"]
 
 
 def test_a_kernel_without_an_initramfs_boots_without_one():

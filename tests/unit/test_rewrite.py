@@ -154,6 +154,7 @@ def test_the_containers_root_is_dkvms_own_read_only_skeleton(any_config):
     new, _ = rewrite(config)
     assert new["root"] == {"path": BUNDLE + "/dkvm-root", "readonly": True}
     assert new["process"]["cwd"] == "/"       # the workload's cwd is the guest's business
+    assert new["process"]["noNewPrivileges"] is True
 
 
 @pytest.mark.parametrize("readonly", [False, True])

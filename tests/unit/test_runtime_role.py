@@ -153,6 +153,31 @@ def test_main_create_rewrites_and_execs_runc(fake_host, tmp_path):
                 mount["destination"].startswith(("/dev/", "/sys/")), mount
 
 
+def test_create_read_only_makes_the_mount_points_in_the_image(fake_host, tmp_path):
+    """runc cannot make mount points in the read-only image, nor the guest those of its
+    tmpfs: create makes them, as runc would have, where they resolve in the image."""
+    image = tmp_path / "rootfs"
+    (image / "etc").mkdir(parents=True)
+    (image / "data").symlink_to("srv/data")
+    (tmp_path / "hosts").write_text("")
+    config = load_config("resources-tmpfs-volume")
+    config["root"] = {"path": str(image), "readonly": True}
+    config["mounts"] = [m for m in config["mounts"] if not m["destination"].startswith("/etc")]
+    config["mounts"] += [
+        {"destination": "/data/x", "type": "bind", "source": str(tmp_path), "options": ["rbind"]},
+        {"destination": "/etc/hosts", "type": "bind", "source": str(tmp_path / "hosts"),
+         "options": ["rbind"]}]
+    bundle = bundle_with(tmp_path, config)
+    with pytest.raises(Exec):
+        runtime.main(["dkvm-runtime", "create", "--bundle", str(bundle), "id"])
+    assert (image / "hosttmp").is_dir()                     # a volume's
+    assert (image / "srv" / "data" / "x").is_dir()          # through the image's link
+    assert (image / "etc" / "hosts").is_file()              # a file's, for a file
+    assert (image / "scratch").is_dir()                     # a --tmpfs, for the guest
+    new = json.loads((bundle / "config.json").read_text())
+    assert new["mounts"][0]["options"][-1] == "ro"
+
+
 def test_main_other_commands_pass_through(fake_host, tmp_path):
     with pytest.raises(Exec):
         runtime.main(["dkvm-runtime", "--systemd-cgroup", "state", "id"])
@@ -196,6 +221,7 @@ def test_main_exec_rewrites_the_process_and_execs_runc(fake_host, tmp_path):
     relay = json.loads(process_file.read_text())
     assert relay["args"] == paths.role_argv("dkvm-exec")
     assert relay["user"] == {"uid": 0, "gid": 0}
+    assert relay["noNewPrivileges"] is True
     request = json.loads(dict(e.split("=", 1) for e in relay["env"])["DKVM_EXEC"])
     assert request == {"container_id": "id", "process": {
         "args": ["sh", "-c", "id"], "env": ["PATH=/usr/bin:/bin", "FOO=bar"], "cwd": "/srv",

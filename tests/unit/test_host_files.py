@@ -1,0 +1,81 @@
+"""What DKVM writes on the host: daemon.json replaced whole (mode, owner and the rest
+of it kept), and payloads removed only when no running container uses them."""
+import json
+import os
+import stat
+
+import pytest
+
+from dkvm import paths
+from dkvm.host import install, payload
+from dkvm.host.engines import Docker, replace_file
+
+
+def test_replace_file_keeps_mode_and_owner_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "daemon.json"
+    target.write_text("{}\n")
+    os.chmod(target, 0o600)
+    if os.geteuid() == 0:
+        os.chown(target, 1234, 5678)
+    before = os.stat(target)
+    replace_file(str(target), '{"a": 1}\n', like=str(target))
+    after = os.stat(target)
+    assert target.read_text() == '{"a": 1}\n'
+    assert stat.S_IMODE(after.st_mode) == 0o600
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+    assert [p.name for p in tmp_path.iterdir()] == ["daemon.json"]
+
+
+def test_replace_file_that_fails_leaves_the_original(tmp_path, monkeypatch):
+    target = tmp_path / "daemon.json"
+    target.write_text("original\n")
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError):
+        replace_file(str(target), "new\n", like=str(target))
+    assert target.read_text() == "original\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["daemon.json"]
+
+
+def test_registering_keeps_the_rest_of_daemon_json_and_backs_it_up(tmp_path):
+    docker = Docker()
+    docker.daemon_json = str(tmp_path / "daemon.json")
+    docker.pidfile = str(tmp_path / "no-dockerd.pid")
+    (tmp_path / "daemon.json").write_text('{"labels": ["kept"]}')
+    assert docker.register("/usr/local/bin/dkvm-runtime", ["--dkvm-runc=/usr/sbin/runc"]) \
+        is False                                                # no dockerd to reload
+    cfg = json.loads((tmp_path / "daemon.json").read_text())
+    assert cfg == {"labels": ["kept"], "runtimes": {"dkvm": {
+        "path": "/usr/local/bin/dkvm-runtime", "runtimeArgs": ["--dkvm-runc=/usr/sbin/runc"]}}}
+    assert (tmp_path / "daemon.json.dkvm-backup").read_text() == '{"labels": ["kept"]}'
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "HOST_STATE_DIR", str(tmp_path / "dkvm"))
+    for build in ("old", "running", "current"):
+        (tmp_path / "dkvm" / build / "qemu").mkdir(parents=True)
+        os.chmod(tmp_path / "dkvm" / build / "qemu", 0o555)     # payloads are read-only
+    (tmp_path / "dkvm" / ".lock").write_text("")
+    monkeypatch.setattr(payload, "payloads_in_use", lambda: {"running"})
+    return tmp_path / "dkvm"
+
+
+def test_prune_keeps_the_current_payload_and_those_in_use(state_dir):
+    assert payload.prune_payloads(keep="current") == (["old"], ["running"])
+    assert sorted(p.name for p in state_dir.iterdir()) == [".lock", "current", "running"]
+
+
+def test_uninstall_keeps_a_payload_a_running_container_uses(state_dir, tmp_path, capsys,
+                                                           monkeypatch):
+    class Engine:
+        def unregister(self):
+            pass
+    install.uninstall(str(tmp_path / "bin"), engine=Engine())
+    assert sorted(p.name for p in state_dir.iterdir()) == [".lock", "running"]
+    assert "kept 1 payload(s)" in capsys.readouterr().out
+    monkeypatch.setattr(payload, "payloads_in_use", set)       # the container is gone
+    install.uninstall(str(tmp_path / "bin"), engine=Engine())
+    assert not state_dir.exists()
