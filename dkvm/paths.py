@@ -18,7 +18,6 @@ PAYLOAD_MOUNT = "/.dkvm"
 SHARE_DIR = "/share"                      # what virtiofsd serves
 SHARED_ROOTFS = SHARE_DIR + "/rootfs"     # the image's root, the workload's root
 SHARED_PAYLOAD = SHARE_DIR + "/dkvm"      # the payload, read-only, for the guest
-PRIVATE_DIRS = ("/run", "/tmp", "/etc")   # the container side's own tmpfs
 RUN_DIR = "/run"                          # sockets and logs: private to the container side
 SKELETON = "dkvm-root"                    # in the bundle: the container's root
 CONTROL_SOCKET = RUN_DIR + "/control.sock"

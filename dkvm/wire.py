@@ -43,6 +43,7 @@ MAX_DATA = 64 << 10
 
 
 DNS_TAG = struct.Struct("!H")     # a DNS frame's payload: this tag, then the DNS message
+DNS_ANSWER_TIMEOUT = 5            # both sides give up on a query then (so does a resolver)
 
 
 class Status(Record):

@@ -5,9 +5,9 @@ import socket
 import time
 
 from dkvm.paths import EMBEDDED_DNS
+from dkvm.wire import DNS_ANSWER_TIMEOUT as ANSWER_TIMEOUT
 from dkvm.wire import DNS_TAG as TAG
 
-ANSWER_TIMEOUT = 5      # the guest's resolver has given up by then
 MAX_PENDING = 128       # queries in flight; more are dropped (a resolver asks again)
 
 

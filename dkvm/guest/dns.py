@@ -8,9 +8,9 @@ import _socket as socket   # not `socket`: it imports enum, a cost in the guest
 import time
 
 from dkvm.paths import EMBEDDED_DNS
+from dkvm.wire import DNS_ANSWER_TIMEOUT as ANSWER_TIMEOUT
 from dkvm.wire import DNS_TAG as TAG
 
-ANSWER_TIMEOUT = 5
 MAX_PENDING = 128       # queries in flight; more are dropped (a resolver asks again), so
                         # that no process in the guest can exhaust init's descriptors
 
