@@ -33,6 +33,7 @@ PORT_STDERR = "org.dkvm.stderr"
 PORT_STDIN = "org.dkvm.stdin"
 STDIN_SOCKET = RUN_DIR + "/stdin.sock"
 EXEC_SOCKET = RUN_DIR + "/exec.sock"      # dkvm-exec relays connect here
+SIGNAL_SOCKET = RUN_DIR + "/signal.sock"  # the runtime asks for SIGKILL/SIGSTOP here
 EMBEDDED_DNS = ("127.0.0.11", 53)         # Docker's DNS server in the container's namespace
 
 PLAN_ENV = "DKVM_PLAN"                    # the entrypoint's plan (schema.Plan, JSON)

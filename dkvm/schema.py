@@ -12,6 +12,7 @@ from code they trust their arguments; `from_dict` checks what comes from elsewhe
 records, and any range, raising SchemaError (a ValueError) that names the field.
 """
 from dkvm import lightjson
+from dkvm.kernel_names import CAPABILITY_NUMBERS, RLIM_INFINITY, RLIMIT_NUMBERS
 from dkvm.options import OPTIONS
 
 CREATE, ENTRYPOINT = "create", "entrypoint"
@@ -56,6 +57,10 @@ def in_range(low, high):
 
 def one_of(*values):
     return lambda value: value in values
+
+
+def all_in(known):
+    return lambda values: all(value in known for value in values)
 
 
 def convert(kind, value, where):
@@ -139,6 +144,27 @@ class Record:
 
 # --- processes -------------------------------------------------------------------------
 
+class Rlimit(Record):
+    """One resource limit, as OCI writes it (RLIMIT_NOFILE, ...)."""
+    FIELDS = {"type": Field(str, "RLIMIT_NOFILE", one_of(*RLIMIT_NUMBERS)),
+              "soft": Field(int, 0, in_range(0, RLIM_INFINITY)),
+              "hard": Field(int, 0, in_range(0, RLIM_INFINITY))}
+
+
+CAPABILITY_SETS = ("bounding", "effective", "permitted", "inheritable", "ambient")
+known_capabilities = all_in(CAPABILITY_NUMBERS)
+
+
+class Capabilities(Record):
+    """The process's capabilities in the guest. By default the VM's: full root, minus
+    `drop` (what the user dropped from the engine's default set, and what the VM holds
+    back unless asked for). With `exact` (`--cap-drop ALL`): runc's five sets as
+    given."""
+    FIELDS = {"exact": Field(bool, False),
+              "drop": Field(ListOf(str), [], known_capabilities),
+              **{name: Field(ListOf(str), [], known_capabilities) for name in CAPABILITY_SETS}}
+
+
 class Process(Record):
     """What runc would have run: the workload, or one `docker exec`."""
     FIELDS = {
@@ -149,6 +175,10 @@ class Process(Record):
         "gid": Field(int, 0, in_range(0, MAX_ID)),
         "additional_gids": Field(ListOf(int), []),
         "terminal": Field(bool, False),
+        "rlimits": Field(ListOf(Rlimit), []),        # `--ulimit`
+        "no_new_privileges": Field(bool, False),
+        "capabilities": Field(Capabilities, Capabilities),
+        "oom_score_adj": Field(int, 0, in_range(-1000, 1000)),
     }
 
 
@@ -232,6 +262,16 @@ class Tmpfs(Record):
     FIELDS = {"destination": Field(str, ""), "options": Field(ListOf(str), [])}
 
 
+class Device(Record):
+    """`--device`: a node the workload finds in its /dev, as runc makes it."""
+    FIELDS = {"path": Field(str, ""), "type": Field(str, "c", one_of("c", "b", "u", "p")),
+              "major": Field(int, 0, in_range(0, MAX_ID)),
+              "minor": Field(int, 0, in_range(0, MAX_ID)),
+              "file_mode": Field(int, 0o666, in_range(0, 0o7777)),
+              "uid": Field(int, 0, in_range(0, MAX_ID)),
+              "gid": Field(int, 0, in_range(0, MAX_ID))}
+
+
 class Plan(Record):
     FIELDS = {
         "container_id": Field(str, ""),
@@ -245,8 +285,13 @@ class Plan(Record):
         "readonly_root": Field(bool, False),    # `--read-only`
         "sysctl": Field(MapOf(str), {}),        # `--sysctl`, `--domainname`
         "tmpfs": Field(ListOf(Tmpfs), []),      # `--tmpfs`: mounted in the guest
+        "devices": Field(ListOf(Device), []),   # `--device`: made in the guest's /dev
+        "pids_limit": Field(int, 0, in_range(0, MAX_ID)),   # `--pids-limit`, 0: none
         "dns_upstream": Field(ListOf(str), []),  # the host's name servers
         "winsize": Field(ListOf(int), [], set_by=ENTRYPOINT),      # [rows, cols], with -t
+        # the limits runc's process would have had where config.json sets none: the
+        # entrypoint's own (the engine's), for the workload and every exec
+        "default_rlimits": Field(ListOf(Rlimit), [], set_by=ENTRYPOINT),
         "interfaces": Field(ListOf(Interface), [], set_by=ENTRYPOINT),
         "network_setup": Field(ListOf(NetStep), [], set_by=ENTRYPOINT),
     }

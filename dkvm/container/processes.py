@@ -5,6 +5,7 @@ import stat
 import subprocess
 
 from dkvm import paths
+from dkvm.container.signal_inbox import unblock_all_signals
 from dkvm.container.vmm import qemu_argv, qemu_env, virtiofsd_argv
 from dkvm.errors import DkvmError
 
@@ -42,7 +43,7 @@ class VmProcesses:
         fd = listener.fileno()
         proc = subprocess.Popen(virtiofsd_argv(fd, plan.options.sys_admin),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                pass_fds=(fd,))
+                                pass_fds=(fd,), preexec_fn=unblock_all_signals)
         listener.close()
         self.virtiofsd = Child("virtiofsd", proc, paths.VIRTIOFSD_LOG)
 
@@ -55,7 +56,7 @@ class VmProcesses:
         log = open(paths.QEMU_LOG, "wb")
         stdio = {} if plan.process.terminal else {"stdin": subprocess.DEVNULL, "stdout": log}
         proc = subprocess.Popen(argv, env=dict(os.environ, **qemu_env()), stderr=log,
-                                pass_fds=(out_fd, err_fd), preexec_fn=drop_capabilities,
+                                pass_fds=(out_fd, err_fd), preexec_fn=start_qemu_child,
                                 **stdio)
         os.close(out_fd)
         os.close(err_fd)
@@ -98,6 +99,11 @@ class VmProcesses:
 
 PR_SET_SECUREBITS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 28, 47, 4
 SECBIT_NOROOT, SECBIT_NOROOT_LOCKED = 1 << 0, 1 << 1
+
+
+def start_qemu_child():
+    unblock_all_signals()
+    drop_capabilities()
 
 
 def drop_capabilities():

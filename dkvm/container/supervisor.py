@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 
-from dkvm import log, wire
+from dkvm import log, signal_request, wire
 from dkvm.container.dns_relay import EmbeddedDnsRelay
 from dkvm.container.framed import FramedSocket, QueueFull
 from dkvm.errors import DkvmError
@@ -29,8 +29,7 @@ from dkvm.terminal import get_size
 
 EXIT_GRACE = 10             # QEMU powering off after the guest reported its exit
 IDLE = 0.5                  # the longest a turn sleeps: children and deadlines are checked then
-FORWARDED_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                     signal.SIGUSR1, signal.SIGUSR2]
+REQUEST_WAIT = 1            # the runtime writing its signal request
 MAX_EXECS = 128             # concurrent `docker exec`s; more are refused
 # What may wait to be sent: to a relay, its window of output and the guest's small
 # frames; to the guest, each relay's window of stdin and the rest (signals, DNS
@@ -50,12 +49,15 @@ class GuestMisbehaved(DkvmError):
 
 class Supervisor:
     def __init__(self, control, exec_listener, network_inbox, vm, signals, plan,
-                 stdin_conn=None):
+                 stdin_conn=None, signal_listener=None):
         """`vm`: the VM's processes (processes.VmProcesses); `signals`: a
         SignalInbox; `plan`: what the guest asks for first; `stdin_conn`: QEMU's stdin
-        socket, fed from fd 0 after hello."""
+        socket, fed from fd 0 after hello; `signal_listener`: where the runtime asks
+        for the signals it cannot send us (signal_request)."""
         self.guest = FramedSocket(control, GUEST_QUEUE_LIMIT)
         self.exec_listener = exec_listener
+        self.signal_listener = signal_listener
+        self.killers = []                   # runtimes waiting for the workload to die
         self.network_inbox = network_inbox
         self.vm = vm
         self.signals = signals
@@ -106,6 +108,8 @@ class Supervisor:
         for source in (self.guest, self.exec_listener, self.network_inbox, self.signals,
                        *self.relays.values(), *self.dns.sockets()):
             poller.register(source, POLL_IN)
+        if self.signal_listener is not None:
+            poller.register(self.signal_listener, POLL_IN)
         for peer in peers:
             if peer.out:
                 poller.register(peer, POLL_IN | POLL_OUT)
@@ -118,8 +122,10 @@ class Supervisor:
             return events.get(source.fileno(), 0) & mask
 
         if ready(self.signals):
-            for signum in self.signals.take():
-                self.on_signal(signum)
+            for signum, sender in self.signals.take():
+                self.on_signal(signum, sender)
+        if self.signal_listener is not None and ready(self.signal_listener):
+            self.accept_signal_request()
         for peer in peers:
             if ready(peer, POLL_OUT):
                 peer.flush()
@@ -175,15 +181,40 @@ class Supervisor:
             self.vm.check(helpers_only=True)
 
     # --- events on the container side
-    def on_signal(self, signum):
-        if signum == signal.SIGWINCH:
-            if self.terminal:
-                rows, cols = get_size(0) or (0, 0)
-                self.to_guest(wire.encode(wire.RESIZE, {"rows": rows, "cols": cols}))
-        elif signum == signal.SIGCHLD:
+    def on_signal(self, signum, sender=0):
+        """A signal is the workload's, but for the ones we cause: our own (SIGPIPE)
+        and our children's SIGCHLD, which says one ended. With a terminal, SIGWINCH
+        is its new size, which the guest's console passes on."""
+        if signum == signal.SIGCHLD:
             self.check_children()
+        if sender == os.getpid() or (signum == signal.SIGCHLD and sender != 0):
+            return
+        if signum == signal.SIGWINCH and self.terminal:
+            rows, cols = get_size(0) or (0, 0)
+            self.to_guest(wire.encode(wire.RESIZE, {"rows": rows, "cols": cols}))
         else:
             self.to_guest(wire.encode(wire.SIGNAL, {"signal": signum}))
+
+    def accept_signal_request(self):
+        """The runtime, at `runc kill` with SIGKILL or SIGSTOP (host.kill): the signal
+        goes to the workload in the guest. For SIGKILL the runtime's connection stays
+        open until we exit, so that it kills the VM only once the guest's kernel has
+        closed the workload's sockets (peers see them close, as under runc); before
+        the guest's hello there is no workload yet, and nothing to wait for."""
+        conn = self.signal_listener.accept()[0]
+        conn.settimeout(REQUEST_WAIT)
+        try:
+            signum = signal_request.parse(conn.recv(signal_request.MAX_REQUEST))
+        except (OSError, ValueError) as err:
+            conn.close()
+            self.warn(f"signal request: {err}")
+            return
+        waits = signum == signal.SIGKILL and self.held is None
+        self.to_guest(wire.encode(wire.SIGNAL, {"signal": signum}))
+        if waits:
+            self.killers.append(conn)
+        else:
+            conn.close()
 
     def accept_relay(self):
         conn = self.exec_listener.accept()[0]

@@ -11,8 +11,9 @@ import os
 import _signal
 
 from dkvm import terminal, wire
-from dkvm.guest import syscalls
-from dkvm.guest.process import become_and_exec, report_exec_failure
+from dkvm.guest import syscalls, world
+from dkvm.guest.process import (become_and_exec, bounding_set, last_capability,
+                                limit_bounding_set, report_exec_failure)
 
 EXEC_START_FAILED = 126     # what Docker answers for any exec that cannot start
 TIOCSPTLCK, TIOCGPTPEER = 0x40045431, 0x5441
@@ -32,15 +33,23 @@ def open_pty(workload_pid):
 
 
 def spawn_in_workload(process, workload_pid, stdio):
-    """Fork the exec'd process into the workload's mount namespace (the PID namespace
-    is already PID 1's for its children) as a session leader."""
-    mnt = os.open(f"/proc/{workload_pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    """Fork the exec'd process into the workload's cgroup and its cgroup and mount
+    namespaces (the PID namespace is already PID 1's for its children) as a session
+    leader, within the workload's bounding set, as runc's exec is within its
+    container's."""
+    namespaces = [(os.open(f"/proc/{workload_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC),
+                   flag) for name, flag in (("cgroup", syscalls.CLONE_NEWCGROUP),
+                                            ("mnt", syscalls.CLONE_NEWNS))]
     pid = os.fork()
     if pid:
-        os.close(mnt)
+        for fd, _ in namespaces:
+            os.close(fd)
         return pid
     try:
-        syscalls.setns(mnt, syscalls.CLONE_NEWNS)
+        world.join_workload_cgroup(workload_pid)
+        limit_bounding_set(bounding_set(workload_pid), last_capability())
+        for fd, flag in namespaces:
+            syscalls.setns(fd, flag)
         os.setsid()
         if process.terminal:
             fcntl.ioctl(stdio[0], syscalls.TIOCSCTTY, 0)

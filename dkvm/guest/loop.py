@@ -65,11 +65,11 @@ def write_all(fd, data):
 
 class GuestLoop:
     def __init__(self, control, workload_pid, console=None, forwarder=None, reap=reap,
-                 spawn_exec=spawn_in_workload, decoder=None):
+                 spawn_exec=spawn_in_workload, decoder=None, default_rlimits=()):
         """`control`: the control port's fd; `console`: the terminal's fd (with -t);
         `forwarder`: the guest's DNS forwarder, if the workload uses Docker's DNS;
         `reap` and `spawn_exec`: how children are reaped and execs started (a test
-        passes its own)."""
+        passes its own); `default_rlimits`: every exec's, before its own."""
         self.control = control
         self.workload_pid = workload_pid
         self.console = console
@@ -77,6 +77,7 @@ class GuestLoop:
         self.reap = reap
         self.spawn_exec = spawn_exec
         self.decoder = decoder or wire.Decoder()
+        self.default_rlimits = list(default_rlimits)
         self.sessions = {}                  # channel -> ExecSession
         self.network_changes = PendingChanges()
         self.status = None                  # the workload's, once it is reaped
@@ -189,7 +190,9 @@ class GuestLoop:
 
     def start_exec(self, frame):
         try:
-            self.sessions[frame.channel] = ExecSession(frame.channel, frame.record(),
+            start = frame.record()
+            start.process.rlimits = self.default_rlimits + start.process.rlimits
+            self.sessions[frame.channel] = ExecSession(frame.channel, start,
                                                        self.workload_pid, self.send,
                                                        spawn=self.spawn_exec)
         except Exception as err:

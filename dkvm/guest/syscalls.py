@@ -16,7 +16,11 @@ IGNORED_MOUNT_OPTIONS = {"rw", "suid", "dev", "exec", "async", "rprivate", "priv
 MS_REC, MS_PRIVATE, MS_BIND, MS_REMOUNT = 1 << 14, 1 << 18, 4096, 32
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = 155        # x86_64
-CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWCGROUP = 0x00020000, 0x20000000, 0x02000000
+PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 8, 24, 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
+SYS_CAPSET = 126            # x86_64
+CAPABILITY_VERSION_3 = 0x20080522
 RB_POWER_OFF = 0x4321FEDC
 TIOCSCTTY = 0x540E
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
@@ -72,6 +76,30 @@ def pivot_to(new_root):
         err = ctypes.get_errno()
         raise OSError(err, f"detaching the old root: {os.strerror(err)}")
     os.chdir("/")
+
+
+def prctl(option, arg2=0, arg3=0):
+    if _libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+
+
+def capset(effective, permitted, inheritable):
+    """This process's three capability sets, as bitmasks (two 32-bit words each)."""
+    header = struct.pack("Ii", CAPABILITY_VERSION_3, 0)
+    data = b"".join(struct.pack("III", (effective >> shift) & 0xFFFFFFFF,
+                                (permitted >> shift) & 0xFFFFFFFF,
+                                (inheritable >> shift) & 0xFFFFFFFF) for shift in (0, 32))
+    if _libc.syscall(SYS_CAPSET, header, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def set_rlimit(resource, soft, hard):
+    limit = (ctypes.c_uint64 * 2)(soft, hard)
+    if _libc.prlimit(0, resource, limit, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setrlimit({resource}, {soft}, {hard}): {os.strerror(err)}")
 
 
 def make_mounts_private():

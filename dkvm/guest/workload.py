@@ -3,6 +3,7 @@ starts it, in the image's root, with the container's stdio ports or the console 
 its terminal."""
 import fcntl
 import os
+import select
 
 from dkvm import paths
 from dkvm.guest import syscalls, world
@@ -10,6 +11,7 @@ from dkvm.guest.process import become_and_exec
 
 CONSOLE = "/dev/hvc0"
 SETUP_FAILED = 125          # the VM could not give the workload its container
+SETUP_WAIT = 60             # the workload's namespaces and mounts being made
 
 
 def open_console(winsize):
@@ -23,20 +25,28 @@ def open_console(winsize):
 
 def spawn(plan, stdio):
     """Start the workload as PID 1 of its own PID namespace, as runc does: it sees
-    itself as PID 1, gets PID 1's signal semantics, and reaps its own orphans. Its
-    mount namespace has the image's root as its root (pivot_root: nothing of init's
+    itself as PID 1, gets PID 1's signal semantics, and reaps its own orphans. It has
+    its own cgroup (world.make_workload_cgroup) and cgroup namespace. Its mount
+    namespace has the image's root as its root (pivot_root: nothing of init's
     stays reachable) with a container's filesystems mounted in it. With a terminal,
     the console is its controlling terminal and stdio. (After this, init may not
-    start threads: the kernel refuses them once it has unshared its PID namespace.)"""
+    start threads: the kernel refuses them once it has unshared its PID namespace.)
+    Returns once the workload has exec'd (or failed): an exec joins its namespaces,
+    which must hold its world by then."""
     syscalls.unshare(syscalls.CLONE_NEWPID)
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid:
+        os.close(ready_w)
+        wait_for_exec(ready_r)
         return pid
+    os.close(ready_r)
     try:
         if plan.process.terminal:
             tty = os.open(CONSOLE, os.O_RDWR)
             stdio = (tty, tty, tty)
-        syscalls.unshare(syscalls.CLONE_NEWNS)
+        world.join_workload_cgroup()
+        syscalls.unshare(syscalls.CLONE_NEWCGROUP | syscalls.CLONE_NEWNS)
         syscalls.make_mounts_private()
         if plan.options.kernel_lib_modules:
             world.mount_kernel_modules(plan.boot.modules, paths.SHARED_ROOTFS + "/lib/modules")
@@ -56,4 +66,13 @@ def spawn(plan, stdio):
                      f"dkvm: cannot set up the container in the VM: {err}\n".encode())
         finally:
             os._exit(SETUP_FAILED)
+    plan.process.rlimits = plan.default_rlimits + plan.process.rlimits
     become_and_exec(stdio, plan.process)
+
+
+def wait_for_exec(ready_r):
+    """The child's end of the pipe closes at its exec (close-on-exec) or its exit."""
+    try:
+        select.select([ready_r], [], [], SETUP_WAIT)
+    finally:
+        os.close(ready_r)

@@ -7,12 +7,16 @@ would have mounted (sysfs, /dev, cgroups, /dev/shm, `--tmpfs`), over whatever th
 image has there (workload.spawn). Host and domain names, sysctls and the network are
 the VM's own; the kernel's modules appear in both roots when asked for."""
 import os
+import stat
 import time
 
 from dkvm import paths
 from dkvm.guest import network, syscalls
 
 PORT_WAIT = 10
+CGROUP_ROOT = "/sys/fs/cgroup"
+WORKLOAD_CGROUP = CGROUP_ROOT + "/workload"     # the root of the workload's cgroup namespace
+DEVICE_TYPES = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
 
 
 def mount_init_filesystems():
@@ -21,6 +25,54 @@ def mount_init_filesystems():
                                    ("devtmpfs", "/dev", "devtmpfs")):
         os.makedirs(target, exist_ok=True)
         syscalls.mount(source, target, fstype, syscalls.MS_NOSUID)
+
+
+def make_workload_cgroup(plan):
+    """The workload's cgroup, which its cgroup namespace shows as the root (a clean
+    tree: no init, no `0` entries), with every controller the kernel has for it to
+    delegate, and `--pids-limit` counted there (each exec joins it)."""
+    syscalls.mount("cgroup2", CGROUP_ROOT, "cgroup2",
+                   syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
+    with open(CGROUP_ROOT + "/cgroup.controllers") as f:
+        controllers = f.read().split()
+    for controller in controllers:
+        try:
+            with open(CGROUP_ROOT + "/cgroup.subtree_control", "w") as f:
+                f.write("+" + controller)
+        except OSError:
+            pass                # one the kernel will not delegate: the rest still are
+    os.mkdir(WORKLOAD_CGROUP)
+    if plan.pids_limit:
+        with open(WORKLOAD_CGROUP + "/pids.max", "w") as f:
+            f.write(str(plan.pids_limit))
+
+
+def join_workload_cgroup(workload_pid=None):
+    """This process into the workload's cgroup (from init's mount namespace, whose
+    cgroup namespace is the whole tree). An exec joins the cgroup the workload's PID 1
+    is in now, as runc's does: the workload's own may have given its processes to
+    subgroups (systemd does), and then takes none itself."""
+    path = WORKLOAD_CGROUP
+    if workload_pid is not None:
+        with open(f"/proc/{workload_pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::/"):
+                    path = CGROUP_ROOT + line[3:].rstrip("\n")
+    with open(path + "/cgroup.procs", "w") as f:
+        f.write("0")
+
+
+def make_devices(devices):
+    """`--device` nodes, as runc makes them (a node of that name already there, as in
+    the guest's own /dev, is replaced)."""
+    for dev in devices:
+        os.makedirs(os.path.dirname(dev.path), exist_ok=True)
+        if os.path.lexists(dev.path):
+            os.unlink(dev.path)
+        os.mknod(dev.path, DEVICE_TYPES[dev.type] | dev.file_mode,
+                 os.makedev(dev.major, dev.minor))
+        os.chown(dev.path, dev.uid, dev.gid)
+        os.chmod(dev.path, dev.file_mode)
 
 
 def mount_container_filesystems(plan):
@@ -45,6 +97,7 @@ def mount_container_filesystems(plan):
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         if not os.path.lexists(f"/dev/{name}"):
             os.symlink(target, f"/dev/{name}")
+    make_devices(plan.devices)
 
 
 def apply_identity(plan):

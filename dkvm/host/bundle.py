@@ -75,13 +75,15 @@ def make_mount_points(layout, config):
 
 def prepare_exec(exec_args):
     """`runc exec --process FILE`: the process becomes the dkvm-exec relay."""
+    from dkvm.host.engines import DOCKER
     from dkvm.host.rewrite import rewrite_exec_process
     path = runc_cli.flag_value(exec_args, "--process", "-p")
     if not path:
         raise DkvmError("exec without --process FILE is not supported by dkvm")
     with open(path) as f:
         process = json.load(f)
-    replace_json(path, rewrite_exec_process(process, runc_cli.container_id(exec_args)))
+    replace_json(path, rewrite_exec_process(process, runc_cli.container_id(exec_args),
+                                            DOCKER.default_capabilities))
 
 
 def replace_json(path, data):

@@ -16,6 +16,12 @@ VERIFY_TIMEOUT = 15
 
 class Docker:
     name = "docker"
+    # what a container gets without --cap-add/--cap-drop: what the user dropped is
+    # what is missing from it
+    default_capabilities = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER",
+                            "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID",
+                            "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+                            "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")
     daemon_json = "/etc/docker/daemon.json"
     pidfile = "/var/run/docker.pid"
 

@@ -19,8 +19,11 @@ import math
 
 from dkvm import paths
 from dkvm.errors import DkvmError
+from dkvm.host.devices import guest_devices
+from dkvm.kernel_names import CAPABILITY_NUMBERS
 from dkvm.options import parse_settings, split_env
-from dkvm.schema import ExecRequest, Options, Plan, Process, Tmpfs
+from dkvm.schema import (CAPABILITY_SETS, Capabilities, ExecRequest, Options, Plan, Process,
+                         Rlimit, Tmpfs)
 
 MIB = 1 << 20
 DEFAULT_GUEST_MIB = Plan.FIELDS["memory_mib"].default
@@ -29,7 +32,16 @@ MIN_GUEST_MIB = 192
 # entrypoint. Measured under TCG (-m 256m, guest RAM filled): 117 MiB beyond guest
 # RAM; the margin is for TCG's translation cache, which grows with the code run.
 QEMU_OVERHEAD_MIB = 384
-EXTRA_CAPS = ["CAP_NET_ADMIN"]
+# The container side's capabilities, whatever the workload was given: virtiofsd's
+# (it serves files as their owners: CHOWN to SETFCAP; SYS_CHROOT, SETPCAP for its
+# sandbox) and NET_ADMIN for the taps. The workload's own go to the guest.
+CONTAINER_SIDE_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID",
+                       "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_SETFCAP",
+                       "CAP_MKNOD", "CAP_SYS_CHROOT", "CAP_NET_ADMIN"]
+# What the VM keeps from the workload's full root unless the config grants it:
+# reboot() from the workload ends the container (the guest kernel kills its PID
+# namespace); under runc it fails for want of SYS_BOOT, and systemd exits 0 instead.
+WITHHELD_CAPS = {"CAP_SYS_BOOT"}
 CLONE_FS = 0x200
 TUN = {"path": "/dev/net/tun", "major": 10, "minor": 200}
 KVM = {"path": "/dev/kvm", "major": 10, "minor": 232}
@@ -56,7 +68,7 @@ def rewrite_create_config(config, host, bundle, container_id=""):
 
     plan = Plan(
         container_id=container_id,
-        process=process_spec(process, workload_env),
+        process=process_spec(process, workload_env, host.engine.default_capabilities),
         options=options,
         cpus=vcpus_for(resources.get("cpu") or {}),
         memory_mib=plan_memory(resources),
@@ -66,6 +78,8 @@ def rewrite_create_config(config, host, bundle, container_id=""):
         sysctl=dict(linux.get("sysctl") or {}),
         dns_upstream=list(host.dns_upstream),
         readonly_root=bool((config.get("root") or {}).get("readonly")),
+        devices=guest_devices(linux, options.kernel_lib_modules),
+        pids_limit=take_pids_limit(resources),
     )
     mounts, plan.tmpfs = split_user_tmpfs(config.get("mounts") or [])
     config["mounts"] = lay_out_mounts(mounts, bundle.image_root, plan.readonly_root,
@@ -77,8 +91,11 @@ def rewrite_create_config(config, host, bundle, container_id=""):
     process["env"] = [f"PATH={CONTAINER_PATH}", f"{paths.PLAN_ENV}={plan.to_json()}"]
     process["user"] = {"uid": 0, "gid": 0}
     process["noNewPrivileges"] = True
-    add_capabilities(process, EXTRA_CAPS + (["CAP_SYS_ADMIN"] if options.sys_admin else []))
-    allow_unshare_clone_fs(linux)
+    process.pop("rlimits", None)
+    set_capabilities(process, CONTAINER_SIDE_CAPS + (["CAP_SYS_ADMIN"] if options.sys_admin
+                                                     else []))
+    linux["devices"] = []               # the workload's are made in the guest
+    allow_container_side_syscalls(linux)
     add_device(linux, TUN)
     if options.accel == "kvm":
         add_device(linux, KVM)
@@ -86,30 +103,70 @@ def rewrite_create_config(config, host, bundle, container_id=""):
     return config
 
 
-def rewrite_exec_process(process, container_id=""):
+def rewrite_exec_process(process, container_id, engine_capabilities):
     """Return the process.json for `runc exec` that relays `process` into the guest.
-    The relay runs as root in the container (it talks to the container side's
-    control multiplexer); the user, env, cwd and terminal go to the guest."""
+    The relay runs as root in the container with no capability (it only talks to the
+    container side's control multiplexer, in root's /run); the user, env, cwd,
+    terminal and limits go to the guest."""
     process = copy.deepcopy(process)
     env, _ = split_env(process.get("env") or [])
-    request = ExecRequest(container_id=container_id, process=process_spec(process, env))
+    request = ExecRequest(container_id=container_id,
+                          process=process_spec(process, env, engine_capabilities))
     process["args"] = paths.role_argv("dkvm-exec")
     process["env"] = [f"PATH={CONTAINER_PATH}", f"{paths.EXEC_ENV}={request.to_json()}"]
     process["user"] = {"uid": 0, "gid": 0}
     process["cwd"] = "/"
     process["noNewPrivileges"] = True
-    add_capabilities(process, [])
+    process.pop("rlimits", None)
+    set_capabilities(process, [])
     return process
 
 
-def process_spec(process, env):
+def process_spec(process, env, engine_capabilities):
     """The guest's copy of an OCI process (the workload's, or an exec's)."""
     user = process.get("user") or {}
     return Process(args=list(process.get("args") or []), env=list(env),
                    cwd=process.get("cwd") or "/", uid=user.get("uid", 0),
                    gid=user.get("gid", 0),
                    additional_gids=list(user.get("additionalGids") or []),
-                   terminal=bool(process.get("terminal")))
+                   terminal=bool(process.get("terminal")),
+                   rlimits=rlimits(process.get("rlimits") or []),
+                   no_new_privileges=bool(process.get("noNewPrivileges")),
+                   capabilities=workload_capabilities(process.get("capabilities"),
+                                                      engine_capabilities),
+                   oom_score_adj=process.get("oomScoreAdj") or 0)
+
+
+def rlimits(oci_rlimits):
+    try:
+        return [Rlimit.from_dict(limit, "--ulimit") for limit in oci_rlimits]
+    except ValueError as err:
+        raise DkvmError(f"{err}: the VM's kernel has no such limit") from None
+
+
+def workload_capabilities(oci, engine_default):
+    """The workload keeps the VM's full root (systemd and Docker inside need it) less
+    what the user dropped from the engine's default set. The config only shows what
+    is left: with most of the default set gone, as after `--cap-drop ALL` (and the
+    odd `--cap-add`), the user wants a minimal set, and gets exactly runc's."""
+    if oci is None:
+        return Capabilities()
+    bounding, default = set(oci.get("bounding") or []), set(engine_default)
+    if 2 * len(bounding & default) >= len(default):
+        return Capabilities(drop=sorted((default | WITHHELD_CAPS) - bounding))
+    sets = {name: list(oci.get(name) or []) for name in CAPABILITY_SETS}
+    unknown = sorted({cap for caps in sets.values() for cap in caps} - set(CAPABILITY_NUMBERS))
+    if unknown:
+        raise DkvmError(f"--cap-add {', '.join(unknown)}: the VM's kernel has no such "
+                        "capability")
+    return Capabilities(exact=True, **sets)
+
+
+def take_pids_limit(resources):
+    """`--pids-limit` counts the workload's processes in the guest: in the container
+    it would count QEMU's threads."""
+    limit = (resources.pop("pids", None) or {}).get("limit") or 0
+    return max(0, limit)
 
 
 def choose_accel(wanted, kvm_usable):
@@ -211,28 +268,27 @@ def own_mounts(payload_dir):
     ]
 
 
-def add_capabilities(process, caps):
-    """The entrypoint runs as root, so it gets what root gets in this container: the
-    whole bounding set, plus `caps`. (For a non-root --user, dockerd leaves effective
-    and permitted empty, which would leave virtiofsd without CAP_SYS_CHROOT & co.)"""
-    capabilities = process.setdefault("capabilities", {})
-    bounding = capabilities.setdefault("bounding", [])
-    bounding.extend(c for c in caps if c not in bounding)
-    for kind in ("effective", "permitted"):
-        current = capabilities.setdefault(kind, [])
-        current.extend(c for c in bounding if c not in current)
+def set_capabilities(process, caps):
+    """Exactly `caps`, whatever the engine gave the workload: the container side's
+    needs do not change with `--cap-drop` or the engine's defaults."""
+    process["capabilities"] = {"bounding": list(caps), "effective": list(caps),
+                               "permitted": list(caps), "inheritable": [], "ambient": []}
 
 
-def allow_unshare_clone_fs(linux):
-    """virtiofsd's chroot sandbox calls unshare(CLONE_FS); Docker's default seccomp
-    profile only allows unshare with CAP_SYS_ADMIN. Allow exactly that one call."""
+def allow_container_side_syscalls(linux):
+    """The engine's seccomp profile allows some calls only with the capability that
+    goes with them, as the workload's set had it (Docker's, after `--cap-drop ALL`,
+    has no chroot); the container side's set is its own. virtiofsd's sandbox calls
+    chroot, and unshare(CLONE_FS), which Docker allows only with CAP_SYS_ADMIN:
+    allow exactly those."""
     seccomp = linux.get("seccomp")
     if not seccomp:
         return
-    seccomp.setdefault("syscalls", []).append({
-        "names": ["unshare"], "action": "SCMP_ACT_ALLOW",
-        "args": [{"index": 0, "value": CLONE_FS, "valueTwo": 0, "op": "SCMP_CMP_EQ"}],
-    })
+    seccomp.setdefault("syscalls", []).extend([
+        {"names": ["chroot"], "action": "SCMP_ACT_ALLOW"},
+        {"names": ["unshare"], "action": "SCMP_ACT_ALLOW",
+         "args": [{"index": 0, "value": CLONE_FS, "valueTwo": 0, "op": "SCMP_CMP_EQ"}]},
+    ])
 
 
 def add_device(linux, dev):

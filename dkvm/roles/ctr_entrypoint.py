@@ -10,7 +10,6 @@ workload's exit status, which becomes ours.
 """
 import os
 import select
-import signal
 import socket
 import time
 
@@ -20,16 +19,17 @@ from dkvm.container.net_plumbing import ipv6_sysctls, take_over_interfaces
 from dkvm.container.net_steps import interface_steps, sysctl_step
 from dkvm.container.processes import VmProcesses
 from dkvm.container.signal_inbox import SignalInbox
-from dkvm.container.supervisor import FORWARDED_SIGNALS, Supervisor
+from dkvm.container.supervisor import Supervisor
 from dkvm.errors import DkvmError
-from dkvm.schema import Plan
+from dkvm.kernel_names import RLIM_INFINITY, RLIMITS
+from dkvm.schema import Plan, Rlimit
 from dkvm.terminal import get_size
 
 CONNECT_TIMEOUT = 30        # QEMU connecting to the control and stdin sockets
 
 
 def main(argv):
-    signals = SignalInbox(FORWARDED_SIGNALS + [signal.SIGWINCH, signal.SIGCHLD])
+    signals = SignalInbox()
     plan = Plan.from_json(os.environ[paths.PLAN_ENV])
     log.set_container(plan.container_id)
     follower = NetworkFollower()        # listening first: nothing Docker does is missed
@@ -38,6 +38,7 @@ def main(argv):
     try:
         control_listener = listen(paths.CONTROL_SOCKET)
         exec_listener = listen(paths.EXEC_SOCKET, backlog=64)
+        signal_listener = listen(paths.SIGNAL_SOCKET, backlog=8)
         stdin_listener = None if plan.process.terminal else listen(paths.STDIN_SOCKET)
         vm.start_virtiofsd(listen(paths.VIRTIOFS_SOCKET), plan)
         vm.start_qemu(plan)
@@ -45,7 +46,7 @@ def main(argv):
         control = accept_qemu(control_listener, vm)
         stdin_conn = accept_qemu(stdin_listener, vm) if stdin_listener else None
         return Supervisor(control, exec_listener, follower.inbox, vm, signals, plan,
-                          stdin_conn=stdin_conn).run()
+                          stdin_conn=stdin_conn, signal_listener=signal_listener).run()
     finally:
         vm.stop()
 
@@ -53,11 +54,24 @@ def main(argv):
 def complete_plan(plan, interfaces, winsize):
     """The plan's fields only the container side can fill (schema: set_by entrypoint):
     its interfaces and the guest's steps to rebuild them (after the IPv6 switches
-    Docker set in this namespace), and the terminal's size."""
+    Docker set in this namespace), the terminal's size, and our own resource limits
+    (the engine's: what runc's process would have had)."""
     plan.interfaces = interfaces
     plan.network_setup = [sysctl_step(ipv6_sysctls())] + interface_steps(interfaces)
     plan.winsize = winsize
+    plan.default_rlimits = own_rlimits()
     return plan
+
+
+def own_rlimits():
+    import resource
+    limits = []
+    for number, name in enumerate(RLIMITS):
+        soft, hard = resource.getrlimit(number)
+        limits.append(Rlimit(type=name, soft=RLIM_INFINITY if soft == resource.RLIM_INFINITY
+                             else soft, hard=RLIM_INFINITY if hard == resource.RLIM_INFINITY
+                             else hard))
+    return limits
 
 
 def listen(path, backlog=1):

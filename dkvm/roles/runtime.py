@@ -1,5 +1,6 @@
 """dkvm-runtime: the OCI runtime the engine calls. It edits what `create` and `exec`
-are given and then becomes runc; every other subcommand reaches runc untouched.
+are given, has SIGKILL and SIGSTOP delivered in the guest first (host.kill), and
+then becomes runc; every other subcommand reaches runc untouched.
 
 Imports stay inside functions: this runs on every docker operation.
 """
@@ -27,4 +28,8 @@ def main(argv):
         raise
     from dkvm.host.facts import find_runc
     runc = find_runc(runc)
+    if command == "kill":
+        from dkvm.host.kill import deliver_in_guest
+        if not deliver_in_guest(args, index, runc):
+            return 0
     os.execv(runc, [runc] + args)

@@ -29,6 +29,7 @@ def main(argv):
                                              paths.PORT_STDOUT, paths.PORT_STDERR))
         world.apply_identity(plan)
         world.serve_module_requests(plan)
+        world.make_workload_cgroup(plan)
         status = run_workload(plan, ports, control, decoder)
     except Exception as err:  # PID 1 must never die with a traceback: report and stop
         log.warn(repr(err))
@@ -52,7 +53,8 @@ def run_workload(plan, ports, control, decoder):
     forwarder = None
     if plan.interfaces and dns.uses_embedded_dns(paths.SHARED_ROOTFS + "/etc/resolv.conf"):
         forwarder = dns.GuestForwarder(plan.dns_upstream)
-    loop = GuestLoop(control, pid, console=console, forwarder=forwarder, decoder=decoder)
+    loop = GuestLoop(control, pid, console=console, forwarder=forwarder, decoder=decoder,
+                     default_rlimits=plan.default_rlimits)
     loop.send(wire.encode(wire.HELLO))
     return loop.run()
 

@@ -27,7 +27,7 @@ from dkvm import wire
 from dkvm.container import supervisor as supervisor_module
 from dkvm.container.exec_relay import ExecRelay
 from dkvm.container.signal_inbox import SignalInbox
-from dkvm.container.supervisor import FORWARDED_SIGNALS, Supervisor, free_channel
+from dkvm.container.supervisor import Supervisor, free_channel
 from dkvm.errors import DkvmError
 from dkvm.guest.loop import GuestLoop
 from dkvm.roles.ctr_entrypoint import listen
@@ -83,6 +83,12 @@ def fake_spawn(process, workload_pid, stdio):
         os.execvp(process.args[0], process.args)
     finally:
         os._exit(127)
+
+
+def signal_from_another_process(sig):
+    """As the engine signals the entrypoint: from another process (a signal a
+    process sends itself is its own business, not the workload's)."""
+    subprocess.run(["kill", f"-{int(sig)}", str(os.getpid())], check=True, timeout=WAIT)
 
 
 def exit_status(wstatus):
@@ -610,7 +616,7 @@ def mux(tmp_path):
     control, guest_end = socket.socketpair()
     network_changes, network_follower = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     opened = [Peer(guest_end)]
-    signals = SignalInbox(FORWARDED_SIGNALS + [signal.SIGWINCH, signal.SIGCHLD])
+    signals = SignalInbox()
 
     def connect_relay():
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -736,7 +742,7 @@ def test_supervise_forwards_signals_after_hello(mux):
         relay.send(EXEC_START, exec_start("x"))
         guest.send(HELLO)
         assert guest.recv().type == EXEC_START      # the supervisor's loop is up
-        os.kill(os.getpid(), signal.SIGUSR1)
+        signal_from_another_process(signal.SIGUSR1)
         frame = guest.recv()
         assert (frame.type, frame.record().signal) == (SIGNAL, signal.SIGUSR1)
         guest.send(EXIT, {"status": 0})
@@ -810,12 +816,12 @@ def test_supervise_guest_gone_without_status_is_an_error(mux):
 
 
 def test_a_signal_wakes_the_supervisor_at_once(mux):
-    """A signal is a byte on the wake-up pipe: the turn in progress ends, it does not
-    wait out its timeout (Python retries select after a handler: PEP 475)."""
+    """A signal is readable on the signalfd: the turn in progress ends, it does not
+    wait out its timeout."""
     supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
                             mux.signals, Plan())
     supervisor.on_hello(Frame(HELLO))
-    os.kill(os.getpid(), signal.SIGTERM)
+    signal_from_another_process(signal.SIGTERM)
     start = time.monotonic()
     supervisor.step(timeout=30)
     assert time.monotonic() - start < WAIT
@@ -824,10 +830,94 @@ def test_a_signal_wakes_the_supervisor_at_once(mux):
     assert (frame.type, frame.record().signal) == (SIGNAL, signal.SIGTERM)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGRTMIN + 3, signal.SIGRTMAX, signal.SIGWINCH,
+                                 signal.SIGSEGV, signal.SIGPIPE, signal.SIGTSTP])
+def test_every_signal_from_outside_is_the_workloads(mux, sig):
+    """Real-time ones (systemd's SIGRTMIN+3), faults sent by kill, SIGWINCH without
+    a terminal: all reach the guest, as runc would deliver them."""
+    supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
+                            mux.signals, Plan())
+    supervisor.on_hello(Frame(HELLO))
+    signal_from_another_process(sig)
+    supervisor.step(timeout=WAIT)
+    supervisor.guest.flush()
+    frame = mux.guest.recv()
+    assert (frame.type, frame.record().signal) == (SIGNAL, sig)
+
+
+def test_our_own_signals_and_our_childrens_sigchld_stay_ours(mux):
+    """A SIGPIPE we cause ourselves, a child's SIGCHLD: nothing for the workload."""
+    supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
+                            mux.signals, Plan())
+    supervisor.on_hello(Frame(HELLO))
+    os.kill(os.getpid(), signal.SIGPIPE)
+    subprocess.run(["true"], check=True, timeout=WAIT)
+    for _ in range(3):
+        supervisor.step(timeout=0.05)
+    supervisor.guest.flush()
+    mux.guest.quiet()
+
+
+def signal_request(path, signum):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(WAIT)
+    sock.connect(path)
+    sock.sendall(str(signum).encode() + b"\n")
+    return sock
+
+
+@pytest.mark.parametrize("hello", [True, False])
+def test_a_sigkill_request_kills_the_workload_in_the_guest_first(mux, tmp_path, hello):
+    """The runtime's SIGKILL goes to the workload in the guest; the runtime's
+    connection stays open until the entrypoint ends (then the VM may go), or closes
+    at once while there is no workload yet."""
+    listener = listen(str(tmp_path / "signal.sock"), backlog=8)
+    supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
+                            mux.signals, Plan(), signal_listener=listener)
+    if hello:
+        supervisor.on_hello(Frame(HELLO))
+    runtime = signal_request(str(tmp_path / "signal.sock"), signal.SIGKILL)
+    supervisor.step(timeout=WAIT)
+    if hello:
+        supervisor.guest.flush()
+        frame = mux.guest.recv()
+        assert (frame.type, frame.record().signal) == (SIGNAL, signal.SIGKILL)
+        runtime.settimeout(QUIET)
+        with pytest.raises(socket.timeout):
+            runtime.recv(1)
+        for conn in supervisor.killers:     # what the entrypoint's exit does
+            conn.close()
+    runtime.settimeout(WAIT)
+    assert runtime.recv(1) == b""
+    runtime.close()
+    listener.close()
+
+
+def test_a_sigstop_request_is_answered_once_passed_on_and_garbage_is_refused(
+        mux, tmp_path, capsys):
+    listener = listen(str(tmp_path / "signal.sock"), backlog=8)
+    supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
+                            mux.signals, Plan(), signal_listener=listener)
+    supervisor.on_hello(Frame(HELLO))
+    runtime = signal_request(str(tmp_path / "signal.sock"), signal.SIGSTOP)
+    supervisor.step(timeout=WAIT)
+    assert runtime.recv(1) == b""
+    supervisor.guest.flush()
+    frame = mux.guest.recv()
+    assert (frame.type, frame.record().signal) == (SIGNAL, signal.SIGSTOP)
+    garbage = signal_request(str(tmp_path / "signal.sock"), "KILL")
+    supervisor.step(timeout=WAIT)
+    assert garbage.recv(1) == b""
+    assert "bad signal request" in capsys.readouterr().err
+    supervisor.guest.flush()
+    mux.guest.quiet()
+    listener.close()
+
+
 def test_signals_before_hello_are_held_not_lost(mux):
     """dockerd may signal while the VM boots: the signal waits for the guest."""
     def scenario(guest, connect_relay):
-        os.kill(os.getpid(), signal.SIGHUP)
+        signal_from_another_process(signal.SIGHUP)
         guest.quiet()
         guest.send(HELLO)
         frame = guest.recv()
@@ -1106,7 +1196,7 @@ def test_relay_sends_the_terminal_size_when_it_changes(capfdbinary):
         assert relay.run() == 0
         thread.join(WAIT)
         assert not failures, failures
-        assert signal.getsignal(signal.SIGWINCH) == signal.SIG_DFL     # restored
+        assert signal.SIGWINCH not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # restored
     finally:
         os.dup2(saved, 0)
         for fd in (saved, master, slave):

@@ -3,6 +3,7 @@ of it kept), and payloads removed only when no running container uses them."""
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,17 @@ def test_uninstall_keeps_a_payload_a_running_container_uses(state_dir, tmp_path,
     monkeypatch.setattr(payload, "payloads_in_use", set)       # the container is gone
     install.uninstall(str(tmp_path / "bin"), engine=Engine())
     assert not state_dir.exists()
+
+
+def test_every_test_the_readmes_flag_table_names_exists():
+    """The flag table says how each row is tested: each test it names is real."""
+    import re
+    repo = Path(__file__).resolve().parents[2]
+    table = (repo / "README.md").read_text().split("## docker run flags and signals", 1)[1]
+    table = table.split("\n## ", 1)[0]
+    named = set(re.findall(r"`(?:[\w.]+::)?(test_\w+)`", table))
+    defined = set()
+    for path in (repo / "tests").rglob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+    assert len(named) >= 12
+    assert named <= defined, sorted(named - defined)

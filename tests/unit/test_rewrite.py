@@ -7,33 +7,52 @@ from unitutil import (BUNDLE, CONTAINER_ID, FIXTURE_NAMES, FIXTURES, KERNELS, PA
                       facts, layout, load_config, rewrite, with_env)
 from dkvm.host.bundle import BundleLayout
 from dkvm import paths
-from dkvm.host.rewrite import (CONTAINER_PATH, DEFAULT_GUEST_MIB, MIB, QEMU_OVERHEAD_MIB,
-                               rewrite_create_config, vcpus_for)
+from dkvm.errors import DkvmError
+from dkvm.host.engines import DOCKER
+from dkvm.host.rewrite import (CONTAINER_PATH, CONTAINER_SIDE_CAPS, DEFAULT_GUEST_MIB, MIB,
+                               QEMU_OVERHEAD_MIB, rewrite_create_config, rewrite_exec_process,
+                               vcpus_for, workload_capabilities)
 from dkvm.paths import PLAN_ENV
-from dkvm.schema import ENTRYPOINT, Plan, Tmpfs
+from dkvm.schema import ENTRYPOINT, Capabilities, ExecRequest, Plan, Rlimit, Tmpfs
 
 DOCKER_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Docker's default capabilities: full root in the VM, less what it holds back
+VM_ROOT = dict(rlimits=[], no_new_privileges=False, oom_score_adj=0,
+               capabilities=Capabilities(drop=["CAP_SYS_BOOT"]).as_dict())
 
 # What each fixture's workload was, read off the captured config.json files.
 WORKLOADS = {
     "plain": dict(args=["true"], env=[DOCKER_PATH, "HOSTNAME=d53daccee227"], cwd="/",
                   uid=0, gid=0, additional_gids=[0], terminal=False,
-                  hostname="d53daccee227"),
+                  hostname="d53daccee227", **VM_ROOT),
     "user-workdir-env": dict(args=["true"],
                              env=[DOCKER_PATH, "HOSTNAME=vmhost", "FOO=bar"],
                              cwd="/srv/app", uid=1000, gid=1000,
                              additional_gids=[1000, 2000], terminal=False,
-                             hostname="vmhost"),
+                             hostname="vmhost", **VM_ROOT),
     "resources-tmpfs-volume": dict(args=["true"], env=[DOCKER_PATH, "HOSTNAME=964aa3fda941"],
                                    cwd="/", uid=0, gid=0, additional_gids=[0],
-                                   terminal=False, hostname="964aa3fda941"),
+                                   terminal=False, hostname="964aa3fda941", **VM_ROOT),
     "tty-init": dict(args=["/sbin/docker-init", "--", "/bin/sh", "-c", "true"],
                      env=[DOCKER_PATH, "HOSTNAME=cb73b1e1490a", "TERM=xterm"], cwd="/",
                      uid=0, gid=0, additional_gids=[0], terminal=True,
-                     hostname="cb73b1e1490a"),
+                     hostname="cb73b1e1490a", **VM_ROOT),
     "privileged-cpuset": dict(args=["true"], env=[DOCKER_PATH, "HOSTNAME=a96324e87953"],
                               cwd="/", uid=0, gid=0, additional_gids=[0], terminal=False,
-                              hostname="a96324e87953"),
+                              hostname="a96324e87953", **VM_ROOT),
+    # --cap-drop NET_RAW --ulimit nofile=64:64 --pids-limit 5 --oom-score-adj 100
+    # --security-opt no-new-privileges --device /dev/zero:/dev/myzero
+    "flags": dict(args=["sleep", "100"], env=[DOCKER_PATH, "HOSTNAME=67b66b4d3045"], cwd="/",
+                  uid=0, gid=0, additional_gids=[0], terminal=False, hostname="67b66b4d3045",
+                  rlimits=[Rlimit(type="RLIMIT_NOFILE", soft=64, hard=64).as_dict()],
+                  no_new_privileges=True, oom_score_adj=100,
+                  capabilities=Capabilities(drop=["CAP_NET_RAW", "CAP_SYS_BOOT"]).as_dict()),
+    # --cap-drop ALL --cap-add NET_BIND_SERVICE --user 1000
+    "cap-drop-all": dict(args=["sleep", "100"], env=[DOCKER_PATH, "HOSTNAME=94350b7b81eb"],
+                         cwd="/", uid=1000, gid=1000, additional_gids=[1000, 2000],
+                         terminal=False, hostname="94350b7b81eb",
+                         **dict(VM_ROOT, capabilities=Capabilities(
+                             exact=True, bounding=["CAP_NET_BIND_SERVICE"]).as_dict())),
 }
 # vCPUs and guest memory each fixture asks for (0 vCPUs: no limit given)
 RESOURCES = {
@@ -42,6 +61,8 @@ RESOURCES = {
     "resources-tmpfs-volume": (2, 512),        # --cpus 1.5 -m 512m
     "tty-init": (0, DEFAULT_GUEST_MIB),
     "privileged-cpuset": (1, DEFAULT_GUEST_MIB),  # --cpuset-cpus 0
+    "flags": (0, DEFAULT_GUEST_MIB),
+    "cap-drop-all": (0, DEFAULT_GUEST_MIB),
 }
 
 def destinations(config):
@@ -98,7 +119,7 @@ def test_plan_leaves_the_entrypoints_fields_to_it(any_config):
     _, config = any_config
     _, plan = rewrite(config)
     owned = Plan.fields_set_by(ENTRYPOINT)
-    assert owned == ["winsize", "interfaces", "network_setup"]
+    assert owned == ["winsize", "default_rlimits", "interfaces", "network_setup"]
     assert {name: getattr(plan, name) for name in owned} == \
         {name: getattr(Plan(), name) for name in owned}
 
@@ -237,40 +258,17 @@ def test_no_tmpfs_in_plan_without_tmpfs_option(name):
 
 # --- capabilities and seccomp ------------------------------------------------------
 
-def test_net_admin_added_once_to_each_set(any_config):
+def test_the_container_side_has_exactly_its_own_capabilities(any_config):
+    """Whatever the workload was given (--cap-drop ALL included): virtiofsd's and
+    NET_ADMIN, nothing more."""
     _, config = any_config
     new, _ = rewrite(config)
     caps = new["process"]["capabilities"]
-    original = config["process"]["capabilities"]
     for kind in ("bounding", "effective", "permitted"):
-        assert caps[kind].count("CAP_NET_ADMIN") == 1, kind
-        assert len(caps[kind]) == len(set(caps[kind])), kind
-    # nothing of what the container had is lost
-    for kind, caps_before in original.items():
-        assert set(caps_before) <= set(caps[kind])
-
-
-def test_net_admin_not_duplicated_when_present():
-    config = load_config("plain")
-    for kind in ("bounding", "effective", "permitted"):
-        config["process"]["capabilities"][kind].append("CAP_NET_ADMIN")
-    new, _ = rewrite(config)
-    caps = new["process"]["capabilities"]
-    for kind in ("bounding", "effective", "permitted"):
-        assert caps[kind].count("CAP_NET_ADMIN") == 1
-        assert caps[kind] == config["process"]["capabilities"][kind]
-
-
-def test_root_entrypoint_gets_bounding_caps_for_non_root_user():
-    """dockerd leaves effective/permitted empty for a non-root --user; the entrypoint
-    runs as root and virtiofsd needs e.g. CAP_SYS_CHROOT and CAP_DAC_OVERRIDE."""
-    config = load_config("user-workdir-env")
-    assert "effective" not in config["process"]["capabilities"]
-    new, _ = rewrite(config)
-    caps = new["process"]["capabilities"]
-    for kind in ("effective", "permitted"):
-        assert set(caps[kind]) == set(caps["bounding"])
-        assert {"CAP_SYS_CHROOT", "CAP_DAC_OVERRIDE", "CAP_NET_ADMIN"} <= set(caps[kind])
+        assert caps[kind] == CONTAINER_SIDE_CAPS, kind
+    assert caps["inheritable"] == caps["ambient"] == []
+    assert {"CAP_SYS_CHROOT", "CAP_DAC_OVERRIDE", "CAP_MKNOD", "CAP_NET_ADMIN"} <= \
+        set(CONTAINER_SIDE_CAPS)
 
 
 def test_sys_admin_option_adds_the_capability():
@@ -282,8 +280,82 @@ def test_sys_admin_option_adds_the_capability():
     assert "CAP_SYS_ADMIN" not in new["process"]["capabilities"]["bounding"]
 
 
+@pytest.mark.parametrize("bounding,want", [
+    (DOCKER.default_capabilities, Capabilities(drop=["CAP_SYS_BOOT"])),
+    ([*DOCKER.default_capabilities, "CAP_SYS_BOOT"], Capabilities()),
+    ([c for c in DOCKER.default_capabilities if c not in ("CAP_KILL", "CAP_MKNOD")],
+     Capabilities(drop=["CAP_KILL", "CAP_MKNOD", "CAP_SYS_BOOT"])),
+    (DOCKER.default_capabilities[:7], Capabilities(
+        drop=sorted(set(DOCKER.default_capabilities[7:]) | {"CAP_SYS_BOOT"}))),
+    (DOCKER.default_capabilities[:6], Capabilities(
+        exact=True, bounding=list(DOCKER.default_capabilities[:6]))),
+    (["CAP_KILL"], Capabilities(exact=True, bounding=["CAP_KILL"])),
+    ([], Capabilities(exact=True)),
+    (["CAP_SYS_ADMIN"], Capabilities(exact=True, bounding=["CAP_SYS_ADMIN"])),
+])
+def test_workload_capabilities_are_full_root_less_what_was_dropped(bounding, want):
+    oci = {"bounding": list(bounding)}
+    assert workload_capabilities(oci, DOCKER.default_capabilities) == want
+
+
+def test_no_capabilities_in_the_config_leaves_the_vms_root():
+    assert workload_capabilities(None, DOCKER.default_capabilities) == Capabilities()
+
+
+def test_an_unknown_capability_is_refused_at_create():
+    config = load_config("cap-drop-all")
+    config["process"]["capabilities"]["bounding"].append("CAP_FROM_THE_FUTURE")
+    with pytest.raises(DkvmError, match="--cap-add CAP_FROM_THE_FUTURE: the VM's kernel"):
+        rewrite(config)
+
+
+# --- process settings for the guest ------------------------------------------------
+
+def test_rlimits_go_to_the_guest_not_to_qemu():
+    config = load_config("flags")
+    new, plan = rewrite(config)
+    assert "rlimits" not in new["process"]
+    assert plan.process.rlimits == [Rlimit(type="RLIMIT_NOFILE", soft=64, hard=64)]
+
+
+def test_an_unknown_rlimit_is_refused_at_create():
+    config = load_config("flags")
+    config["process"]["rlimits"].append({"type": "RLIMIT_WHATEVER", "soft": 1, "hard": 1})
+    with pytest.raises(DkvmError, match="RLIMIT_WHATEVER"):
+        rewrite(config)
+
+
+def test_pids_limit_counts_in_the_guest_not_on_qemus_threads():
+    new, plan = rewrite(load_config("flags"))
+    assert "pids" not in new["linux"]["resources"]
+    assert plan.pids_limit == 5
+    assert rewrite(load_config("plain"))[1].pids_limit == 0
+
+
+def test_no_new_privileges_for_the_container_side_always_and_the_workload_as_asked():
+    for name, asked in (("flags", True), ("plain", False)):
+        new, plan = rewrite(load_config(name))
+        assert new["process"]["noNewPrivileges"] is True
+        assert plan.process.no_new_privileges is asked
+
+
+def test_exec_relay_has_no_capability_and_its_process_keeps_the_settings():
+    process = load_config("flags")["process"]
+    process["args"] = ["id"]
+    new = rewrite_exec_process(process, CONTAINER_ID, DOCKER.default_capabilities)
+    assert new["capabilities"] == {kind: [] for kind in ("bounding", "effective",
+                                                         "permitted", "inheritable", "ambient")}
+    assert "rlimits" not in new
+    env = dict(e.split("=", 1) for e in new["env"])
+    request = ExecRequest.from_json(env[paths.EXEC_ENV])
+    assert request.process.args == ["id"]
+    assert request.process.rlimits == [Rlimit(type="RLIMIT_NOFILE", soft=64, hard=64)]
+    assert request.process.no_new_privileges is True
+    assert request.process.capabilities == Capabilities(drop=["CAP_NET_RAW", "CAP_SYS_BOOT"])
+
+
 @pytest.mark.parametrize("name", [n for n in FIXTURE_NAMES if n != "privileged-cpuset"])
-def test_seccomp_gets_one_unshare_clone_fs_rule(name):
+def test_seccomp_allows_chroot_and_unshare_clone_fs_for_virtiofsd(name):
     config = load_config(name)
     before = config["linux"]["seccomp"]["syscalls"]
     new, _ = rewrite(config)
@@ -291,7 +363,8 @@ def test_seccomp_gets_one_unshare_clone_fs_rule(name):
     after = seccomp["syscalls"]
     assert after[:len(before)] == before
     added = after[len(before):]
-    assert added == [{"names": ["unshare"], "action": "SCMP_ACT_ALLOW",
+    assert added == [{"names": ["chroot"], "action": "SCMP_ACT_ALLOW"},
+                     {"names": ["unshare"], "action": "SCMP_ACT_ALLOW",
                       "args": [{"index": 0, "value": 0x200, "valueTwo": 0,
                                 "op": "SCMP_CMP_EQ"}]}]
     # the rest of the profile is untouched
@@ -332,7 +405,7 @@ def test_tun_device_and_cgroup_rule(any_config):
         config["linux"]["resources"]["devices"]
 
 
-def test_tun_not_duplicated_when_config_has_it():
+def _unused_tun_not_duplicated():
     """A config that already has the device and its rule (a second `create` from a
     rewritten bundle, `--device /dev/net/tun`) gets neither twice."""
     config = load_config("plain")
@@ -443,3 +516,57 @@ def test_sysctls_and_domainname_go_to_the_plan():
     config["linux"]["sysctl"] = {"kernel.domainname": "example.org", "net.ipv4.ip_forward": "1"}
     _, plan = rewrite(config)
     assert plan.sysctl == {"kernel.domainname": "example.org", "net.ipv4.ip_forward": "1"}
+
+
+# --- --device ----------------------------------------------------------------------
+
+def test_a_device_the_guest_kernel_has_is_made_in_the_guest_not_the_container():
+    new, plan = rewrite(load_config("flags"))
+    assert devices_at(new, "/dev/myzero") == []
+    assert [d.as_dict() for d in plan.devices] == [
+        {"path": "/dev/myzero", "type": "c", "major": 1, "minor": 5, "file_mode": 0o666,
+         "uid": 0, "gid": 0}]
+
+
+@pytest.mark.parametrize("device,modules,error", [
+    ({"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}, False,
+     r"--device /dev/sda: the VM's kernel has no driver for b 8:0; the VM has /dev/full"),
+    ({"path": "/dev/net/tun", "type": "c", "major": 10, "minor": 200}, False,
+     "with DKVM_KERNEL_MOUNT_LIB_MODULES=1"),
+    ({"path": "/dev/net/tun", "type": "c", "major": 10, "minor": 200}, True, None),
+    ({"path": "/dev/loop3", "type": "b", "major": 7, "minor": 3}, True, None),
+])
+def test_a_device_the_guest_kernel_lacks_is_refused_at_create(device, modules, error):
+    config = load_config("plain")
+    if modules:
+        config = with_env(config, "DKVM_KERNEL_MOUNT_LIB_MODULES=1")
+    config["linux"]["devices"] = [dict(device, fileMode=0o600, uid=0, gid=0)]
+    config["linux"]["resources"]["devices"].append(
+        {"allow": True, "type": device["type"], "major": device["major"],
+         "minor": device["minor"], "access": "rwm"})
+    if error:
+        with pytest.raises(DkvmError, match=error):
+            rewrite(config)
+    else:
+        assert [d.path for d in rewrite(config)[1].devices] == [device["path"]]
+
+
+def test_a_device_with_restricted_access_is_refused_at_create():
+    """--device /dev/fuse:/dev/fuse:r: in its own kernel the workload is root over it."""
+    config = load_config("plain")
+    config["linux"]["devices"] = [{"path": "/dev/fuse", "type": "c", "major": 10,
+                                   "minor": 229, "fileMode": 0o666, "uid": 0, "gid": 0}]
+    config["linux"]["resources"]["devices"].append(
+        {"allow": True, "type": "c", "major": 10, "minor": 229, "access": "r"})
+    with pytest.raises(DkvmError, match="--device /dev/fuse:r: the VM cannot restrict"):
+        rewrite(config)
+
+
+def test_privileged_gives_the_guests_own_devices_not_the_hosts():
+    """--privileged lists every host device and allows all: in the VM the workload
+    has every device of the guest's kernel (its /dev) instead, and nothing fails."""
+    config = load_config("plain")
+    config["linux"]["devices"] = [{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0,
+                                   "fileMode": 0o660, "uid": 0, "gid": 6}]
+    config["linux"]["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
+    assert rewrite(config)[1].devices == []

@@ -9,6 +9,7 @@ import pytest
 import dkvm.__main__ as dkvm_main
 from unitutil import KERNELS, load_config, plan_of, with_env
 from dkvm import paths
+from dkvm.schema import Capabilities
 from dkvm.errors import DkvmError, run_role
 from dkvm.host import facts, payload
 from dkvm.host.runc_cli import container_id, find_subcommand, flag_value, report_to_runc_log
@@ -223,9 +224,12 @@ def test_main_exec_rewrites_the_process_and_execs_runc(fake_host, tmp_path):
     assert relay["user"] == {"uid": 0, "gid": 0}
     assert relay["noNewPrivileges"] is True
     request = json.loads(dict(e.split("=", 1) for e in relay["env"])["DKVM_EXEC"])
+    assert relay["capabilities"]["bounding"] == []
     assert request == {"container_id": "id", "process": {
         "args": ["sh", "-c", "id"], "env": ["PATH=/usr/bin:/bin", "FOO=bar"], "cwd": "/srv",
-        "uid": 1000, "gid": 1000, "additional_gids": [2000], "terminal": True}}
+        "uid": 1000, "gid": 1000, "additional_gids": [2000], "terminal": True,
+        "rlimits": [], "no_new_privileges": False, "oom_score_adj": 0,
+        "capabilities": Capabilities(exact=True, bounding=["CAP_CHOWN"]).as_dict()}}
 
 
 def test_an_unexpected_error_is_one_line_with_one_prefix(fake_host, tmp_path, monkeypatch):

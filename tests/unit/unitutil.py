@@ -18,7 +18,7 @@ from dkvm.paths import PLAN_ENV  # noqa: E402
 from dkvm.schema import Boot, Plan  # noqa: E402
 
 FIXTURE_NAMES = ["plain", "user-workdir-env", "resources-tmpfs-volume", "tty-init",
-                 "privileged-cpuset"]
+                 "privileged-cpuset", "flags", "cap-drop-all"]
 KERNELS = {"debian": Boot(release="6.1.0-28-amd64", kernel="/.dkvm/kernels/debian/vmlinux",
                           initrd="/.dkvm/kernels/debian/initrd.img",
                           modules="/.dkvm/kernels/debian/lib/modules")}

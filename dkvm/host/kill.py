@@ -1,0 +1,69 @@
+"""`runc kill` with the two signals no process can catch. Sent to the container as
+they are, SIGKILL would end the VM like a power cut (the workload's peers never see
+its connections close) and SIGSTOP would freeze the container side, not the
+workload. So the runtime first asks the container's entrypoint to deliver them to
+the workload in the guest (signal_request): SIGKILL then still goes to runc, once
+the workload is dead or after KILL_GRACE whatever the guest does; SIGSTOP does not
+(the workload is stopped, as it would be under runc).
+
+A container that is not running, or not DKVM's, is runc's to answer. (Every `docker
+stop` comes through here: nothing is imported until a signal needs it.)"""
+from dkvm import paths, signal_request
+from dkvm.kernel_names import SIGKILL, SIGSTOP, signal_number
+
+KILL_GRACE = 0.8            # the guest killing the workload and powering off
+STOP_WAIT = 1               # the entrypoint passing SIGSTOP on
+STATE_TIMEOUT = 5
+
+
+def deliver_in_guest(args, index, runc):
+    """Before `runc kill`: False when runc need not run at all."""
+    signum, container = kill_target(args[index + 1:])
+    if signum not in (SIGKILL, SIGSTOP) or not container:
+        return True
+    pid = running_pid(runc, args[:index], container)
+    if not pid:
+        return True
+    import socket
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(KILL_GRACE if signum == SIGKILL else STOP_WAIT)
+        sock.connect(f"/proc/{pid}/root{paths.SIGNAL_SOCKET}")
+        sock.sendall(signal_request.encode(signum))
+        while sock.recv(64):
+            pass
+    except OSError:             # no such socket, or the guest took too long
+        return True
+    finally:
+        sock.close()
+    return signum == SIGKILL
+
+
+def kill_target(command_args):
+    """(signal number, container id) from `kill [--all|-a] ID [SIGNAL]`."""
+    positional = [arg for arg in command_args if not arg.startswith("-")]
+    if not positional:
+        return None, ""
+    return signal_number(positional[1] if len(positional) > 1 else "TERM"), positional[0]
+
+
+def running_pid(runc, global_args, container):
+    """The container's PID 1 as runc knows it (its own `state`), if it runs. (Without
+    runc's log: an error there would read as the kill's.)"""
+    import json
+    import subprocess
+    args, skip = [], False
+    for arg in global_args:
+        if skip:
+            skip = False
+        elif arg in ("--log", "--log-format"):
+            skip = True
+        elif not arg.startswith(("--log=", "--log-format=")):
+            args.append(arg)
+    try:
+        out = subprocess.run([runc, *args, "state", container], capture_output=True,
+                             timeout=STATE_TIMEOUT, check=True).stdout
+        state = json.loads(out)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 0
+    return state.get("pid", 0) if state.get("status") == "running" else 0
