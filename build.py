@@ -41,6 +41,7 @@ APT_PACKAGES = {
     "/bin/busybox": "busybox-static",
     "/usr/bin/python3.11": "python3.11",
     "/sbin/depmod": "kmod",
+    "/sbin/mke2fs": "e2fsprogs",
 }
 KERNEL_META = "linux-image-amd64"
 PY_STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
@@ -53,13 +54,14 @@ QEMU_MODULES = ["accel-tcg-x86_64.so"]
 # Modules the initramfs loads (with what they depend on) to reach the virtiofs root
 # and the control, output and network devices.
 INITRAMFS_MODULES = ["virtio_pci", "virtiofs", "virtio_console", "virtio_net"]
-# DKVM_KERNEL_MOUNT_LIB_MODULES: the modules a workload is likely to modprobe (with
-# what they depend on): iptables and nftables, bridges and virtual links (Docker in the
-# VM), overlay, loop and squashfs, traffic control. The whole tree would be 390 MB.
+# The guest's modules (the kernel's own requests, the workload's modprobe): what a
+# workload is likely to load (with what they depend on): iptables and nftables, bridges
+# and virtual links (Docker in the VM), overlay, loop and squashfs, traffic control,
+# and DKVM_DISKS' virtio-blk and ext4. The whole tree would be 390 MB.
 GUEST_MODULE_DIRS = ["net/netfilter", "net/ipv4/netfilter", "net/ipv6/netfilter", "net/bridge",
                      "net/sched", "net/8021q", "fs/overlayfs", "fs/squashfs",
                      "drivers/net/vxlan", "drivers/net/ipvlan", "drivers/net/wireguard"]
-GUEST_MODULES = ["veth", "macvlan", "dummy", "tun", "loop",
+GUEST_MODULES = ["veth", "macvlan", "dummy", "tun", "loop", "virtio_blk", "ext4",
                  "crc32c_generic", "crc32c_intel"]   # libcrc32c's soft dependency (nftables)
 # In-container and in-guest roles start as `python3 <payload>/entry/<role>`: the
 # script's name is argv[0], which picks the role as it does on the host.
@@ -364,6 +366,8 @@ def main():
     log("gathering python, qemu, virtiofsd, busybox")
     elfs = gather_python(payload) + gather_qemu(payload)
     copy_file("/bin/busybox", payload / "bin" / "busybox", 0o755)
+    copy_file("/sbin/mke2fs", payload / "bin" / "mke2fs", 0o755)     # DKVM_DISKS
+    elfs.append(payload / "bin" / "mke2fs")
     # the guest kernel's module loader where the image has none (a script, not a
     # symlink: the payload travels in a zip)
     (payload / "bin" / "modprobe").write_text(

@@ -111,6 +111,52 @@ class KernelName:
         return value
 
 
+DISK_FILESYSTEMS = ("ext4", "ext3", "ext2")
+MIN_DISK = 16 << 20
+
+
+class Disks:
+    """`<file>,<mount point>,<filesystem>,<size>`, `;` between disks: a file in the
+    container (made sparse and formatted on first use) that the guest mounts."""
+    type = str
+    accepts = "`<file>,<mount point>,<ext4/ext3/ext2>,<size>`, `;` between disks"
+
+    def parse(self, name, value, context):
+        disks = disk_entries(value, name)
+        return ";".join(",".join([file, mount, fs, str(size)])
+                        for file, mount, fs, size in disks)
+
+    def show(self, value):
+        return value or "empty"
+
+
+def disk_entries(text, name="DKVM_DISKS"):
+    """[(file, mount point, filesystem, size in bytes)] from DKVM_DISKS' text."""
+    disks, mount_points = [], set()
+    for entry in filter(None, (part.strip() for part in text.split(";"))):
+        fields = [field.strip() for field in entry.split(",")]
+        if len(fields) != 4:
+            raise DkvmError(f"{name}={entry!r} is not valid: use <file>,<mount point>,"
+                            "<filesystem>,<size>, e.g. /disks/docker.img,/var/lib/docker,ext4,10g")
+        file, mount, fs, size = fields
+        for what, path in (("file", file), ("mount point", mount)):
+            if not path.startswith("/") or path.rstrip("/") == "" or "/../" in path + "/":
+                raise DkvmError(f"{name}: the {what} {path!r} must be an absolute path "
+                                "below /, without ..")
+        if fs not in DISK_FILESYSTEMS:
+            raise DkvmError(f"{name}: filesystem {fs!r} is not supported: use "
+                            f"{', '.join(DISK_FILESYSTEMS)}")
+        size = Size().parse(f"{name} size", size, None)
+        if size < MIN_DISK:
+            raise DkvmError(f"{name}: a disk of {size} bytes is too small: use at least 16m")
+        mount = mount.rstrip("/")
+        if mount in mount_points:
+            raise DkvmError(f"{name}: two disks at {mount}")
+        mount_points.add(mount)
+        disks.append((file, mount, fs, size))
+    return disks
+
+
 class Option:
     __slots__ = ("env", "attr", "kind", "default", "runtime_arg")
 
@@ -129,6 +175,7 @@ OPTIONS = [
     Option("DKVM_DEV_SHM_SIZE", "dev_shm_size", Size(), 64 << 20),
     Option("DKVM_SYS_ADMIN", "sys_admin", Bool(), False),
     Option("DKVM_BOOT_TIMEOUT", "boot_timeout", Seconds(), 180),
+    Option("DKVM_DISKS", "disk_list", Disks(), ""),
 ]
 BY_ENV = {option.env: option for option in OPTIONS}
 PREFIX = "DKVM_"

@@ -262,6 +262,14 @@ class Tmpfs(Record):
     FIELDS = {"destination": Field(str, ""), "options": Field(ListOf(str), [])}
 
 
+class Disk(Record):
+    """DKVM_DISKS: a file in the container, attached as virtio-blk with `serial`,
+    mounted at `mount_point` in the workload's root."""
+    FIELDS = {"file": Field(str, ""), "mount_point": Field(str, ""),
+              "filesystem": Field(str, "ext4"), "size": Field(int, 0, in_range(0, 1 << 60)),
+              "serial": Field(str, "")}
+
+
 class Device(Record):
     """`--device`: a node the workload finds in its /dev, as runc makes it."""
     FIELDS = {"path": Field(str, ""), "type": Field(str, "c", one_of("c", "b", "u", "p")),
@@ -286,6 +294,7 @@ class Plan(Record):
         "sysctl": Field(MapOf(str), {}),        # `--sysctl`, `--domainname`
         "tmpfs": Field(ListOf(Tmpfs), []),      # `--tmpfs`: mounted in the guest
         "devices": Field(ListOf(Device), []),   # `--device`: made in the guest's /dev
+        "disks": Field(ListOf(Disk), []),       # DKVM_DISKS
         "pids_limit": Field(int, 0, in_range(0, MAX_ID)),   # `--pids-limit`, 0: none
         "dns_upstream": Field(ListOf(str), []),  # the host's name servers
         "winsize": Field(ListOf(int), [], set_by=ENTRYPOINT),      # [rows, cols], with -t

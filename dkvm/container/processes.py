@@ -47,19 +47,22 @@ class VmProcesses:
         listener.close()
         self.virtiofsd = Child("virtiofsd", proc, paths.VIRTIOFSD_LOG)
 
-    def start_qemu(self, plan):
-        """QEMU gets the container's stdio as extra fds for the stdio ports; its own fd 2
-        goes to a log so that its warnings never mix with the workload's output."""
+    def start_qemu(self, plan, disk_fds=()):
+        """QEMU gets the container's stdio as extra fds for the stdio ports, and the
+        disks' open files; its own fd 2 goes to a log so that its warnings never mix
+        with the workload's output."""
         out_fd, err_fd = dup_or_null(1), dup_or_null(2)
         vcpus = plan.cpus or len(os.sched_getaffinity(0))
-        argv = qemu_argv(plan, vcpus, out_fd, err_fd)
+        argv = qemu_argv(plan, vcpus, out_fd, err_fd, disk_fds)
+        disk_fds = [fd for pair in disk_fds for fd in pair]
         log = open(paths.QEMU_LOG, "wb")
         stdio = {} if plan.process.terminal else {"stdin": subprocess.DEVNULL, "stdout": log}
         proc = subprocess.Popen(argv, env=dict(os.environ, **qemu_env()), stderr=log,
-                                pass_fds=(out_fd, err_fd), preexec_fn=start_qemu_child,
+                                pass_fds=(out_fd, err_fd, *disk_fds),
+                                preexec_fn=start_qemu_child,
                                 **stdio)
-        os.close(out_fd)
-        os.close(err_fd)
+        for fd in (out_fd, err_fd, *disk_fds):
+            os.close(fd)
         self.qemu = Child("QEMU", proc, paths.QEMU_LOG)
 
     # --- what the supervisor asks

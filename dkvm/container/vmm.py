@@ -28,13 +28,15 @@ def kernel_append(plan):
     return " ".join(parts)
 
 
-def qemu_argv(plan, vcpus, stdout_fd, stderr_fd):
+def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, disk_fds=()):
     """QEMU for one container. Without a terminal, the workload's stdout and stderr
     leave through two virtio-serial ports written straight to the container's fds,
     and stdin arrives on a third from a socket the entrypoint feeds and closes at EOF
     (QEMU opens a pipe chardev read-write, so it would never see EOF itself). With a
     terminal, the guest console is QEMU's stdio. The kernel's console goes to the
-    container's stderr only when DKVM_KERNEL_DEBUG asks for it."""
+    container's stderr only when DKVM_KERNEL_DEBUG asks for it. Each DKVM_DISKS disk
+    is an open file (`disk_fds`: read-write and read-only), a virtio-blk device the
+    guest finds by its serial."""
     mem = plan.memory_mib
     if plan.options.accel == "kvm":
         accel, cpu = ["-accel", "kvm"], "host"
@@ -56,6 +58,12 @@ def qemu_argv(plan, vcpus, stdout_fd, stderr_fd):
         "-chardev", f"socket,id=ctl,path={paths.CONTROL_SOCKET}",
         "-device", f"virtserialport,bus=ser0.0,nr=1,chardev=ctl,name={paths.PORT_CONTROL}",
     ]
+    for number, (disk, (rw_fd, ro_fd)) in enumerate(zip(plan.disks, disk_fds)):
+        argv += ["-add-fd", f"fd={rw_fd},set={number + 1}",
+                 "-add-fd", f"fd={ro_fd},set={number + 1}",
+                 "-drive", f"file=/dev/fdset/{number + 1},if=none,id=disk{number},"
+                           "format=raw,aio=threads,discard=unmap",
+                 "-device", f"virtio-blk-pci,drive=disk{number},serial={disk.serial}"]
     for number, iface in enumerate(plan.interfaces):
         netdev, device = nic_options(number, iface.mac)
         argv += ["-netdev", command_line_options(netdev, "type"),

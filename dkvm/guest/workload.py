@@ -23,13 +23,14 @@ def open_console(winsize):
     return console
 
 
-def spawn(plan, stdio):
+def spawn(plan, stdio, disks=None):
     """Start the workload as PID 1 of its own PID namespace, as runc does: it sees
     itself as PID 1, gets PID 1's signal semantics, and reaps its own orphans. It has
     its own cgroup (world.make_workload_cgroup) and cgroup namespace. Its mount
     namespace has the image's root as its root (pivot_root: nothing of init's
     stays reachable) with a container's filesystems mounted in it. With a terminal,
-    the console is its controlling terminal and stdio. (After this, init may not
+    the console is its controlling terminal and stdio; `disks`: DKVM_DISKS' device
+    nodes by serial (world.attach_disks), mounted in its root. (After this, init may not
     start threads: the kernel refuses them once it has unshared its PID namespace.)
     Returns once the workload has exec'd (or failed): an exec joins its namespaces,
     which must hold its world by then."""
@@ -48,8 +49,8 @@ def spawn(plan, stdio):
         world.join_workload_cgroup()
         syscalls.unshare(syscalls.CLONE_NEWCGROUP | syscalls.CLONE_NEWNS)
         syscalls.make_mounts_private()
-        if plan.options.kernel_lib_modules:
-            world.mount_kernel_modules(plan.boot.modules, paths.SHARED_ROOTFS + "/lib/modules")
+        world.mount_workload_modules(plan, paths.SHARED_ROOTFS)
+        world.mount_disks(plan, disks or {}, paths.SHARED_ROOTFS)
         syscalls.pivot_to(paths.SHARED_ROOTFS)
         world.mount_container_filesystems(plan)
         syscalls.mount("proc", "/proc", "proc",

@@ -108,11 +108,8 @@ def apply_identity(plan):
 
 
 def mount_kernel_modules(modules, target):
-    """DKVM_KERNEL_MOUNT_LIB_MODULES: the boot descriptor's modules for this kernel,
-    with depmod's indexes, read-only at `target`: /lib/modules of init, whose root is
-    where the kernel runs its module requests (crypto, netfilter extensions, with the
-    payload's busybox modprobe), and of the workload (the image's own, built for other
-    kernels, are hidden)."""
+    """The boot descriptor's modules for this kernel, with depmod's indexes, read-only
+    at `target`."""
     if not modules:
         raise RuntimeError("this guest kernel carries no modules to mount")
     os.makedirs(target, exist_ok=True)
@@ -120,9 +117,96 @@ def mount_kernel_modules(modules, target):
 
 
 def serve_module_requests(plan):
+    """The kernel's own module requests (a filesystem mounted, a netfilter extension,
+    a device opened) run the payload's busybox modprobe in init's root, where the
+    running kernel's modules are at /lib/modules. The nodes of devices whose module
+    is loaded when they are opened (/dev/loop-control, /dev/net/tun) are made, as
+    `kmod static-nodes` makes them on other systems."""
+    if not plan.boot.modules:
+        return
+    mount_kernel_modules(plan.boot.modules, "/lib/modules")
+    syscalls.write_sysctls({"kernel.modprobe": paths.payload_path("bin", "modprobe")})
+    try:
+        with open(f"/lib/modules/{plan.boot.release}/modules.devname") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        fields = line.split()
+        if len(fields) != 3 or line.startswith("#") or fields[2][:1] not in "cb":
+            continue
+        major, _, minor = fields[2][1:].partition(":")
+        path = "/dev/" + fields[1]
+        if not os.path.lexists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.mknod(path, DEVICE_TYPES[fields[2][0]] | 0o600,
+                     os.makedev(int(major), int(minor)))
+
+
+def mount_workload_modules(plan, root):
+    """The running kernel's modules in the workload's root (before it is pivoted
+    into), for its own modprobe: at /lib/modules/<release>, beside the image's own,
+    in images that have a /lib (one that lacks it gets none: the kernel's own requests
+    still work); over the whole of /lib/modules with DKVM_KERNEL_MOUNT_LIB_MODULES."""
+    if not plan.boot.modules:
+        return
     if plan.options.kernel_lib_modules:
-        mount_kernel_modules(plan.boot.modules, "/lib/modules")
-        syscalls.write_sysctls({"kernel.modprobe": paths.payload_path("bin", "modprobe")})
+        mount_kernel_modules(plan.boot.modules, root + "/lib/modules")
+        return
+    target = f"{root}/lib/modules/{plan.boot.release}"
+    if not os.path.isdir(root + "/lib"):
+        return
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError:                 # a read-only root
+        return
+    syscalls.bind_mount(f"{plan.boot.modules}/{plan.boot.release}", target, readonly=True)
+
+
+def attach_disks(plan):
+    """DKVM_DISKS: the virtio-blk driver and the filesystem's (this kernel has both as
+    modules), then each disk's device node, found by its serial."""
+    if not plan.disks:
+        return {}
+    for module in ("virtio_blk", "ext4"):
+        run_payload_program("modprobe", module)
+    wanted = {disk.serial for disk in plan.disks}
+    deadline = time.monotonic() + PORT_WAIT
+    while True:
+        found = {}
+        for name in os.listdir("/sys/block"):
+            try:
+                with open(f"/sys/block/{name}/serial") as f:
+                    found[f.read().strip()] = f"/dev/{name}"
+            except OSError:
+                continue
+        if wanted <= set(found) and all(os.path.exists(found[s]) for s in wanted):
+            return {serial: found[serial] for serial in wanted}
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"disks missing: {sorted(wanted - set(found))}")
+        time.sleep(0.02)
+
+
+def mount_disks(plan, devices, root):
+    """Each disk at its mount point in the workload's root (made if missing)."""
+    for disk in plan.disks:
+        target = root + disk.mount_point
+        os.makedirs(target, exist_ok=True)
+        syscalls.mount(devices[disk.serial], target, disk.filesystem)
+
+
+def run_payload_program(name, *args):
+    """A payload program from init, to its end (init forks: it may not make threads)."""
+    program = paths.payload_path("bin", name)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv(program, [program, *args])
+        finally:
+            os._exit(127)
+    _, wstatus = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(wstatus) != 0:
+        raise RuntimeError(f"{name} {' '.join(args)} failed")
 
 
 def find_ports(wanted):

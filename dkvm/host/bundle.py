@@ -51,7 +51,7 @@ def prepare_create(create_args, defaults):
 def make_mount_points(layout, config):
     """`--read-only`: the image is mounted read-only in the container, where runc
     cannot make the mount points of the mounts inside it, nor the guest those of its
-    `--tmpfs` and modules: make them first, as runc would have."""
+    `--tmpfs`, disks and modules: make them first, as runc would have."""
     from dkvm.host.image_paths import make_mount_point
     from dkvm.schema import Plan
     binds = []
@@ -66,7 +66,8 @@ def make_mount_points(layout, config):
             binds.append((path, source))
     env = dict(item.partition("=")[::2] for item in config["process"]["env"])
     plan = Plan.from_json(env[paths.PLAN_ENV])
-    in_guest = [tmpfs.destination for tmpfs in plan.tmpfs]
+    in_guest = [tmpfs.destination for tmpfs in plan.tmpfs] + [disk.mount_point
+                                                              for disk in plan.disks]
     if plan.options.kernel_lib_modules:
         in_guest.append("/lib/modules")
     for path in in_guest:

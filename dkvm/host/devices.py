@@ -6,17 +6,17 @@ from dkvm.errors import DkvmError
 from dkvm.schema import Device
 
 ANY = None
-# (type, major, minor) -> what it is: built into every guest kernel DKVM boots
-BUILT_IN = {("c", 1, 3): "null", ("c", 1, 5): "zero", ("c", 1, 7): "full",
-            ("c", 1, 8): "random", ("c", 1, 9): "urandom", ("c", 1, 11): "kmsg",
-            ("c", 5, 0): "tty", ("c", 5, 2): "ptmx", ("c", 10, 229): "fuse"}
-# ... and from its modules, which the guest loads when DKVM_KERNEL_MOUNT_LIB_MODULES=1
-FROM_MODULES = {("c", 10, 200): "net/tun", ("c", 10, 237): "loop-control",
-                ("b", 7, ANY): "loop*"}
+# (type, major, minor) -> what it is: what every guest kernel DKVM boots drives,
+# built in or from a module it loads when the node is opened
+GUEST_DEVICES = {("c", 1, 3): "null", ("c", 1, 5): "zero", ("c", 1, 7): "full",
+                 ("c", 1, 8): "random", ("c", 1, 9): "urandom", ("c", 1, 11): "kmsg",
+                 ("c", 5, 0): "tty", ("c", 5, 2): "ptmx", ("c", 10, 229): "fuse",
+                 ("c", 10, 200): "net/tun", ("c", 10, 237): "loop-control",
+                 ("b", 7, ANY): "loop*"}
 FULL_ACCESS = set("rwm")
 
 
-def guest_devices(linux, modules_mounted):
+def guest_devices(linux):
     """The config's devices as the guest makes them; a DkvmError for one the guest
     kernel cannot drive, or whose access the VM cannot restrict (in its own kernel
     the workload is root over every device: only `rwm` means the same there)."""
@@ -27,9 +27,10 @@ def guest_devices(linux, modules_mounted):
     for dev in linux.get("devices") or []:
         path, kind = dev.get("path", ""), dev.get("type", "c")
         number = (kind, dev.get("major", 0), dev.get("minor", 0))
-        if not provided(number, modules_mounted):
+        if number not in GUEST_DEVICES and number[:2] + (ANY,) not in GUEST_DEVICES:
             raise DkvmError(f"--device {path}: the VM's kernel has no driver for {kind} "
-                            f"{number[1]}:{number[2]}; {available(modules_mounted)}")
+                            f"{number[1]}:{number[2]}; the VM has /dev/"
+                            + ", /dev/".join(sorted(GUEST_DEVICES.values())))
         access = granted_access(rules, number)
         if access != FULL_ACCESS:
             raise DkvmError(f"--device {path}:{''.join(sorted(access)) or '-'}: the VM cannot "
@@ -38,20 +39,6 @@ def guest_devices(linux, modules_mounted):
                               file_mode=dev.get("fileMode", 0o666) & 0o7777,
                               uid=dev.get("uid", 0), gid=dev.get("gid", 0)))
     return devices
-
-
-def provided(number, modules_mounted):
-    tables = [BUILT_IN] + ([FROM_MODULES] if modules_mounted else [])
-    return any(number in table or number[:2] + (ANY,) in table for table in tables)
-
-
-def available(modules_mounted):
-    names = sorted(BUILT_IN.values())
-    with_modules = sorted(FROM_MODULES.values())
-    if modules_mounted:
-        return "the VM has /dev/" + ", /dev/".join(names + with_modules)
-    return ("the VM has /dev/" + ", /dev/".join(names) + " (and /dev/"
-            + ", /dev/".join(with_modules) + " with DKVM_KERNEL_MOUNT_LIB_MODULES=1)")
 
 
 def granted_access(rules, number):

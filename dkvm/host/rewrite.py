@@ -21,9 +21,9 @@ from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.host.devices import guest_devices
 from dkvm.kernel_names import CAPABILITY_NUMBERS
-from dkvm.options import parse_settings, split_env
-from dkvm.schema import (CAPABILITY_SETS, Capabilities, ExecRequest, Options, Plan, Process,
-                         Rlimit, Tmpfs)
+from dkvm.options import disk_entries, parse_settings, split_env
+from dkvm.schema import (CAPABILITY_SETS, Capabilities, Disk, ExecRequest, Options, Plan,
+                         Process, Rlimit, Tmpfs)
 
 MIB = 1 << 20
 DEFAULT_GUEST_MIB = Plan.FIELDS["memory_mib"].default
@@ -78,9 +78,10 @@ def rewrite_create_config(config, host, bundle, container_id=""):
         sysctl=dict(linux.get("sysctl") or {}),
         dns_upstream=list(host.dns_upstream),
         readonly_root=bool((config.get("root") or {}).get("readonly")),
-        devices=guest_devices(linux, options.kernel_lib_modules),
+        devices=guest_devices(linux),
         pids_limit=take_pids_limit(resources),
     )
+    plan.disks = plan_disks(options.disk_list, config.get("mounts") or [], plan.readonly_root)
     mounts, plan.tmpfs = split_user_tmpfs(config.get("mounts") or [])
     config["mounts"] = lay_out_mounts(mounts, bundle.image_root, plan.readonly_root,
                                       host.payload_dir, bundle.resolve)
@@ -215,6 +216,29 @@ def plan_memory(resources):
     if (memory.get("reservation") or 0) > memory["limit"]:
         memory["reservation"] = memory["limit"]
     return guest_mib
+
+
+DISK_SERIAL = "dkvm-disk{}"
+
+
+def plan_disks(text, mounts, readonly_root):
+    """DKVM_DISKS as the plan's disks. A backing file must be where the container side
+    can write it: not under a read-only root or bind, nor a `--tmpfs` (the guest's)."""
+    disks = []
+    for index, (file, mount_point, filesystem, size) in enumerate(disk_entries(text)):
+        under = [m for m in mounts if m.get("destination") and
+                 (file + "/").startswith(m["destination"].rstrip("/") + "/")]
+        mount = max(under, key=lambda m: len(m["destination"]), default=None)
+        if mount is None and readonly_root or \
+                mount is not None and "ro" in (mount.get("options") or []):
+            raise DkvmError(f"DKVM_DISKS: the file {file} is on a read-only path "
+                            "(put it on a writable volume)")
+        if mount is not None and mount.get("type") == "tmpfs":
+            raise DkvmError(f"DKVM_DISKS: the file {file} is on a --tmpfs, which lives in "
+                            "the guest (put it on a volume or in the container's root)")
+        disks.append(Disk(file=file, mount_point=mount_point, filesystem=filesystem,
+                          size=size, serial=DISK_SERIAL.format(index)))
+    return disks
 
 
 def split_user_tmpfs(mounts):

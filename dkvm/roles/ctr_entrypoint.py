@@ -4,9 +4,9 @@ It catches signals from the first moment (they wait for the guest), hands the
 container's network interfaces to the VM (and, from then on, follows `docker network
 connect`/`disconnect` with hot-plugged NICs), completes the plan with what only the
 container can see, makes the sockets QEMU and virtiofsd meet on (in its private /run),
-and starts virtiofsd on the export and QEMU together. Then the supervisor serves the
-control channel (the guest asks it for the plan first) until the guest reports the
-workload's exit status, which becomes ours.
+and starts virtiofsd on the export and QEMU together, with the DKVM_DISKS files. Then
+the supervisor serves the control channel (the guest asks it for the plan first)
+until the guest reports the workload's exit status, which becomes ours.
 """
 import os
 import select
@@ -14,6 +14,7 @@ import socket
 import time
 
 from dkvm import log, paths
+from dkvm.container.disks import open_disks
 from dkvm.container.net_follower import NetworkFollower
 from dkvm.container.net_plumbing import ipv6_sysctls, take_over_interfaces
 from dkvm.container.net_steps import interface_steps, sysctl_step
@@ -41,7 +42,7 @@ def main(argv):
         signal_listener = listen(paths.SIGNAL_SOCKET, backlog=8)
         stdin_listener = None if plan.process.terminal else listen(paths.STDIN_SOCKET)
         vm.start_virtiofsd(listen(paths.VIRTIOFS_SOCKET), plan)
-        vm.start_qemu(plan)
+        vm.start_qemu(plan, open_disks(plan.disks))
         follower.start(plan.interfaces, paths.QMP_SOCKET)
         control = accept_qemu(control_listener, vm)
         stdin_conn = accept_qemu(stdin_listener, vm) if stdin_listener else None

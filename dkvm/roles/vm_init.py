@@ -30,7 +30,7 @@ def main(argv):
         world.apply_identity(plan)
         world.serve_module_requests(plan)
         world.make_workload_cgroup(plan)
-        status = run_workload(plan, ports, control, decoder)
+        status = run_workload(plan, ports, control, decoder, world.attach_disks(plan))
     except Exception as err:  # PID 1 must never die with a traceback: report and stop
         log.warn(repr(err))
         if control is not None:
@@ -39,7 +39,7 @@ def main(argv):
     finish(control, status)
 
 
-def run_workload(plan, ports, control, decoder):
+def run_workload(plan, ports, control, decoder, disks):
     """Start the workload, say hello (the container side holds stdin and execs back
     until then: this guest kernel drops what arrives on a port nobody has open), then
     serve the control channel until the workload exits; its exit status."""
@@ -47,7 +47,7 @@ def run_workload(plan, ports, control, decoder):
         console, stdio = workload.open_console(plan.winsize), None
     else:
         console, stdio = None, world.open_stdio_ports(ports)
-    pid = workload.spawn(plan, stdio)
+    pid = workload.spawn(plan, stdio, disks)
     for fd in stdio or ():
         os.close(fd)
     forwarder = None

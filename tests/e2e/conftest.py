@@ -15,8 +15,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the tests' shared `waiting`
 
-from dockerutil import (BUSYBOX, DEBIAN, PATH_ENV, STATIC, busybox_tree, docker_import,
-                        image_exists, sh)
+from dockerutil import (BUSYBOX, DEBIAN, PATH_ENV, STATIC, SYSTEM, busybox_tree,
+                        docker_import, image_exists, sh, with_stop_signal)
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,17 +52,39 @@ def static_image(docker):
     return STATIC
 
 
+DEBIAN_PATH = "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def debootstrap(root, packages=()):
+    """A Debian bookworm minbase tree (and `packages`) at `root`, without apt's cache."""
+    sh("debootstrap", "--variant=minbase", *([f"--include={','.join(packages)}"] if packages
+                                             else []), "bookworm", str(root),
+       os.environ.get("DKVM_TEST_MIRROR", "http://deb.debian.org/debian"), timeout=900)
+    shutil.rmtree(root / "var" / "cache" / "apt" / "archives", ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def debian_image(docker):
     if not image_exists(DEBIAN):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "root"
-            sh("debootstrap", "--variant=minbase", "bookworm", str(root),
-               os.environ.get("DKVM_TEST_MIRROR", "http://deb.debian.org/debian"), timeout=900)
-            shutil.rmtree(root / "var" / "cache" / "apt" / "archives", ignore_errors=True)
-            docker_import(root, DEBIAN, ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:"
-                                         "/usr/bin:/sbin:/bin", 'CMD ["bash"]'])
+            debootstrap(root)
+            docker_import(root, DEBIAN, [DEBIAN_PATH, 'CMD ["bash"]'])
     return DEBIAN
+
+
+@pytest.fixture(scope="session")
+def system_image(docker):
+    """Debian with systemd as its init and Docker (docker.io) as a service, stopped
+    with systemd's SIGRTMIN+3, as systemd images are."""
+    if not image_exists(SYSTEM):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "root"
+            debootstrap(root, ["systemd", "systemd-sysv", "docker.io", "iptables", "kmod",
+                               "procps"])
+            docker_import(root, SYSTEM + "-base", [DEBIAN_PATH, 'CMD ["/sbin/init"]'])
+        with_stop_signal(SYSTEM + "-base", SYSTEM, "SIGRTMIN+3")
+    return SYSTEM
 
 
 @pytest.fixture

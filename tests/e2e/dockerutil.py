@@ -3,7 +3,9 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import uuid
+from pathlib import Path
 
 from waiting import wait_until
 
@@ -11,6 +13,7 @@ RUN_TIMEOUT = 240
 BUSYBOX = "dkvm-test-busybox"
 STATIC = "dkvm-test-static"
 DEBIAN = "dkvm-test-debian"
+SYSTEM = "dkvm-test-system"        # Debian with systemd and Docker
 PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
           "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
           "app:x:1000:1000:app:/home/app:/bin/sh\n")
@@ -70,6 +73,13 @@ def docker_import(tree, tag, changes=()):
     cmd = ["docker", "import"] + [f"--change={c}" for c in changes] + ["-", tag]
     subprocess.run(cmd, stdin=tar.stdout, check=True, capture_output=True, timeout=600)
     tar.wait(timeout=60)
+
+
+def with_stop_signal(base, tag, stop_signal):
+    """`base` with a STOPSIGNAL (`docker import` cannot set one)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "Dockerfile").write_text(f"FROM {base}\nSTOPSIGNAL {stop_signal}\n")
+        sh("docker", "build", "-q", "-t", tag, tmp)
 
 
 def resize_and_check(child, old, new, attempts=20):

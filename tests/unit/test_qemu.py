@@ -4,7 +4,7 @@ import pytest
 from unitutil import KERNELS
 from dkvm import paths
 from dkvm.container.vmm import kernel_append, qemu_argv, qemu_env, virtiofsd_argv
-from dkvm.schema import Boot, Interface, Options, Plan, Process
+from dkvm.schema import Boot, Disk, Interface, Options, Plan, Process
 
 
 def make_plan(terminal=False, boot=KERNELS["debian"], **kw):
@@ -173,3 +173,17 @@ def test_each_interface_gets_a_tap_and_a_nic_with_ids_for_unplugging():
     nics = [d for d in devices(argv) if d.startswith("virtio-net-pci")]
     assert nics == ["virtio-net-pci,netdev=net0,id=nic0,mac=02:42:ac:11:00:02,romfile=",
                     "virtio-net-pci,netdev=net1,id=nic1,mac=02:42:0a:7b:2d:0a,romfile="]
+
+
+def test_each_disk_is_an_fd_set_of_its_open_files_and_a_virtio_blk_device():
+    disks = [Disk(file="/a.img", mount_point="/a", serial="dkvm-disk0"),
+             Disk(file="/b.img", mount_point="/b", serial="dkvm-disk1")]
+    argv = qemu_argv(make_plan(disks=disks), 1, 3, 4, [(10, 11), (12, 13)])
+    assert values(argv, "-add-fd") == ["fd=10,set=1", "fd=11,set=1", "fd=12,set=2",
+                                       "fd=13,set=2"]
+    assert [d.split(",")[0] for d in values(argv, "-drive")] == ["file=/dev/fdset/1",
+                                                                 "file=/dev/fdset/2"]
+    assert [d for d in devices(argv) if d.startswith("virtio-blk-pci")] == [
+        "virtio-blk-pci,drive=disk0,serial=dkvm-disk0",
+        "virtio-blk-pci,drive=disk1,serial=dkvm-disk1"]
+    assert "-drive" not in qemu_argv(make_plan(), 1, 3, 4)

@@ -1,0 +1,80 @@
+"""DKVM_DISKS on the container side: each backing file opened inside the image's
+tree (its links resolved as if that tree were the root: nothing the image holds can
+point the container side at a file of its own), made sparse at its size and
+formatted by the payload's mke2fs on first use, and handed to QEMU as an open file.
+The guest mounts it; the container side never reads what is on it."""
+import ctypes
+import os
+import stat
+import subprocess
+
+from dkvm import paths
+from dkvm.errors import DkvmError
+
+SYS_OPENAT2 = 437                         # x86_64
+RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
+FORMAT_TIMEOUT = 120
+
+
+def open_disks(disks, root=paths.SHARED_ROOTFS):
+    """For each schema.Disk, formatted if it was new: the file open read-write and
+    read-only (QEMU takes from the pair the one whose mode it asks for)."""
+    fds = []
+    try:
+        for disk in disks:
+            fd = open_disk(disk, root)
+            fds.append((fd, os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)))
+    except BaseException:
+        for fd in (fd for pair in fds for fd in pair):
+            os.close(fd)
+        raise
+    return fds
+
+
+def open_disk(disk, root):
+    fd = open_in_root(root, disk.file, os.O_RDWR | os.O_CREAT | os.O_NOCTTY | os.O_CLOEXEC
+                      | os.O_NONBLOCK, 0o600)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DkvmError(f"DKVM_DISKS: {disk.file} is not a regular file")
+        if info.st_size == 0:
+            os.ftruncate(fd, disk.size)
+            format_disk(fd, disk)
+        os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_in_root(root, path, flags, mode):
+    """openat2(RESOLVE_IN_ROOT): `path` as seen from `root`, whatever links lie on the
+    way; its directory must exist."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    dirfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        how = (ctypes.c_uint64 * 3)(flags, mode, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        fd = libc.syscall(SYS_OPENAT2, dirfd, path.encode(), how, ctypes.sizeof(how))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise DkvmError(f"DKVM_DISKS: cannot open {path} in the container: "
+                            f"{os.strerror(err)}")
+        return fd
+    finally:
+        os.close(dirfd)
+
+
+def format_disk(fd, disk):
+    argv = paths.payload_program_argv(paths.payload_path("bin", "mke2fs")) + [
+        "-q", "-F", "-t", disk.filesystem, "-E", "lazy_itable_init=1,lazy_journal_init=1",
+        f"/proc/self/fd/{fd}"]
+    try:
+        done = subprocess.run(argv, pass_fds=(fd,), capture_output=True, text=True,
+                              timeout=FORMAT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise DkvmError(f"DKVM_DISKS: formatting {disk.file} took over {FORMAT_TIMEOUT}s")
+    if done.returncode != 0:
+        os.ftruncate(fd, 0)             # not half-made: the next start tries again
+        raise DkvmError(f"DKVM_DISKS: formatting {disk.file} failed: "
+                        f"{' '.join((done.stderr or done.stdout).split())[:300]}")
