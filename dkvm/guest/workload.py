@@ -9,7 +9,6 @@ from dkvm import paths
 from dkvm.guest import syscalls, world
 from dkvm.guest.process import become_and_exec
 
-CONSOLE = "/dev/hvc0"
 SETUP_FAILED = 125          # the VM could not give the workload its container
 SETUP_WAIT = 60             # the workload's namespaces and mounts being made
 
@@ -17,7 +16,7 @@ SETUP_WAIT = 60             # the workload's namespaces and mounts being made
 def open_console(winsize):
     """The guest console (QEMU's stdio, with -t), at the client's terminal size."""
     from dkvm import terminal
-    console = os.open(CONSOLE, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    console = os.open(world.CONSOLE, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     if len(winsize) == 2:
         terminal.set_size(console, *winsize)
     return console
@@ -44,7 +43,7 @@ def spawn(plan, stdio, disks=None):
     os.close(ready_r)
     try:
         if plan.process.terminal:
-            tty = os.open(CONSOLE, os.O_RDWR)
+            tty = os.open(world.CONSOLE, os.O_RDWR)
             stdio = (tty, tty, tty)
         world.join_workload_cgroup()
         syscalls.unshare(syscalls.CLONE_NEWCGROUP | syscalls.CLONE_NEWNS)

@@ -14,6 +14,7 @@ from dkvm import paths
 from dkvm.guest import network, syscalls
 
 PORT_WAIT = 10
+CONSOLE = "/dev/hvc0"             # the guest console: the workload's terminal with -t
 CGROUP_ROOT = "/sys/fs/cgroup"
 WORKLOAD_CGROUP = CGROUP_ROOT + "/workload"     # the root of the workload's cgroup namespace
 DEVICE_TYPES = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
@@ -98,6 +99,8 @@ def mount_container_filesystems(plan):
         if not os.path.lexists(f"/dev/{name}"):
             os.symlink(target, f"/dev/{name}")
     make_devices(plan.devices)
+    if plan.process.terminal:       # as runc binds its terminal there: systemd's status
+        syscalls.bind_mount(CONSOLE, "/dev/console")
 
 
 def apply_identity(plan):

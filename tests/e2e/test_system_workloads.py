@@ -85,6 +85,26 @@ def test_systemd_and_docker_inside_on_a_disk_that_outlives_the_vm(system_image, 
                                "--format", "{{.Repository}}").stdout
 
 
+RUNC_SYSTEMD = ["--tmpfs", "/run", "--tmpfs", "/run/lock", "-v",
+                "/sys/fs/cgroup:/sys/fs/cgroup:ro"]
+
+
+@pytest.mark.parametrize("runtime", ["runc", "dkvm"])
+def test_systemds_console_is_in_docker_logs_with_a_terminal(system_image, container_name,
+                                                            runtime):
+    """With -t, systemd's console (its status lines, its shutdown) is the terminal, as
+    runc binds it to /dev/console; runc needs the flags a systemd container needs."""
+    flags = RUNC_SYSTEMD if runtime == "runc" else []
+    sh("docker", "run", "-d", "-t", f"--runtime={runtime}", "--name", container_name, *flags,
+       system_image)
+    wait_until(lambda: "Reached target" in sh("docker", "logs", container_name).stdout,
+               "systemd's console in docker logs", timeout=BOOTED, interval=1)
+    sh("docker", "stop", "-t", "60", container_name, timeout=120)
+    out = sh("docker", "logs", container_name).stdout
+    assert "Detected architecture x86-64." in out
+    assert out.rstrip().endswith("Exiting container.")
+
+
 KERNEL_WORK = ("modprobe squashfs && grep -c squashfs /proc/filesystems; "
                "truncate -s 32M /loop.img && mke2fs -q /loop.img && mkdir -p /mnt/loop && "
                "mount -o loop /loop.img /mnt/loop && echo x > /mnt/loop/f && "
