@@ -66,15 +66,17 @@ def open_in_root(root, path, flags, mode):
 
 
 def format_disk(fd, disk):
+    """mke2fs on the open file; on failure the file is emptied, not left half-made:
+    the next start tries again."""
     argv = paths.payload_program_argv(paths.payload_path("bin", "mke2fs")) + [
         "-q", "-F", "-t", disk.filesystem, "-E", "lazy_itable_init=1,lazy_journal_init=1",
         f"/proc/self/fd/{fd}"]
     try:
         done = subprocess.run(argv, pass_fds=(fd,), capture_output=True, text=True,
                               timeout=FORMAT_TIMEOUT)
+        failure = done.returncode and " ".join((done.stderr or done.stdout).split())[:300]
     except subprocess.TimeoutExpired:
-        raise DkvmError(f"DKVM_DISKS: formatting {disk.file} took over {FORMAT_TIMEOUT}s")
-    if done.returncode != 0:
-        os.ftruncate(fd, 0)             # not half-made: the next start tries again
-        raise DkvmError(f"DKVM_DISKS: formatting {disk.file} failed: "
-                        f"{' '.join((done.stderr or done.stdout).split())[:300]}")
+        failure = f"it took over {FORMAT_TIMEOUT}s"
+    if failure:
+        os.ftruncate(fd, 0)
+        raise DkvmError(f"DKVM_DISKS: formatting {disk.file} failed: {failure}")

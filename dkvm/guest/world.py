@@ -4,8 +4,9 @@ init keeps a root of its own (a tmpfs the initramfs made, with the container's e
 at paths.SHARE_DIR and the payload at paths.PAYLOAD_MOUNT); the workload's root is the
 image's, paths.SHARED_ROOTFS, in a mount namespace of its own where it finds what runc
 would have mounted (sysfs, /dev, cgroups, /dev/shm, `--tmpfs`), over whatever the
-image has there (workload.spawn). Host and domain names, sysctls and the network are
-the VM's own; the kernel's modules appear in both roots when asked for."""
+image has there (workload.spawn), in a cgroup of its own, with DKVM_DISKS mounted.
+Host and domain names, sysctls and the network are the VM's own; the kernel's modules
+are in init's root (for the kernel's own requests) and in the workload's."""
 import os
 import stat
 import time
