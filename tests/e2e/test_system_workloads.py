@@ -38,13 +38,15 @@ def dockerd_answers(name):
 
 @pytest.fixture
 def disk_volume(docker):
+    """A named volume for a disk, removed at the end (ask for it before the container
+    that uses it: fixtures end in reverse order)."""
     name = f"dkvm-test-disk-{uuid.uuid4().hex[:8]}"
     yield name
     sh("docker", "volume", "rm", "-f", name, check=False)
 
 
 def test_systemd_and_docker_inside_on_a_disk_that_outlives_the_vm(system_image, busybox_image,
-                                                                  container_name, disk_volume):
+                                                                  disk_volume, container_name):
     run_system(system_image, container_name, disk_volume)
     wait_for_system(container_name)
     # a clean cgroup tree of its own: systemd in init.scope, nothing outside it
