@@ -30,6 +30,7 @@ from dkvm.terminal import get_size
 EXIT_GRACE = 10             # QEMU powering off after the guest reported its exit
 IDLE = 0.5                  # the longest a turn sleeps: children and deadlines are checked then
 REQUEST_WAIT = 1            # the runtime writing its signal request
+MAX_KILLERS = 16            # runtimes waiting at once for the workload to die
 MAX_EXECS = 128             # concurrent `docker exec`s; more are refused
 # What may wait to be sent: to a relay, its window of output and the guest's small
 # frames; to the guest, each relay's window of stdin and the rest (signals, DNS
@@ -209,7 +210,8 @@ class Supervisor:
             conn.close()
             self.warn(f"signal request: {err}")
             return
-        waits = signum == signal.SIGKILL and self.held is None
+        waits = signum == signal.SIGKILL and self.held is None and \
+            len(self.killers) < MAX_KILLERS
         self.to_guest(wire.encode(wire.SIGNAL, {"signal": signum}))
         if waits:
             self.killers.append(conn)

@@ -24,6 +24,7 @@ import time
 import pytest
 
 from dkvm import wire
+from waiting import wait_until
 from dkvm.container import supervisor as supervisor_module
 from dkvm.container.exec_relay import ExecRelay
 from dkvm.container.signal_inbox import SignalInbox
@@ -461,6 +462,9 @@ def test_close_ends_the_session_even_with_the_window_spent(guest, close_after_ex
         g.run_until(lambda: g.session.credit == 0)
         g.idle(0.05)
     assert g.session.credit == 0 and not g.session.ended
+    # the relay's reader has taken all the window's output (it reads in a thread)
+    wait_until(lambda: g.sent_output() == STREAM_WINDOW, "the window's output to arrive",
+               timeout=WAIT, interval=0.01)
     sent = len(g.received())
     g.send(CLOSE)
     g.run_until(lambda: g.ended() and g.exited)    # no acks: nobody is there to send them
