@@ -174,21 +174,7 @@ def attach_disks(plan):
         return {}
     for module in ("virtio_blk", "ext4"):
         run_payload_program("modprobe", module)
-    wanted = {disk.serial for disk in plan.disks}
-    deadline = time.monotonic() + PORT_WAIT
-    while True:
-        found = {}
-        for name in os.listdir("/sys/block"):
-            try:
-                with open(f"/sys/block/{name}/serial") as f:
-                    found[f.read().strip()] = f"/dev/{name}"
-            except OSError:
-                continue
-        if wanted <= set(found) and all(os.path.exists(found[s]) for s in wanted):
-            return {serial: found[serial] for serial in wanted}
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"disks missing: {sorted(wanted - set(found))}")
-        time.sleep(0.02)
+    return find_devices("/sys/block", "serial", [disk.serial for disk in plan.disks], "disks")
 
 
 def mount_disks(plan, devices, root):
@@ -214,21 +200,26 @@ def run_payload_program(name, *args):
 
 
 def find_ports(wanted):
-    """virtio-serial ports by name (no udev in the guest: read sysfs)."""
+    """virtio-serial ports by name."""
+    return find_devices("/sys/class/virtio-ports", "name", wanted, "virtio-serial ports")
+
+
+def find_devices(base, attribute, wanted, what):
+    """{sysfs `attribute` of each device under `base`: its /dev node}, once every
+    `wanted` one is there with its node (no udev in the guest: read sysfs), bounded."""
     deadline = time.monotonic() + PORT_WAIT
     while True:
         found = {}
-        base = "/sys/class/virtio-ports"
         for dev in os.listdir(base) if os.path.isdir(base) else []:
             try:
-                with open(f"{base}/{dev}/name") as f:
+                with open(f"{base}/{dev}/{attribute}") as f:
                     found[f.read().strip()] = f"/dev/{dev}"
             except OSError:
                 continue
         if all(name in found and os.path.exists(found[name]) for name in wanted):
             return found
         if time.monotonic() > deadline:
-            raise RuntimeError(f"virtio-serial ports missing: {sorted(set(wanted) - set(found))}")
+            raise RuntimeError(f"{what} missing: {sorted(set(wanted) - set(found))}")
         time.sleep(0.02)
 
 

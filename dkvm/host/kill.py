@@ -7,8 +7,8 @@ the workload is dead or after KILL_GRACE whatever the guest does; SIGSTOP does n
 (the workload is stopped, as it would be under runc).
 
 A container that is not running, or not DKVM's, is runc's to answer. (Every `docker
-stop` comes through here: nothing is imported until a signal needs it.)"""
-from dkvm import paths, signal_request
+stop` comes through here: beyond the signal's name, nothing is imported until a signal
+needs it.)"""
 from dkvm.kernel_names import SIGKILL, SIGSTOP, signal_number
 
 KILL_GRACE = 0.8            # the guest killing the workload and powering off
@@ -25,6 +25,7 @@ def deliver_in_guest(args, index, runc):
     if not pid:
         return True
     import socket
+    from dkvm import paths, signal_request
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(KILL_GRACE if signum == SIGKILL else STOP_WAIT)

@@ -66,12 +66,13 @@ def complete_plan(plan, interfaces, winsize):
 
 def own_rlimits():
     import resource
+
+    def unsigned(value):            # RLIM_INFINITY is -1 here, all ones in OCI
+        return RLIM_INFINITY if value == resource.RLIM_INFINITY else value
     limits = []
     for number, name in enumerate(RLIMITS):
         soft, hard = resource.getrlimit(number)
-        limits.append(Rlimit(type=name, soft=RLIM_INFINITY if soft == resource.RLIM_INFINITY
-                             else soft, hard=RLIM_INFINITY if hard == resource.RLIM_INFINITY
-                             else hard))
+        limits.append(Rlimit(type=name, soft=unsigned(soft), hard=unsigned(hard)))
     return limits
 
 
