@@ -3,9 +3,9 @@
 
 The payload is everything a container or a guest needs and an image may lack: a
 Python that runs in any image (bundled loader and libraries), QEMU and virtiofsd,
-a static busybox, the guest kernel (ELF extracted from Debian's bzImage so QEMU
-can use its PVH entry) and an initramfs built from guest-init/. It comes from
-Debian packages on the build machine, installed with apt when missing.
+a static busybox, the guest's first scripts (guest-init/), and the guest kernels
+that kernels/*/recipe.toml describe (kernels/make.py). It comes from Debian packages
+on the build machine, installed with apt when missing.
 
 The build id is a hash of the payload and the Python tree, so two builds from the
 same tree and the same packages give the same id.
@@ -14,8 +14,6 @@ import argparse
 import compileall
 import hashlib
 import importlib.util
-import io
-import lzma
 import os
 import py_compile
 import re
@@ -28,7 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from dkvm.schema import Boot  # noqa: E402
+from dkvm import paths  # noqa: E402
+from kernels.make import build_kernels  # noqa: E402
 BUILD = ROOT / "build"
 DIST = ROOT / "dist"
 PYROUTE2 = "pyroute2==0.9.7"
@@ -43,7 +42,6 @@ APT_PACKAGES = {
     "/sbin/depmod": "kmod",
     "/sbin/mke2fs": "e2fsprogs",
 }
-KERNEL_META = "linux-image-amd64"
 PY_STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                   "pydoc_data", "site-packages", "dist-packages", "__pycache__",
                   "unittest/test", "distutils/tests", "ctypes/test", "sqlite3/test",
@@ -51,18 +49,6 @@ PY_STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2
 QEMU_FIRMWARE = ["/usr/share/seabios/bios-256k.bin", "/usr/share/qemu/pvh.bin",
                  "/usr/share/qemu/linuxboot_dma.bin", "/usr/share/qemu/kvmvapic.bin"]
 QEMU_MODULES = ["accel-tcg-x86_64.so"]
-# Modules the initramfs loads (with what they depend on) to reach the virtiofs root
-# and the control, output and network devices.
-INITRAMFS_MODULES = ["virtio_pci", "virtiofs", "virtio_console", "virtio_net"]
-# The guest's modules (the kernel's own requests, the workload's modprobe): what a
-# workload is likely to load (with what they depend on): iptables and nftables, bridges
-# and virtual links (Docker in the VM), overlay, loop and squashfs, traffic control,
-# and DKVM_DISKS' virtio-blk and ext4. The whole tree would be 390 MB.
-GUEST_MODULE_DIRS = ["net/netfilter", "net/ipv4/netfilter", "net/ipv6/netfilter", "net/bridge",
-                     "net/sched", "net/8021q", "fs/overlayfs", "fs/squashfs",
-                     "drivers/net/vxlan", "drivers/net/ipvlan", "drivers/net/wireguard"]
-GUEST_MODULES = ["veth", "macvlan", "dummy", "tun", "loop", "virtio_blk", "ext4",
-                 "crc32c_generic", "crc32c_intel"]   # libcrc32c's soft dependency (nftables)
 # In-container and in-guest roles start as `python3 <payload>/entry/<role>`: the
 # script's name is argv[0], which picks the role as it does on the host.
 ROLE_ENTRIES = ["dkvm-ctr-entrypoint", "dkvm-vm-init", "dkvm-exec"]
@@ -80,28 +66,21 @@ def log(msg):
 
 
 def ensure_packages():
-    missing = sorted({pkg for path, pkg in APT_PACKAGES.items() if not os.path.exists(path)})
+    apt_install(sorted({pkg for path, pkg in APT_PACKAGES.items() if not os.path.exists(path)}))
+
+
+def apt_install(packages):
+    """Install the Debian packages of `packages` that are not installed yet."""
+    missing = [pkg for pkg in packages if subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True,
+        text=True).stdout != "install ok installed"]
     if missing:
         log(f"installing {' '.join(missing)} with apt")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env)
-
-
-def kernel_deb():
-    """Download (not install) Debian's stock kernel package; the host kernel is untouched."""
-    out = subprocess.run(["apt-cache", "depends", KERNEL_META], check=True,
-                         capture_output=True, text=True).stdout
-    names = re.findall(r"Depends: (linux-image-\S+)", out)
-    if not names:
-        raise SystemExit(f"build: apt-cache knows no kernel for {KERNEL_META}; run apt-get update")
-    cache = BUILD / "debs"
-    cache.mkdir(parents=True, exist_ok=True)
-    debs = sorted(cache.glob(f"{names[0]}_*.deb"))
-    if not debs:
-        log(f"downloading {names[0]}")
-        subprocess.run(["apt-get", "download", names[0]], cwd=cache, check=True)
-        debs = sorted(cache.glob(f"{names[0]}_*.deb"))
-    return debs[-1]
+        install = ["apt-get", "install", "-y", "-q", *missing]
+        if subprocess.run(install, env=env).returncode != 0:     # stale package lists?
+            subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+            subprocess.run(install, check=True, env=env)
 
 
 def elf_deps(paths):
@@ -208,109 +187,6 @@ def gather_libs(payload, elfs):
     copy_file(loader, payload / "lib" / "ld-linux-x86-64.so.2", 0o755)
 
 
-def extract_vmlinux(bzimage: bytes) -> bytes:
-    """The ELF kernel inside Debian's xz bzImage, for QEMU's PVH entry (no
-    decompression in the guest, which costs seconds under TCG)."""
-    start = bzimage.find(b"\xfd7zXZ\x00")
-    if start < 0:
-        raise SystemExit("build: kernel image is not xz-compressed; cannot extract its ELF")
-    elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
-    if not elf.startswith(b"\x7fELF"):
-        raise SystemExit("build: extracted kernel is not an ELF file")
-    return elf
-
-
-def cpio_newc(entries):
-    """A deterministic newc cpio archive: entries are (name, mode, data-or-None[, rdev])."""
-    out = io.BytesIO()
-
-    def header(ino, name, mode, size, nlink, rdev=(0, 0)):
-        name = name.encode()
-        fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, *rdev, len(name) + 1, 0]
-        out.write(b"070701" + b"".join(b"%08X" % f for f in fields))
-        out.write(name + b"\0")
-        out.write(b"\0" * (-out.tell() % 4))
-
-    for ino, (name, mode, data, *rdev) in enumerate(entries, start=1):
-        data = data or b""
-        header(ino, name, mode, len(data), 2 if stat.S_ISDIR(mode) else 1, *rdev)
-        out.write(data)
-        out.write(b"\0" * (-out.tell() % 4))
-    header(0, "TRAILER!!!", 0, 0, 1)
-    return out.getvalue()
-
-
-def module_depends(path):
-    """The `depends=` list from a module's .modinfo (no depmod output in the .deb)."""
-    m = re.search(rb"\0depends=([^\0]*)\0", path.read_bytes())
-    return [d.replace("-", "_") for d in m.group(1).decode().split(",") if d] if m else []
-
-
-def module_load_order(wanted, modpaths):
-    """`wanted` and their dependencies, each after what it depends on."""
-    order = []
-
-    def visit(name, chain=()):
-        if name in order:
-            return
-        if name not in modpaths:
-            raise SystemExit(f"build: the kernel has no module {name}")
-        if name in chain:
-            raise SystemExit(f"build: module dependency cycle at {name}")
-        for dep in module_depends(modpaths[name]):
-            visit(dep, chain + (name,))
-        order.append(name)
-
-    for name in wanted:
-        visit(name)
-    return order
-
-
-def build_kernel(payload):
-    deb = kernel_deb()
-    tree = BUILD / "kernel-deb"
-    if tree.exists():
-        shutil.rmtree(tree)
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
-    vmlinuz = next((tree / "boot").glob("vmlinuz-*"))
-    release = vmlinuz.name[len("vmlinuz-"):]
-    kdir = payload / "kernels" / "debian"
-    kdir.mkdir(parents=True, exist_ok=True)
-    (kdir / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
-    # the boot descriptor (schema.Boot), paths relative to this folder
-    (kdir / "boot.json").write_text(Boot(release=release, kernel="vmlinux", initrd="initrd.img",
-                                         modules="lib/modules").to_json() + "\n")
-    moddir = tree / "lib" / "modules" / release
-    modpaths = {}
-    for path in moddir.rglob("*.ko"):
-        modpaths[path.stem.replace("-", "_")] = path
-    entries = [(d, 0o40755, None) for d in ("bin", "dev", "proc", "sys", "newroot", "lib",
-                                            "lib/modules")]
-    entries.append(("dev/console", 0o20600, None, (5, 1)))
-    entries.append(("bin/busybox", 0o100755, Path("/bin/busybox").read_bytes()))
-    for i, name in enumerate(module_load_order(INITRAMFS_MODULES, modpaths)):
-        entries.append((f"lib/modules/{i:02d}-{name}.ko", 0o100644, modpaths[name].read_bytes()))
-    entries.append(("init", 0o100755, (ROOT / "guest-init" / "init").read_bytes()))
-    (kdir / "initrd.img").write_bytes(cpio_newc(entries))
-    build_guest_modules(kdir, moddir, release, modpaths)
-
-
-def build_guest_modules(kdir, moddir, release, modpaths):
-    """kernels/<dist>/lib/modules/<release>: the modules the guest may modprobe, with
-    depmod's indexes, for DKVM_KERNEL_MOUNT_LIB_MODULES."""
-    wanted = set(GUEST_MODULES)
-    for sub in GUEST_MODULE_DIRS:
-        wanted |= {path.stem.replace("-", "_") for path in (moddir / "kernel" / sub).rglob("*.ko")}
-    target = kdir / "lib" / "modules" / release
-    for name in module_load_order(sorted(wanted), modpaths):
-        rel = modpaths[name].relative_to(moddir)
-        (target / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(modpaths[name], target / rel)
-    for index in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
-        shutil.copyfile(moddir / index, target / index)
-    subprocess.run(["/sbin/depmod", "-b", str(kdir), release], check=True)
-
-
 def build_site_packages():
     site = BUILD / "site-packages"
     if site.exists():
@@ -377,8 +253,13 @@ def main():
     for role in ROLE_ENTRIES:
         (payload / "entry").mkdir(exist_ok=True)
         (payload / "entry" / role).write_text(ENTRY_SCRIPT)
-    log("building guest kernel and initramfs")
-    build_kernel(payload)
+    guest_init = payload / paths.GUEST_INIT_DIR
+    for script in ("init", "direct"):
+        copy_file(ROOT / "guest-init" / script, guest_init / script, 0o755)
+    (guest_init / "root").mkdir()       # the direct init's mount point for its own root
+    log("building the guest kernels")
+    build_kernels(payload, BUILD, apt_install, busybox=Path("/bin/busybox").read_bytes(),
+                  init=(ROOT / "guest-init" / "init").read_bytes())
     site = build_site_packages()
     # the guest imports dkvm and pyroute2 from one zip, as it does the stdlib
     write_pyc_zip([(p, p.relative_to(site).as_posix()) for p in sorted(site.rglob("*.py"))],

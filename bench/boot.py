@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Boot benchmark: wall time of `docker run --rm IMAGE true` under runc and under
-dkvm, and of bare QEMU booting the same kernel straight to poweroff, in one run.
+"""Boot benchmark, per guest kernel: wall time of `docker run --rm IMAGE true` under
+runc and under dkvm with each kernel the build carries, and of bare QEMU booting that
+kernel straight to power-off, in one run; then QEMU's memory for an idle VM on each.
 
-Median of N runs each (default 5); prints the figures and the ratios. Needs the
-README set-up done (dockerd running, dkvm installed, the dkvm-demo image).
+Median of N runs each (default 5), interleaved so that drift hits all alike; prints
+the figures and the ratios. Needs the README set-up done (dockerd running, dkvm
+installed, the dkvm-demo image).
 """
 import argparse
 import os
@@ -17,11 +19,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from build import cpio_newc  # noqa: E402
 from dkvm import paths  # noqa: E402
 from dkvm.container.vmm import kernel_append, qemu_env  # noqa: E402
 from dkvm.host.payload import ensure_payload, payload_kernels  # noqa: E402
-from dkvm.schema import Plan  # noqa: E402
+from dkvm.initramfs import cpio_newc  # noqa: E402
+from dkvm.options import BY_ENV  # noqa: E402
+from dkvm.schema import Boot, Plan  # noqa: E402
 
 POWEROFF_INIT = b"#!/bin/busybox sh\n/bin/busybox poweroff -f\n"
 TIMEOUT = 300
@@ -34,11 +37,12 @@ def timed(argv, env=None):
     return time.monotonic() - start
 
 
-def bare_qemu_argv(payload, initrd, vcpus):
+def bare_qemu_argv(payload, boot, initrd, vcpus):
     """The dkvm VM's machine, kernel and command line, with nothing of DKVM's: no
     virtiofs, no serial ports, an initramfs that powers off at once."""
     plan = Plan()
-    plan.boot = payload_kernels(payload)[plan.options.kernel]
+    plan.boot = Boot.from_dict(boot.as_dict())
+    plan.boot.initrd = initrd
     kernel = plan.boot.kernel.replace(paths.PAYLOAD_MOUNT, payload, 1)
     return paths.payload_program_argv(os.path.join(payload, "qemu", "qemu-system-x86_64"),
                                       payload) + [
@@ -49,13 +53,53 @@ def bare_qemu_argv(payload, initrd, vcpus):
         "-append", kernel_append(plan)]
 
 
+def qemu_memory_mib(container):
+    """Resident and proportional memory (MiB) of the container's QEMU."""
+    pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", container],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children = f.read().split()
+        for child in children:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"qemu-system-x86_64" not in f.read():
+                    continue
+            fields = {}
+            with open(f"/proc/{child}/smaps_rollup") as f:
+                for line in f:
+                    name, _, value = line.partition(":")
+                    if value.strip().endswith("kB"):
+                        fields[name] = int(value.split()[0]) / 1024
+            return fields["Rss"], fields["Pss"]
+    raise RuntimeError(f"no QEMU in container {container}")
+
+
+def idle_memory(image, kernel, settle):
+    """QEMU's memory once a VM has booted and sat idle for `settle` seconds."""
+    name = f"dkvm-bench-idle-{kernel}"
+    subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    subprocess.run(["docker", "run", "-d", "--runtime=dkvm", "--name", name,
+                    "-e", f"DKVM_KERNEL={kernel}", image, "sleep", "600"],
+                   check=True, capture_output=True, timeout=TIMEOUT)
+    try:
+        subprocess.run(["docker", "exec", name, "true"], check=True, timeout=TIMEOUT)
+        time.sleep(settle)
+        return qemu_memory_mib(name)
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=TIMEOUT)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--runs", type=int, default=5)
     parser.add_argument("--image", default="dkvm-demo")
+    parser.add_argument("--settle", type=float, default=5.0,
+                        help="seconds an idle VM sits before its memory is read")
     args = parser.parse_args()
 
     payload = ensure_payload(str(REPO / "dist" / "dkvm.pyz"))
+    kernels = payload_kernels(payload)
+    vcpus = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         initrd = os.path.join(tmp, "poweroff.cpio")
         with open(os.path.join(payload, "bin", "busybox"), "rb") as f:
@@ -67,22 +111,36 @@ def main():
                                ("init", 0o100755, POWEROFF_INIT)]))
         env = dict(os.environ, **{k: v.replace(paths.PAYLOAD_MOUNT, payload)
                                   for k, v in qemu_env().items()})
-        cases = {
-            "runc": lambda: timed(["docker", "run", "--rm", "--runtime=runc", args.image, "true"]),
-            "dkvm": lambda: timed(["docker", "run", "--rm", "--runtime=dkvm", args.image, "true"]),
-            "bare-qemu": lambda: timed(bare_qemu_argv(payload, initrd, len(os.sched_getaffinity(0))),
-                                       env),
-        }
+        cases = {"runc": lambda: timed(["docker", "run", "--rm", "--runtime=runc", args.image,
+                                        "true"])}
+        for kernel, boot in kernels.items():
+            argv = bare_qemu_argv(payload, boot, initrd, vcpus)
+            cases[f"bare-qemu {kernel}"] = lambda argv=argv: timed(argv, env)
+            cases[f"dkvm {kernel}"] = lambda kernel=kernel: timed(
+                ["docker", "run", "--rm", "--runtime=dkvm", "-e", f"DKVM_KERNEL={kernel}",
+                 args.image, "true"])
         results = {name: [] for name in cases}
-        for _ in range(args.runs):          # interleaved, so drift hits all alike
+        for _ in range(args.runs):
             for name, run in cases.items():
                 results[name].append(run())
+    memory = {kernel: idle_memory(args.image, kernel, args.settle) for kernel in kernels}
+
     med = {name: statistics.median(times) for name, times in results.items()}
     print(f"boot benchmark, median of {args.runs} (wall seconds, `true` to exit)")
     for name, times in results.items():
-        print(f"  {name:10s} {med[name]:6.2f}  (min {min(times):.2f}, max {max(times):.2f})")
-    print(f"  dkvm / runc      {med['dkvm'] / med['runc']:6.1f}x")
-    print(f"  dkvm / bare-qemu {med['dkvm'] / med['bare-qemu']:6.2f}x")
+        print(f"  {name:20s} {med[name]:6.2f}  (min {min(times):.2f}, max {max(times):.2f})")
+    for kernel in kernels:
+        dkvm, bare = med[f"dkvm {kernel}"], med[f"bare-qemu {kernel}"]
+        print(f"  {kernel:8s} dkvm / runc {dkvm / med['runc']:5.1f}x   dkvm / bare-qemu "
+              f"{dkvm / bare:5.2f}x")
+    default = BY_ENV["DKVM_KERNEL"].default
+    for other in kernels:
+        if other != default:
+            print(f"  bare-qemu {other} / bare-qemu {default} (the default): "
+                  f"{med[f'bare-qemu {other}'] / med[f'bare-qemu {default}']:.2f}x")
+    print(f"idle VM, QEMU's memory after {args.settle:.0f} s (MiB)")
+    for kernel, (rss, pss) in memory.items():
+        print(f"  {kernel:8s} RSS {rss:6.1f}  PSS {pss:6.1f}")
 
 
 if __name__ == "__main__":

@@ -93,19 +93,27 @@ class Text:
         return value or "empty"
 
 
+IMAGE_KERNEL = "image"          # DKVM_KERNEL=image: the kernel the image carries
+
+
 class KernelName:
-    """`dist` or `dist/release`: one of the kernels this build carries (the context's
-    `kernels`, dist -> boot descriptor)."""
+    """`<name>` or `<name>/<release>`: one of the kernels this build carries (the
+    context's `kernels`, name -> boot descriptor), or the image's own (`image`, checked
+    against the image's tree at create)."""
     type = str
-    accepts = "`<dist>` or `<dist>/<release>` (`dkvm kernels` lists them)"
+    accepts = ("`<name>` or `<name>/<release>` (`dkvm kernels` lists them), `image` or "
+               "`image/<release>` (the image's own)")
 
     def parse(self, name, value, context):
         kernels = context.kernels
         dist, _, release = value.partition("/")
+        if dist == IMAGE_KERNEL:
+            return value.rstrip("/")
         if dist in kernels and (not release or release == kernels[dist].release):
             return dist
         known = ", ".join(f"{d} or {d}/{boot.release}" for d, boot in sorted(kernels.items()))
-        raise DkvmError(f"{name}={value!r}: no such kernel; available: {known}")
+        raise DkvmError(f"{name}={value!r}: no such kernel; available: {known}, or "
+                        f"{IMAGE_KERNEL} (the image's own)")
 
     def show(self, value):
         return value
@@ -168,7 +176,7 @@ class Option:
 OPTIONS = [
     Option("DKVM_ACCEL", "accel", Choice("auto", "kvm", "tcg"), "auto",
            runtime_arg="--dkvm-accel"),
-    Option("DKVM_KERNEL", "kernel", KernelName(), "debian"),
+    Option("DKVM_KERNEL", "kernel", KernelName(), "dkvm"),
     Option("DKVM_KERNEL_APPEND", "kernel_append", Text(), ""),
     Option("DKVM_KERNEL_DEBUG", "kernel_debug", Bool(), False),
     Option("DKVM_KERNEL_MOUNT_LIB_MODULES", "kernel_lib_modules", Bool(), False),

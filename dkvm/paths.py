@@ -34,6 +34,11 @@ PORT_STDIN = "org.dkvm.stdin"
 STDIN_SOCKET = RUN_DIR + "/stdin.sock"
 EXEC_SOCKET = RUN_DIR + "/exec.sock"      # dkvm-exec relays connect here
 SIGNAL_SOCKET = RUN_DIR + "/signal.sock"  # the runtime asks for SIGKILL/SIGSTOP here
+IMAGE_INITRD = RUN_DIR + "/initrd.img"    # DKVM_KERNEL=image: made at start from its modules
+GUEST_INIT_DIR = "guest-init"             # in the payload: the guest's first scripts
+# A kernel with virtio and virtiofs built in mounts the export as its root and starts
+# this (the payload as seen from the export's top)
+DIRECT_INIT = SHARED_PAYLOAD[len(SHARE_DIR):] + "/" + GUEST_INIT_DIR + "/direct"
 EMBEDDED_DNS = ("127.0.0.11", 53)         # Docker's DNS server in the container's namespace
 
 PLAN_ENV = "DKVM_PLAN"                    # the entrypoint's plan (schema.Plan, JSON)

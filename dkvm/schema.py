@@ -13,7 +13,7 @@ records, and any range, raising SchemaError (a ValueError) that names the field.
 """
 from dkvm import lightjson
 from dkvm.kernel_names import CAPABILITY_NUMBERS, RLIM_INFINITY, RLIMIT_NUMBERS
-from dkvm.options import OPTIONS
+from dkvm.options import IMAGE_KERNEL, OPTIONS
 
 CREATE, ENTRYPOINT = "create", "entrypoint"
 MAX_ID = (1 << 32) - 1
@@ -198,12 +198,19 @@ class Boot(Record):
     """How to boot one guest kernel (a folder of the payload's kernels/): paths as the
     container and the guest see them."""
     FIELDS = {
+        "name": Field(str, ""),             # what DKVM_KERNEL names it: a folder, or `image`
         "release": Field(str, ""),
-        "kernel": Field(str, ""),           # the ELF QEMU loads (PVH entry)
-        "initrd": Field(str, ""),           # "" when the kernel needs none
+        "kernel": Field(str, ""),           # the file QEMU loads (an ELF: the PVH entry)
+        "initrd": Field(str, ""),           # "": it boots the export as its root
         "append": Field(ListOf(str), []),   # this kernel's own command line
         "modules": Field(str, ""),          # its lib/modules tree, for the guest to mount
+        "source": Field(str, ""),           # where it comes from, for `dkvm kernels`
     }
+
+    @property
+    def from_image(self):
+        """The image's own kernel: its modules are the image's, where it keeps them."""
+        return self.name == IMAGE_KERNEL
 
 
 # --- networking ------------------------------------------------------------------------

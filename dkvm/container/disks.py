@@ -3,16 +3,14 @@ tree (its links resolved as if that tree were the root: nothing the image holds 
 point the container side at a file of its own), made sparse at its size and
 formatted by the payload's mke2fs on first use, and handed to QEMU as an open file.
 The guest mounts it; the container side never reads what is on it."""
-import ctypes
 import os
 import stat
 import subprocess
 
 from dkvm import paths
 from dkvm.errors import DkvmError
+from dkvm.rooted import open_in_root
 
-SYS_OPENAT2 = 437                         # x86_64
-RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
 FORMAT_TIMEOUT = 120
 
 
@@ -32,8 +30,12 @@ def open_disks(disks, root=paths.SHARED_ROOTFS):
 
 
 def open_disk(disk, root):
-    fd = open_in_root(root, disk.file, os.O_RDWR | os.O_CREAT | os.O_NOCTTY | os.O_CLOEXEC
-                      | os.O_NONBLOCK, 0o600)
+    try:
+        fd = open_in_root(root, disk.file, os.O_RDWR | os.O_CREAT | os.O_NOCTTY | os.O_NONBLOCK,
+                          0o600)
+    except OSError as err:
+        raise DkvmError(f"DKVM_DISKS: cannot open {disk.file} in the container: "
+                        f"{err.strerror}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -46,23 +48,6 @@ def open_disk(disk, root):
     except BaseException:
         os.close(fd)
         raise
-
-
-def open_in_root(root, path, flags, mode):
-    """openat2(RESOLVE_IN_ROOT): `path` as seen from `root`, whatever links lie on the
-    way; its directory must exist."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    dirfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        how = (ctypes.c_uint64 * 3)(flags, mode, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-        fd = libc.syscall(SYS_OPENAT2, dirfd, path.encode(), how, ctypes.sizeof(how))
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise DkvmError(f"DKVM_DISKS: cannot open {path} in the container: "
-                            f"{os.strerror(err)}")
-        return fd
-    finally:
-        os.close(dirfd)
 
 
 def format_disk(fd, disk):

@@ -47,14 +47,15 @@ class VmProcesses:
         listener.close()
         self.virtiofsd = Child("virtiofsd", proc, paths.VIRTIOFSD_LOG)
 
-    def start_qemu(self, plan, disk_fds=()):
-        """QEMU gets the container's stdio as extra fds for the stdio ports, and the
-        disks' open files; its own fd 2 goes to a log so that its warnings never mix
-        with the workload's output."""
+    def start_qemu(self, plan, disk_fds=(), boot_fds=()):
+        """QEMU gets the container's stdio as extra fds for the stdio ports, the
+        disks' open files and the files it boots that are not the payload's (named in
+        the plan's boot descriptor); its own fd 2 goes to a log so that its warnings
+        never mix with the workload's output."""
         out_fd, err_fd = dup_or_null(1), dup_or_null(2)
         vcpus = plan.cpus or len(os.sched_getaffinity(0))
         argv = qemu_argv(plan, vcpus, out_fd, err_fd, disk_fds)
-        disk_fds = [fd for pair in disk_fds for fd in pair]
+        disk_fds = [fd for pair in disk_fds for fd in pair] + list(boot_fds)
         log = open(paths.QEMU_LOG, "wb")
         stdio = {} if plan.process.terminal else {"stdin": subprocess.DEVNULL, "stdout": log}
         proc = subprocess.Popen(argv, env=dict(os.environ, **qemu_env()), stderr=log,

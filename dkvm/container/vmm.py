@@ -19,10 +19,14 @@ DEBUG_APPEND = ["console=ttyS0", "loglevel=7"]
 
 def kernel_append(plan):
     """DKVM's arguments for any kernel, the kernel's own (its boot descriptor), then the
-    user's DKVM_KERNEL_APPEND, which may override both."""
+    user's DKVM_KERNEL_APPEND, which may override both. A kernel without an initramfs
+    mounts the export as its root, read-write (the workload's root is in it), and
+    starts DKVM's init from the payload there."""
     options = plan.options
-    parts = BASE_APPEND + plan.boot.append + (DEBUG_APPEND if options.kernel_debug
-                                             else QUIET_APPEND)
+    direct = [] if plan.boot.initrd else [f"root={paths.VIRTIOFS_TAG}", "rootfstype=virtiofs",
+                                          "rw", f"init={paths.DIRECT_INIT}"]
+    parts = BASE_APPEND + direct + plan.boot.append + (DEBUG_APPEND if options.kernel_debug
+                                                      else QUIET_APPEND)
     if options.kernel_append:
         parts.append(options.kernel_append)
     return " ".join(parts)

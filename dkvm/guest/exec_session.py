@@ -147,7 +147,10 @@ class ExecSession:
             self.stdin_fd = None
 
     def read_output(self, fd):
-        """Send what `fd` has, within the window; False once it has nothing more."""
+        """Send what `fd` has, within the window; False once it has nothing more (or the
+        window is spent: a read of 0 bytes is not an end of file)."""
+        if self.credit <= 0:
+            return False
         try:
             data = os.read(fd, min(self.credit, wire.MAX_DATA))
         except BlockingIOError:

@@ -151,8 +151,9 @@ def mount_workload_modules(plan, root):
     """The running kernel's modules in the workload's root (before it is pivoted
     into), for its own modprobe: at /lib/modules/<release>, beside the image's own,
     in images that have a /lib (one that lacks it gets none: the kernel's own requests
-    still work); over the whole of /lib/modules with DKVM_KERNEL_MOUNT_LIB_MODULES."""
-    if not plan.boot.modules:
+    still work); over the whole of /lib/modules with DKVM_KERNEL_MOUNT_LIB_MODULES.
+    The image's own kernel finds its modules where the image keeps them."""
+    if not plan.boot.modules or plan.boot.from_image:
         return
     if plan.options.kernel_lib_modules:
         mount_kernel_modules(plan.boot.modules, root + "/lib/modules")

@@ -27,6 +27,14 @@ class BundleLayout:
         from dkvm.host.image_paths import real_destination
         return real_destination(self.image_root, destination, binds)
 
+    def image_kernel(self, release):
+        """DKVM_KERNEL=image: (path, release) of the image's kernel, which has its
+        modules in the image; DkvmError if there is none."""
+        from dkvm.image_kernel import find_kernel, modules_dir
+        path, release = find_kernel(self.image_root, release)
+        modules_dir(self.image_root, release)
+        return path, release
+
     def make_skeleton(self):
         for name in SKELETON_DIRS:
             os.makedirs(os.path.join(self.skeleton, name), mode=0o755, exist_ok=True)

@@ -134,6 +134,7 @@ def payload_kernels(payload_dir):
     for dist in sorted(os.listdir(kroot)):
         with open(os.path.join(kroot, dist, BOOT_FILE)) as f:
             boot = Boot.from_json(f.read())
+        boot.name = dist
         inside = paths.payload_path("kernels", dist)
         for name in ("kernel", "initrd", "modules"):
             if getattr(boot, name):

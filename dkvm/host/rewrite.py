@@ -21,9 +21,9 @@ from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.host.devices import guest_devices
 from dkvm.kernel_names import CAPABILITY_NUMBERS
-from dkvm.options import disk_entries, parse_settings, split_env
-from dkvm.schema import (CAPABILITY_SETS, Capabilities, Disk, ExecRequest, Options, Plan,
-                         Process, Rlimit, Tmpfs)
+from dkvm.options import IMAGE_KERNEL, disk_entries, parse_settings, split_env
+from dkvm.schema import (CAPABILITY_SETS, Boot, Capabilities, Disk, ExecRequest, Options,
+                         Plan, Process, Rlimit, Tmpfs)
 
 MIB = 1 << 20
 DEFAULT_GUEST_MIB = Plan.FIELDS["memory_mib"].default
@@ -72,7 +72,7 @@ def rewrite_create_config(config, host, bundle, container_id=""):
         options=options,
         cpus=vcpus_for(resources.get("cpu") or {}),
         memory_mib=plan_memory(resources),
-        boot=host.kernels[options.kernel],
+        boot=choose_boot(options.kernel, host.kernels, bundle),
         hostname=config.get("hostname", ""),
         domainname=config.get("domainname", ""),
         sysctl=dict(linux.get("sysctl") or {}),
@@ -168,6 +168,16 @@ def take_pids_limit(resources):
     it would count QEMU's threads."""
     limit = (resources.pop("pids", None) or {}).get("limit") or 0
     return max(0, limit)
+
+
+def choose_boot(kernel, kernels, bundle):
+    """DKVM_KERNEL's boot descriptor: a kernel the payload carries, or the image's own,
+    found in the image's tree now (the container side opens it at start)."""
+    name, _, release = kernel.partition("/")
+    if name != IMAGE_KERNEL:
+        return kernels[name]
+    path, release = bundle.image_kernel(release)
+    return Boot(name=IMAGE_KERNEL, release=release, kernel=path, source=f"the image's {path}")
 
 
 def choose_accel(wanted, kvm_usable):

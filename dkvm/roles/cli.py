@@ -34,8 +34,24 @@ def main(argv):
         return run_doctor()
     if args.command == "kernels":
         from dkvm.host.payload import ensure_payload, payload_kernels
-        for dist, boot in payload_kernels(ensure_payload()).items():
-            print(f"{dist}/{boot.release}")
+        print("\n".join(kernel_table(payload_kernels(ensure_payload()))))
         return 0
     parser.print_help()
     return 0
+
+
+def kernel_table(kernels):
+    """`dkvm kernels`: each kernel the build carries, and the image's own, with its
+    release, how it boots and where it comes from; the default marked."""
+    from dkvm.options import BY_ENV, IMAGE_KERNEL
+    default = BY_ENV["DKVM_KERNEL"].default
+    rows = [("NAME", "RELEASE", "BOOT", "SOURCE")]
+    for name, boot in kernels.items():
+        how = "ELF (PVH) + initramfs" if boot.initrd else "ELF (PVH), the export as root"
+        rows.append((name + ("*" if name == default else ""), boot.release, how, boot.source))
+    rows.append((IMAGE_KERNEL, "the image's", "its bzImage + initramfs of its modules",
+                 "/vmlinuz, /boot/vmlinuz or /boot/vmlinuz-<release> in the image"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3]
+             for row in rows]
+    return lines + ["* the default. Choose with --env DKVM_KERNEL=<name> or <name>/<release>."]

@@ -4,7 +4,8 @@ It catches signals from the first moment (they wait for the guest), hands the
 container's network interfaces to the VM (and, from then on, follows `docker network
 connect`/`disconnect` with hot-plugged NICs), completes the plan with what only the
 container can see, makes the sockets QEMU and virtiofsd meet on (in its private /run),
-and starts virtiofsd on the export and QEMU together, with the DKVM_DISKS files. Then
+and starts virtiofsd on the export and QEMU together, with the DKVM_DISKS files and,
+for the image's own kernel, that kernel and an initramfs made from its modules. Then
 the supervisor serves the control channel (the guest asks it for the plan first)
 until the guest reports the workload's exit status, which becomes ours.
 """
@@ -42,7 +43,7 @@ def main(argv):
         signal_listener = listen(paths.SIGNAL_SOCKET, backlog=8)
         stdin_listener = None if plan.process.terminal else listen(paths.STDIN_SOCKET)
         vm.start_virtiofsd(listen(paths.VIRTIOFS_SOCKET), plan)
-        vm.start_qemu(plan, open_disks(plan.disks))
+        vm.start_qemu(plan, open_disks(plan.disks), open_boot_files(plan.boot))
         follower.start(plan.interfaces, paths.QMP_SOCKET)
         control = accept_qemu(control_listener, vm)
         stdin_conn = accept_qemu(stdin_listener, vm) if stdin_listener else None
@@ -62,6 +63,15 @@ def complete_plan(plan, interfaces, winsize):
     plan.winsize = winsize
     plan.default_rlimits = own_rlimits()
     return plan
+
+
+def open_boot_files(boot):
+    """The fds QEMU needs to boot: the image's kernel for DKVM_KERNEL=image (with its
+    initramfs made from the image's modules); a kernel of the payload needs none."""
+    if not boot.from_image:
+        return []
+    from dkvm.image_kernel import prepare_boot
+    return [prepare_boot(boot)]
 
 
 def own_rlimits():

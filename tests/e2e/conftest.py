@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the tests' shared `waiting`
 
-from dockerutil import (BUSYBOX, DEBIAN, PATH_ENV, STATIC, SYSTEM, busybox_tree,
+from dockerutil import (BUSYBOX, DEBIAN, KERNEL, PATH_ENV, STATIC, SYSTEM, busybox_tree,
                         docker_import, image_exists, sh, with_stop_signal)
 
 HERE = Path(__file__).resolve().parent
@@ -87,6 +87,21 @@ def system_image(docker):
     return SYSTEM
 
 
+@pytest.fixture(scope="session")
+def kernel_image(docker):
+    """Debian with kernels of its own, for DKVM_KERNEL=image: the stock one
+    (linux-image-amd64, /vmlinuz) and the cloud one (another release), with their
+    modules; the initramfs images Debian made for them are not needed."""
+    if not image_exists(KERNEL):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "root"
+            debootstrap(root, ["linux-image-amd64", "linux-image-cloud-amd64", "kmod"])
+            for initrd in (root / "boot").glob("initrd.img-*"):
+                initrd.unlink()
+            docker_import(root, KERNEL, [DEBIAN_PATH, 'CMD ["bash"]'])
+    return KERNEL
+
+
 @pytest.fixture
 def container_name(docker):
     """A unique name, and the container removed afterwards whatever happened."""
@@ -97,5 +112,7 @@ def container_name(docker):
 
 @pytest.fixture(scope="session")
 def guest_release(docker):
-    out = sh("dkvm", "kernels").stdout.split()
-    return out[0].split("/", 1)[1]
+    """The default kernel's release: its row in `dkvm kernels` is marked `*`."""
+    rows = [line.split() for line in sh("dkvm", "kernels").stdout.splitlines()]
+    (release,) = [row[1] for row in rows if row and row[0].endswith("*") and row[0] != "*"]
+    return release

@@ -10,10 +10,14 @@ from pathlib import Path
 from waiting import wait_until
 
 RUN_TIMEOUT = 240
+# every kernel the build carries: a folder of kernels/ with a recipe
+KERNELS = sorted(path.parent.name for path in
+                 (Path(__file__).resolve().parents[2] / "kernels").glob("*/recipe.toml"))
 BUSYBOX = "dkvm-test-busybox"
 STATIC = "dkvm-test-static"
 DEBIAN = "dkvm-test-debian"
 SYSTEM = "dkvm-test-system"        # Debian with systemd and Docker
+KERNEL = "dkvm-test-kernel"        # Debian with kernels of its own (DKVM_KERNEL=image)
 PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
           "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
           "app:x:1000:1000:app:/home/app:/bin/sh\n")

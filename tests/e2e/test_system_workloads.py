@@ -6,17 +6,17 @@ import uuid
 
 import pytest
 
-from dockerutil import dkvm_lines, docker_run, sh
+from dockerutil import KERNELS, dkvm_lines, docker_run, sh
 from waiting import poll, wait_until
 
 BOOTED = 300                # systemd and dockerd up in a TCG VM on a busy machine
 DISK = "/disks/docker.img,/var/lib/docker,ext4,4g"
 
 
-def run_system(image, name, volume):
+def run_system(image, name, volume, kernel):
     """The system image with a disk for /var/lib/docker on `volume`."""
     sh("docker", "run", "-d", "--runtime=dkvm", "--name", name, "-v", f"{volume}:/disks",
-       "-e", f"DKVM_DISKS={DISK}", image)
+       "-e", f"DKVM_DISKS={DISK}", "-e", f"DKVM_KERNEL={kernel}", image)
 
 
 def system_state(name):
@@ -45,9 +45,11 @@ def disk_volume(docker):
     sh("docker", "volume", "rm", "-f", name, check=False)
 
 
-def test_systemd_and_docker_inside_on_a_disk_that_outlives_the_vm(system_image, busybox_image,
-                                                                  disk_volume, container_name):
-    run_system(system_image, container_name, disk_volume)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_systemd_and_docker_inside_on_a_disk_that_outlives_the_vm(kernel, system_image,
+                                                                  busybox_image, disk_volume,
+                                                                  container_name):
+    run_system(system_image, container_name, disk_volume, kernel)
     wait_for_system(container_name)
     # a clean cgroup tree of its own: systemd in init.scope, nothing outside it
     assert sh("docker", "exec", container_name, "cat", "/proc/1/cgroup").stdout == \
@@ -81,7 +83,7 @@ def test_systemd_and_docker_inside_on_a_disk_that_outlives_the_vm(system_image, 
                                "--format", "{{.Repository}}").stdout
     # ... and the VM's removal: the backing file is on a volume
     sh("docker", "rm", "-f", container_name)
-    run_system(system_image, container_name, disk_volume)
+    run_system(system_image, container_name, disk_volume, kernel)
     wait_until(lambda: dockerd_answers(container_name), "dockerd in a new VM", timeout=BOOTED)
     assert busybox_image in sh("docker", "exec", container_name, "docker", "images",
                                "--format", "{{.Repository}}").stdout
@@ -114,10 +116,12 @@ KERNEL_WORK = ("modprobe squashfs && grep -c squashfs /proc/filesystems; "
                "sysctl -q -w vm.swappiness=13 && cat /proc/sys/vm/swappiness")
 
 
-def test_a_workload_that_needs_the_kernel_itself(system_image):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_workload_that_needs_the_kernel_itself(kernel, system_image):
     """Under runc each step fails (no module loading, no loop devices, /proc/sys
     read-only); in the VM each works, as root of its own kernel."""
-    dkvm = docker_run("dkvm", system_image, "sh", "-c", KERNEL_WORK)
+    dkvm = docker_run("dkvm", "-e", f"DKVM_KERNEL={kernel}", system_image, "sh", "-c",
+                      KERNEL_WORK)
     assert (dkvm.returncode, dkvm.stdout) == (0, "1\nx\n13\n"), dkvm.stderr
     runc = docker_run("runc", system_image, "sh", "-c", KERNEL_WORK)
     assert "1\n" not in runc.stdout and "x\n" not in runc.stdout and "13" not in runc.stdout

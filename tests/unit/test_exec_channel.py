@@ -329,6 +329,21 @@ def test_stdout_and_stderr_arrive_whole_and_apart_then_the_status(guest):
     assert g.windows() == 0         # no stdin, so nothing to acknowledge
 
 
+def test_an_output_ready_when_the_window_is_spent_stays_open(guest):
+    """Both outputs poll readable, reading the first spends the window: the second
+    must wait for a grant, not read 0 bytes, take that for its end and close (the
+    process would die of EPIPE on its next write)."""
+    g = guest(py("import sys, time; sys.stdout.write('o'); sys.stderr.write('e'); "
+                 "sys.stdout.flush(); sys.stderr.flush(); time.sleep(0.5)"))
+    g.session.credit = 0
+    for fd in list(g.session.outputs):
+        assert g.session.read_output(fd) is False
+    assert sorted(g.session.outputs.values()) == sorted([STDOUT, STDERR])
+    g.session.credit = STREAM_WINDOW
+    assert g.finish() == 0
+    assert (g.payload(STDOUT), g.payload(STDERR)) == (b"o", b"e")
+
+
 def test_exit_status_waits_for_output_held_back_by_the_window(guest):
     """The process is gone with output still in its pipe: EXEC_EXIT must not pass it."""
     total = STREAM_WINDOW + 30000   # the tail fits in the pipe, so the process can exit

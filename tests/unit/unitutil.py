@@ -19,9 +19,13 @@ from dkvm.schema import Boot, Plan  # noqa: E402
 
 FIXTURE_NAMES = ["plain", "user-workdir-env", "resources-tmpfs-volume", "tty-init",
                  "privileged-cpuset", "flags", "cap-drop-all"]
-KERNELS = {"debian": Boot(release="6.1.0-28-amd64", kernel="/.dkvm/kernels/debian/vmlinux",
+KERNELS = {"debian": Boot(name="debian", release="6.1.0-28-amd64",
+                          kernel="/.dkvm/kernels/debian/vmlinux",
                           initrd="/.dkvm/kernels/debian/initrd.img",
-                          modules="/.dkvm/kernels/debian/lib/modules")}
+                          modules="/.dkvm/kernels/debian/lib/modules"),
+           "dkvm": Boot(name="dkvm", release="6.1.192-dkvm",
+                        kernel="/.dkvm/kernels/dkvm/vmlinux",
+                        modules="/.dkvm/kernels/dkvm/lib/modules")}
 PAYLOAD_DIR = "/var/lib/dkvm/0123456789abcdef"
 CONTAINER_ID = "0123456789abcdef0123456789abcdef"
 BUNDLE = "/run/containerd/io.containerd.runtime.v2.task/moby/" + CONTAINER_ID

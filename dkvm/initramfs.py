@@ -1,0 +1,88 @@
+"""The guest's initramfs, for kernels that keep virtio and virtiofs as modules (Debian's
+stock kernel, an image's own): the payload's busybox, DKVM's /init and the modules
+that reach the container's export, numbered in the order they load. build.py makes
+it for the stock kernel; the container side makes it at start for the image's kernel,
+with this same code."""
+import io
+import stat
+
+from dkvm.errors import DkvmError
+
+# What /init loads to reach the export, the control and stdio ports and the NICs
+BOOT_MODULES = ("virtio_pci", "virtiofs", "virtio_console", "virtio_net")
+MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
+
+
+def module_name(filename):
+    """`virtio-pci.ko.xz` -> `virtio_pci`: the name the kernel and modprobe use."""
+    base = filename.rsplit("/", 1)[-1]
+    for suffix in MODULE_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[:-len(suffix)]
+            break
+    return base.replace("-", "_")
+
+
+def modinfo_depends(module):
+    """The `depends=` list of a module's .modinfo (its bytes, uncompressed)."""
+    start = module.find(b"\0depends=")
+    if start < 0:
+        return []
+    field = module[start + len(b"\0depends="):module.index(b"\0", start + 1)]
+    return [module_name(d) for d in field.decode(errors="replace").split(",") if d]
+
+
+def load_order(wanted, depends_of):
+    """`wanted` and what they depend on, each after its dependencies. `depends_of(name)`
+    gives a module's dependencies, or raises KeyError when there is no such module."""
+    order = []
+
+    def visit(name, chain):
+        if name in order:
+            return
+        if name in chain:
+            raise DkvmError(f"module dependency cycle at {name}")
+        try:
+            depends = depends_of(name)
+        except KeyError:
+            raise DkvmError(f"the kernel has no module {name}") from None
+        for dep in depends:
+            visit(dep, chain + (name,))
+        order.append(name)
+
+    for name in wanted:
+        visit(name, ())
+    return order
+
+
+def initramfs(busybox, init, modules):
+    """The newc archive: /bin/busybox, /init, and `modules` ([(name, bytes)] in load
+    order) as /lib/modules/NN-name.ko, which /init loads in name order."""
+    entries = [(d, stat.S_IFDIR | 0o755, None)
+               for d in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules")]
+    entries.append(("dev/console", stat.S_IFCHR | 0o600, None, (5, 1)))
+    entries.append(("bin/busybox", stat.S_IFREG | 0o755, busybox))
+    for number, (name, data) in enumerate(modules):
+        entries.append((f"lib/modules/{number:02d}-{name}.ko", stat.S_IFREG | 0o644, data))
+    entries.append(("init", stat.S_IFREG | 0o755, init))
+    return cpio_newc(entries)
+
+
+def cpio_newc(entries):
+    """A deterministic newc cpio archive: entries are (name, mode, data-or-None[, rdev])."""
+    out = io.BytesIO()
+
+    def header(ino, name, mode, size, nlink, rdev=(0, 0)):
+        name = name.encode()
+        fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, *rdev, len(name) + 1, 0]
+        out.write(b"070701" + b"".join(b"%08X" % f for f in fields))
+        out.write(name + b"\0")
+        out.write(b"\0" * (-out.tell() % 4))
+
+    for ino, (name, mode, data, *rdev) in enumerate(entries, start=1):
+        data = data or b""
+        header(ino, name, mode, len(data), 2 if stat.S_ISDIR(mode) else 1, *rdev)
+        out.write(data)
+        out.write(b"\0" * (-out.tell() % 4))
+    header(0, "TRAILER!!!", 0, 0, 1)
+    return out.getvalue()

@@ -1,0 +1,199 @@
+"""DKVM_KERNEL=image: finding the image's kernel and building its initramfs from the
+image's own modules, with the image's tree as hostile data (links resolved inside it,
+every read bounded)."""
+import gzip
+import lzma
+import os
+
+import pytest
+
+from unitutil import rewrite, with_env, load_config
+from dkvm.container.vmm import kernel_append
+from dkvm.errors import DkvmError
+from dkvm.image_kernel import (boot_initramfs, bzimage_release, find_kernel, kernels_in,
+                               module_bytes, modules_dir, open_kernel)
+from dkvm.schema import Plan
+from test_initramfs import parse_newc
+
+
+def bzimage(release, size=4096):
+    """The start of an x86 bzImage: the setup header, the version string it points to."""
+    data = bytearray(size)
+    data[0x202:0x206] = b"HdrS"
+    version = f"{release} (debian-kernel@lists.debian.org) #1 SMP".encode()
+    data[0x20E:0x210] = (0x400 - 0x200).to_bytes(2, "little")
+    data[0x400:0x400 + len(version)] = version
+    return bytes(data)
+
+
+def module(name, depends=""):
+    return (b"\x7fELF\0junk\0depends=" + depends.encode() + b"\0name=" + name.encode() + b"\0")
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A Debian-like image: merged /usr (lib -> usr/lib), /vmlinuz -> boot/vmlinuz-*,
+    two kernels, modules for one of them (virtio_pci built in, virtiofs xz-compressed)."""
+    root = tmp_path / "image"
+    (root / "boot").mkdir(parents=True)
+    (root / "usr" / "lib").mkdir(parents=True)
+    os.symlink("usr/lib", root / "lib")
+    (root / "boot" / "vmlinuz-6.1.0-9-amd64").write_bytes(bzimage("6.1.0-9-amd64"))
+    (root / "boot" / "vmlinuz-6.1.0-10-amd64").write_bytes(bzimage("6.1.0-10-amd64"))
+    os.symlink("boot/vmlinuz-6.1.0-9-amd64", root / "vmlinuz")
+    mods = root / "usr" / "lib" / "modules" / "6.1.0-9-amd64"
+    (mods / "kernel").mkdir(parents=True)
+    (mods / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\n")
+    (mods / "modules.dep").write_text(
+        "kernel/fs/fuse/fuse.ko:\n"
+        "kernel/fs/fuse/virtiofs.ko.xz: kernel/fs/fuse/fuse.ko kernel/drivers/virtio/virtio_ring.ko\n"
+        "kernel/drivers/virtio/virtio_ring.ko:\n"
+        "kernel/drivers/char/virtio_console.ko.gz: kernel/drivers/virtio/virtio_ring.ko\n"
+        "kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko "
+        "kernel/drivers/virtio/virtio_ring.ko\n"
+        "kernel/drivers/net/net_failover.ko:\n")
+    files = {"fs/fuse/fuse.ko": module("fuse"),
+             "fs/fuse/virtiofs.ko.xz": lzma.compress(module("virtiofs", "fuse,virtio_ring")),
+             "drivers/virtio/virtio_ring.ko": module("virtio_ring"),
+             "drivers/char/virtio_console.ko.gz": gzip.compress(module("virtio_console")),
+             "drivers/net/virtio_net.ko": module("virtio_net", "net_failover,virtio_ring"),
+             "drivers/net/net_failover.ko": module("net_failover")}
+    for rel, data in files.items():
+        (mods / "kernel" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mods / "kernel" / rel).write_bytes(data)
+    return root
+
+
+def test_the_release_comes_from_the_bzimage_header():
+    assert bzimage_release(bzimage("6.1.0-9-amd64")) == "6.1.0-9-amd64"
+    assert bzimage_release(b"\x7fELF" + bytes(4096)) == ""
+    assert bzimage_release(b"HdrS") == ""
+    evil = bytearray(bzimage("../../etc"))
+    assert bzimage_release(bytes(evil)) == ""
+
+
+def test_the_default_kernel_is_vmlinuz_then_the_newest(image):
+    assert find_kernel(str(image)) == ("/vmlinuz", "6.1.0-9-amd64")
+    assert find_kernel(str(image), "6.1.0-10-amd64") == ("/boot/vmlinuz-6.1.0-10-amd64",
+                                                         "6.1.0-10-amd64")
+    os.unlink(image / "vmlinuz")
+    assert [r for _, r in kernels_in(str(image))] == ["6.1.0-10-amd64", "6.1.0-9-amd64"]
+    assert find_kernel(str(image))[1] == "6.1.0-10-amd64"
+
+
+def test_no_kernel_or_no_such_release_is_one_clear_error(image, tmp_path):
+    with pytest.raises(DkvmError, match=r"image/5.10: the image has no such kernel; it has "
+                                        r"6.1.0-10-amd64, 6.1.0-9-amd64"):
+        find_kernel(str(image), "5.10")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DkvmError, match="the image has no kernel"):
+        find_kernel(str(tmp_path / "empty"))
+
+
+def test_links_in_the_image_stay_in_the_image(image, tmp_path):
+    """/vmlinuz pointing at a host file (absolute, or up and out) is resolved inside the
+    image: the host's file is never read."""
+    outside = tmp_path / "host-kernel"
+    outside.write_bytes(bzimage("6.6.6-host"))
+    os.unlink(image / "vmlinuz")
+    os.symlink(str(outside), image / "vmlinuz")
+    os.symlink("../../../../../../" + str(outside), image / "boot" / "vmlinuz")
+    releases = [release for _, release in kernels_in(str(image))]
+    assert "6.6.6-host" not in releases
+
+
+def test_the_initramfs_holds_the_images_boot_modules_uncompressed_in_order(image):
+    archive = parse_newc(boot_initramfs(str(image), "6.1.0-9-amd64", b"BB", b"#!init"))
+    mods = [(e["name"], e["data"]) for e in archive if e["name"].startswith("lib/modules/")
+            and e["name"].endswith(".ko")]
+    names = [name.split("-", 1)[1] for name, _ in mods]
+    # virtio_pci is built in; each module after what it depends on
+    assert names == ["fuse.ko", "virtio_ring.ko", "virtiofs.ko", "virtio_console.ko",
+                     "net_failover.ko", "virtio_net.ko"]
+    assert dict(mods)["lib/modules/02-virtiofs.ko"] == module("virtiofs", "fuse,virtio_ring")
+    assert dict(mods)["lib/modules/03-virtio_console.ko"] == module("virtio_console")
+
+
+def test_missing_boot_modules_or_index_fail_naming_what(image):
+    mods = image / "usr" / "lib" / "modules" / "6.1.0-9-amd64"
+    (mods / "modules.builtin").write_text("")
+    with pytest.raises(DkvmError, match="6.1.0-9-amd64: the kernel has no module virtio_pci"):
+        boot_initramfs(str(image), "6.1.0-9-amd64", b"", b"")
+    (mods / "modules.dep").unlink()
+    with pytest.raises(DkvmError, match="no /lib/modules/6.1.0-9-amd64/modules.dep .run depmod"):
+        boot_initramfs(str(image), "6.1.0-9-amd64", b"", b"")
+    with pytest.raises(DkvmError, match="has no /lib/modules/6.1.0-10-amd64"):
+        modules_dir(str(image), "6.1.0-10-amd64")
+
+
+def test_a_module_bomb_or_an_unknown_compression_is_refused(image, monkeypatch):
+    import dkvm.image_kernel as image_kernel
+    mods = image / "usr" / "lib" / "modules" / "6.1.0-9-amd64" / "kernel"
+    (mods / "bomb.ko.xz").write_bytes(lzma.compress(bytes(1 << 20)))
+    monkeypatch.setattr(image_kernel, "MODULE_LIMIT", 1 << 16)
+    with pytest.raises(DkvmError, match="larger than"):
+        module_bytes(str(image), "/lib/modules/6.1.0-9-amd64/kernel/bomb.ko.xz")
+    (mods / "z.ko.zst").write_bytes(b"(\xb5/\xfd")
+    with pytest.raises(DkvmError, match="only .ko, .ko.xz and .ko.gz"):
+        module_bytes(str(image), "/lib/modules/6.1.0-9-amd64/kernel/z.ko.zst")
+    (mods / "bad.ko.xz").write_bytes(b"not xz")
+    with pytest.raises(DkvmError, match="does not decompress"):
+        module_bytes(str(image), "/lib/modules/6.1.0-9-amd64/kernel/bad.ko.xz")
+
+
+def test_the_kernel_opened_at_start_must_still_be_the_one_found_at_create(image):
+    fd = open_kernel(str(image), "/vmlinuz", "6.1.0-9-amd64")
+    os.close(fd)
+    (image / "boot" / "vmlinuz-6.1.0-9-amd64").write_bytes(bzimage("6.6.6-swapped"))
+    with pytest.raises(DkvmError, match="no longer 6.1.0-9-amd64"):
+        open_kernel(str(image), "/vmlinuz", "6.1.0-9-amd64")
+
+
+def test_the_modules_dir_is_where_the_image_really_keeps_it(image):
+    assert modules_dir(str(image), "6.1.0-9-amd64") == \
+        str(image / "usr" / "lib" / "modules" / "6.1.0-9-amd64")
+
+
+def test_create_records_the_images_kernel(image, monkeypatch):
+    from dkvm.host.bundle import BundleLayout
+    monkeypatch.setattr(BundleLayout, "image_kernel",
+                        lambda self, release: find_kernel(str(image), release))
+    _, plan = rewrite(with_env(load_config("plain"), "DKVM_KERNEL=image"))
+    assert (plan.boot.name, plan.boot.release, plan.boot.kernel) == \
+        ("image", "6.1.0-9-amd64", "/vmlinuz")
+    assert plan.boot.from_image and plan.options.kernel == "image"
+    _, plan = rewrite(with_env(load_config("plain"), "DKVM_KERNEL=image/6.1.0-10-amd64"))
+    assert plan.boot.release == "6.1.0-10-amd64"
+
+
+def test_a_kernel_without_initramfs_boots_the_export_with_dkvms_init():
+    plan = Plan()
+    plan.boot.kernel = "/.dkvm/kernels/dkvm/vmlinux"
+    append = kernel_append(plan).split()
+    assert {"root=root", "rootfstype=virtiofs", "rw",
+            "init=/dkvm/guest-init/direct"} <= set(append)
+    plan.boot.initrd = "/.dkvm/kernels/debian/initrd.img"
+    assert not [arg for arg in kernel_append(plan).split() if arg.startswith(("root=", "init="))]
+
+
+def test_the_default_kernel_is_dkvms_and_an_unknown_one_names_every_choice():
+    _, plan = rewrite(load_config("plain"))
+    assert (plan.options.kernel, plan.boot.name) == ("dkvm", "dkvm")
+    assert plan.boot.initrd == ""
+    with pytest.raises(DkvmError) as info:
+        rewrite(with_env(load_config("plain"), "DKVM_KERNEL=fedora"))
+    assert "dkvm or dkvm/6.1.192-dkvm, debian or debian/6.1.0-28-amd64" in str(info.value) \
+        or "debian or debian/6.1.0-28-amd64, dkvm or dkvm/6.1.192-dkvm" in str(info.value)
+    assert "image (the image's own)" in str(info.value)
+
+
+def test_dkvm_kernels_shows_release_boot_and_source_and_marks_the_default():
+    from dkvm.roles.cli import kernel_table
+    from unitutil import KERNELS
+    lines = kernel_table(KERNELS)
+    assert lines[0].split() == ["NAME", "RELEASE", "BOOT", "SOURCE"]
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    assert set(rows) == {"debian", "dkvm*", "image"}
+    assert "6.1.192-dkvm" in rows["dkvm*"] and "the export as root" in rows["dkvm*"]
+    assert "initramfs" in rows["debian"]
+    assert lines[-1].startswith("* the default")

@@ -1,0 +1,193 @@
+"""dkvm.initramfs: the newc archive, module names, dependencies and load order (the
+same code builds the stock kernel's initramfs at build time and the image kernel's at
+start)."""
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+from dkvm.errors import DkvmError
+from dkvm.initramfs import cpio_newc, initramfs, load_order, modinfo_depends, module_name
+
+
+def order_of(wanted, modules):
+    """load_order with each module's dependencies read from its own .modinfo."""
+    return load_order(wanted, lambda name: modinfo_depends(modules[name].read_bytes()))
+
+
+# --- cpio --------------------------------------------------------------------------
+
+def parse_newc(data):
+    """A strict newc reader: list of dicts, TRAILER!!! included."""
+    entries, off = [], 0
+    fields = ["ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor",
+              "devminor", "rdevmajor", "rdevminor", "namesize", "check"]
+    while True:
+        assert off % 4 == 0
+        assert data[off:off + 6] == b"070701", off
+        hdr = data[off + 6:off + 110]
+        entry = {f: int(hdr[i * 8:i * 8 + 8], 16) for i, f in enumerate(fields)}
+        name_end = off + 110 + entry["namesize"]
+        raw_name = data[off + 110:name_end]
+        assert raw_name.endswith(b"\0") and b"\0" not in raw_name[:-1]
+        entry["name"] = raw_name[:-1].decode()
+        off = name_end + (-name_end % 4)
+        assert data[name_end:off] == b"\0" * (off - name_end)
+        entry["data"] = data[off:off + entry["filesize"]]
+        off += entry["filesize"]
+        pad = -off % 4
+        assert data[off:off + pad] == b"\0" * pad
+        off += pad
+        entries.append(entry)
+        if entry["name"] == "TRAILER!!!":
+            assert off == len(data)
+            return entries
+
+
+ENTRIES = [
+    ("bin", 0o40755, None),
+    ("dev", 0o40755, None),
+    ("dev/console", 0o20600, None, (5, 1)),
+    ("bin/busybox", 0o100755, b"\x7fELF" + b"b" * 1001),
+    ("init", 0o100755, b"#!/bin/busybox sh\nexec /bin/sh\n"),
+    ("lib/modules/00-virtio.ko", 0o100644, b"abc"),
+    ("empty", 0o100644, b""),
+]
+
+
+def test_cpio_newc_parses():
+    data = cpio_newc(ENTRIES)
+    assert data.startswith(b"070701")
+    entries = parse_newc(data)
+    assert [e["name"] for e in entries] == [e[0] for e in ENTRIES] + ["TRAILER!!!"]
+    by_name = {e["name"]: e for e in entries}
+    for name, mode, content, *_ in ENTRIES:
+        e = by_name[name]
+        assert e["mode"] == mode
+        assert e["data"] == (content or b"")
+        assert e["filesize"] == len(content or b"")
+        assert (e["uid"], e["gid"], e["mtime"]) == (0, 0, 0)
+    console = by_name["dev/console"]
+    assert stat.S_ISCHR(console["mode"])
+    assert (console["rdevmajor"], console["rdevminor"]) == (5, 1)
+    assert (by_name["init"]["rdevmajor"], by_name["init"]["rdevminor"]) == (0, 0)
+    assert by_name["bin"]["nlink"] == 2 and by_name["init"]["nlink"] == 1
+    inos = [e["ino"] for e in entries[:-1]]
+    assert len(set(inos)) == len(inos) and 0 not in inos
+    trailer = entries[-1]
+    assert (trailer["mode"], trailer["filesize"], trailer["ino"]) == (0, 0, 0)
+
+
+def test_cpio_newc_is_deterministic():
+    assert cpio_newc(ENTRIES) == cpio_newc(list(ENTRIES))
+    assert cpio_newc(ENTRIES) != cpio_newc(ENTRIES[:-1])
+
+
+def test_cpio_newc_non_ascii_name():
+    data = cpio_newc([("lib/caf\u00e9", 0o100644, b"x")])
+    (entry, _) = parse_newc(data)
+    assert entry["name"] == "lib/caf\u00e9" and entry["data"] == b"x"
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="no cpio(1)")
+def test_cpio_newc_readable_by_cpio(tmp_path):
+    out = subprocess.run(["cpio", "-it", "--quiet"], input=cpio_newc(ENTRIES),
+                         capture_output=True, check=True)
+    assert out.stdout.decode().split() == [e[0] for e in ENTRIES]
+
+
+# --- module order ------------------------------------------------------------------
+
+def write_module(tmp_path, name, depends):
+    path = tmp_path / f"{name.replace('_', '-')}.ko"
+    path.write_bytes(b"\x7fELF\0\0junk\0license=GPL\0depends=" + depends.encode()
+                     + b"\0retpoline=Y\0name=" + name.encode() + b"\0vermagic=6.1\0")
+    return path
+
+
+@pytest.fixture
+def modules(tmp_path):
+    specs = {
+        "virtio": "",
+        "virtio_ring": "",
+        "virtio_pci_modern_dev": "",
+        "virtio_pci_legacy_dev": "",
+        "virtio_pci": "virtio_pci_modern_dev,virtio,virtio-ring,virtio_pci_legacy_dev",
+        "fuse": "",
+        "virtiofs": "fuse,virtio_ring,virtio",
+        "virtio_console": "virtio,virtio_ring",
+    }
+    return {name: write_module(tmp_path, name, deps) for name, deps in specs.items()}
+
+
+def assert_deps_first(order, modules):
+    for i, name in enumerate(order):
+        for dep in modinfo_depends(modules[name].read_bytes()):
+            assert dep in order[:i], (dep, name, order)
+
+
+def test_module_depends(modules):
+    assert modinfo_depends(modules["virtio_pci"].read_bytes()) == [
+        "virtio_pci_modern_dev", "virtio", "virtio_ring", "virtio_pci_legacy_dev"]
+    assert modinfo_depends(modules["fuse"].read_bytes()) == []
+
+
+def test_module_depends_without_modinfo(tmp_path):
+    path = tmp_path / "x.ko"
+    path.write_bytes(b"\x7fELF no modinfo here")
+    assert modinfo_depends(path.read_bytes()) == []
+
+
+def test_module_load_order(modules):
+    order = order_of(["virtio_pci", "virtiofs", "virtio_console"], modules)
+    assert len(order) == len(set(order))
+    assert set(order) == set(modules)
+    assert_deps_first(order, modules)
+    # depth first, dependencies in the order modinfo lists them
+    assert order == ["virtio_pci_modern_dev", "virtio", "virtio_ring", "virtio_pci_legacy_dev",
+                     "virtio_pci", "fuse", "virtiofs", "virtio_console"]
+
+
+def test_module_load_order_simple(tmp_path):
+    mods = {"a": write_module(tmp_path, "a", ""), "b": write_module(tmp_path, "b", "a"),
+            "c": write_module(tmp_path, "c", "a,b")}
+    assert order_of(["c"], mods) == ["a", "b", "c"]
+    assert order_of(["c", "a"], mods) == ["a", "b", "c"]
+    assert order_of(["a"], mods) == ["a"]
+
+
+def test_module_load_order_missing(tmp_path):
+    mods = {"a": write_module(tmp_path, "a", ""),
+            "c": write_module(tmp_path, "c", "a,b")}
+    with pytest.raises(DkvmError) as info:
+        order_of(["c"], mods)
+    assert "no module b" in str(info.value)
+    with pytest.raises(DkvmError) as info:
+        order_of(["zz"], mods)
+    assert "no module zz" in str(info.value)
+
+
+def test_module_load_order_cycle(tmp_path):
+    mods = {"a": write_module(tmp_path, "a", "b"), "b": write_module(tmp_path, "b", "a")}
+    with pytest.raises(DkvmError) as info:
+        order_of(["a"], mods)
+    assert "cycle" in str(info.value)
+
+
+def test_module_names_as_the_kernel_spells_them():
+    assert module_name("kernel/drivers/virtio/virtio-pci.ko.xz") == "virtio_pci"
+    assert module_name("virtiofs.ko") == "virtiofs"
+    assert module_name("nf_tables.ko.zst") == "nf_tables"
+    assert module_name("crc32c-intel") == "crc32c_intel"
+
+
+def test_initramfs_holds_init_busybox_and_modules_in_load_order():
+    entries = {e["name"]: e for e in parse_newc(initramfs(b"BB", b"#!init", [("b", b"B"),
+                                                                            ("a", b"A")]))}
+    assert entries["init"]["data"] == b"#!init" and entries["bin/busybox"]["data"] == b"BB"
+    assert stat.S_IMODE(entries["init"]["mode"]) == 0o755
+    mods = sorted(name for name in entries if name.startswith("lib/modules/"))
+    assert mods == ["lib/modules/00-b.ko", "lib/modules/01-a.ko"]
+    assert entries["lib/modules/01-a.ko"]["data"] == b"A"
+    assert stat.S_ISCHR(entries["dev/console"]["mode"])
