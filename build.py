@@ -59,6 +59,19 @@ from dkvm.__main__ import main
 main()
 """
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+# The archive's own entry, in place of shiv's. The runtime wrapper runs on every docker
+# operation, so it runs straight from the archive (zipimport, with the byte code the
+# build puts beside each dkvm module), without shiv's bootstrap, which imports half
+# the standard library to find or unpack site-packages; every other role goes
+# through shiv.
+LAUNCHER = """import sys
+if sys.argv[0].rpartition("/")[2] == "dkvm-runtime":
+    sys.path.insert(0, sys.path[0] + "/site-packages")
+    from dkvm.__main__ import main
+    main()
+import _bootstrap
+_bootstrap.bootstrap()
+"""
 
 
 def log(msg):
@@ -229,6 +242,31 @@ def write_zip_tree(zf, root, prefix):
             shutil.copyfileobj(src, dst, 1 << 20)
 
 
+def pack(shiv_archive, out, site, payload):
+    """The final archive: shiv's, with LAUNCHER as its __main__, each dkvm module's byte
+    code beside it (`mod.pyc`: the layout zipimport reads), and the payload."""
+    with open(shiv_archive, "rb") as f:
+        shebang = f.readline()
+    with open(out, "wb") as f:
+        f.write(shebang)
+        with zipfile.ZipFile(shiv_archive) as src, zipfile.ZipFile(f, "w") as dst:
+            for info in src.infolist():
+                if info.filename != "__main__.py":
+                    dst.writestr(info, src.read(info))
+            main_info = zipfile.ZipInfo("__main__.py", FIXED_ZIP_TIME)
+            main_info.external_attr = 0o644 << 16
+            dst.writestr(main_info, LAUNCHER)
+            for path in sorted((site / "dkvm").rglob("*.py")):
+                rel = path.relative_to(site).as_posix()
+                code = compile_source(path, rel)
+                if code is not None:
+                    info = zipfile.ZipInfo(f"site-packages/{rel}c", FIXED_ZIP_TIME)
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    info.external_attr = 0o644 << 16
+                    dst.writestr(info, code)
+            write_zip_tree(dst, payload, "payload")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", default=str(DIST / "dkvm.pyz"))
@@ -272,13 +310,14 @@ def main():
     tmp = out.with_suffix(".tmp")
     log(f"packing {out} (build id {build_id})")
     subprocess.run([sys.executable, "-m", "shiv", "--reproducible", "--no-modify",
-                    "-p", "/usr/bin/python3 -sE", "-e", "dkvm.__main__:main",
+                    "-p", "/usr/bin/python3 -IS", "-e", "dkvm.__main__:main",
                     "--site-packages", str(site), "--build-id", build_id,
                     "-o", str(tmp)], check=True, stdout=subprocess.DEVNULL)
-    with zipfile.ZipFile(tmp, "a") as zf:
-        write_zip_tree(zf, payload, "payload")
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, out)
+    final = out.with_suffix(".tmp2")
+    pack(tmp, final, site, payload)
+    tmp.unlink()
+    os.chmod(final, 0o755)
+    os.replace(final, out)
     log(f"done: {out} ({out.stat().st_size >> 20} MiB)")
 
 

@@ -3,7 +3,6 @@ the payload, KVM, the guest kernels, the engine, the host's name servers; and wh
 the real runc is."""
 import fcntl
 import os
-import shutil
 import sys
 
 from dkvm.errors import DkvmError
@@ -74,10 +73,12 @@ def find_runc(explicit=""):
             raise DkvmError(f"--dkvm-runc={explicit}: not an executable file")
         return explicit
     me = os.path.realpath(sys.argv[0])
-    candidates = [shutil.which("runc")] + ["/usr/sbin/runc", "/usr/bin/runc",
-                                           "/usr/local/sbin/runc", "/usr/local/bin/runc"]
+    in_path = [os.path.join(folder, "runc") for folder in
+               os.environ.get("PATH", os.defpath).split(os.pathsep) if folder]
+    candidates = in_path + ["/usr/sbin/runc", "/usr/bin/runc", "/usr/local/sbin/runc",
+                            "/usr/local/bin/runc"]
     for cand in candidates:
-        if cand and os.access(cand, os.X_OK) and os.path.realpath(cand) != me:
+        if os.path.isfile(cand) and os.access(cand, os.X_OK) and os.path.realpath(cand) != me:
             return cand
     raise DkvmError("runc not found (looked in PATH, /usr/sbin, /usr/bin, /usr/local): "
                     "install runc or pass --dkvm-runc=PATH in the runtime's runtimeArgs")

@@ -317,3 +317,21 @@ def test_run_role_exit_codes(capsys):
         run_role(fail, ["x"])
     assert info.value.code == 7
     assert capsys.readouterr().err == "dkvm: bad thing\n"
+
+
+def test_the_real_runc_is_the_first_in_path_that_is_a_program_and_not_us(tmp_path,
+                                                                          monkeypatch):
+    """Found without shutil (the wrapper imports as little as it can): a directory
+    named runc, a file that is not executable and the wrapper itself are passed over."""
+    dirs = [tmp_path / name for name in ("a", "b", "c", "d")]
+    for folder in dirs:
+        folder.mkdir()
+    (dirs[0] / "runc").mkdir()
+    (dirs[1] / "runc").write_text("not a program")
+    for program in (tmp_path / "dkvm.pyz", dirs[3] / "runc"):
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755)
+    os.symlink(tmp_path / "dkvm.pyz", dirs[2] / "runc")
+    monkeypatch.setenv("PATH", os.pathsep.join(map(str, dirs)))
+    monkeypatch.setattr(facts.sys, "argv", [str(tmp_path / "dkvm.pyz")])
+    assert facts.find_runc() == str(dirs[3] / "runc")
