@@ -1,10 +1,9 @@
 """The runtime's edits to the bundle the engine hands runc: config.json at `create`,
 the process file at `exec`, and the container's own root (a skeleton of mount
 points) beside them. The I/O around the pure rewrites of host.rewrite."""
-import json
 import os
 
-from dkvm import paths
+from dkvm import lightjson, paths
 from dkvm.errors import DkvmError
 from dkvm.host import runc_cli
 
@@ -46,7 +45,7 @@ def prepare_create(create_args, defaults):
     bundle = runc_cli.flag_value(create_args, "--bundle", "-b") or os.getcwd()
     config_path = os.path.join(bundle, "config.json")
     with open(config_path) as f:
-        config = json.load(f)
+        config = lightjson.loads(f.read())
     layout = BundleLayout(bundle, config)
     new = rewrite_create_config(config, gather_host_facts(defaults), layout,
                                 runc_cli.container_id(create_args))
@@ -90,7 +89,7 @@ def prepare_exec(exec_args):
     if not path:
         raise DkvmError("exec without --process FILE is not supported by dkvm")
     with open(path) as f:
-        process = json.load(f)
+        process = lightjson.loads(f.read())
     replace_json(path, rewrite_exec_process(process, runc_cli.container_id(exec_args),
                                             DOCKER.default_capabilities))
 
@@ -98,5 +97,5 @@ def prepare_exec(exec_args):
 def replace_json(path, data):
     tmp = path + ".dkvm-tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f)
+        f.write(lightjson.dumps(data))
     os.replace(tmp, path)

@@ -1,12 +1,8 @@
 """The container engines DKVM serves, each in one place: how it names the network
 namespace it gives a container, and where it looks for runtimes (what `dkvm install`
 edits). Docker today; Podman and containerd join here."""
-import json
 import os
-import signal
 import stat
-import subprocess
-import time
 
 from dkvm.errors import DkvmError
 
@@ -62,6 +58,7 @@ class Docker:
 
     def update_daemon_json(self, change):
         """Apply `change` to daemon.json, keeping every other setting; back it up first."""
+        import json                 # here: the runtime's exec path imports this module
         cfg, original = {}, None
         if os.path.exists(self.daemon_json):
             with open(self.daemon_json) as f:
@@ -82,6 +79,7 @@ class Docker:
 
     def reload(self):
         """SIGHUP makes dockerd reload its runtimes; False when no dockerd runs."""
+        import signal
         try:
             with open(self.pidfile) as f:
                 pid = int(f.read().strip())
@@ -91,6 +89,8 @@ class Docker:
             return False
 
     def verify_registered(self, expected):
+        import subprocess
+        import time
         deadline = time.monotonic() + VERIFY_TIMEOUT
         while time.monotonic() < deadline:
             out = subprocess.run(["docker", "info", "--format", "{{json .Runtimes}}"],
