@@ -33,7 +33,8 @@ def bzimage_release(header):
     text = header[offset + 0x200:offset + 0x200 + 256].split(b"\0")[0]
     words = text.decode("ascii", "replace").split()
     release = words[0] if words else ""
-    return release if release.isprintable() and "/" not in release and release != ".." else ""
+    return release if release.isprintable() and "/" not in release and release.strip(".") \
+        else ""
 
 
 def kernels_in(root):

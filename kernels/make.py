@@ -63,7 +63,7 @@ def compile_kernel(name, recipe, build, apt_install):
         apt_install([source["package"], *source.get("build_packages", [])])
         version = installed_version(source["package"])
     key = hashlib.sha256()
-    for path in sorted(recipe["dir"].iterdir()):
+    for path in sorted(p for p in recipe["dir"].iterdir() if p.is_file()):
         key.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     key.update(version.encode())
     out = build / "kernels" / f"{name}-{key.hexdigest()[:16]}"
