@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Every figure of DKVM's performance table in one run: boot per kernel (bench/boot.py,
+against runc and bare QEMU), the runtime wrapper per call (bench/wrapper.py), exec
+latency and stdin throughput (bench/exec.py), then here: stdout throughput of
+`docker run` and the host memory of an idle container (the PSS of all its processes),
+each under runc and dkvm. A few minutes on 2 cores.
+
+Needs the README set-up done (dockerd running, dkvm installed, the dkvm-demo image).
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TIMEOUT = 600
+
+
+def run_bench(script, *args):
+    """Another bench script's report, as it prints it."""
+    out = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True,
+                         text=True, timeout=TIMEOUT, check=True)
+    return out.stdout.rstrip()
+
+
+def stdout_mib_per_s(runtime, image, mib):
+    """`docker run` writing `mib` MiB to stdout, read here as fast as it comes."""
+    argv = ["docker", "run", "--rm", f"--runtime={runtime}", image, "dd", "if=/dev/zero",
+            "bs=1M", f"count={mib}"]
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    total = 0
+    while chunk := proc.stdout.read(1 << 20):
+        total += len(chunk)
+    proc.wait(timeout=TIMEOUT)
+    if total != mib << 20:
+        raise RuntimeError(f"{runtime}: {total} bytes of stdout, not {mib} MiB")
+    return mib / (time.monotonic() - start)
+
+
+def descendants(pid):
+    """`pid` and every process below it."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def pss_mib(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def idle_memory_mib(runtime, image, settle):
+    """The PSS of all of an idle container's processes (for dkvm: the entrypoint, QEMU,
+    virtiofsd), after it has answered an exec and sat for `settle` seconds."""
+    name = f"dkvm-bench-memory-{runtime}"
+    subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+    subprocess.run(["docker", "run", "-d", f"--runtime={runtime}", "--name", name, image,
+                    "sleep", "600"], check=True, capture_output=True, timeout=TIMEOUT)
+    try:
+        subprocess.run(["docker", "exec", name, "true"], check=True, timeout=TIMEOUT)
+        time.sleep(settle)
+        pid = int(subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", name],
+                                 check=True, capture_output=True, text=True).stdout)
+        return sum(pss_mib(p) for p in descendants(pid))
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", default="dkvm-demo")
+    parser.add_argument("--stdout-mib", type=int, default=200)
+    parser.add_argument("--settle", type=float, default=5.0)
+    args = parser.parse_args()
+    start = time.monotonic()
+    reports = [run_bench("boot.py", "-n", "3", "--image", args.image),
+               run_bench("wrapper.py", "-n", "10"),
+               run_bench("exec.py", "-n", "30", "--image", args.image)]
+    stdout = {runtime: stdout_mib_per_s(runtime, args.image, args.stdout_mib)
+              for runtime in ("runc", "dkvm")}
+    memory = {runtime: idle_memory_mib(runtime, args.image, args.settle)
+              for runtime in ("runc", "dkvm")}
+    print("\n\n".join(reports))
+    print(f"\n`docker run` writing {args.stdout_mib} MiB to stdout (MiB/s)")
+    print(f"  runc {stdout['runc']:7.1f}   dkvm {stdout['dkvm']:7.1f}   "
+          f"dkvm / runc {stdout['dkvm'] / stdout['runc']:.2f}x")
+    print(f"\nidle container, PSS of all its processes after {args.settle:.0f} s (MiB)")
+    print(f"  runc {memory['runc']:7.1f}   dkvm {memory['dkvm']:7.1f}")
+    print(f"\n(all of bench/all.py: {time.monotonic() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
