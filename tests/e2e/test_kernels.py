@@ -21,7 +21,8 @@ def kernel_env(kernel):
 
 @pytest.fixture(scope="session")
 def listed(docker):
-    """`dkvm kernels`: name (the default marked `*`) -> (release, boot, source)."""
+    """`dkvm kernels`: name (the default marked `*`) -> the rest of its row (release,
+    boot, source)."""
     rows = {}
     for line in sh("dkvm", "kernels").stdout.splitlines()[1:]:
         cells = line.split(None, 1)
