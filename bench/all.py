@@ -8,11 +8,12 @@ each under runc and dkvm. A few minutes on 2 cores.
 Needs the README set-up done (dockerd running, dkvm installed, the dkvm-demo image).
 """
 import argparse
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from idle import idle_processes, rollup_mib
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 600
@@ -40,51 +41,8 @@ def stdout_mib_per_s(runtime, image, mib):
     return mib / (time.monotonic() - start)
 
 
-def descendants(pid):
-    """`pid` and every process below it."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
-
-
-def pss_mib(pid):
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def idle_memory_mib(runtime, image, settle):
-    """The PSS of all of an idle container's processes (for dkvm: the entrypoint, QEMU,
-    virtiofsd), after it has answered an exec and sat for `settle` seconds."""
-    name = f"dkvm-bench-memory-{runtime}"
-    subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
-    subprocess.run(["docker", "run", "-d", f"--runtime={runtime}", "--name", name, image,
-                    "sleep", "600"], check=True, capture_output=True, timeout=TIMEOUT)
-    try:
-        subprocess.run(["docker", "exec", name, "true"], check=True, timeout=TIMEOUT)
-        time.sleep(settle)
-        pid = int(subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", name],
-                                 check=True, capture_output=True, text=True).stdout)
-        return sum(pss_mib(p) for p in descendants(pid))
-    finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+def all_pss_mib(pids):
+    return sum(rollup_mib(pid).get("Pss", 0.0) for pid in pids)
 
 
 def main():
@@ -99,7 +57,7 @@ def main():
                run_bench("exec.py", "-n", "30", "--image", args.image)]
     stdout = {runtime: stdout_mib_per_s(runtime, args.image, args.stdout_mib)
               for runtime in ("runc", "dkvm")}
-    memory = {runtime: idle_memory_mib(runtime, args.image, args.settle)
+    memory = {runtime: idle_processes(runtime, args.image, args.settle, measure=all_pss_mib)
               for runtime in ("runc", "dkvm")}
     print("\n\n".join(reports))
     print(f"\n`docker run` writing {args.stdout_mib} MiB to stdout (MiB/s)")

@@ -22,7 +22,8 @@ sys.path.insert(0, str(REPO))
 from dkvm import paths  # noqa: E402
 from dkvm.container.vmm import kernel_append, qemu_env  # noqa: E402
 from dkvm.host.payload import ensure_payload, payload_kernels  # noqa: E402
-from dkvm.initramfs import cpio_newc  # noqa: E402
+from dkvm.initramfs import initramfs  # noqa: E402
+from idle import command_line, idle_processes, rollup_mib  # noqa: E402
 from dkvm.options import BY_ENV  # noqa: E402
 from dkvm.schema import Boot, Plan  # noqa: E402
 
@@ -53,40 +54,13 @@ def bare_qemu_argv(payload, boot, initrd, vcpus):
         "-append", kernel_append(plan)]
 
 
-def qemu_memory_mib(container):
-    """Resident and proportional memory (MiB) of the container's QEMU."""
-    pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", container],
-                         check=True, capture_output=True, text=True).stdout.strip()
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children = f.read().split()
-        for child in children:
-            with open(f"/proc/{child}/cmdline", "rb") as f:
-                if b"qemu-system-x86_64" not in f.read():
-                    continue
-            fields = {}
-            with open(f"/proc/{child}/smaps_rollup") as f:
-                for line in f:
-                    name, _, value = line.partition(":")
-                    if value.strip().endswith("kB"):
-                        fields[name] = int(value.split()[0]) / 1024
+def qemu_memory_mib(pids):
+    """Resident and proportional memory (MiB) of the QEMU among `pids`."""
+    for pid in pids:
+        if b"qemu-system-x86_64" in command_line(pid):
+            fields = rollup_mib(pid)
             return fields["Rss"], fields["Pss"]
-    raise RuntimeError(f"no QEMU in container {container}")
-
-
-def idle_memory(image, kernel, settle):
-    """QEMU's memory once a VM has booted and sat idle for `settle` seconds."""
-    name = f"dkvm-bench-idle-{kernel}"
-    subprocess.run(["docker", "rm", "-f", name], capture_output=True)
-    subprocess.run(["docker", "run", "-d", "--runtime=dkvm", "--name", name,
-                    "-e", f"DKVM_KERNEL={kernel}", image, "sleep", "600"],
-                   check=True, capture_output=True, timeout=TIMEOUT)
-    try:
-        subprocess.run(["docker", "exec", name, "true"], check=True, timeout=TIMEOUT)
-        time.sleep(settle)
-        return qemu_memory_mib(name)
-    finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=TIMEOUT)
+    raise RuntimeError("no QEMU in the container")
 
 
 def main():
@@ -105,10 +79,7 @@ def main():
         with open(os.path.join(payload, "bin", "busybox"), "rb") as f:
             busybox = f.read()
         with open(initrd, "wb") as f:
-            f.write(cpio_newc([("bin", 0o40755, None), ("dev", 0o40755, None),
-                               ("dev/console", 0o20600, None, (5, 1)),
-                               ("bin/busybox", 0o100755, busybox),
-                               ("init", 0o100755, POWEROFF_INIT)]))
+            f.write(initramfs(busybox, POWEROFF_INIT, []))
         env = dict(os.environ, **{k: v.replace(paths.PAYLOAD_MOUNT, payload)
                                   for k, v in qemu_env().items()})
         cases = {"runc": lambda: timed(["docker", "run", "--rm", "--runtime=runc", args.image,
@@ -123,7 +94,9 @@ def main():
         for _ in range(args.runs):
             for name, run in cases.items():
                 results[name].append(run())
-    memory = {kernel: idle_memory(args.image, kernel, args.settle) for kernel in kernels}
+    memory = {kernel: idle_processes("dkvm", args.image, args.settle,
+                                     [f"DKVM_KERNEL={kernel}"], qemu_memory_mib)
+              for kernel in kernels}
 
     med = {name: statistics.median(times) for name, times in results.items()}
     print(f"boot benchmark, median of {args.runs} (wall seconds, `true` to exit)")

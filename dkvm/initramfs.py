@@ -28,7 +28,7 @@ def modinfo_depends(module):
     start = module.find(b"\0depends=")
     if start < 0:
         return []
-    field = module[start + len(b"\0depends="):module.index(b"\0", start + 1)]
+    field = module[start + len(b"\0depends="):].split(b"\0", 1)[0]
     return [module_name(d) for d in field.decode(errors="replace").split(",") if d]
 
 

@@ -55,14 +55,14 @@ class VmProcesses:
         out_fd, err_fd = dup_or_null(1), dup_or_null(2)
         vcpus = plan.cpus or len(os.sched_getaffinity(0))
         argv = qemu_argv(plan, vcpus, out_fd, err_fd, disk_fds)
-        disk_fds = [fd for pair in disk_fds for fd in pair] + list(boot_fds)
+        inherited = [fd for pair in disk_fds for fd in pair] + list(boot_fds)
         log = open(paths.QEMU_LOG, "wb")
         stdio = {} if plan.process.terminal else {"stdin": subprocess.DEVNULL, "stdout": log}
         proc = subprocess.Popen(argv, env=dict(os.environ, **qemu_env()), stderr=log,
-                                pass_fds=(out_fd, err_fd, *disk_fds),
+                                pass_fds=(out_fd, err_fd, *inherited),
                                 preexec_fn=start_qemu_child,
                                 **stdio)
-        for fd in (out_fd, err_fd, *disk_fds):
+        for fd in (out_fd, err_fd, *inherited):
             os.close(fd)
         self.qemu = Child("QEMU", proc, paths.QEMU_LOG)
 
