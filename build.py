@@ -52,12 +52,24 @@ QEMU_MODULES = ["accel-tcg-x86_64.so"]
 # In-container and in-guest roles start as `python3 <payload>/entry/<role>`: the
 # script's name is argv[0], which picks the role as it does on the host.
 ROLE_ENTRIES = ["dkvm-ctr-entrypoint", "dkvm-vm-init", "dkvm-exec"]
+# Each role reads as few zip directories as it can (zipimport parses one in Python,
+# a few milliseconds per hundred entries under TCG): the standard library its roles
+# import (python311.zip, read at start), then dkvm's own; the rest of the standard
+# library and pyroute2 come last, read only by the role that imports from them.
 ENTRY_SCRIPT = """import os, sys
 root = os.path.dirname(os.path.dirname(__file__))
-sys.path[:0] = [os.path.join(root, "site-packages.zip"), os.path.join(root, "site-packages")]
+sys.path[1:1] = [os.path.join(root, "dkvm.zip")]
+more = os.path.join(root, "python", "lib", "python-more.zip")
+sys.path += [more, os.path.join(root, "site-packages.zip"), os.path.join(root, "site-packages")]
+sys.modules["encodings"].__path__.append(os.path.join(more, "encodings"))
 from dkvm.__main__ import main
 main()
 """
+# The roles that run on the payload's Python (the host's run on the host's).
+PAYLOAD_ROLES = ["dkvm.roles.ctr_entrypoint", "dkvm.roles.vm_init", "dkvm.roles.exec_relay"]
+# What they import inside functions on their usual paths (`docker exec -t`, the
+# entrypoint's rlimits, QEMU's child dropping its capabilities, pyroute2's loader).
+PAYLOAD_LAZY_IMPORTS = ["termios", "tty", "resource", "ctypes", "importlib.util"]
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 # The archive's own entry, in place of shiv's. The runtime wrapper runs on every docker
 # operation, so it runs straight from the archive (zipimport, with the byte code the
@@ -119,10 +131,11 @@ def copy_file(src, dst, mode=None):
 
 def gather_python(payload):
     """Debian's python3.11: the interpreter, lib-dynload, and the pure-Python stdlib as
-    byte code in python311.zip (first on the default sys.path). One file instead of
-    hundreds matters in the guest, where each file opened is a round trip over
-    virtiofs under TCG. os.py stays as a file: it is the landmark Python finds its
-    prefix by."""
+    byte code in two zips: python311.zip (first on the default sys.path) holds what
+    the payload's roles import (stdlib_core), python-more.zip the rest. One file
+    instead of hundreds matters in the guest, where each file opened is a round trip
+    over virtiofs under TCG, and a small first zip too (see ENTRY_SCRIPT). os.py stays
+    as a file: it is the landmark Python finds its prefix by."""
     prefix = payload / "python"
     copy_file("/usr/bin/python3.11", prefix / "bin" / "python3", 0o755)
     src = Path("/usr/lib/python3.11")
@@ -142,8 +155,33 @@ def gather_python(payload):
             elif name.endswith(".py"):
                 sources.append((path, (rel / name).as_posix()))
     copy_file(src / "os.py", dst / "os.py", 0o644)
-    write_pyc_zip(sources, lib / "python311.zip")
+    core = stdlib_core()
+    in_core = [s for s in sources if module_of(s[1]) in core
+               or (module_of(s[1]).partition(".")[0] in core and not s[1].startswith("encodings/"))]
+    write_pyc_zip(in_core, lib / "python311.zip")
+    write_pyc_zip([s for s in sources if s not in in_core], lib / "python-more.zip")
     return [prefix / "bin" / "python3", *sorted((dst / "lib-dynload").glob("*.so"))]
+
+
+def stdlib_core():
+    """The standard library modules the payload's roles load as they start, as the
+    payload's own python3.11 imports them, plus those they import later on their
+    usual paths (PAYLOAD_LAZY_IMPORTS). pyroute2's are left to python-more.zip: only
+    the entrypoint, on the host's CPU, reads it. A package's submodules are found
+    only beside it, so gather_python keeps whole packages together, except the
+    codecs, which ENTRY_SCRIPT lets the encodings package find in python-more.zip."""
+    script = (f"import sys\nsys.path.insert(1, {str(ROOT)!r})\n"
+              + "".join(f"import {name}\n" for name in PAYLOAD_ROLES + PAYLOAD_LAZY_IMPORTS)
+              + "print(*sys.modules, sep='\\n')\n")
+    out = subprocess.run(["/usr/bin/python3.11", "-I", "-S", "-c", script],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def module_of(rel):
+    """`pkg/mod.py` -> `pkg.mod`, `pkg/__init__.py` -> `pkg`."""
+    parts = rel[:-len(".py")].split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def write_pyc_zip(sources, zip_path):
@@ -292,15 +330,15 @@ def main():
         (payload / "entry").mkdir(exist_ok=True)
         (payload / "entry" / role).write_text(ENTRY_SCRIPT)
     guest_init = payload / paths.GUEST_INIT_DIR
-    for script in ("init", "direct"):
-        copy_file(ROOT / "guest-init" / script, guest_init / script, 0o755)
-    (guest_init / "root").mkdir()       # the direct init's mount point for its own root
+    copy_file(ROOT / "guest-init" / "init", guest_init / "init", 0o755)
+    (guest_init / "root").mkdir()       # a direct boot's mount point for init's own root
     log("building the guest kernels")
     build_kernels(payload, BUILD, apt_install, busybox=Path("/bin/busybox").read_bytes(),
                   init=(ROOT / "guest-init" / "init").read_bytes())
     site = build_site_packages()
-    # the guest imports dkvm and pyroute2 from one zip, as it does the stdlib
-    write_pyc_zip([(p, p.relative_to(site).as_posix()) for p in sorted(site.rglob("*.py"))],
+    site_sources = [(p, p.relative_to(site).as_posix()) for p in sorted(site.rglob("*.py"))]
+    write_pyc_zip([s for s in site_sources if s[1].startswith("dkvm/")], payload / "dkvm.zip")
+    write_pyc_zip([s for s in site_sources if not s[1].startswith("dkvm/")],
                   payload / "site-packages.zip")
     build_id = tree_digest(payload, site)
     (payload / "BUILD_ID").write_text(build_id + "\n")

@@ -37,8 +37,11 @@ SIGNAL_SOCKET = RUN_DIR + "/signal.sock"  # the runtime asks for SIGKILL/SIGSTOP
 IMAGE_INITRD = RUN_DIR + "/initrd.img"    # DKVM_KERNEL=image: made at start from its modules
 GUEST_INIT_DIR = "guest-init"             # in the payload: the guest's first scripts
 # A kernel with virtio and virtiofs built in mounts the export as its root and starts
-# this (the payload as seen from the export's top)
-DIRECT_INIT = SHARED_PAYLOAD[len(SHARE_DIR):] + "/" + GUEST_INIT_DIR + "/direct"
+# dkvm-vm-init from the payload there (DIRECT_PAYLOAD, the payload as seen from the
+# export's top) with ENTER_OWN_ROOT: init first builds its own root in DIRECT_ROOT.
+DIRECT_PAYLOAD = SHARED_PAYLOAD[len(SHARE_DIR):]
+DIRECT_ROOT = DIRECT_PAYLOAD + "/" + GUEST_INIT_DIR + "/root"
+ENTER_OWN_ROOT = "--enter-own-root"
 EMBEDDED_DNS = ("127.0.0.11", 53)         # Docker's DNS server in the container's namespace
 
 PLAN_ENV = "DKVM_PLAN"                    # the entrypoint's plan (schema.Plan, JSON)

@@ -14,10 +14,10 @@ import socket
 import threading
 
 from dkvm import wire
-from dkvm.container.net_plumbing import (IFF_UP, create_tap, describe, docker_routes,
-                                         guest_links, hand_over, ipv6_sysctls, netdev_id,
-                                         nic_id, open_iproute, tap_name)
+from dkvm.container.net_plumbing import (describe, docker_routes, guest_links, hand_over,
+                                         ipv6_sysctls, netdev_id, nic_id, open_iproute)
 from dkvm.container.net_steps import interface_steps, route_step, sysctl_step
+from dkvm.container.taps import IFF_UP, create_tap, tap_name
 from dkvm.container.vmm import nic_options
 from dkvm.log import warn
 from dkvm.schema import NetChange
@@ -120,7 +120,7 @@ class NetworkFollower:
         number = self.next_number       # never reused: an unplug may still be pending
         iface = describe(ip, link)
         iface.routes = []               # they come with the route changes
-        tap_index = create_tap(ip, tap_name(number), iface.mtu)
+        tap_index = create_tap(tap_name(number), iface.mtu)
         try:
             netdev, device = nic_options(number, iface.mac)
             self.monitor_qmp().execute("netdev_add", **netdev)

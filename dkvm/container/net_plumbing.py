@@ -11,19 +11,15 @@ it keeps the routes, which Docker goes on programming as networks come and go
 import errno
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP
 
+from dkvm.container.taps import ARPHRD_ETHER, tap_name
 from dkvm.schema import Address, Interface, Route
 
 ETH_P_ALL = 0x0003
-IFF_UP = 0x1
 RT_SCOPE_UNIVERSE = 0
 RTPROT_KERNEL, RTPROT_STATIC = 2, 4
 RTN_UNICAST = 1
 MAIN_TABLE = 254
 OWN_DNS_RULE_PRIORITY = 10
-
-
-def tap_name(number):
-    return f"dkvm-tap{number}"
 
 
 def netdev_id(number):
@@ -56,23 +52,23 @@ def open_iproute():
 
 
 def guest_links(ip):
-    """The container's interfaces that belong to the guest, by index."""
+    """The container's interfaces that belong to the guest, by index (those of
+    taps.guest_nics)."""
     return sorted((link for link in ip.get_links()
-                   if link.get_attr("IFLA_IFNAME") != "lo" and link.get_attr("IFLA_ADDRESS")
+                   if link.get_attr("IFLA_IFNAME") != "lo" and link["ifi_type"] == ARPHRD_ETHER
                    and not link.get_attr("IFLA_IFNAME").startswith(tap_name(""))),
                   key=lambda link: link["index"])
 
 
-def take_over_interfaces():
-    """Turn every non-loopback interface into plumbing; returns what the guest needs
-    to rebuild them, in the order their taps are numbered."""
+def take_over_interfaces(nics, tap_indexes):
+    """Turn each of the guest's NICs (taps.guest_nics, each with its tap made) into
+    plumbing; returns what the guest needs to rebuild them, in the same order."""
     interfaces = []
     with open_iproute() as ip:
         refuse_own_dns_traffic(ip)
-        for number, link in enumerate(guest_links(ip)):
-            interfaces.append(describe(ip, link))
-            tap_index = create_tap(ip, tap_name(number), link.get_attr("IFLA_MTU"))
-            hand_over(ip, link["index"], tap_index)
+        for nic, tap_index in zip(nics, tap_indexes):
+            interfaces.append(describe(ip, ip.get_links(nic.index)[0]))
+            hand_over(ip, nic.index, tap_index)
     return interfaces
 
 
@@ -124,15 +120,6 @@ def routes_of(ip, index, mac=""):
 def docker_routes(ip, index, mac=""):
     """The routes Docker made through an interface, not those its addresses make."""
     return [route for route in routes_of(ip, index, mac) if route.proto != RTPROT_KERNEL]
-
-
-def create_tap(ip, tap, mtu):
-    """A persistent tap owned by root, so that QEMU attaches to it by name without
-    CAP_NET_ADMIN (it runs with no capabilities: processes.start_qemu)."""
-    ip.link("add", ifname=tap, kind="tuntap", mode="tap", uid=0, gid=0)
-    tap_index = ip.link_lookup(ifname=tap)[0]
-    ip.link("set", index=tap_index, mtu=mtu, state="up")
-    return tap_index
 
 
 def hand_over(ip, index, tap_index):

@@ -1,6 +1,7 @@
 """Command lines for QEMU and virtiofsd, built from the plan (pure functions)."""
 from dkvm import paths
-from dkvm.container.net_plumbing import netdev_id, nic_id, tap_name
+from dkvm.container.net_plumbing import netdev_id, nic_id
+from dkvm.container.taps import tap_name
 
 # i8042 probing costs 0.6 s under TCG and the guest has no PS/2 devices. ACPI's
 # interrupt links cost 0.35 s (AML run for each PCI device) where the BIOS's PCI
@@ -21,14 +22,19 @@ def kernel_append(plan):
     """DKVM's arguments for any kernel, the kernel's own (its boot descriptor), then the
     user's DKVM_KERNEL_APPEND, which may override both. A kernel without an initramfs
     mounts the export as its root, read-write (the workload's root is in it), and
-    starts DKVM's init from the payload there."""
+    starts DKVM's init from the payload there: the payload's loader is init, and what
+    follows `--` (last: the kernel passes it to init as is) its arguments."""
     options = plan.options
-    direct = [] if plan.boot.initrd else [f"root={paths.VIRTIOFS_TAG}", "rootfstype=virtiofs",
-                                          "rw", f"init={paths.DIRECT_INIT}"]
-    parts = BASE_APPEND + direct + plan.boot.append + (DEBUG_APPEND if options.kernel_debug
-                                                      else QUIET_APPEND)
+    init_argv = []
+    parts = list(BASE_APPEND)
+    if not plan.boot.initrd:
+        init, *init_argv = paths.role_argv("dkvm-vm-init", root=paths.DIRECT_PAYLOAD)
+        parts += [f"root={paths.VIRTIOFS_TAG}", "rootfstype=virtiofs", "rw", f"init={init}"]
+    parts += plan.boot.append + (DEBUG_APPEND if options.kernel_debug else QUIET_APPEND)
     if options.kernel_append:
         parts.append(options.kernel_append)
+    if init_argv:
+        parts += ["--", *init_argv, paths.ENTER_OWN_ROOT]
     return " ".join(parts)
 
 
@@ -95,11 +101,14 @@ def boot_options(boot):
 
 def nic_options(number, mac):
     """The tap backend and the virtio NIC of tap `number`: the same options on the
-    command line at boot and in QMP's netdev_add/device_add when hot-plugged."""
+    command line at boot and in QMP's netdev_add/device_add when hot-plugged. Without
+    the link-status feature the guest's driver finds the carrier on as it probes, so
+    the NIC runs the moment it is up; with it, the kernel's link watcher marks it
+    running up to a second later (its rate limit), and the workload would wait."""
     netdev = {"type": "tap", "id": netdev_id(number), "ifname": tap_name(number),
               "script": "no", "downscript": "no"}
     device = {"driver": "virtio-net-pci", "netdev": netdev_id(number), "id": nic_id(number),
-              "mac": mac, "romfile": ""}
+              "mac": mac, "romfile": "", "status": "off"}
     return netdev, device
 
 

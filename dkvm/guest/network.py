@@ -35,7 +35,7 @@ def links_by_mac():
 
 def run_steps(steps, until_waiting=False):
     """Run the steps in order. A NIC not running yet is waited for (bounded) or, with
-    `until_waiting`, left to init's loop to poll: the steps left are returned."""
+    `until_waiting`, left to the caller to finish: the steps left are returned."""
     if not steps:
         return []
     by_mac = links_by_mac()

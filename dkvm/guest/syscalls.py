@@ -69,13 +69,21 @@ def pivot_to(new_root):
     stacked on it by pivot_root(".", ".") and detached."""
     mount(new_root, new_root, "", MS_BIND | MS_REC)
     os.chdir(new_root)
-    if _libc.syscall(SYS_PIVOT_ROOT, b".", b".") != 0:
+    pivot_root(".", ".")
+    unmount(".", MNT_DETACH)
+    os.chdir("/")
+
+
+def pivot_root(new_root, put_old):
+    if _libc.syscall(SYS_PIVOT_ROOT, new_root.encode(), put_old.encode()) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"pivot_root to {new_root}: {os.strerror(err)}")
-    if _libc.umount2(b".", MNT_DETACH) != 0:
+
+
+def unmount(target, flags=0):
+    if _libc.umount2(target.encode(), flags) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"detaching the old root: {os.strerror(err)}")
-    os.chdir("/")
+        raise OSError(err, f"unmounting {target}: {os.strerror(err)}")
 
 
 def prctl(option, arg2=0, arg3=0):

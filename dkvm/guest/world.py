@@ -21,6 +21,40 @@ WORKLOAD_CGROUP = CGROUP_ROOT + "/workload"     # the root of the workload's cgr
 DEVICE_TYPES = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
 
 
+def enter_own_root():
+    """What the initramfs's /init does for the other kernels (guest-init/init), for a
+    kernel that mounted the export as / and started init from the payload in it: init
+    gets a root of its own, a tmpfs (in the payload's empty guest-init/root) with the
+    export at /share and the payload at /.dkvm; and at /dkvm too, where this Python
+    imports from. Nothing of the image's is run or opened. stdin is /dev/null, stdout
+    and stderr the kernel's log, as the initramfs's /init leaves them."""
+    syscalls.mount("none", paths.DIRECT_ROOT, "tmpfs", data="mode=755")
+    os.chdir(paths.DIRECT_ROOT)
+    for directory in (paths.SHARE_DIR, paths.PAYLOAD_MOUNT, paths.DIRECT_PAYLOAD, "/dev",
+                      "/proc", "/sys", "/lib/modules"):
+        os.makedirs(directory[1:])
+    syscalls.mount("devtmpfs", "dev", "devtmpfs")
+    redirect_stdio("dev/null", "dev/kmsg")
+    syscalls.pivot_root(".", paths.SHARE_DIR[1:])
+    os.chdir("/")
+    for target in (paths.PAYLOAD_MOUNT, paths.DIRECT_PAYLOAD):
+        syscalls.bind_mount(paths.SHARED_PAYLOAD, target, readonly=True)
+    syscalls.unmount("/dev", syscalls.MNT_DETACH)
+
+
+def redirect_stdio(stdin_path, output_path):
+    """fds 0, 1 and 2 (the kernel starts init with none), and sys's streams on them."""
+    import sys
+    for fd, path, flags in ((0, stdin_path, os.O_RDONLY), (1, output_path, os.O_WRONLY),
+                            (2, output_path, os.O_WRONLY)):
+        opened = os.open(path, flags)
+        if opened != fd:
+            os.dup2(opened, fd)
+            os.close(opened)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+
+
 def mount_init_filesystems():
     """init's own proc, sysfs and /dev: for its ports, the network and sysctls."""
     for source, target, fstype in (("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"),
@@ -105,10 +139,18 @@ def mount_container_filesystems(plan):
 
 
 def apply_identity(plan):
+    """Names, sysctls and the network, up to NICs the kernel has yet to mark running
+    (its link watcher can take a few tenths of a second): those steps are returned,
+    for `finish_network` once init has done what does not need them."""
     syscalls.set_uts_names(plan.hostname, plan.domainname)
     syscalls.write_sysctls(plan.sysctl)
     syscalls.interface_up("lo")
-    network.run_steps(plan.network_setup)
+    return network.run_steps(plan.network_setup, until_waiting=True)
+
+
+def finish_network(steps_left):
+    """The workload starts, as under runc, with every NIC running."""
+    network.run_steps(steps_left)
 
 
 def mount_kernel_modules(modules, target):

@@ -1,13 +1,14 @@
 """dkvm-ctr-entrypoint: PID 1 of the container, the VM's host side.
 
-It catches signals from the first moment (they wait for the guest), hands the
-container's network interfaces to the VM (and, from then on, follows `docker network
-connect`/`disconnect` with hot-plugged NICs), completes the plan with what only the
-container can see, makes the sockets QEMU and virtiofsd meet on (in its private /run),
-and starts virtiofsd on the export and QEMU together, with the DKVM_DISKS files and,
-for the image's own kernel, that kernel and an initramfs made from its modules. Then
-the supervisor serves the control channel (the guest asks it for the plan first)
-until the guest reports the workload's exit status, which becomes ours.
+It catches signals from the first moment (they wait for the guest), makes a tap for
+each of the container's network interfaces, makes the sockets QEMU and virtiofsd meet
+on (in its private /run), and starts virtiofsd on the export and QEMU together, with
+the DKVM_DISKS files and, for the image's own kernel, that kernel and an initramfs
+made from its modules. While the VM boots, it hands the interfaces' addresses and
+frames to the taps (and, from then on, follows `docker network connect`/`disconnect`
+with hot-plugged NICs) and completes the plan with what only the container can see.
+Then the supervisor serves the control channel (the guest asks it for the plan
+first) until the guest reports the workload's exit status, which becomes ours.
 """
 import os
 import select
@@ -21,6 +22,7 @@ from dkvm.container.net_plumbing import ipv6_sysctls, take_over_interfaces
 from dkvm.container.net_steps import interface_steps, sysctl_step
 from dkvm.container.processes import VmProcesses
 from dkvm.container.signal_inbox import SignalInbox
+from dkvm.container.taps import create_tap, guest_nics, tap_name
 from dkvm.container.supervisor import Supervisor
 from dkvm.errors import DkvmError
 from dkvm.kernel_names import RLIM_INFINITY, RLIMITS
@@ -35,7 +37,9 @@ def main(argv):
     plan = Plan.from_json(os.environ[paths.PLAN_ENV])
     log.set_container(plan.container_id)
     follower = NetworkFollower()        # listening first: nothing Docker does is missed
-    complete_plan(plan, take_over_interfaces(), get_size(0) if plan.process.terminal else [])
+    nics = guest_nics()
+    taps = [create_tap(tap_name(number), nic.mtu) for number, nic in enumerate(nics)]
+    plan.interfaces = nics              # their MACs, for QEMU's NICs
     vm = VmProcesses()
     try:
         control_listener = listen(paths.CONTROL_SOCKET)
@@ -44,6 +48,8 @@ def main(argv):
         stdin_listener = None if plan.process.terminal else listen(paths.STDIN_SOCKET)
         vm.start_virtiofsd(listen(paths.VIRTIOFS_SOCKET), plan)
         vm.start_qemu(plan, open_disks(plan.disks), open_boot_files(plan.boot))
+        complete_plan(plan, take_over_interfaces(nics, taps),
+                      get_size(0) if plan.process.terminal else [])
         follower.start(plan.interfaces, paths.QMP_SOCKET)
         control = accept_qemu(control_listener, vm)
         stdin_conn = accept_qemu(stdin_listener, vm) if stdin_listener else None

@@ -1,4 +1,6 @@
-"""dkvm-vm-init: PID 1 in the guest. It asks the container side for the plan,
+"""dkvm-vm-init: PID 1 in the guest. Started by a kernel that booted straight from the
+export, it first builds the root the initramfs builds for the other kernels. It asks
+the container side for the plan,
 rebuilds the container's world in the VM, runs the workload as the container would
 have, serves the control channel while it runs, reports its exit status to the
 container side and powers the VM off.
@@ -18,6 +20,8 @@ FATAL_STATUS = 125
 def main(argv):
     control = None
     try:
+        if paths.ENTER_OWN_ROOT in argv[1:]:
+            world.enter_own_root()
         world.mount_init_filesystems()
         ports = world.find_ports(wanted=(paths.PORT_CONTROL,))
         control = os.open(ports[paths.PORT_CONTROL], os.O_RDWR | os.O_CLOEXEC)
@@ -27,10 +31,12 @@ def main(argv):
         if not plan.process.terminal:
             ports = world.find_ports(wanted=(paths.PORT_CONTROL, paths.PORT_STDIN,
                                              paths.PORT_STDOUT, paths.PORT_STDERR))
-        world.apply_identity(plan)
+        network_left = world.apply_identity(plan)
         world.serve_module_requests(plan)
         world.make_workload_cgroup(plan)
-        status = run_workload(plan, ports, control, decoder, world.attach_disks(plan))
+        disks = world.attach_disks(plan)
+        world.finish_network(network_left)
+        status = run_workload(plan, ports, control, decoder, disks)
     except Exception as err:  # PID 1 must never die with a traceback: report and stop
         log.warn(repr(err))
         if control is not None:

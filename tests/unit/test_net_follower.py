@@ -87,7 +87,7 @@ def test_hot_plugged_nic_options_match_the_boot_command_line():
                       "downscript": "no"}
     assert device["id"] == "nic3" and device["netdev"] == "net3"
     assert command_line_options(device, "driver") == (
-        "virtio-net-pci,netdev=net3,id=nic3,mac=02:42:0a:00:00:05,romfile=")
+        "virtio-net-pci,netdev=net3,id=nic3,mac=02:42:0a:00:00:05,romfile=,status=off")
 
 
 def test_route_changes_move_the_default_gateway():
@@ -183,7 +183,7 @@ def follower(monkeypatch):
     monkeypatch.setattr(net_follower, "describe", lambda ip, link: Interface(
         name=link.name, index=link["index"], mac=link.get_attr("IFLA_ADDRESS"),
         routes=ip.routes.get(link["index"], [])))
-    monkeypatch.setattr(net_follower, "create_tap", lambda ip, tap, mtu: 100 + int(tap[8:]))
+    monkeypatch.setattr(net_follower, "create_tap", lambda tap, mtu: 100 + int(tap[8:]))
     monkeypatch.setattr(net_follower, "hand_over", lambda ip, index, tap_index: None)
     monkeypatch.setattr(net_follower, "ipv6_sysctls", lambda: {})
     follower = net_follower.NetworkFollower()

@@ -171,8 +171,8 @@ def test_each_interface_gets_a_tap_and_a_nic_with_ids_for_unplugging():
         "tap,id=net0,ifname=dkvm-tap0,script=no,downscript=no",
         "tap,id=net1,ifname=dkvm-tap1,script=no,downscript=no"]
     nics = [d for d in devices(argv) if d.startswith("virtio-net-pci")]
-    assert nics == ["virtio-net-pci,netdev=net0,id=nic0,mac=02:42:ac:11:00:02,romfile=",
-                    "virtio-net-pci,netdev=net1,id=nic1,mac=02:42:0a:7b:2d:0a,romfile="]
+    assert nics == ["virtio-net-pci,netdev=net0,id=nic0,mac=02:42:ac:11:00:02,romfile=,status=off",
+                    "virtio-net-pci,netdev=net1,id=nic1,mac=02:42:0a:7b:2d:0a,romfile=,status=off"]
 
 
 def test_each_disk_is_an_fd_set_of_its_open_files_and_a_virtio_blk_device():
