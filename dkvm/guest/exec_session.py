@@ -80,6 +80,7 @@ class ExecSession:
             self.outputs = {self.master: wire.STDOUT}
         else:
             in_r, self.stdin_fd = os.pipe2(os.O_CLOEXEC)
+            fcntl.fcntl(self.stdin_fd, fcntl.F_SETPIPE_SZ, wire.STREAM_WINDOW)  # a window at once
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
             child_stdio = (in_r, out_w, err_w)

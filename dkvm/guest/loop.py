@@ -22,6 +22,7 @@ IDLE = 1.0
 ACK_WAIT = 5
 PLAN_WAIT = 30
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
+CONTROL_BATCH = 512 << 10   # read from the control port in one turn of the loop, at most
 
 
 def reap():
@@ -81,6 +82,8 @@ class GuestLoop:
         self.sessions = {}                  # channel -> ExecSession
         self.network_changes = PendingChanges()
         self.status = None                  # the workload's, once it is reaped
+        self.control_ready = select.poll()
+        self.control_ready.register(control, POLL_IN)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.previous_wakeup = _signal.set_wakeup_fd(self.wake_w)
         self.previous_sigchld = _signal.signal(_signal.SIGCHLD, lambda *a: None)
@@ -132,13 +135,25 @@ class GuestLoop:
             if fd in readers and fd in readers[fd].outputs:
                 readers[fd].read_output(fd)
         if self.control in ready_r:
-            data = os.read(self.control, 65536)
+            data = self.read_control()
             if not data:        # a port whose host side is gone reads as EOF forever
                 raise RuntimeError("the container side closed the control channel")
             for frame in wire.feed_tolerant(self.decoder, data, log.warn):
                 self.on_frame(frame)
         for error in self.network_changes.apply_ready():
             self.report_error(f"network change in the guest failed: {error}")
+
+    def read_control(self):
+        """What the control port holds, up to CONTROL_BATCH. Its driver hands over one
+        page per read: a turn of this loop per read would hold a stream to what a few
+        thousand turns a second carry under TCG."""
+        data = os.read(self.control, 65536)
+        chunks, size = [data], len(data)
+        while data and size < CONTROL_BATCH and self.control_ready.poll(0):
+            data = os.read(self.control, 65536)
+            chunks.append(data)
+            size += len(data)
+        return b"".join(chunks)
 
     def reap_children(self):
         statuses = self.reap()
