@@ -10,6 +10,8 @@ from dkvm.container.vmm import qemu_argv, qemu_env, virtiofsd_argv
 from dkvm.errors import DkvmError
 
 LOG_TAIL = 400              # characters of a log quoted in an error
+SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE = 434, 440      # x86_64
+MADV_PAGEOUT = 21
 
 
 class Child:
@@ -66,6 +68,20 @@ class VmProcesses:
             os.close(fd)
         self.qemu = Child("QEMU", proc, paths.QEMU_LOG)
 
+    def release_kernel_image(self, boot):
+        """QEMU keeps the kernel's ELF mapped for a reset that -no-reboot never makes:
+        once the guest runs its copy, those pages leave QEMU (its PSS drops by the
+        kernel's size). Best effort: a host without process_madvise keeps them."""
+        if self.qemu is None or boot.from_image:
+            return                      # a bzImage is read, not mapped
+        try:
+            kernel = os.stat(boot.kernel)
+            with open(f"/proc/{self.qemu.proc.pid}/maps") as f:
+                ranges = file_mappings(f.read(), kernel.st_dev, kernel.st_ino)
+            page_out(self.qemu.proc.pid, ranges)
+        except OSError:
+            pass
+
     # --- what the supervisor asks
     def check(self, helpers_only=False):
         """Raise if a child died while it was needed (with `helpers_only`, virtiofsd:
@@ -103,6 +119,37 @@ class VmProcesses:
 
 PR_SET_SECUREBITS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 28, 47, 4
 SECBIT_NOROOT, SECBIT_NOROOT_LOCKED = 1 << 0, 1 << 1
+
+
+def file_mappings(maps, device, inode):
+    """(start, length) of each mapping of one file in a /proc/PID/maps text."""
+    ranges = []
+    for line in maps.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or int(fields[4]) != inode:
+            continue
+        major, _, minor = fields[3].partition(":")
+        if os.makedev(int(major, 16), int(minor, 16)) == device:
+            start, _, end = fields[0].partition("-")
+            ranges.append((int(start, 16), int(end, 16) - int(start, 16)))
+    return ranges
+
+
+def page_out(pid, ranges):
+    """process_madvise(MADV_PAGEOUT) on another process's mappings (CAP_SYS_NICE)."""
+    if not ranges:
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(SYS_PIDFD_OPEN, pid, 0)
+    if pidfd < 0:
+        raise OSError(ctypes.get_errno(), "pidfd_open")
+    try:
+        vectors = (ctypes.c_size_t * (2 * len(ranges)))(*[n for r in ranges for n in r])
+        if libc.syscall(SYS_PROCESS_MADVISE, pidfd, vectors, len(ranges), MADV_PAGEOUT, 0) < 0:
+            raise OSError(ctypes.get_errno(), "process_madvise")
+    finally:
+        os.close(pidfd)
 
 
 def start_qemu_child():

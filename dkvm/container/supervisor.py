@@ -284,8 +284,9 @@ class Supervisor:
 
     def on_init(self, frame):
         """The guest's init asks for its plan: not held, it is what lets the guest
-        say hello."""
+        say hello. Its kernel runs by now: QEMU's copy of the image can go."""
         self.send_to_guest(wire.encode(wire.PLAN, self.plan))
+        self.vm.release_kernel_image(self.plan.boot)
 
     def on_hello(self, frame):
         if self.held is None:

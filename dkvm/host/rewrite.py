@@ -34,10 +34,12 @@ MIN_GUEST_MIB = 192
 QEMU_OVERHEAD_MIB = 384
 # The container side's capabilities, whatever the workload was given: virtiofsd's
 # (it serves files as their owners: CHOWN to SETFCAP; SYS_CHROOT, SETPCAP for its
-# sandbox) and NET_ADMIN for the taps. The workload's own go to the guest.
+# sandbox), NET_ADMIN for the taps, SYS_NICE to page QEMU's copy of the kernel out
+# once the guest runs (processes.release_kernel_image). The workload's own go to
+# the guest.
 CONTAINER_SIDE_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID",
                        "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_SETFCAP",
-                       "CAP_MKNOD", "CAP_SYS_CHROOT", "CAP_NET_ADMIN"]
+                       "CAP_MKNOD", "CAP_SYS_CHROOT", "CAP_NET_ADMIN", "CAP_SYS_NICE"]
 # What the VM keeps from the workload's full root unless the config grants it:
 # reboot() from the workload ends the container (the guest kernel kills its PID
 # namespace); under runc it fails for want of SYS_BOOT, and systemd exits 0 instead.
@@ -313,13 +315,14 @@ def allow_container_side_syscalls(linux):
     """The engine's seccomp profile allows some calls only with the capability that
     goes with them, as the workload's set had it (Docker's, after `--cap-drop ALL`,
     has no chroot); the container side's set is its own. virtiofsd's sandbox calls
-    chroot, and unshare(CLONE_FS), which Docker allows only with CAP_SYS_ADMIN:
-    allow exactly those."""
+    chroot, and unshare(CLONE_FS), which Docker allows only with CAP_SYS_ADMIN; the
+    entrypoint pages QEMU's copy of the kernel out with process_madvise, which
+    Docker's profile does not name: allow exactly those."""
     seccomp = linux.get("seccomp")
     if not seccomp:
         return
     seccomp.setdefault("syscalls", []).extend([
-        {"names": ["chroot"], "action": "SCMP_ACT_ALLOW"},
+        {"names": ["chroot", "pidfd_open", "process_madvise"], "action": "SCMP_ACT_ALLOW"},
         {"names": ["unshare"], "action": "SCMP_ACT_ALLOW",
          "args": [{"index": 0, "value": CLONE_FS, "valueTwo": 0, "op": "SCMP_CMP_EQ"}]},
     ])

@@ -585,6 +585,9 @@ class FakeVm:
     def exit_reason(self):
         return " (QEMU exit status 0)"
 
+    def release_kernel_image(self, boot):
+        self.kernel_released = True
+
 
 class Peer:
     """A blocking socket speaking frames, every receive bounded."""

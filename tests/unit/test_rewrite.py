@@ -355,7 +355,7 @@ def test_exec_relay_has_no_capability_and_its_process_keeps_the_settings():
 
 
 @pytest.mark.parametrize("name", [n for n in FIXTURE_NAMES if n != "privileged-cpuset"])
-def test_seccomp_allows_chroot_and_unshare_clone_fs_for_virtiofsd(name):
+def test_seccomp_allows_what_virtiofsd_and_the_entrypoint_need(name):
     config = load_config(name)
     before = config["linux"]["seccomp"]["syscalls"]
     new, _ = rewrite(config)
@@ -363,7 +363,8 @@ def test_seccomp_allows_chroot_and_unshare_clone_fs_for_virtiofsd(name):
     after = seccomp["syscalls"]
     assert after[:len(before)] == before
     added = after[len(before):]
-    assert added == [{"names": ["chroot"], "action": "SCMP_ACT_ALLOW"},
+    assert added == [{"names": ["chroot", "pidfd_open", "process_madvise"],
+                      "action": "SCMP_ACT_ALLOW"},
                      {"names": ["unshare"], "action": "SCMP_ACT_ALLOW",
                       "args": [{"index": 0, "value": 0x200, "valueTwo": 0,
                                 "op": "SCMP_CMP_EQ"}]}]

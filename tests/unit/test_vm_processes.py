@@ -1,0 +1,115 @@
+"""The container side's ioctl and /proc work around QEMU, against the real kernel: the
+taps made before pyroute2 is imported (in a network namespace of their own), and
+QEMU's copy of the kernel paged out of another process."""
+import json
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dkvm.container.processes import file_mappings, page_out
+
+REPO = Path(__file__).resolve().parents[2]
+
+IN_NAMESPACE = """
+import json, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from dkvm.container.taps import create_tap, guest_nics, tap_name
+subprocess.run(["ip", "link", "add", "eth0", "address", "02:42:ac:11:00:02", "mtu", "1400",
+                "type", "veth", "peer", "name", "eth1", "address", "02:42:ac:11:00:03"],
+               check=True)
+subprocess.run(["ip", "link", "add", "tunnelish", "type", "ipip", "remote", "192.0.2.1"])
+before = [nic.as_dict() for nic in guest_nics()]
+index = create_tap(tap_name(0), 1400)
+with open(f"/sys/class/net/{tap_name(0)}/mtu") as f:
+    mtu = int(f.read())
+with open(f"/sys/class/net/{tap_name(0)}/flags") as f:
+    up = bool(int(f.read(), 16) & 1)
+with open(f"/sys/class/net/{tap_name(0)}/owner") as f:
+    owner = int(f.read())
+print(json.dumps({"before": before, "after": [nic.name for nic in guest_nics()],
+                  "tap": [index > 0, mtu, up, owner]}))
+"""
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or not shutil.which("ip")
+                    or not os.path.exists("/dev/net/tun"), reason="needs unshare, ip and a tun")
+def test_the_guests_nics_are_the_namespaces_ethernet_links_and_their_taps_come_up():
+    out = subprocess.run(["unshare", "-rnm", "sh", "-c",      # sysfs shows the new namespace
+                          'mount -t sysfs sysfs /sys && exec "$@"', "-", sys.executable, "-c",
+                          IN_NAMESPACE, str(REPO)], capture_output=True, text=True, timeout=60)
+    if out.returncode and "Operation not permitted" in out.stderr:
+        pytest.skip("no user namespaces here")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert {nic["name"]: (nic["mac"], nic["mtu"]) for nic in result["before"]} == {
+        "eth0": ("02:42:ac:11:00:02", 1400), "eth1": ("02:42:ac:11:00:03", 1500)}
+    indexes = [nic["index"] for nic in result["before"]]
+    assert indexes == sorted(indexes)               # the order the taps are numbered in
+    assert sorted(result["after"]) == ["eth0", "eth1"]     # no tap, no lo, no tunnel
+    assert result["tap"] == [True, 1400, True, 0]
+
+
+def test_a_files_mappings_are_found_by_device_and_inode(tmp_path):
+    path = tmp_path / "kernel"
+    path.write_bytes(b"\x7fELF" + bytes(3 * mmap.PAGESIZE))
+    other = tmp_path / "other"
+    other.write_bytes(bytes(mmap.PAGESIZE))
+    with open(path, "rb") as f, open(other, "rb") as g:
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        unrelated = mmap.mmap(g.fileno(), 0, prot=mmap.PROT_READ)
+        with open("/proc/self/maps") as maps:
+            text = maps.read()
+        info = os.stat(path)
+        ranges = file_mappings(text, info.st_dev, info.st_ino)
+        assert [length for _, length in ranges] == [4 * mmap.PAGESIZE]
+        mapped.close()
+        unrelated.close()
+
+
+CHILD = """
+import mmap, sys, time
+with open(sys.argv[1], "rb") as f:
+    mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+sum(mapped[i] for i in range(0, len(mapped), mmap.PAGESIZE))        # every page resident
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def mapping_rss_kib(pid, path):
+    """The RSS of a process's mappings of `path`, from its smaps."""
+    total, counting = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if "-" in line.split()[0] and len(line.split()) >= 5:
+                counting = line.rstrip().endswith(str(path))
+            elif counting and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="process_madvise needs CAP_SYS_NICE")
+def test_another_processs_mapping_of_a_file_is_paged_out(tmp_path):
+    path = tmp_path / "vmlinux"
+    path.write_bytes(os.urandom(4 << 20))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        assert mapping_rss_kib(child.pid, path) >= 4096
+        info = os.stat(path)
+        with open(f"/proc/{child.pid}/maps") as f:
+            page_out(child.pid, file_mappings(f.read(), info.st_dev, info.st_ino))
+        deadline = time.monotonic() + 10
+        while mapping_rss_kib(child.pid, path) > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mapping_rss_kib(child.pid, path) == 0
+    finally:
+        child.kill()
+        child.wait()
