@@ -18,7 +18,6 @@ import os
 import py_compile
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import zipfile
@@ -27,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from dkvm import paths  # noqa: E402
+from dkvm.host.payload import PAYLOAD_BUILD_ID, PAYLOAD_MEMBER  # noqa: E402
 from kernels.make import build_kernels  # noqa: E402
 BUILD = ROOT / "build"
 DIST = ROOT / "dist"
@@ -60,7 +60,7 @@ ENTRY_SCRIPT = """import os, sys
 root = os.path.dirname(os.path.dirname(__file__))
 sys.path[1:1] = [os.path.join(root, "dkvm.zip")]
 more = os.path.join(root, "python", "lib", "python-more.zip")
-sys.path += [more, os.path.join(root, "site-packages.zip"), os.path.join(root, "site-packages")]
+sys.path += [more, os.path.join(root, "site-packages.zip")]
 sys.modules["encodings"].__path__.append(os.path.join(more, "encodings"))
 from dkvm.__main__ import main
 main()
@@ -71,18 +71,24 @@ PAYLOAD_ROLES = ["dkvm.roles.ctr_entrypoint", "dkvm.roles.vm_init", "dkvm.roles.
 # entrypoint's rlimits, QEMU's child dropping its capabilities, pyroute2's loader).
 PAYLOAD_LAZY_IMPORTS = ["termios", "tty", "resource", "ctypes", "importlib.util"]
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
-# The archive's own entry, in place of shiv's. The runtime wrapper runs on every docker
-# operation, so it runs straight from the archive (zipimport, with the byte code the
-# build puts beside each dkvm module), without shiv's bootstrap, which imports half
-# the standard library to find or unpack site-packages; every other role goes
-# through shiv.
-LAUNCHER = """import sys
+# The archive's first lines, in place of shiv's shebang: sh reads them and execs
+# Python, never reaching the zip after them (Python finds a zip from its end). The
+# runtime wrapper runs on every docker operation, so it runs straight from the
+# archive (zipimport, with the byte code the build puts beside each dkvm module):
+# without runpy, which Python imports to run any zipapp (3 ms), and without shiv's
+# bootstrap, which imports half the standard library to find or unpack
+# site-packages. Every other role goes through shiv, as `python3 dkvm.pyz` does.
+PREAMBLE = """#!/bin/sh
+exec /usr/bin/python3 -IS -c 'import sys
+del sys.argv[0]
 if sys.argv[0].rpartition("/")[2] == "dkvm-runtime":
-    sys.path.insert(0, sys.path[0] + "/site-packages")
+    sys.path.insert(0, sys.argv[0] + "/site-packages")
     from dkvm.__main__ import main
     main()
-import _bootstrap
-_bootstrap.bootstrap()
+else:
+    import runpy
+    sys.path.insert(0, sys.argv[0])
+    runpy._run_module_as_main("__main__", False)' "$0" "$@"
 """
 
 
@@ -239,17 +245,22 @@ def gather_libs(payload, elfs):
 
 
 def build_site_packages():
-    site = BUILD / "site-packages"
-    if site.exists():
-        shutil.rmtree(site)
+    """dkvm and pyroute2, for the payload's zips; and dkvm alone, for shiv's
+    site-packages: the host's roles never import pyroute2, and every entry of the
+    archive costs the runtime wrapper time (see pack)."""
+    site, host_site = BUILD / "site-packages", BUILD / "site-packages-host"
+    for tree in (site, host_site):
+        if tree.exists():
+            shutil.rmtree(tree)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-compile",
                     "--no-deps", "--target", str(site), PYROUTE2], check=True)
-    shutil.copytree(ROOT / "dkvm", site / "dkvm",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for tree in (site, host_site):
+        shutil.copytree(ROOT / "dkvm", tree / "dkvm",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for junk in site.glob("*.dist-info"):
         shutil.rmtree(junk)  # RECORD files carry install-time detail; not needed at run time
-    compile_tree(site)
-    return site
+    compile_tree(host_site)
+    return site, host_site
 
 
 def tree_digest(*roots):
@@ -265,35 +276,39 @@ def tree_digest(*roots):
     return h.hexdigest()[:16]
 
 
-def write_zip_tree(zf, root, prefix):
-    for path in sorted(root.rglob("*")):
-        name = f"{prefix}/{path.relative_to(root).as_posix()}"
-        if path.is_dir():
-            info = zipfile.ZipInfo(name + "/", FIXED_ZIP_TIME)
-            info.external_attr = (0o40755 << 16) | 0x10
-            zf.writestr(info, b"")
-            continue
-        info = zipfile.ZipInfo(name, FIXED_ZIP_TIME)
-        info.external_attr = (stat.S_IFREG | (path.stat().st_mode & 0o777)) << 16
-        info.compress_type = zipfile.ZIP_DEFLATED
-        with open(path, "rb") as src, zf.open(info, "w") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+def write_payload_tar(zf, payload):
+    """The payload as one member (host.payload.PAYLOAD_MEMBER, a tar: it unpacks as a
+    stream), its build id as another (PAYLOAD_BUILD_ID). Hundreds of members would
+    each cost every run of the archive: Python reads its whole directory to import."""
+    import tarfile
+    info = zipfile.ZipInfo(PAYLOAD_MEMBER, FIXED_ZIP_TIME)
+    info.external_attr = 0o644 << 16
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with zf.open(info, "w") as dst, tarfile.open(fileobj=dst, mode="w|",
+                                                   format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(payload.rglob("*")):
+            member = tar.gettarinfo(str(path), path.relative_to(payload).as_posix())
+            member.uid = member.gid = 0
+            member.uname = member.gname = ""
+            member.mtime = 0
+            if path.is_file():
+                with open(path, "rb") as src:
+                    tar.addfile(member, src)
+            else:
+                tar.addfile(member)
+    info = zipfile.ZipInfo(PAYLOAD_BUILD_ID, FIXED_ZIP_TIME)
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, (payload / "BUILD_ID").read_bytes())
 
 
 def pack(shiv_archive, out, site, payload):
-    """The final archive: shiv's, with LAUNCHER as its __main__, each dkvm module's byte
-    code beside it (`mod.pyc`: the layout zipimport reads), and the payload."""
-    with open(shiv_archive, "rb") as f:
-        shebang = f.readline()
+    """The final archive: PREAMBLE, shiv's archive, each dkvm module's byte code beside
+    it (`mod.pyc`: the layout zipimport reads), and the payload."""
     with open(out, "wb") as f:
-        f.write(shebang)
+        f.write(PREAMBLE.encode())
         with zipfile.ZipFile(shiv_archive) as src, zipfile.ZipFile(f, "w") as dst:
             for info in src.infolist():
-                if info.filename != "__main__.py":
-                    dst.writestr(info, src.read(info))
-            main_info = zipfile.ZipInfo("__main__.py", FIXED_ZIP_TIME)
-            main_info.external_attr = 0o644 << 16
-            dst.writestr(main_info, LAUNCHER)
+                dst.writestr(info, src.read(info))
             for path in sorted((site / "dkvm").rglob("*.py")):
                 rel = path.relative_to(site).as_posix()
                 code = compile_source(path, rel)
@@ -302,7 +317,7 @@ def pack(shiv_archive, out, site, payload):
                     info.compress_type = zipfile.ZIP_DEFLATED
                     info.external_attr = 0o644 << 16
                     dst.writestr(info, code)
-            write_zip_tree(dst, payload, "payload")
+            write_payload_tar(dst, payload)
 
 
 def main():
@@ -335,7 +350,7 @@ def main():
     log("building the guest kernels")
     build_kernels(payload, BUILD, apt_install, busybox=Path("/bin/busybox").read_bytes(),
                   init=(ROOT / "guest-init" / "init").read_bytes())
-    site = build_site_packages()
+    site, host_site = build_site_packages()
     site_sources = [(p, p.relative_to(site).as_posix()) for p in sorted(site.rglob("*.py"))]
     write_pyc_zip([s for s in site_sources if s[1].startswith("dkvm/")], payload / "dkvm.zip")
     write_pyc_zip([s for s in site_sources if not s[1].startswith("dkvm/")],
@@ -349,10 +364,10 @@ def main():
     log(f"packing {out} (build id {build_id})")
     subprocess.run([sys.executable, "-m", "shiv", "--reproducible", "--no-modify",
                     "-p", "/usr/bin/python3 -IS", "-e", "dkvm.__main__:main",
-                    "--site-packages", str(site), "--build-id", build_id,
+                    "--site-packages", str(host_site), "--build-id", build_id,
                     "-o", str(tmp)], check=True, stdout=subprocess.DEVNULL)
     final = out.with_suffix(".tmp2")
-    pack(tmp, final, site, payload)
+    pack(tmp, final, host_site, payload)
     tmp.unlink()
     os.chmod(final, 0o755)
     os.replace(final, out)

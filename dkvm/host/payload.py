@@ -3,7 +3,6 @@ container of that build (read-only bind mount), pruned when no container uses it
 import fcntl
 import os
 import shutil
-import stat
 import sys
 import tempfile
 import zipfile
@@ -12,6 +11,8 @@ from dkvm import paths
 from dkvm.errors import DkvmError
 
 BOOT_FILE = "boot.json"          # in each kernels/<dist>: a schema.Boot
+PAYLOAD_MEMBER = "payload.tar"   # in the archive: the payload (build.write_payload_tar)
+PAYLOAD_BUILD_ID = "payload/BUILD_ID"
 
 
 def archive_path():
@@ -25,7 +26,7 @@ def archive_path():
 
 def build_id(archive=None):
     with zipfile.ZipFile(archive or archive_path()) as zf:
-        return zf.read("payload/BUILD_ID").decode().strip()
+        return zf.read(PAYLOAD_BUILD_ID).decode().strip()
 
 
 def ensure_payload(archive=None):
@@ -33,7 +34,7 @@ def ensure_payload(archive=None):
     concurrent callers wait on a lock, and the directory appears whole (rename)."""
     archive = archive or archive_path()
     with zipfile.ZipFile(archive) as zf:
-        build_id = zf.read("payload/BUILD_ID").decode().strip()
+        build_id = zf.read(PAYLOAD_BUILD_ID).decode().strip()
         target = paths.host_payload_dir(build_id)
         if os.path.exists(os.path.join(target, "BUILD_ID")):
             return target
@@ -103,25 +104,24 @@ def remove_tree(path):
 
 
 def extract_payload(zf, dest):
-    """`payload/*` becomes the directory itself, shiv's `site-packages/*` joins it, so
-    the container and the guest run the same dkvm code as the host."""
-    prefixes = {"payload/": "", "site-packages/": "site-packages/"}
-    for info in zf.infolist():
-        for prefix, into in prefixes.items():
-            if info.filename.startswith(prefix):
-                rel = into + info.filename[len(prefix):]
-                break
-        else:
-            continue
-        out = os.path.join(dest, rel)
-        if info.is_dir():
-            os.makedirs(out, exist_ok=True)
-            continue
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with zf.open(info) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        mode = (info.external_attr >> 16) & 0o777
-        os.chmod(out, (mode or 0o644) & ~stat.S_IWUSR & ~stat.S_IWGRP & ~stat.S_IWOTH)
+    """The archive's payload tar, unpacked as a stream into `dest`, read-only: plain
+    directories and files, each inside `dest` (nothing else is in a payload)."""
+    import tarfile
+    with zf.open(PAYLOAD_MEMBER) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.name.startswith("/") or ".." in parts:
+                raise DkvmError(f"the archive's payload names {member.name!r}: not a payload")
+            out = os.path.join(dest, *parts)
+            if member.isdir():
+                os.makedirs(out, exist_ok=True)
+            elif member.isfile():
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                with tar.extractfile(member) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                os.chmod(out, member.mode & 0o555)
+            else:
+                raise DkvmError(f"the archive's payload has {member.name!r}, not a file")
 
 
 def payload_kernels(payload_dir):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dkvm import paths
+from dkvm.errors import DkvmError
 from dkvm.host import install, payload
 from dkvm.host.engines import Docker, replace_file
 
@@ -94,3 +95,51 @@ def test_every_test_the_readmes_flag_table_names_exists():
         defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
     assert len(named) >= 12
     assert named <= defined, sorted(named - defined)
+
+
+def archive_with_payload(path, members):
+    """An archive like build.py's: the payload as one tar member, its build id beside."""
+    import io
+    import tarfile
+    import zipfile
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as tar:
+        for name, mode, content in members:
+            info = tarfile.TarInfo(name)
+            info.mode = mode
+            if content is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(payload.PAYLOAD_MEMBER, data.getvalue())
+        zf.writestr(payload.PAYLOAD_BUILD_ID, "0123456789abcdef\n")
+
+
+def test_the_payload_unpacks_read_only_with_its_modes(tmp_path):
+    import zipfile
+    archive = tmp_path / "dkvm.pyz"
+    archive_with_payload(archive, [("bin", 0o755, None), ("bin/tool", 0o755, b"#!x"),
+                                   ("lib/libx.so", 0o644, b"\0" * 10)])
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with zipfile.ZipFile(archive) as zf:
+        payload.extract_payload(zf, str(dest))
+    assert (dest / "bin" / "tool").read_bytes() == b"#!x"
+    assert stat.S_IMODE(os.stat(dest / "bin" / "tool").st_mode) == 0o555
+    assert stat.S_IMODE(os.stat(dest / "lib" / "libx.so").st_mode) == 0o444
+    assert payload.build_id(str(archive)) == "0123456789abcdef"
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/etc/escaped", "bin/../../escaped"])
+def test_a_payload_member_outside_the_payload_is_refused(tmp_path, name):
+    import zipfile
+    archive = tmp_path / "dkvm.pyz"
+    archive_with_payload(archive, [(name, 0o644, b"x")])
+    dest = tmp_path / "deep" / "out"
+    dest.mkdir(parents=True)
+    with zipfile.ZipFile(archive) as zf, pytest.raises(DkvmError, match="not a payload"):
+        payload.extract_payload(zf, str(dest))
+    assert not list(tmp_path.rglob("escaped"))
