@@ -2,15 +2,16 @@
 request, stdin (within the window the guest grants), stdout and stderr apart,
 terminal resizes, and the guest process's exit status.
 
-The loop is an object so that a test drives it with a socketpair."""
+The loop is an object so that a test drives it with a socketpair. It starts for
+every exec, so it imports what it needs: `_socket` and `_signal` (the modules around
+them import enum), the signalfd machinery only for a terminal."""
 import os
 import select
-import signal
-import socket
+import _signal
+import _socket
 import time
 
 from dkvm import log, terminal, wire
-from dkvm.container.signal_inbox import SignalInbox
 from dkvm.errors import DkvmError
 from dkvm.schema import ExecStart
 
@@ -21,7 +22,7 @@ def connect(path, timeout):
     """The multiplexer's socket; a VM still booting has none yet: wait, bounded."""
     deadline = time.monotonic() + timeout
     while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.connect(path)
             return sock
@@ -56,7 +57,8 @@ class ExecRelay:
 
     def watch_resizes(self):
         """A terminal's resizes (SIGWINCH) wake the loop at once."""
-        self.resizes = SignalInbox([signal.SIGWINCH])
+        from dkvm.container.signal_inbox import SignalInbox
+        self.resizes = SignalInbox([_signal.SIGWINCH])
 
     def stop_watching_resizes(self):
         if self.resizes is not None:
