@@ -298,6 +298,9 @@ class Plan(Record):
         "hostname": Field(str, ""),
         "domainname": Field(str, ""),
         "readonly_root": Field(bool, False),    # `--read-only`
+        # the engine made the network namespace (under /run/netns) and keeps it after
+        # the container: the interfaces are given back at exit
+        "network_namespace_kept": Field(bool, False),
         "sysctl": Field(MapOf(str), {}),        # `--sysctl`, `--domainname`
         "tmpfs": Field(ListOf(Tmpfs), []),      # `--tmpfs`: mounted in the guest
         "devices": Field(ListOf(Device), []),   # `--device`: made in the guest's /dev

@@ -12,6 +12,7 @@ import errno
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP
 
 from dkvm.container.taps import ARPHRD_ETHER, tap_name
+from dkvm.log import warn
 from dkvm.schema import Address, Interface, Route
 
 ETH_P_ALL = 0x0003
@@ -60,16 +61,38 @@ def guest_links(ip):
                   key=lambda link: link["index"])
 
 
-def take_over_interfaces(nics, tap_indexes):
+def take_over_interfaces(nics, tap_indexes, docker_dns=True):
     """Turn each of the guest's NICs (taps.guest_nics, each with its tap made) into
-    plumbing; returns what the guest needs to rebuild them, in the same order."""
+    plumbing; returns what the guest needs to rebuild them, in the same order.
+    `docker_dns`: the namespace is Docker's own, with its embedded DNS server."""
     interfaces = []
     with open_iproute() as ip:
-        refuse_own_dns_traffic(ip)
+        if docker_dns:
+            refuse_own_dns_traffic(ip)
         for nic, tap_index in zip(nics, tap_indexes):
             interfaces.append(describe(ip, ip.get_links(nic.index)[0]))
             hand_over(ip, nic.index, tap_index)
     return interfaces
+
+
+def give_back_interfaces(interfaces, tap_indexes):
+    """Undo take_over_interfaces in a namespace that outlives the container (an
+    engine's, under /run/netns): the redirects and taps go, the addresses come back,
+    and the next container (or the pod's others) finds the namespace as it was. At
+    exit: a failure is warned about, never in place of the exit status."""
+    try:
+        with open_iproute() as ip:
+            for iface, tap_index in zip(interfaces, tap_indexes):
+                PLUMBING.part(ip, iface.index)
+                ip.link("del", index=tap_index)
+                for addr in iface.addresses:
+                    spec = {"index": iface.index, "address": addr.address,
+                            "prefixlen": addr.prefixlen}
+                    if addr.broadcast:
+                        spec["broadcast"] = addr.broadcast
+                    ip.addr("add", **spec)
+    except Exception as err:
+        warn(f"could not give the network interfaces back to their namespace: {err!r}")
 
 
 def refuse_own_dns_traffic(ip):
@@ -162,6 +185,11 @@ class MirredRedirect:
     def join(self, ip, index, tap_index):
         self.redirect(ip, index, tap_index)
         self.redirect(ip, tap_index, index)
+
+    @staticmethod
+    def part(ip, index):
+        """The container interface's redirect goes (the tap's goes with the tap)."""
+        ip.tc("del", "ingress", index, "ffff:")
 
     @staticmethod
     def redirect(ip, from_index, to_index):

@@ -8,6 +8,8 @@ from dkvm.errors import DkvmError
 from dkvm.host import runc_cli
 
 # the container's root: a mount point for each of its mounts (paths.SKELETON)
+# the container type containerd's CRI and CRI-O annotate each container with
+SANDBOX_ANNOTATIONS = ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType")
 SKELETON_DIRS = ("proc", "dev", "sys", "run", "tmp", "etc", paths.PAYLOAD_MOUNT[1:],
                  paths.SHARED_ROOTFS[1:], paths.SHARED_PAYLOAD[1:])
 
@@ -46,6 +48,8 @@ def prepare_create(create_args, defaults):
     config_path = os.path.join(bundle, "config.json")
     with open(config_path) as f:
         config = lightjson.loads(f.read())
+    if is_pod_sandbox(config):
+        return
     layout = BundleLayout(bundle, config)
     new = rewrite_create_config(config, gather_host_facts(defaults), layout,
                                 runc_cli.container_id(create_args))
@@ -53,6 +57,14 @@ def prepare_create(create_args, defaults):
     if (config.get("root") or {}).get("readonly"):
         make_mount_points(layout, new)
     replace_json(config_path, new)
+
+
+def is_pod_sandbox(config):
+    """A Kubernetes pod's sandbox (its pause container), which CRI runs with the pod's
+    runtime class too: it only holds the pod's namespaces, and runc runs it as it is
+    (the pod's DKVM container then takes the network namespace's interfaces)."""
+    annotations = config.get("annotations") or {}
+    return any(annotations.get(key) == "sandbox" for key in SANDBOX_ANNOTATIONS)
 
 
 def make_mount_points(layout, config):

@@ -7,7 +7,18 @@ import stat
 from dkvm.errors import DkvmError
 
 RUNTIME_NAME = "dkvm"
+NETNS_DIRS = ("/run/netns", "/var/run/netns")      # where `ip netns`, CNI and engines keep them
 VERIFY_TIMEOUT = 15
+
+
+def is_own_namespace(path, own="/proc/self/ns/net"):
+    """Whether the namespace file at `path` is this process's own (the engine's: the
+    host's). One that cannot be read is left to runc to refuse."""
+    try:
+        theirs, ours = os.stat(path), os.stat(own)
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 class Docker:
@@ -23,18 +34,26 @@ class Docker:
 
     # --- create: what the config's namespaces mean
     def check_network_namespace(self, linux):
-        """The VM takes over the container's interfaces: it needs a namespace of its
-        own, which dockerd asks runc to create (no path). A path is the host's
-        namespace (dockerd names it .../netns/default) or another container's."""
+        """The VM takes over the container's interfaces: it needs a network namespace
+        made for the container. dockerd asks runc to create one (no path); Podman, CRI
+        (containerd under Kubernetes) and `ctr --with-ns` make it themselves and give
+        its path under /run/netns. Any other path is the host's namespace (dockerd
+        names it .../netns/default) or another container's (/proc/PID/ns/net:
+        --network container:NAME); so is a /run/netns path to the host's own.
+        Returns the path of an engine's namespace ("" for one runc makes)."""
         namespaces = linux.get("namespaces") or []
         net = [ns for ns in namespaces if ns.get("type") == "network"]
-        if not net or os.path.basename(net[0].get("path") or "") == "default":
+        path = (net[0].get("path") or "") if net else ""
+        path = os.path.normpath(path) if path else ""
+        if not net or os.path.basename(path) == "default" or (path and is_own_namespace(path)):
             raise DkvmError("--network host is not supported by DKVM: the VM needs a network "
                             "namespace of its own (use a bridge network, or --network none)")
-        if net[0].get("path"):
+        if path and os.path.dirname(path) not in NETNS_DIRS:
             raise DkvmError("--network container:NAME is not supported by DKVM: the VM needs "
                             "a network namespace of its own (use a bridge network, or "
-                            "--network none)")
+                            f"--network none); a namespace given by path must be in "
+                            f"{' or '.join(NETNS_DIRS)}, not {path}")
+        return path
 
     # --- install: daemon.json's runtimes
     def register(self, runtime_path, runtime_args):

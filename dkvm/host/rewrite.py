@@ -65,7 +65,7 @@ def rewrite_create_config(config, host, bundle, container_id=""):
     workload_env, settings = split_env(process.get("env") or [])
     options = Options(**parse_settings(settings, host, host.defaults))
     options.accel = choose_accel(options.accel, host.kvm_usable)
-    host.engine.check_network_namespace(linux)
+    netns_path = host.engine.check_network_namespace(linux)
     resources = linux.setdefault("resources", {})
 
     plan = Plan(
@@ -77,6 +77,7 @@ def rewrite_create_config(config, host, bundle, container_id=""):
         boot=choose_boot(options.kernel, host.kernels, bundle),
         hostname=config.get("hostname", ""),
         domainname=config.get("domainname", ""),
+        network_namespace_kept=bool(netns_path),
         sysctl=dict(linux.get("sysctl") or {}),
         dns_upstream=list(host.dns_upstream),
         readonly_root=bool((config.get("root") or {}).get("readonly")),

@@ -8,7 +8,8 @@ made from its modules. While the VM boots, it hands the interfaces' addresses an
 frames to the taps (and, from then on, follows `docker network connect`/`disconnect`
 with hot-plugged NICs) and completes the plan with what only the container can see.
 Then the supervisor serves the control channel (the guest asks it for the plan
-first) until the guest reports the workload's exit status, which becomes ours.
+first) until the guest reports the workload's exit status, which becomes ours. A
+network namespace the engine keeps after the container gets its interfaces back.
 """
 import os
 import select
@@ -18,7 +19,8 @@ import time
 from dkvm import log, paths
 from dkvm.container.disks import open_disks
 from dkvm.container.net_follower import NetworkFollower
-from dkvm.container.net_plumbing import ipv6_sysctls, take_over_interfaces
+from dkvm.container.net_plumbing import (give_back_interfaces, ipv6_sysctls,
+                                         take_over_interfaces)
 from dkvm.container.net_steps import interface_steps, sysctl_step
 from dkvm.container.processes import VmProcesses
 from dkvm.container.signal_inbox import SignalInbox
@@ -48,7 +50,8 @@ def main(argv):
         stdin_listener = None if plan.process.terminal else listen(paths.STDIN_SOCKET)
         vm.start_virtiofsd(listen(paths.VIRTIOFS_SOCKET), plan)
         vm.start_qemu(plan, open_disks(plan.disks), open_boot_files(plan.boot))
-        complete_plan(plan, take_over_interfaces(nics, taps),
+        complete_plan(plan, take_over_interfaces(nics, taps,
+                                                 docker_dns=not plan.network_namespace_kept),
                       get_size(0) if plan.process.terminal else [])
         follower.start(plan.interfaces, paths.QMP_SOCKET)
         control = accept_qemu(control_listener, vm)
@@ -57,6 +60,8 @@ def main(argv):
                           stdin_conn=stdin_conn, signal_listener=signal_listener).run()
     finally:
         vm.stop()
+        if plan.network_namespace_kept:
+            give_back_interfaces(plan.interfaces, taps)
 
 
 def complete_plan(plan, interfaces, winsize):

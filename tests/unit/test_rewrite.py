@@ -568,3 +568,16 @@ def test_privileged_gives_the_guests_own_devices_not_the_hosts():
                                    "fileMode": 0o660, "uid": 0, "gid": 6}]
     config["linux"]["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
     assert rewrite(config)[1].devices == []
+
+
+def test_an_engines_own_network_namespace_is_kept_and_given_back():
+    """Podman, CRI and `ctr --with-ns` make the namespace and keep it after the
+    container: the plan says so; one runc makes goes with the container."""
+    config = load_config("plain")
+    _, plan = rewrite(config)
+    assert not plan.network_namespace_kept
+    for ns in config["linux"]["namespaces"]:
+        if ns["type"] == "network":
+            ns["path"] = "/var/run/netns/cni-0d9f"
+    _, plan = rewrite(config)
+    assert plan.network_namespace_kept

@@ -335,3 +335,21 @@ def test_the_real_runc_is_the_first_in_path_that_is_a_program_and_not_us(tmp_pat
     monkeypatch.setenv("PATH", os.pathsep.join(map(str, dirs)))
     monkeypatch.setattr(facts.sys, "argv", [str(tmp_path / "dkvm.pyz")])
     assert facts.find_runc() == str(dirs[3] / "runc")
+
+
+@pytest.mark.parametrize("key", ["io.kubernetes.cri.container-type",
+                                 "io.kubernetes.cri-o.ContainerType"])
+def test_a_pods_sandbox_is_runcs_as_it_is(fake_host, tmp_path, key):
+    """The pause container CRI starts with the pod's runtime class holds the pod's
+    namespaces: no VM for it; the pod's containers get theirs."""
+    config = load_config("plain")
+    config["annotations"] = {key: "sandbox"}
+    bundle = bundle_with(tmp_path, config)
+    with pytest.raises(Exec):
+        runtime.main(["dkvm-runtime", "create", "--bundle", str(bundle), "pause"])
+    assert json.loads((bundle / "config.json").read_text()) == config
+    config["annotations"] = {key: "container"}
+    (bundle / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exec):
+        runtime.main(["dkvm-runtime", "create", "--bundle", str(bundle), "app"])
+    assert plan_of(json.loads((bundle / "config.json").read_text())).container_id == "app"
