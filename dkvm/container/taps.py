@@ -15,7 +15,8 @@ IFF_TAP = 0x0002
 SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
 SIOCGIFMTU, SIOCSIFMTU = 0x8921, 0x8922
 SIOCGIFHWADDR = 0x8927
-TUNSETIFF, TUNSETPERSIST, TUNSETOWNER, TUNSETGROUP = 0x400454CA, 0x400454CB, 0x400454CC, 0x400454CE
+TUNSETIFF, TUNSETPERSIST = 0x400454CA, 0x400454CB
+TUNSETOWNER, TUNSETGROUP = 0x400454CC, 0x400454CE
 IFREQ_SIZE = 40             # struct ifreq: the name (16 bytes), then a 24-byte union
 
 
@@ -54,7 +55,8 @@ def create_tap(name, mtu):
     its index."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP).ljust(IFREQ_SIZE, b"\0"))
+        fcntl.ioctl(fd, TUNSETIFF,
+                    struct.pack("16sH", name.encode(), IFF_TAP).ljust(IFREQ_SIZE, b"\0"))
         fcntl.ioctl(fd, TUNSETOWNER, 0)
         fcntl.ioctl(fd, TUNSETGROUP, 0)
         fcntl.ioctl(fd, TUNSETPERSIST, 1)

@@ -24,8 +24,8 @@ from dkvm.container.net_plumbing import (give_back_interfaces, ipv6_sysctls,
 from dkvm.container.net_steps import interface_steps, sysctl_step
 from dkvm.container.processes import VmProcesses
 from dkvm.container.signal_inbox import SignalInbox
-from dkvm.container.taps import create_tap, guest_nics, tap_name
 from dkvm.container.supervisor import Supervisor
+from dkvm.container.taps import create_tap, guest_nics, tap_name
 from dkvm.errors import DkvmError
 from dkvm.kernel_names import RLIM_INFINITY, RLIMITS
 from dkvm.schema import Plan, Rlimit

@@ -175,8 +175,8 @@ def test_a_kernel_without_initramfs_boots_the_export_with_dkvms_init_from_the_pa
             "init=/dkvm/lib/ld-linux-x86-64.so.2"} <= set(append)
     # the init's arguments come last, after the user's, where the kernel passes them on
     assert append[append.index("mitigations=off"):] == [
-        "mitigations=off", "--", "--library-path", "/dkvm/lib", "/dkvm/python/bin/python3", "-I", "-S",
-        "/dkvm/entry/dkvm-vm-init", "--enter-own-root"]
+        "mitigations=off", "--", "--library-path", "/dkvm/lib", "/dkvm/python/bin/python3",
+        "-I", "-S", "/dkvm/entry/dkvm-vm-init", "--enter-own-root"]
     plan.boot.initrd = "/.dkvm/kernels/debian/initrd.img"
     assert not [arg for arg in kernel_append(plan).split() if arg.startswith(("root=", "init="))]
 
