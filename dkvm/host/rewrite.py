@@ -45,6 +45,8 @@ CONTAINER_SIDE_CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETI
 # namespace); under runc it fails for want of SYS_BOOT, and systemd exits 0 instead.
 WITHHELD_CAPS = {"CAP_SYS_BOOT"}
 CLONE_FS = 0x200
+ENOSYS = 38
+CLONE3_FALLBACK = {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS}
 TUN = {"path": "/dev/net/tun", "major": 10, "minor": 200}
 KVM = {"path": "/dev/kvm", "major": 10, "minor": 232}
 # tmpfs mounts the runtime itself sets up in every container; others are the user's.
@@ -318,15 +320,22 @@ def allow_container_side_syscalls(linux):
     has no chroot); the container side's set is its own. virtiofsd's sandbox calls
     chroot, and unshare(CLONE_FS), which Docker allows only with CAP_SYS_ADMIN; the
     entrypoint pages QEMU's copy of the kernel out with process_madvise, which
-    Docker's profile does not name: allow exactly those."""
+    Docker's profile does not name: allow exactly those. A profile that does not
+    name clone3 refuses it with its default action (EPERM, often), and glibc then
+    cannot start a thread: QEMU and virtiofsd die. ENOSYS, as Docker's own profile
+    answers, has glibc fall back to clone."""
     seccomp = linux.get("seccomp")
     if not seccomp:
         return
-    seccomp.setdefault("syscalls", []).extend([
+    rules = seccomp.setdefault("syscalls", [])
+    mentioned = {name for rule in rules for name in rule.get("names") or []}
+    rules.extend([
         {"names": ["chroot", "pidfd_open", "process_madvise"], "action": "SCMP_ACT_ALLOW"},
         {"names": ["unshare"], "action": "SCMP_ACT_ALLOW",
          "args": [{"index": 0, "value": CLONE_FS, "valueTwo": 0, "op": "SCMP_CMP_EQ"}]},
     ])
+    if "clone3" not in mentioned and seccomp.get("defaultAction") != "SCMP_ACT_ALLOW":
+        rules.append(CLONE3_FALLBACK)
 
 
 def add_device(linux, dev):

@@ -243,3 +243,18 @@ def test_a_device_the_vm_has_no_driver_for_fails_at_create_with_one_line(busybox
     assert out.returncode == 125
     (line,) = dkvm_lines(out.stderr)
     assert "--device /dev/kvm: the VM's kernel has no driver for c 10:232" in line
+
+
+def test_a_seccomp_profile_that_does_not_name_clone3_runs_as_under_runc(busybox_image, tmp_path):
+    """A profile like the OCI validation suite's: Docker's own without its clone3 rule,
+    so clone3 gets the default EPERM. runc's workload never makes a thread; the VM's
+    container side (QEMU, virtiofsd) does, and gets ENOSYS for clone3 instead."""
+    import json
+    fixture = Path(__file__).parents[1] / "fixtures" / "config-plain.json"
+    profile = json.loads(fixture.read_text())["linux"]["seccomp"]
+    profile["syscalls"] = [rule for rule in profile["syscalls"] if "clone3" not in rule["names"]]
+    path = tmp_path / "no-clone3.json"
+    path.write_text(json.dumps(profile))
+    results = outputs(busybox_image, "echo ok; exit 4",
+                      flags=["--security-opt", f"seccomp={path}"])
+    assert results["dkvm"] == results["runc"] == (4, "ok\n")

@@ -581,3 +581,18 @@ def test_an_engines_own_network_namespace_is_kept_and_given_back():
             ns["path"] = "/var/run/netns/cni-0d9f"
     _, plan = rewrite(config)
     assert plan.network_namespace_kept
+
+
+def test_a_profile_that_does_not_name_clone3_answers_it_enosys():
+    """glibc falls back to clone on ENOSYS; on the default EPERM, QEMU's and
+    virtiofsd's threads would not start. A profile that names clone3, or allows what
+    it does not name, is left as it is."""
+    config = load_config("plain")
+    config["linux"]["seccomp"]["syscalls"] = [
+        rule for rule in config["linux"]["seccomp"]["syscalls"] if rule["names"] != ["clone3"]]
+    new, _ = rewrite(config)
+    assert new["linux"]["seccomp"]["syscalls"][-1] == {
+        "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}
+    config["linux"]["seccomp"]["defaultAction"] = "SCMP_ACT_ALLOW"
+    new, _ = rewrite(config)
+    assert not [r for r in new["linux"]["seccomp"]["syscalls"] if "clone3" in r["names"]]
