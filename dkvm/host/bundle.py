@@ -42,14 +42,18 @@ class BundleLayout:
 
 
 def prepare_create(create_args, defaults):
+    """Rewrite the bundle's config.json for `runc create`; what to put back once runc
+    has read it (restore_config): (path, the engine's text), or None for a config
+    runc runs as it is."""
     from dkvm.host.facts import gather_host_facts
     from dkvm.host.rewrite import rewrite_create_config
     bundle = runc_cli.flag_value(create_args, "--bundle", "-b") or os.getcwd()
     config_path = os.path.join(bundle, "config.json")
     with open(config_path) as f:
-        config = lightjson.loads(f.read())
+        original = f.read()
+    config = lightjson.loads(original)
     if is_pod_sandbox(config):
-        return
+        return None
     layout = BundleLayout(bundle, config)
     new = rewrite_create_config(config, gather_host_facts(defaults), layout,
                                 runc_cli.container_id(create_args))
@@ -57,6 +61,13 @@ def prepare_create(create_args, defaults):
     if (config.get("root") or {}).get("readonly"):
         make_mount_points(layout, new)
     replace_json(config_path, new)
+    return config_path, original
+
+
+def restore_config(config_path, original):
+    """The engine's config.json again: runc keeps what it created from, and the engine
+    (Podman's exec), tools and a second create read the bundle as it was written."""
+    replace_file_text(config_path, original)
 
 
 def is_pod_sandbox(config):
@@ -107,7 +118,11 @@ def prepare_exec(exec_args):
 
 
 def replace_json(path, data):
+    replace_file_text(path, lightjson.dumps(data))
+
+
+def replace_file_text(path, text):
     tmp = path + ".dkvm-tmp"
     with open(tmp, "w") as f:
-        f.write(lightjson.dumps(data))
+        f.write(text)
     os.replace(tmp, path)

@@ -1,6 +1,7 @@
 """dkvm-runtime: the OCI runtime the engine calls. It edits what `create` and `exec`
 are given, has SIGKILL and SIGSTOP delivered in the guest first (host.kill), and
-then becomes runc; every other subcommand reaches runc untouched.
+then becomes runc; every other subcommand reaches runc untouched. `create` waits for
+runc instead, and puts the engine's config.json back once runc has read it.
 
 Imports stay inside functions: this runs on every docker operation.
 """
@@ -9,7 +10,7 @@ import os
 
 def main(argv):
     from dkvm.host import runc_cli
-    args, runc, defaults = argv[1:], "", {}
+    args, runc, defaults, created_from = argv[1:], "", {}, None
     try:
         if any(arg.startswith("--dkvm-") for arg in args):
             args, runc, defaults = runc_cli.split_runtime_args(args)
@@ -19,7 +20,7 @@ def main(argv):
             log.set_container(runc_cli.container_id(args[index + 1:]))
             from dkvm.host import bundle
             if command == "create":
-                bundle.prepare_create(args[index + 1:], defaults)
+                created_from = bundle.prepare_create(args[index + 1:], defaults)
             else:
                 bundle.prepare_exec(args[index + 1:])
     except Exception as err:
@@ -32,4 +33,22 @@ def main(argv):
         from dkvm.host.kill import deliver_in_guest
         if not deliver_in_guest(args, index, runc):
             return 0
+    if created_from:
+        status = run_runc(runc, args)
+        from dkvm.host import bundle
+        bundle.restore_config(*created_from)
+        return status
     os.execv(runc, [runc] + args)
+
+
+def run_runc(runc, args):
+    """runc as our child, for what must follow it; its exit status, 128+N if killed."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv(runc, [runc] + args)
+        finally:
+            os._exit(127)
+    _, wait_status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code

@@ -3,6 +3,7 @@ really uses, reporting errors into runc's log, and the argv[0] role dispatch."""
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -118,7 +119,15 @@ def fake_host(monkeypatch, tmp_path):
     monkeypatch.setattr(facts, "kvm_usable", lambda: False)
     monkeypatch.setattr(payload, "payload_kernels", lambda d: dict(KERNELS))
     monkeypatch.setattr(facts, "find_runc", lambda explicit="": explicit or "/usr/bin/runc")
+    def run_runc(path, args):
+        """`create`: runc as a child; what it would read is kept here."""
+        calls["exec"] = (path, [path] + args)
+        bundle = args[args.index("--bundle") + 1]
+        calls["config"] = json.loads((Path(bundle) / "config.json").read_text())
+        return 0
+
     monkeypatch.setattr(runtime.os, "execv", execv)
+    monkeypatch.setattr(runtime, "run_runc", run_runc)
     return calls
 
 
@@ -129,16 +138,17 @@ def bundle_with(tmp_path, config):
     return bundle
 
 
-def test_main_create_rewrites_and_execs_runc(fake_host, tmp_path):
+def test_main_create_rewrites_runs_runc_and_restores_the_config(fake_host, tmp_path):
     bundle = bundle_with(tmp_path, load_config("tty-init"))
     log = tmp_path / "log.json"
     runc_args = ["--root", "/r", "--log", str(log), "--log-format", "json", "create",
                  "--bundle", str(bundle), "--pid-file", "/p", "id"]
-    with pytest.raises(Exec):
-        runtime.main(["dkvm-runtime", "--dkvm-runc=/opt/runc", "--dkvm-accel", "tcg",
-                      *runc_args])
+    assert runtime.main(["dkvm-runtime", "--dkvm-runc=/opt/runc", "--dkvm-accel", "tcg",
+                         *runc_args]) == 0
     assert fake_host["exec"] == ("/opt/runc", ["/opt/runc"] + runc_args)
-    new = json.loads((bundle / "config.json").read_text())
+    new = fake_host["config"]
+    # runc read the rewrite; the bundle has the engine's config again
+    assert json.loads((bundle / "config.json").read_text()) == load_config("tty-init")
     plan = plan_of(new)
     assert plan.process.args == ["/sbin/docker-init", "--", "/bin/sh", "-c", "true"]
     assert plan.options.accel == "tcg"
@@ -169,13 +179,12 @@ def test_create_read_only_makes_the_mount_points_in_the_image(fake_host, tmp_pat
         {"destination": "/etc/hosts", "type": "bind", "source": str(tmp_path / "hosts"),
          "options": ["rbind"]}]
     bundle = bundle_with(tmp_path, config)
-    with pytest.raises(Exec):
-        runtime.main(["dkvm-runtime", "create", "--bundle", str(bundle), "id"])
+    assert runtime.main(["dkvm-runtime", "create", "--bundle", str(bundle), "id"]) == 0
     assert (image / "hosttmp").is_dir()                     # a volume's
     assert (image / "srv" / "data" / "x").is_dir()          # through the image's link
     assert (image / "etc" / "hosts").is_file()              # a file's, for a file
     assert (image / "scratch").is_dir()                     # a --tmpfs, for the guest
-    new = json.loads((bundle / "config.json").read_text())
+    new = fake_host["config"]
     assert new["mounts"][0]["options"][-1] == "ro"
 
 
@@ -350,6 +359,14 @@ def test_a_pods_sandbox_is_runcs_as_it_is(fake_host, tmp_path, key):
     assert json.loads((bundle / "config.json").read_text()) == config
     config["annotations"] = {key: "container"}
     (bundle / "config.json").write_text(json.dumps(config))
-    with pytest.raises(Exec):
-        runtime.main(["dkvm-runtime", "create", "--bundle", str(bundle), "app"])
-    assert plan_of(json.loads((bundle / "config.json").read_text())).container_id == "app"
+    assert runtime.main(["dkvm-runtime", "create", "--bundle", str(bundle), "app"]) == 0
+    assert plan_of(fake_host["config"]).container_id == "app"
+
+
+def test_runc_runs_as_a_child_with_its_exit_status(tmp_path):
+    """What create waits for: the real fork and exec, the status as a shell shows it."""
+    script = tmp_path / "fake-runc"
+    script.write_text('#!/bin/sh\n[ "$1" = create ] && exit 3\nkill -TERM $$\n')
+    script.chmod(0o755)
+    assert runtime.run_runc(str(script), ["create", "x"]) == 3
+    assert runtime.run_runc(str(script), ["other"]) == 128 + 15

@@ -1,0 +1,101 @@
+"""Podman (rootful, its default bridge network and --network none) with runc and with
+DKVM as its runtime, compared. This machine lacks CAP_SYS_RESOURCE: Podman's default
+ulimits fail even under runc, so both get explicit ones."""
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from dockerutil import RUN_TIMEOUT
+
+ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
+IMAGE = "localhost/dkvm-test-busybox:latest"
+RUNTIMES = {"runc": [], "dkvm": ["--runtime", "/usr/local/bin/dkvm-runtime"]}
+HTTPD = "mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 8080 -h /www"
+
+
+def podman(runtime, *args, check=False, timeout=RUN_TIMEOUT):
+    return subprocess.run(["podman", *RUNTIMES[runtime], *args], capture_output=True,
+                          text=True, timeout=timeout, check=check)
+
+
+@pytest.fixture(scope="module")
+def podman_image(busybox_image):
+    if not shutil.which("podman"):
+        pytest.skip("no podman on this host")
+    saved = subprocess.run(["docker", "save", busybox_image], capture_output=True,
+                           check=True, timeout=RUN_TIMEOUT).stdout
+    subprocess.run(["podman", "load"], input=saved, capture_output=True, check=True,
+                   timeout=RUN_TIMEOUT)
+    return IMAGE
+
+
+@pytest.fixture
+def names():
+    made = []
+    yield lambda runtime: made.append(f"dkvm-test-podman-{runtime}") or made[-1]
+    for name in made:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True, timeout=60)
+
+
+def compare(image, script, *flags):
+    results = {}
+    for runtime in RUNTIMES:
+        out = podman(runtime, "run", "--rm", *ULIMITS, *flags, image, "sh", "-c", script)
+        results[runtime] = (out.returncode, out.stdout, out.stderr)
+    assert results["dkvm"] == results["runc"]
+    return results["runc"]
+
+
+def test_the_default_network_stdio_and_exit_codes_match_runc(podman_image):
+    assert compare(podman_image, "echo out; echo err >&2; ls /sys/class/net; "
+                                 "ip -o -4 addr show eth0 | grep -c 'inet 10.88.'; exit 3") == \
+        (3, "out\neth0\nlo\n1\n", "err\n")
+
+
+def test_network_none_matches_runc(podman_image):
+    assert compare(podman_image, "ls /sys/class/net", "--network", "none") == (0, "lo\n", "")
+
+
+@pytest.mark.parametrize("runtime", list(RUNTIMES))
+def test_a_volume_is_read_and_written_as_under_runc(podman_image, tmp_path, runtime):
+    (tmp_path / "file").write_text("from the host\n")
+    out = podman(runtime, "run", "--rm", *ULIMITS, "-v", f"{tmp_path}:/data", podman_image,
+                 "sh", "-c", "cat /data/file; echo from the container >> /data/file")
+    assert (out.returncode, out.stdout) == (0, "from the host\n")
+    assert (tmp_path / "file").read_text() == "from the host\nfrom the container\n"
+
+
+def http_get(ip, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((ip, 8080), timeout=5) as conn:
+                conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                data = b""
+                while chunk := conn.recv(4096):
+                    data += chunk
+                return data.decode().rsplit("\n", 2)[-2]
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.parametrize("runtime", list(RUNTIMES))
+def test_a_server_exec_and_stop_match_runc(podman_image, names, runtime):
+    """The host reaches a server at the container's address on Podman's bridge;
+    exec's output and status come back; stop ends the container."""
+    name = names(runtime)
+    podman(runtime, "run", "-d", "--name", name, *ULIMITS, podman_image, "sh", "-c",
+           HTTPD.format(text=f"served-by-{runtime}"), check=True)
+    ip = podman(runtime, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", name,
+                check=True).stdout.strip()
+    assert http_get(ip, timeout=120) == f"served-by-{runtime}"
+    out = podman(runtime, "exec", name, "sh", "-c", "echo hi; echo oops >&2; exit 5")
+    assert (out.returncode, out.stdout, out.stderr) == (5, "hi\n", "oops\n")
+    podman(runtime, "stop", "-t", "2", name, check=True)
+    state = podman(runtime, "inspect", "-f", "{{.State.Status}}", name, check=True)
+    assert state.stdout.strip() == "exited"
