@@ -7,9 +7,9 @@ from dkvm import lightjson, paths
 from dkvm.errors import DkvmError
 from dkvm.host import runc_cli
 
-# the container's root: a mount point for each of its mounts (paths.SKELETON)
 # the container type containerd's CRI and CRI-O annotate each container with
 SANDBOX_ANNOTATIONS = ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType")
+# the container's root: a mount point for each of its mounts (paths.SKELETON)
 SKELETON_DIRS = ("proc", "dev", "sys", "run", "tmp", "etc", paths.PAYLOAD_MOUNT[1:],
                  paths.SHARED_ROOTFS[1:], paths.SHARED_PAYLOAD[1:])
 

@@ -2,8 +2,10 @@
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -105,3 +107,30 @@ def interrupt_foreground_sleep(child, container, timeout=60):
                                           check=False).stdout,
                "the foreground sleep to start", timeout)
     child.sendcontrol("c")
+
+
+def http_get(ip, timeout, port=8080):
+    """The last line of the page a server at `ip` serves, from the host: HTTP/1.0 over
+    a socket (busybox's httpd answers it); waits, bounded, for the server to listen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((ip, port), timeout=5) as conn:
+                conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                data = b""
+                while chunk := conn.recv(4096):
+                    data += chunk
+                return data.decode().rsplit("\n", 2)[-2]
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def load_into_engine(image, load_command):
+    """Docker's `image`, as `docker save` writes it, loaded into another engine by
+    `load_command` (which reads the archive on stdin)."""
+    saved = subprocess.run(["docker", "save", image], capture_output=True, check=True,
+                           timeout=RUN_TIMEOUT).stdout
+    subprocess.run(load_command, input=saved, capture_output=True, check=True,
+                   timeout=RUN_TIMEOUT)

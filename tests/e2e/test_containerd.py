@@ -2,13 +2,12 @@
 runtime, under /run/netns, and given to it by path; `ctr --with-ns` does the same.
 The same commands with runc and with dkvm-runtime as the runc binary, compared."""
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 
-from dockerutil import RUN_TIMEOUT, sh
+from dockerutil import RUN_TIMEOUT, http_get, load_into_engine, sh
 
 SOCKET = "/var/run/docker/containerd/containerd.sock"     # dockerd's containerd
 NAMESPACE = "dkvm-test"
@@ -27,10 +26,8 @@ def ctr(*args, timeout=RUN_TIMEOUT, check=True):
 def ctr_image(busybox_image):
     if not shutil.which("ctr"):
         pytest.skip("no ctr on this host")
-    saved = subprocess.run(["docker", "save", busybox_image], capture_output=True,
-                           check=True, timeout=RUN_TIMEOUT).stdout
-    subprocess.run(["ctr", "--address", SOCKET, "--namespace", NAMESPACE, "images", "import",
-                    "-"], input=saved, capture_output=True, check=True, timeout=RUN_TIMEOUT)
+    load_into_engine(busybox_image, ["ctr", "--address", SOCKET, "--namespace", NAMESPACE,
+                                     "images", "import", "-"])
     return IMAGE_REF
 
 
@@ -59,23 +56,6 @@ def namespace_state():
     addrs = sh("ip", "-n", NETNS, "-o", "-4", "addr", "show", "eth0").stdout
     return sorted(line.split(":")[1].split("@")[0].strip() for line in links.splitlines()), \
         [line.split()[3] for line in addrs.splitlines()]
-
-
-def http_get(ip, timeout):
-    """The page the server in the namespace serves, from the host; waits for it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((ip, 8080), timeout=5) as conn:
-                conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                data = b""
-                while chunk := conn.recv(4096):
-                    data += chunk
-                return data.decode().rsplit("\n", 2)[-2]
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 @pytest.mark.parametrize("runtime", ["runc", "dkvm"])

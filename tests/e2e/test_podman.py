@@ -2,13 +2,11 @@
 DKVM as its runtime, compared. This machine lacks CAP_SYS_RESOURCE: Podman's default
 ulimits fail even under runc, so both get explicit ones."""
 import shutil
-import socket
 import subprocess
-import time
 
 import pytest
 
-from dockerutil import RUN_TIMEOUT
+from dockerutil import RUN_TIMEOUT, http_get, load_into_engine
 
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 IMAGE = "localhost/dkvm-test-busybox:latest"
@@ -25,10 +23,7 @@ def podman(runtime, *args, check=False, timeout=RUN_TIMEOUT):
 def podman_image(busybox_image):
     if not shutil.which("podman"):
         pytest.skip("no podman on this host")
-    saved = subprocess.run(["docker", "save", busybox_image], capture_output=True,
-                           check=True, timeout=RUN_TIMEOUT).stdout
-    subprocess.run(["podman", "load"], input=saved, capture_output=True, check=True,
-                   timeout=RUN_TIMEOUT)
+    load_into_engine(busybox_image, ["podman", "load"])
     return IMAGE
 
 
@@ -66,22 +61,6 @@ def test_a_volume_is_read_and_written_as_under_runc(podman_image, tmp_path, runt
                  "sh", "-c", "cat /data/file; echo from the container >> /data/file")
     assert (out.returncode, out.stdout) == (0, "from the host\n")
     assert (tmp_path / "file").read_text() == "from the host\nfrom the container\n"
-
-
-def http_get(ip, timeout):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((ip, 8080), timeout=5) as conn:
-                conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                data = b""
-                while chunk := conn.recv(4096):
-                    data += chunk
-                return data.decode().rsplit("\n", 2)[-2]
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
