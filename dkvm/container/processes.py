@@ -34,6 +34,7 @@ class Child:
 class VmProcesses:
     def __init__(self):
         self.virtiofsd = self.qemu = None
+        self.kernel_released = False
 
     def children(self):
         return [child for child in (self.virtiofsd, self.qemu) if child]
@@ -71,9 +72,11 @@ class VmProcesses:
     def release_kernel_image(self, boot):
         """QEMU keeps the kernel's ELF mapped for a reset that -no-reboot never makes:
         once the guest runs its copy, those pages leave QEMU (its PSS drops by the
-        kernel's size). Best effort: a host without process_madvise keeps them."""
-        if self.qemu is None or boot.from_image:
+        kernel's size). Best effort: a host without process_madvise keeps them. Once:
+        a guest asking for its plan again gets no more work done here."""
+        if self.qemu is None or boot.from_image or self.kernel_released:
             return                      # a bzImage is read, not mapped
+        self.kernel_released = True
         try:
             kernel = os.stat(boot.kernel)
             with open(f"/proc/{self.qemu.proc.pid}/maps") as f:
