@@ -162,10 +162,13 @@ def gather_python(payload):
                 sources.append((path, (rel / name).as_posix()))
     copy_file(src / "os.py", dst / "os.py", 0o644)
     core = stdlib_core()
-    in_core = [s for s in sources if module_of(s[1]) in core
-               or (module_of(s[1]).partition(".")[0] in core and not s[1].startswith("encodings/"))]
-    write_pyc_zip(in_core, lib / "python311.zip")
-    write_pyc_zip([s for s in sources if s not in in_core], lib / "python-more.zip")
+
+    def in_core(rel):
+        module = module_of(rel)
+        return module in core or (module.partition(".")[0] in core
+                                  and not rel.startswith("encodings/"))
+    write_pyc_zip([s for s in sources if in_core(s[1])], lib / "python311.zip")
+    write_pyc_zip([s for s in sources if not in_core(s[1])], lib / "python-more.zip")
     return [prefix / "bin" / "python3", *sorted((dst / "lib-dynload").glob("*.so"))]
 
 

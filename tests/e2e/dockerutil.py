@@ -109,6 +109,10 @@ def interrupt_foreground_sleep(child, container, timeout=60):
     child.sendcontrol("c")
 
 
+# a workload that serves one page, `{text}`, on port 8080 (busybox httpd)
+HTTPD = "mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 8080 -h /www"
+
+
 def http_get(ip, timeout, port=8080):
     """The last line of the page a server at `ip` serves, from the host: HTTP/1.0 over
     a socket (busybox's httpd answers it); waits, bounded, for the server to listen."""

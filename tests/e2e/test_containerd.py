@@ -7,14 +7,13 @@ import time
 
 import pytest
 
-from dockerutil import RUN_TIMEOUT, http_get, load_into_engine, sh
+from dockerutil import HTTPD, RUN_TIMEOUT, http_get, load_into_engine, sh
 
 SOCKET = "/var/run/docker/containerd/containerd.sock"     # dockerd's containerd
 NAMESPACE = "dkvm-test"
 IMAGE_REF = "docker.io/library/dkvm-test-busybox:latest"
 NETNS = "dkvm-test-ns"
 HOST_IP, GUEST_IP = "10.231.7.1", "10.231.7.2"
-HTTPD = "mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 8080 -h /www"
 
 
 def ctr(*args, timeout=RUN_TIMEOUT, check=True):

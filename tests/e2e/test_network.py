@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dockerutil import dkvm_lines, docker_run, sh
+from dockerutil import HTTPD, dkvm_lines, docker_run, sh
 from waiting import poll
 
 HERE = Path(__file__).resolve().parent
@@ -12,7 +12,6 @@ HERE = Path(__file__).resolve().parent
 NET = "dkvm-test-net"
 SUBNET, GATEWAY = "10.123.45.0/24", "10.123.45.1"
 MTU_NET = "dkvm-test-net-mtu"
-HTTPD = "mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 8080 -h /www"
 # busybox's static wget crashes under runc here (glibc NSS); nc speaks HTTP well enough
 HTTP_GET = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080 | tail -n 1"
 

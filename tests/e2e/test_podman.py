@@ -6,12 +6,11 @@ import subprocess
 
 import pytest
 
-from dockerutil import RUN_TIMEOUT, http_get, load_into_engine
+from dockerutil import HTTPD, RUN_TIMEOUT, http_get, load_into_engine
 
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 IMAGE = "localhost/dkvm-test-busybox:latest"
 RUNTIMES = {"runc": [], "dkvm": ["--runtime", "/usr/local/bin/dkvm-runtime"]}
-HTTPD = "mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 8080 -h /www"
 
 
 def podman(runtime, *args, check=False, timeout=RUN_TIMEOUT):
