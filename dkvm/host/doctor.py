@@ -1,7 +1,5 @@
 """`dkvm doctor`: what on this host stops DKVM (or slows it), and how to fix each."""
 import os
-import shutil
-import subprocess
 
 
 def read(path):
@@ -65,25 +63,16 @@ def check_rp_filter():
     return "ok", "rp_filter is loose or off", ""
 
 
-def check_docker():
-    if not shutil.which("docker"):
-        return "fail", "docker CLI not found", "apt-get install docker.io"
-    out = subprocess.run(["docker", "info", "--format", "{{json .Runtimes}}"],
-                         capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        return "fail", "dockerd is not reachable", "start dockerd (systemctl start docker)"
-    if '"dkvm"' not in out.stdout:
-        return "fail", "the dkvm runtime is not registered with dockerd", "dkvm install"
-    return "ok", "dockerd knows the dkvm runtime", ""
-
-
-CHECKS = [check_docker, check_runc, check_accel, check_tun, check_ip_forward,
-          check_br_netfilter, check_rp_filter]
+CHECKS = [check_runc, check_accel, check_tun, check_ip_forward, check_br_netfilter,
+          check_rp_filter]
 
 
 def run_doctor():
+    """Each engine on the host (or Docker's check, when none is), then the host."""
+    from dkvm.host.registrations import ENGINES
+    engines = [engine for engine in ENGINES.values() if engine.present()]
     worst = "ok"
-    for check in CHECKS:
+    for check in [engine.check for engine in engines or [ENGINES["docker"]]] + CHECKS:
         status, what, fix = check()
         print(f"[{status:4s}] {what}" + (f"\n       fix: {fix}" if fix else ""))
         if status == "fail":

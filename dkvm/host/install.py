@@ -1,15 +1,14 @@
 """`dkvm install` and `dkvm uninstall`: the files in a bin directory, the unpacked
-payload, and the runtime registered with the engine."""
+payload, and the runtime registered with each engine."""
 import os
 import shutil
 
 from dkvm import paths
-from dkvm.host.engines import DOCKER, RUNTIME_NAME
 
 PROGRAMS = ("dkvm-runtime", "dkvm")     # symlinks to dkvm.pyz: argv[0] picks the role
 
 
-def install(bin_dir, runc, engine=DOCKER):
+def install(bin_dir, runc, engines):
     from dkvm.host.facts import find_runc
     from dkvm.host.payload import archive_path, ensure_payload, prune_payloads
     runc = find_runc(runc)
@@ -31,20 +30,20 @@ def install(bin_dir, runc, engine=DOCKER):
     removed, _ = prune_payloads(keep=os.path.basename(payload))
     if removed:
         print(f"dkvm: removed {len(removed)} unused payload(s) of other builds")
-    if engine.register(os.path.join(bin_dir, "dkvm-runtime"), [f"--dkvm-runc={runc}"]):
-        print(f"dkvm: runtime '{RUNTIME_NAME}' registered: "
-              f"docker run --runtime={RUNTIME_NAME} IMAGE")
-    else:
-        print(f"dkvm: {engine.name} is not running; runtime '{RUNTIME_NAME}' is registered "
-              "for its next start")
+    for engine in engines:
+        print(f"dkvm: {engine.register(os.path.join(bin_dir, 'dkvm-runtime'), runc)}")
     return 0
 
 
-def uninstall(bin_dir, engine=DOCKER):
+def uninstall(bin_dir, engines, keep_files=False):
     """Everything install made, but a payload a running container still uses (its
-    QEMU runs from it): that one goes with a later `uninstall` or `install`."""
+    QEMU runs from it): that one goes with a later `uninstall` or `install`. With
+    `keep_files`, only the engines' registrations go."""
     from dkvm.host.payload import prune_payloads, remove_tree
-    engine.unregister()
+    for engine in engines:
+        print(f"dkvm: {engine.unregister()}")
+    if keep_files:
+        return 0
     for name in PROGRAMS + ("dkvm.pyz",):
         path = os.path.join(bin_dir, name)
         if os.path.lexists(path):

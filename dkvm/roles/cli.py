@@ -1,5 +1,5 @@
-"""dkvm: the host command. `install` registers the runtime with Docker; `doctor` says
-what on this host stops DKVM; `version` and `kernels` say what this build carries."""
+"""dkvm: the host command. `install` registers the runtime with the engines; `doctor`
+says what on this host stops DKVM; `version` and `kernels` say what this build carries."""
 import argparse
 
 from dkvm import __version__
@@ -10,21 +10,30 @@ def main(argv):
         prog="dkvm", description="Run container images as virtual machines: "
         "docker run --runtime=dkvm IMAGE")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    inst = sub.add_parser("install", help="install dkvm and register the runtime with Docker")
+    inst = sub.add_parser("install", help="install dkvm and register the runtime with "
+                          "the engines (Docker, Podman, containerd)")
     inst.add_argument("--bin-dir", default="/usr/local/bin")
     inst.add_argument("--runc", default="", help="path of the real runc (default: found in PATH)")
     uninst = sub.add_parser("uninstall", help="unregister the runtime and remove dkvm")
     uninst.add_argument("--bin-dir", default="/usr/local/bin")
+    for command, what in ((inst, "register with"), (uninst, "unregister from, keeping the "
+                                                     "files")):
+        command.add_argument("--engine", action="append", default=[],
+                             help=f"docker, podman or containerd: the engine to {what} "
+                             "(repeat, or separate by commas; default: those on this host)")
     sub.add_parser("version", help="print the version and build id")
     sub.add_parser("kernels", help="list the guest kernels this build carries")
     sub.add_parser("doctor", help="check what on this host stops or slows DKVM")
     args = parser.parse_args(argv[1:])
     if args.command == "install":
         from dkvm.host.install import install
-        return install(args.bin_dir, args.runc)
+        from dkvm.host.registrations import choose_engines
+        return install(args.bin_dir, args.runc, choose_engines(args.engine))
     if args.command == "uninstall":
         from dkvm.host.install import uninstall
-        return uninstall(args.bin_dir)
+        from dkvm.host.registrations import ENGINES, choose_engines
+        engines = choose_engines(args.engine) if args.engine else list(ENGINES.values())
+        return uninstall(args.bin_dir, engines, keep_files=bool(args.engine))
     if args.command == "version":
         from dkvm.host.payload import build_id
         print(f"dkvm {__version__} build {build_id()}")

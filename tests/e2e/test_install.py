@@ -1,14 +1,21 @@
-"""`dkvm install` keeps the rest of daemon.json, backs it up, and is idempotent."""
+"""`dkvm install` registers the runtime with each engine on the host: it keeps the rest
+of daemon.json and containerd's config, backs them up, is idempotent, and `uninstall`
+gives them back as they were; the engines themselves load what it wrote."""
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from dockerutil import sh
-from waiting import wait_until
+from waiting import poll, wait_until
 
 DAEMON_JSON = Path("/etc/docker/daemon.json")
 BACKUP = Path("/etc/docker/daemon.json.dkvm-backup")
+PODMAN_DROP_IN = Path("/etc/containers/containers.conf.d/dkvm.conf")
+CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 
 
 def test_install_is_idempotent_and_keeps_other_settings(docker):
@@ -45,6 +52,8 @@ def test_doctor_reports_this_host(docker):
     out = sh("dkvm", "doctor", check=False)
     assert out.returncode == 0, out.stdout
     assert "[ok  ] dockerd knows the dkvm runtime" in out.stdout
+    if shutil.which("podman"):
+        assert "[ok  ] Podman knows the dkvm runtime" in out.stdout
     assert "net.ipv4.ip_forward" in out.stdout and "rp_filter" in out.stdout
     if os.path.isdir("/sys/module/kvm_pvm"):
         assert "nested PVM" in out.stdout and "TCG" in out.stdout
@@ -75,3 +84,53 @@ def test_install_removes_unused_payloads_of_other_builds_only(busybox_image):
         holder.wait()
         for payload in (old, used):
             subprocess.run(["rm", "-rf", str(payload)], check=False)
+
+
+@pytest.fixture
+def other_engines():
+    if not (shutil.which("podman") and shutil.which("containerd")
+            and CONTAINERD_CONFIG.exists()):
+        pytest.skip("needs podman and containerd (with its config.toml) on this host")
+
+
+def test_containerd_loads_the_runtime_class_install_wrote(other_engines, tmp_path):
+    """A containerd of its own (own socket, root and state) reads the config: its CRI
+    plugin starts with the dkvm runtime class, and runc still the default."""
+    assert "registered in /etc/containerd/config.toml" in \
+        sh("dkvm", "install", "--engine", "containerd").stdout
+    log = tmp_path / "containerd.log"
+    with open(log, "w") as out:
+        daemon = subprocess.Popen(
+            ["containerd", "--config", str(CONTAINERD_CONFIG), "--address",
+             str(tmp_path / "sock"), "--root", str(tmp_path / "root"), "--state",
+             str(tmp_path / "state")], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        text = poll(log.read_text, lambda t: "Start cri plugin" in t
+                    or "failed to load plugin io.containerd.grpc.v1.cri" in t, timeout=30)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    assert "failed to load plugin io.containerd.grpc.v1.cri" not in text, text
+    started = next(line for line in text.splitlines() if "Start cri plugin" in line)
+    assert "DefaultRuntimeName:runc" in started
+    assert "dkvm:{Type:io.containerd.runc.v2" in started
+    assert "BinaryName:/usr/local/bin/dkvm-runtime" in started
+
+
+def test_uninstall_from_podman_and_containerd_gives_their_files_back(other_engines):
+    registered = CONTAINERD_CONFIG.read_text()
+    assert "runtimes.dkvm]" in registered and PODMAN_DROP_IN.exists()
+    try:
+        out = sh("dkvm", "uninstall", "--engine", "podman,containerd")
+        assert "removed /etc/containers/containers.conf.d/dkvm.conf" in out.stdout
+        after = CONTAINERD_CONFIG.read_text()
+        assert "dkvm" not in after
+        assert registered.startswith(after)                  # only DKVM's block went
+        assert not PODMAN_DROP_IN.exists()
+        assert os.path.exists("/usr/local/bin/dkvm-runtime")  # the files stay
+        unknown = sh("podman", "--runtime", "dkvm", "info", check=False)
+        assert unknown.returncode != 0
+        assert "dkvm" in unknown.stderr
+    finally:
+        sh("dkvm", "install", "--engine", "podman,containerd")
+    assert CONTAINERD_CONFIG.read_text() == registered

@@ -10,7 +10,8 @@ from dockerutil import HTTPD, RUN_TIMEOUT, http_get, load_into_engine
 
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 IMAGE = "localhost/dkvm-test-busybox:latest"
-RUNTIMES = {"runc": [], "dkvm": ["--runtime", "/usr/local/bin/dkvm-runtime"]}
+# "dkvm" by name: the runtime `dkvm install` registered in containers.conf.d
+RUNTIMES = {"runc": [], "dkvm": ["--runtime", "dkvm"]}
 
 
 def podman(runtime, *args, check=False, timeout=RUN_TIMEOUT):

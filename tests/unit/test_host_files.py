@@ -10,7 +10,7 @@ import pytest
 from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.host import install, payload
-from dkvm.host.engines import Docker, replace_file
+from dkvm.host.registrations import DockerRegistration, replace_file
 
 
 def test_replace_file_keeps_mode_and_owner_and_leaves_no_temporary(tmp_path):
@@ -42,12 +42,12 @@ def test_replace_file_that_fails_leaves_the_original(tmp_path, monkeypatch):
 
 
 def test_registering_keeps_the_rest_of_daemon_json_and_backs_it_up(tmp_path):
-    docker = Docker()
+    docker = DockerRegistration()
     docker.daemon_json = str(tmp_path / "daemon.json")
     docker.pidfile = str(tmp_path / "no-dockerd.pid")
     (tmp_path / "daemon.json").write_text('{"labels": ["kept"]}')
-    assert docker.register("/usr/local/bin/dkvm-runtime", ["--dkvm-runc=/usr/sbin/runc"]) \
-        is False                                                # no dockerd to reload
+    assert "dockerd is not running" in docker.register("/usr/local/bin/dkvm-runtime",
+                                                        "/usr/sbin/runc")
     cfg = json.loads((tmp_path / "daemon.json").read_text())
     assert cfg == {"labels": ["kept"], "runtimes": {"dkvm": {
         "path": "/usr/local/bin/dkvm-runtime", "runtimeArgs": ["--dkvm-runc=/usr/sbin/runc"]}}}
@@ -74,12 +74,12 @@ def test_uninstall_keeps_a_payload_a_running_container_uses(state_dir, tmp_path,
                                                            monkeypatch):
     class Engine:
         def unregister(self):
-            pass
-    install.uninstall(str(tmp_path / "bin"), engine=Engine())
+            return "unregistered"
+    install.uninstall(str(tmp_path / "bin"), [Engine()])
     assert sorted(p.name for p in state_dir.iterdir()) == [".lock", "running"]
     assert "kept 1 payload(s)" in capsys.readouterr().out
     monkeypatch.setattr(payload, "payloads_in_use", set)       # the container is gone
-    install.uninstall(str(tmp_path / "bin"), engine=Engine())
+    install.uninstall(str(tmp_path / "bin"), [Engine()])
     assert not state_dir.exists()
 
 
