@@ -55,3 +55,14 @@ def signal_number(text):
             number = start + sign * int(name[6:])
             return number if SIGRTMIN <= number <= SIGRTMAX else None
     return None
+
+
+def handles_signal(status, signum):
+    """Whether a process's /proc/PID/status (bytes) shows `signum` blocked, caught or
+    ignored: whether a signal sent now is not lost (to a PID 1) or taken by its
+    default action."""
+    for line in status.splitlines():
+        key, _, value = line.partition(b":")
+        if key in (b"SigBlk", b"SigCgt", b"SigIgn") and int(value.strip(), 16) >> (signum - 1) & 1:
+            return True
+    return False

@@ -1,7 +1,8 @@
 """The guest's side of the control channel: one loop, one handler per frame type.
 
 It reaps (init adopts every orphan), delivers signals and terminal resizes to the
-workload, runs `docker exec` sessions (one per channel), answers DNS through the
+workload (a signal sent before the VM was up, to a workload still setting up its
+handlers, waits for them: EarlySignals), runs `docker exec` sessions (one per channel), answers DNS through the
 container side, applies network changes when their NICs appear, and ends when the
 workload does, with its exit status.
 
@@ -15,6 +16,7 @@ import _signal
 import time
 
 from dkvm import log, terminal, wire
+from dkvm.kernel_names import handles_signal
 from dkvm.guest.exec_session import EXEC_START_FAILED, ExecSession, spawn_in_workload
 from dkvm.guest.network import PendingChanges
 
@@ -23,6 +25,7 @@ ACK_WAIT = 5
 PLAN_WAIT = 30
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 CONTROL_BATCH = 512 << 10   # read from the control port in one turn of the loop, at most
+START_GRACE = 0.5           # a new workload's time to set up its signal handlers
 
 
 def reap():
@@ -87,6 +90,7 @@ class GuestLoop:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.previous_wakeup = _signal.set_wakeup_fd(self.wake_w)
         self.previous_sigchld = _signal.signal(_signal.SIGCHLD, lambda *a: None)
+        self.early_signals = EarlySignals(workload_pid)
         self.handlers = {wire.SIGNAL: self.on_signal, wire.RESIZE: self.on_resize,
                          wire.DNS: self.on_dns, wire.NET: self.on_net}
 
@@ -118,7 +122,8 @@ class GuestLoop:
         poller = select.poll()
         for fd, mask in masks.items():
             poller.register(fd, mask)
-        events = poller.poll(self.network_changes.timeout(timeout) * 1000)
+        timeout = self.early_signals.timeout(self.network_changes.timeout(timeout))
+        events = poller.poll(timeout * 1000)
         ready_r = [fd for fd, mask in events if mask & POLL_IN]
         # a pipe whose reader is gone polls as POLLERR only: writing says so (EPIPE)
         ready_w = [fd for fd, mask in events if mask & (select.POLLOUT | select.POLLERR)
@@ -142,6 +147,7 @@ class GuestLoop:
                 self.on_frame(frame)
         for error in self.network_changes.apply_ready():
             self.report_error(f"network change in the guest failed: {error}")
+        self.early_signals.deliver_ready()
 
     def read_control(self):
         """What the control port holds, up to CONTROL_BATCH. Its driver hands over one
@@ -180,10 +186,7 @@ class GuestLoop:
             log.warn(str(err))
 
     def on_signal(self, frame):
-        try:
-            os.kill(self.workload_pid, frame.record().signal)
-        except ProcessLookupError:
-            pass
+        self.early_signals.deliver(frame.record().signal)
 
     def on_resize(self, frame):
         size = frame.record()
@@ -222,6 +225,45 @@ class GuestLoop:
         _signal.signal(_signal.SIGCHLD, self.previous_sigchld)
         os.close(self.wake_r)
         os.close(self.wake_w)
+
+
+class EarlySignals:
+    """Signals for the workload in its first START_GRACE seconds. Under runc a `docker
+    kill` right after `docker run -d` finds the workload set up and waiting; here it
+    was sent while the VM booted. So a signal waits until the workload blocks, catches
+    or ignores it and has gone to sleep (a shell between its `trap` and its `wait`
+    would run the trap and then wait on), or until the grace is over (then the
+    default action, or nothing for a PID 1, as under runc). In their order; later
+    ones go at once."""
+    def __init__(self, pid, grace=START_GRACE):
+        self.pid = pid
+        self.until = time.monotonic() + grace
+        self.waiting = []
+
+    def deliver(self, signum):
+        self.waiting.append(signum)
+        self.deliver_ready()
+
+    def deliver_ready(self):
+        over = time.monotonic() >= self.until
+        while self.waiting and (over or self.settled(self.waiting[0])):
+            try:
+                os.kill(self.pid, self.waiting.pop(0))
+            except ProcessLookupError:
+                self.waiting.clear()
+
+    def settled(self, signum):
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            with open(f"/proc/{self.pid}/status", "rb") as f:
+                return state != b"R" and handles_signal(f.read(), signum)
+        except (OSError, IndexError):
+            return True
+
+    def timeout(self, timeout):
+        """The loop's poll timeout, shortened while a signal waits."""
+        return min(timeout, 0.005) if self.waiting else timeout
 
 
 def report_exit(control, status):

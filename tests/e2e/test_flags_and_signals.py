@@ -74,6 +74,18 @@ def test_every_signal_reaches_the_workload(busybox_image, container_name, runtim
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_signal_sent_while_the_vm_boots_reaches_the_workloads_trap(busybox_image,
+                                                                     container_name, runtime):
+    """`docker kill` at once after `docker run -d`: under runc the shell has set its trap
+    by then; under DKVM the VM is still booting, and the signal must wait for it."""
+    run_detached(runtime, container_name, busybox_image, "sh", "-c",
+                 'trap "echo got-TERM; exit 5" TERM; sleep 60 & wait')
+    sh("docker", "kill", "-s", "TERM", container_name)
+    assert sh("docker", "wait", container_name, timeout=BOOTED).stdout.strip() == "5"
+    assert logs(container_name) == "got-TERM\n"
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_docker_stop_with_rtmin3_as_stopsignal_ends_it_at_once(rtstop_image, container_name,
                                                                runtime):
     start_ready(runtime, container_name, rtstop_image,
