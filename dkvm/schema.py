@@ -51,6 +51,10 @@ class Field:
         return type(default)(default) if isinstance(default, (list, dict)) else default
 
 
+ROOT_PROPAGATIONS = ("shared", "rshared", "slave", "rslave", "private", "rprivate",
+                     "unbindable", "runbindable")
+
+
 def in_range(low, high):
     return lambda value: low <= value <= high
 
@@ -269,6 +273,13 @@ class Tmpfs(Record):
     FIELDS = {"destination": Field(str, ""), "options": Field(ListOf(str), [])}
 
 
+class IdMapping(Record):
+    """One line of a user namespace's uid_map or gid_map."""
+    FIELDS = {"container_id": Field(int, 0, in_range(0, MAX_ID)),
+              "host_id": Field(int, 0, in_range(0, MAX_ID)),
+              "size": Field(int, 1, in_range(1, MAX_ID + 1))}
+
+
 class Disk(Record):
     """DKVM_DISKS: a file in the container, attached as virtio-blk with `serial`,
     mounted at `mount_point` in the workload's root."""
@@ -298,6 +309,14 @@ class Plan(Record):
         "hostname": Field(str, ""),
         "domainname": Field(str, ""),
         "readonly_root": Field(bool, False),    # `--read-only`
+        # linux.maskedPaths, readonlyPaths and rootfsPropagation in the image's tree
+        # (the VM's own /proc and /sys are its workload's: guest_paths)
+        "masked_paths": Field(ListOf(str), []),
+        "readonly_paths": Field(ListOf(str), []),
+        "root_propagation": Field(str, "", one_of("", *ROOT_PROPAGATIONS)),
+        # a user namespace: the workload's, made in the guest (none when empty)
+        "uid_mappings": Field(ListOf(IdMapping), []),
+        "gid_mappings": Field(ListOf(IdMapping), []),
         # the engine made the network namespace (under /run/netns) and keeps it after
         # the container: the interfaces are given back at exit
         "network_namespace_kept": Field(bool, False),

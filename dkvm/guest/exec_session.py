@@ -40,9 +40,12 @@ def spawn_in_workload(process, workload_pid, stdio):
     namespaces = [(os.open(f"/proc/{workload_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC),
                    flag) for name, flag in (("cgroup", syscalls.CLONE_NEWCGROUP),
                                             ("mnt", syscalls.CLONE_NEWNS))]
+    user_ns = None          # the workload's, if it has one: joined last, as it was made
+    if os.stat(f"/proc/{workload_pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino:
+        user_ns = os.open(f"/proc/{workload_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     pid = os.fork()
     if pid:
-        for fd, _ in namespaces:
+        for fd in [fd for fd, _ in namespaces] + ([user_ns] if user_ns is not None else []):
             os.close(fd)
         return pid
     try:
@@ -56,7 +59,9 @@ def spawn_in_workload(process, workload_pid, stdio):
     except BaseException as err:
         os.write(stdio[2], f"dkvm: cannot enter the container: {err}\n".encode())
         os._exit(EXEC_START_FAILED)
-    become_and_exec(stdio, process, report=report_exec_failure, failure_status=EXEC_START_FAILED)
+    become_and_exec(stdio, process, report=report_exec_failure, failure_status=EXEC_START_FAILED,
+                    enter_user_namespace=user_ns is not None and (
+                        lambda: syscalls.setns(user_ns, syscalls.CLONE_NEWUSER)))
 
 
 class ExecSession:

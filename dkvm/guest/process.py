@@ -139,12 +139,14 @@ def report_exec_failure(message):
                  f"{message}: unknown\r\n").encode())
 
 
-def become_and_exec(stdio, process, report=report_run_failure, failure_status=None):
+def become_and_exec(stdio, process, report=report_run_failure, failure_status=None,
+                    enter_user_namespace=None):
     """In a forked child: take `stdio` as fds 0-2, become the schema.Process `process`
     (limits, user, groups, capabilities, cwd, env) and exec its args. Never returns; a
     failure is reported in runc's words with the exit code Docker gives (127 not
     found, 126 not executable; `failure_status` for every failure where Docker has
-    one code, as for exec)."""
+    one code, as for exec). `enter_user_namespace` runs between the limits (raising
+    one takes the VM's root) and the change of user."""
     try:
         env = workload_env(process.env, process.uid)
         cwd = process.cwd or "/"
@@ -154,6 +156,8 @@ def become_and_exec(stdio, process, report=report_run_failure, failure_status=No
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
         apply_limits(process)
+        if enter_user_namespace:
+            enter_user_namespace()
         become_user(process)
         try:
             os.chdir(cwd)

@@ -14,9 +14,13 @@ MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec"
 IGNORED_MOUNT_OPTIONS = {"rw", "suid", "dev", "exec", "async", "rprivate", "private",
                          "rslave", "slave", "rshared", "shared", "bind", "rbind", "tmpcopyup"}
 MS_REC, MS_PRIVATE, MS_BIND, MS_REMOUNT = 1 << 14, 1 << 18, 4096, 32
+MS_UNBINDABLE, MS_SLAVE, MS_SHARED = 1 << 17, 1 << 19, 1 << 20
+PROPAGATIONS = {"shared": MS_SHARED, "slave": MS_SLAVE, "private": MS_PRIVATE,
+                "unbindable": MS_UNBINDABLE}
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = 155        # x86_64
 CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWCGROUP = 0x00020000, 0x20000000, 0x02000000
+CLONE_NEWUSER = 0x10000000
 PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 8, 24, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
 SYS_CAPSET = 126            # x86_64
@@ -111,9 +115,16 @@ def set_rlimit(resource, soft, hard):
 
 
 def make_mounts_private():
-    if _libc.mount(b"none", b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None) != 0:
+    set_root_propagation("rprivate")
+
+
+def set_root_propagation(kind):
+    """`kind` as OCI's rootfsPropagation names it: shared, rslave, private..."""
+    recursive = kind.startswith("r") and kind[1:] in PROPAGATIONS
+    flags = PROPAGATIONS[kind[1:] if recursive else kind] | (MS_REC if recursive else 0)
+    if _libc.mount(b"none", b"/", None, ctypes.c_ulong(flags), None) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"making / private: {os.strerror(err)}")
+        raise OSError(err, f"making / {kind}: {os.strerror(err)}")
 
 
 def power_off():

@@ -35,9 +35,12 @@ def spawn(plan, stdio, disks=None):
     which must hold its world by then."""
     syscalls.unshare(syscalls.CLONE_NEWPID)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    user_ns = UserNamespaceHandshake(plan) if plan.uid_mappings else None
     pid = os.fork()
     if pid:
         os.close(ready_w)
+        if user_ns:
+            user_ns.write_mappings(pid, ready_r)
         wait_for_exec(ready_r)
         return pid
     os.close(ready_r)
@@ -54,6 +57,9 @@ def spawn(plan, stdio, disks=None):
         world.mount_container_filesystems(plan)
         syscalls.mount("proc", "/proc", "proc",
                        *syscalls.mount_options(["nosuid", "nodev", "noexec"]))
+        world.mask_and_protect_paths(plan)
+        if plan.root_propagation:
+            syscalls.set_root_propagation(plan.root_propagation)
         if plan.readonly_root:          # as runc shows it (the container side enforces it)
             syscalls.mount("", "/", "", syscalls.MS_REMOUNT | syscalls.MS_BIND
                            | syscalls.MS_RDONLY)
@@ -67,7 +73,39 @@ def spawn(plan, stdio, disks=None):
         finally:
             os._exit(SETUP_FAILED)
     plan.process.rlimits = plan.default_rlimits + plan.process.rlimits
-    become_and_exec(stdio, plan.process)
+    become_and_exec(stdio, plan.process, enter_user_namespace=user_ns and user_ns.enter)
+
+
+class UserNamespaceHandshake:
+    """The workload's user namespace (linux.uidMappings, gidMappings): the child
+    unshares it last, once its mounts and limits are made as the VM's root; init (in
+    the VM's own namespace, where it may) writes the maps; then the child goes on."""
+    def __init__(self, plan):
+        self.plan = plan
+        self.asked_r, self.asked_w = os.pipe2(os.O_CLOEXEC)
+        self.done_r, self.done_w = os.pipe2(os.O_CLOEXEC)
+
+    def enter(self):                    # in the child
+        syscalls.unshare(syscalls.CLONE_NEWUSER)
+        os.write(self.asked_w, b"u")
+        if os.read(self.done_r, 1) != b"k":
+            raise OSError("init did not write the user namespace's mappings")
+
+    def write_mappings(self, pid, ready_r):    # in init
+        os.close(self.asked_w)
+        os.close(self.done_r)
+        try:
+            ready, _, _ = select.select([self.asked_r, ready_r], [], [], SETUP_WAIT)
+            if self.asked_r in ready and os.read(self.asked_r, 1) == b"u":
+                for name, maps in (("uid_map", self.plan.uid_mappings),
+                                   ("gid_map", self.plan.gid_mappings)):
+                    with open(f"/proc/{pid}/{name}", "w") as f:
+                        f.write("".join(f"{m.container_id} {m.host_id} {m.size}\n"
+                                        for m in maps))
+                os.write(self.done_w, b"k")
+        finally:
+            os.close(self.asked_r)
+            os.close(self.done_w)
 
 
 def wait_for_exec(ready_r):

@@ -138,6 +138,22 @@ def mount_container_filesystems(plan):
         syscalls.bind_mount(CONSOLE, "/dev/console")
 
 
+def mask_and_protect_paths(plan):
+    """linux.maskedPaths and readonlyPaths, as runc applies them: a directory masked
+    by an empty read-only tmpfs, anything else by /dev/null; a read-only path bound
+    onto itself read-only. A path the image does not have is skipped."""
+    for path in plan.masked_paths:
+        if os.path.isdir(path):
+            syscalls.mount("tmpfs", path, "tmpfs", syscalls.MS_RDONLY)
+        elif os.path.lexists(path):
+            syscalls.bind_mount("/dev/null", path)
+    for path in plan.readonly_paths:
+        if os.path.lexists(path):
+            syscalls.mount(path, path, "", syscalls.MS_BIND | syscalls.MS_REC)
+            syscalls.mount("", path, "", syscalls.MS_REMOUNT | syscalls.MS_BIND
+                           | syscalls.MS_RDONLY | syscalls.MS_REC)
+
+
 def apply_identity(plan):
     """Names, sysctls and the network, up to NICs the kernel has yet to mark running
     (its link watcher can take a few tenths of a second): those steps are returned,

@@ -22,8 +22,8 @@ from dkvm.errors import DkvmError
 from dkvm.host.devices import guest_devices
 from dkvm.kernel_names import CAPABILITY_NUMBERS
 from dkvm.options import IMAGE_KERNEL, disk_entries, parse_settings, split_env
-from dkvm.schema import (CAPABILITY_SETS, Boot, Capabilities, Disk, ExecRequest, Options,
-                         Plan, Process, Rlimit, Tmpfs)
+from dkvm.schema import (CAPABILITY_SETS, ROOT_PROPAGATIONS, Boot, Capabilities, Disk,
+                         ExecRequest, IdMapping, Options, Plan, Process, Rlimit, Tmpfs)
 
 MIB = 1 << 20
 DEFAULT_GUEST_MIB = Plan.FIELDS["memory_mib"].default
@@ -69,6 +69,7 @@ def rewrite_create_config(config, host, bundle, container_id=""):
     options.accel = choose_accel(options.accel, host.kvm_usable)
     netns_path = host.engine.check_network_namespace(linux)
     resources = linux.setdefault("resources", {})
+    uid_mappings, gid_mappings = take_user_namespace(linux)
 
     plan = Plan(
         container_id=container_id,
@@ -83,6 +84,11 @@ def rewrite_create_config(config, host, bundle, container_id=""):
         sysctl=dict(linux.get("sysctl") or {}),
         dns_upstream=list(host.dns_upstream),
         readonly_root=bool((config.get("root") or {}).get("readonly")),
+        masked_paths=guest_paths(linux.get("maskedPaths")),
+        readonly_paths=guest_paths(linux.get("readonlyPaths")),
+        root_propagation=root_propagation(linux.get("rootfsPropagation")),
+        uid_mappings=uid_mappings,
+        gid_mappings=gid_mappings,
         devices=guest_devices(linux),
         pids_limit=take_pids_limit(resources),
     )
@@ -166,6 +172,47 @@ def workload_capabilities(oci, engine_default):
         raise DkvmError(f"--cap-add {', '.join(unknown)}: the VM's kernel has no such "
                         "capability")
     return Capabilities(exact=True, **sets)
+
+
+def guest_paths(paths_in_config):
+    """The masked or read-only paths the guest applies: those in the image's tree.
+    /proc and /sys in the VM are its own kernel's, the workload's to use (systemd and
+    dockerd inside write /proc/sys); the container side keeps runc's masks."""
+    return [path for path in paths_in_config or []
+            if not any(path == top or path.startswith(top + "/") for top in ("/proc", "/sys"))]
+
+
+def root_propagation(value):
+    if value and value not in ROOT_PROPAGATIONS:
+        raise DkvmError(f"linux.rootfsPropagation {value!r}: not one of "
+                        f"{', '.join(ROOT_PROPAGATIONS)}")
+    return value or ""
+
+
+def take_user_namespace(linux):
+    """A user namespace is the workload's: the guest makes it, with the config's
+    mappings, so that the guest's kernel maps the ids the export shows. The container
+    side (QEMU, virtiofsd, taps) stays the host's root, and runc is not asked for one."""
+    namespaces = linux.get("namespaces") or []
+    user = [ns for ns in namespaces if ns.get("type") == "user"]
+    if not user:
+        return [], []
+    if user[0].get("path"):
+        raise DkvmError("a user namespace given by path is not supported by DKVM: the "
+                        "workload's is made in the VM, from linux.uidMappings and gidMappings")
+    try:
+        maps = [[IdMapping.from_dict({"container_id": m.get("containerID"),
+                                      "host_id": m.get("hostID"), "size": m.get("size")},
+                                     f"linux.{key}") for m in linux.get(key) or []]
+                for key in ("uidMappings", "gidMappings")]
+    except (AttributeError, ValueError) as err:
+        raise DkvmError(f"{err}: each mapping needs containerID, hostID and size") from None
+    if not all(maps):
+        raise DkvmError("a user namespace needs linux.uidMappings and linux.gidMappings")
+    linux["namespaces"] = [ns for ns in namespaces if ns.get("type") != "user"]
+    linux.pop("uidMappings", None)
+    linux.pop("gidMappings", None)
+    return maps
 
 
 def take_pids_limit(resources):

@@ -596,3 +596,56 @@ def test_a_profile_that_does_not_name_clone3_answers_it_enosys():
     config["linux"]["seccomp"]["defaultAction"] = "SCMP_ACT_ALLOW"
     new, _ = rewrite(config)
     assert not [r for r in new["linux"]["seccomp"]["syscalls"] if "clone3" in r["names"]]
+
+
+def test_masked_and_read_only_paths_in_the_image_go_to_the_guest():
+    """Docker's own (all in /proc and /sys) are the VM kernel's: the guest leaves them;
+    the container side keeps runc's masks."""
+    config = load_config("plain")
+    config["linux"]["maskedPaths"] = ["/proc/kcore", "/sys/firmware", "/masked-dir",
+                                      "/processes", "/srv/secret"]
+    config["linux"]["readonlyPaths"] = ["/proc/sys", "/readonly-file", "/sysroot"]
+    config["linux"]["rootfsPropagation"] = "rshared"
+    new, plan = rewrite(config)
+    assert plan.masked_paths == ["/masked-dir", "/processes", "/srv/secret"]
+    assert plan.readonly_paths == ["/readonly-file", "/sysroot"]
+    assert plan.root_propagation == "rshared"
+    assert new["linux"]["maskedPaths"] == config["linux"]["maskedPaths"]
+
+
+def test_an_unknown_root_propagation_is_refused_by_name():
+    config = load_config("plain")
+    config["linux"]["rootfsPropagation"] = "sideways"
+    with pytest.raises(DkvmError, match="linux.rootfsPropagation 'sideways': not one of"):
+        rewrite(config)
+
+
+def test_a_user_namespace_is_the_workloads_made_in_the_guest():
+    config = load_config("plain")
+    config["linux"]["namespaces"].append({"type": "user"})
+    config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+    new, plan = rewrite(config)
+    assert [(m.container_id, m.host_id, m.size) for m in plan.uid_mappings] == \
+        [(0, 100000, 65536)]
+    assert [m.host_id for m in plan.gid_mappings] == [200000]
+    # the container side stays the host's root: runc is asked for no user namespace
+    assert "user" not in [ns["type"] for ns in new["linux"]["namespaces"]]
+    assert "uidMappings" not in new["linux"] and "gidMappings" not in new["linux"]
+    assert rewrite(load_config("plain"))[1].uid_mappings == []
+
+
+@pytest.mark.parametrize("namespace, maps, message", [
+    ({"type": "user", "path": "/proc/1/ns/user"}, {}, "user namespace given by path"),
+    ({"type": "user"}, {"uidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]},
+     "needs linux.uidMappings and linux.gidMappings"),
+    ({"type": "user"}, {"uidMappings": [{"containerID": 0, "size": 1}],
+                        "gidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]},
+     "each mapping needs containerID, hostID and size"),
+])
+def test_a_user_namespace_dkvm_cannot_make_is_refused(namespace, maps, message):
+    config = load_config("plain")
+    config["linux"]["namespaces"].append(namespace)
+    config["linux"].update(maps)
+    with pytest.raises(DkvmError, match=message):
+        rewrite(config)
