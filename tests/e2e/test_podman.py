@@ -12,6 +12,7 @@ ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 IMAGE = "localhost/dkvm-test-busybox:latest"
 # "dkvm" by name: the runtime `dkvm install` registered in containers.conf.d
 RUNTIMES = {"runc": [], "dkvm": ["--runtime", "dkvm"]}
+PUBLISHED = {"runc": 18181, "dkvm": 18182}      # `-p` on the host, one per runtime
 
 
 def podman(runtime, *args, check=False, timeout=RUN_TIMEOUT):
@@ -65,14 +66,17 @@ def test_a_volume_is_read_and_written_as_under_runc(podman_image, tmp_path, runt
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
 def test_a_server_exec_and_stop_match_runc(podman_image, names, runtime):
-    """The host reaches a server at the container's address on Podman's bridge;
-    exec's output and status come back; stop ends the container."""
+    """The host reaches a server at the container's address on Podman's bridge, and
+    at the port `-p` publishes; exec's output and status come back; stop ends the
+    container."""
     name = names(runtime)
-    podman(runtime, "run", "-d", "--name", name, *ULIMITS, podman_image, "sh", "-c",
-           HTTPD.format(text=f"served-by-{runtime}"), check=True)
+    port = PUBLISHED[runtime]
+    podman(runtime, "run", "-d", "--name", name, *ULIMITS, "-p", f"{port}:8080",
+           podman_image, "sh", "-c", HTTPD.format(text=f"served-by-{runtime}"), check=True)
     ip = podman(runtime, "inspect", "-f", "{{.NetworkSettings.IPAddress}}", name,
                 check=True).stdout.strip()
     assert http_get(ip, timeout=120) == f"served-by-{runtime}"
+    assert http_get("127.0.0.1", timeout=30, port=port) == f"served-by-{runtime}"
     out = podman(runtime, "exec", name, "sh", "-c", "echo hi; echo oops >&2; exit 5")
     assert (out.returncode, out.stdout, out.stderr) == (5, "hi\n", "oops\n")
     podman(runtime, "stop", "-t", "2", name, check=True)
