@@ -48,8 +48,15 @@ def ensure_payload(archive=None):
                 extract_payload(zf, tmp)
                 os.chmod(tmp, 0o755)
                 os.rename(tmp, target)
-            except BaseException:
+            except BaseException as err:
                 shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(err, OSError):
+                    need = sum(info.file_size for info in zf.infolist()
+                               if info.filename == PAYLOAD_MEMBER) >> 20
+                    raise DkvmError(f"cannot unpack DKVM's payload into "
+                                    f"{paths.HOST_STATE_DIR}: {err.strerror or err} (it "
+                                    f"needs about {need} MB); nothing was left half-unpacked")\
+                        from None
                 raise
     return target
 

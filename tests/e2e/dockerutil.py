@@ -1,4 +1,5 @@
 """Running docker for the end-to-end tests: every call has a time bound."""
+import glob
 import os
 import re
 import shutil
@@ -138,3 +139,17 @@ def load_into_engine(image, load_command):
                            timeout=RUN_TIMEOUT).stdout
     subprocess.run(load_command, input=saved, capture_output=True, check=True,
                    timeout=RUN_TIMEOUT)
+
+
+def host_vm_processes():
+    out = sh("pgrep", "-f", "qemu-system-x86_64|/.dkvm/qemu/virtiofsd", check=False)
+    return out.stdout.split()
+
+
+def leak_snapshot():
+    mounts = [line for line in open("/proc/mounts") if "dkvm" in line]
+    state_dir = sorted(p for p in glob.glob("/var/lib/dkvm/.*") if not p.endswith(".lock"))
+    shm = sorted(glob.glob("/dev/shm/*"))
+    taps = sorted(os.listdir("/sys/class/net"))
+    return {"processes": host_vm_processes(), "mounts": mounts, "state": state_dir,
+            "shm": shm, "net": taps}

@@ -1,5 +1,4 @@
 """Lifecycle: kill, stop timeout, restart, pause, rm -f, faults, leaks; runc as the oracle."""
-import glob
 import hashlib
 import os
 import subprocess
@@ -8,7 +7,8 @@ import time
 import pexpect
 import pytest
 
-from dockerutil import docker_run, interrupt_foreground_sleep, logs, sh
+from dockerutil import (docker_run, host_vm_processes, interrupt_foreground_sleep,
+                        leak_snapshot, logs, sh)
 from waiting import wait_until, wait_until_steady
 
 BOOT_TIMEOUT = 120
@@ -93,28 +93,6 @@ def test_rm_force_while_booting_leaves_nothing(busybox_image, container_name):
         host_vm_processes()), "QEMU and virtiofsd to be gone", timeout=30)
 
 
-def host_vm_processes():
-    out = sh("pgrep", "-f", "qemu-system-x86_64|/.dkvm/qemu/virtiofsd", check=False)
-    return out.stdout.split()
-
-
-@pytest.mark.parametrize("victim,pattern", [("QEMU", "qemu-system-x86_64"),
-                                            ("virtiofsd", "/.dkvm/qemu/virtiofsd")])
-def test_fault_of_qemu_or_virtiofsd_ends_the_container_with_a_reason(
-        busybox_image, container_name, victim, pattern):
-    run_detached("dkvm", container_name, busybox_image, "sh", "-c",
-                 "echo ready; while :; do sleep 0.1; done")
-    wait_until(lambda: "ready" in logs(container_name), "the workload to start")
-    pid = sh("docker", "inspect", "-f", "{{.State.Pid}}", container_name).stdout.strip()
-    children = sh("pgrep", "-P", pid, "-f", pattern).stdout.split()
-    assert len(children) == 1
-    os.kill(int(children[0]), 9)
-    code = sh("docker", "wait", container_name, timeout=30).stdout.strip()
-    assert code != "0"
-    err = sh("docker", "logs", container_name).stderr
-    assert victim in err and "signal 9" in err
-
-
 def test_big_output_complete_and_in_order(busybox_image):
     cmd = [busybox_image, "seq", "1", "6500000"]   # about 51 MB
     runc = subprocess.run(["docker", "run", "--rm", "--runtime=runc", *cmd],
@@ -124,15 +102,6 @@ def test_big_output_complete_and_in_order(busybox_image):
     assert len(runc.stdout) > 50_000_000
     assert hashlib.sha256(dkvm.stdout).hexdigest() == hashlib.sha256(runc.stdout).hexdigest()
     assert dkvm.stderr == b"" and dkvm.returncode == 0
-
-
-def leak_snapshot():
-    mounts = [line for line in open("/proc/mounts") if "dkvm" in line]
-    state_dir = sorted(p for p in glob.glob("/var/lib/dkvm/.*") if not p.endswith(".lock"))
-    shm = sorted(glob.glob("/dev/shm/*"))
-    taps = sorted(os.listdir("/sys/class/net"))
-    return {"processes": host_vm_processes(), "mounts": mounts, "state": state_dir,
-            "shm": shm, "net": taps}
 
 
 def test_no_leaks_after_30_cycles(busybox_image):

@@ -1,0 +1,152 @@
+"""Reliability: many VMs and execs at once on this 2-core machine (TCG makes them slow,
+not wrong), each part of a container killed at boot and while it runs, the guest out
+of memory, the host's disk full while the payload unpacks. After each fault the host
+is as it was, and the next `docker run` works."""
+import concurrent.futures
+import os
+import subprocess
+import time
+
+import pytest
+
+from dockerutil import docker_run, leak_snapshot, logs, sh
+from waiting import wait_until
+
+CROWD = 8                   # VMs started at once
+EXECS = 20                  # concurrent execs into each of two VMs
+CROWD_TIMEOUT = 600         # eight boots sharing two cores under TCG
+# what a part of a container is, by its command line, among the container's processes
+PARTS = {"QEMU": "qemu-system-x86_64", "virtiofsd": "/.dkvm/qemu/virtiofsd"}
+
+
+def test_eight_vms_started_at_once_each_reach_their_workload(busybox_image):
+    def one(number):
+        return docker_run("dkvm", busybox_image, "sh", "-c",
+                          f"echo vm-{number}; exit {number + 1}", timeout=CROWD_TIMEOUT)
+    with concurrent.futures.ThreadPoolExecutor(CROWD) as pool:
+        results = list(pool.map(one, range(CROWD)))
+    assert [(r.returncode, r.stdout, r.stderr) for r in results] == \
+        [(n + 1, f"vm-{n}\n", "") for n in range(CROWD)]
+
+
+def test_twenty_concurrent_execs_into_each_of_two_vms(busybox_image, container_name):
+    names = [container_name, container_name + "-2"]
+    try:
+        for name in names:
+            sh("docker", "run", "-d", "--runtime=dkvm", "--name", name, busybox_image,
+               "sh", "-c", "echo ready; sleep 100000")
+        for name in names:
+            wait_until(lambda: "ready" in logs(name), "the workload to start", timeout=120)
+
+        def one(job):
+            name, number = job
+            return sh("docker", "exec", name, "sh", "-c",
+                      f"echo {name}-{number}; echo err-{number} >&2; exit {number % 7}",
+                      check=False, timeout=CROWD_TIMEOUT)
+        jobs = [(name, n) for name in names for n in range(EXECS)]
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(one, jobs))
+        assert [(r.returncode, r.stdout, r.stderr) for r in results] == \
+            [(n % 7, f"{name}-{n}\n", f"err-{n}\n") for name, n in jobs]
+    finally:
+        sh("docker", "rm", "-f", names[1], check=False, timeout=60)
+
+
+def container_parts(entrypoint):
+    """{part: pid} of the entrypoint's QEMU and virtiofsd, as far as they have started."""
+    found = {}
+    for part, pattern in PARTS.items():
+        pids = sh("pgrep", "-P", entrypoint, "-f", pattern, check=False).stdout.split()
+        if pids:
+            found[part] = int(pids[0])
+    return found
+
+
+@pytest.mark.parametrize("moment", ["boot", "running"])
+@pytest.mark.parametrize("victim", ["entrypoint", "QEMU", "virtiofsd"])
+def test_a_part_killed_ends_the_container_and_leaves_nothing(busybox_image, container_name,
+                                                            victim, moment):
+    before = leak_snapshot()
+    sh("docker", "run", "-d", "--runtime=dkvm", "--name", container_name, busybox_image,
+       "sh", "-c", "echo ready; sleep 100000")
+    entrypoint = sh("docker", "inspect", "-f", "{{.State.Pid}}", container_name).stdout.strip()
+    if moment == "running":
+        wait_until(lambda: "ready" in logs(container_name), "the workload to start")
+    if victim == "entrypoint":
+        pid = int(entrypoint)
+    else:
+        pid = wait_until(lambda: container_parts(entrypoint).get(victim),
+                         f"{victim} to start", timeout=60, interval=0.01)
+    booting = "ready" not in logs(container_name)
+    os.kill(pid, 9)
+    code = sh("docker", "wait", container_name, timeout=60).stdout.strip()
+    if victim == "entrypoint":
+        assert code == "137"                    # as runc's PID 1 killed: nobody to say more
+    else:
+        assert code != "0"
+        err = sh("docker", "logs", container_name).stderr
+        assert victim in err and "signal 9" in err, err
+    if moment == "boot":
+        assert booting, "the VM had booted before the kill: the test did not test a boot"
+    sh("docker", "rm", container_name)
+    wait_until(lambda: leak_snapshot() == before, "the host to be as before", timeout=30)
+    assert docker_run("dkvm", busybox_image, "echo", "next").stdout == "next\n"
+
+
+def test_an_exec_relay_killed_ends_its_process_in_the_guest(busybox_image, container_name):
+    """runc's exec process killed: `docker exec` ends 137 and the container runs on.
+    Here that process is the relay on the host: its process in the guest goes too."""
+    sh("docker", "run", "-d", "--runtime=dkvm", "--name", container_name, busybox_image,
+       "sh", "-c", "echo ready; sleep 100000")
+    wait_until(lambda: "ready" in logs(container_name), "the workload to start")
+    execution = subprocess.Popen(["docker", "exec", container_name, "sleep", "7777"])
+    try:
+        entrypoint = sh("docker", "inspect", "-f", "{{.State.Pid}}",
+                        container_name).stdout.strip()
+        relay = wait_until(lambda: sh("pgrep", "-f", "dkvm-exec", check=False).stdout.split(),
+                           "the exec relay to start", timeout=60)
+        relay = [pid for pid in relay if pid != entrypoint]
+        wait_until(lambda: "sleep 7777" in ps(container_name), "the exec to start", timeout=60)
+        for pid in relay:
+            os.kill(int(pid), 9)
+        assert execution.wait(timeout=60) == 137
+    finally:
+        execution.kill()
+        execution.wait()
+    wait_until(lambda: "sleep 7777" not in ps(container_name),
+               "the exec's process in the guest to end", timeout=30)
+    assert sh("docker", "inspect", "-f", "{{.State.Running}}",
+              container_name).stdout.strip() == "true"
+
+
+def ps(name):
+    return sh("docker", "exec", name, "ps", "-o", "args", check=False).stdout
+
+
+def test_the_guest_out_of_memory_kills_the_workloads_biggest_as_under_runc(busybox_image):
+    """A workload that allocates until it cannot: the guest's OOM killer ends it (its
+    shell reports 137 and goes on), never the host's killing QEMU."""
+    script = "tail /dev/zero; echo status=$?"
+    results = {runtime: docker_run(runtime, "-m", "256m", busybox_image, "sh", "-c", script,
+                                   timeout=300) for runtime in ("runc", "dkvm")}
+    assert [(r.returncode, r.stdout) for r in results.values()] == [(0, "status=137\n")] * 2
+
+
+def test_a_full_disk_while_the_payload_unpacks_is_one_error_and_nothing_half_made(
+        busybox_image, tmp_path):
+    """/var/lib/dkvm on a 16 MiB filesystem: the payload (about 140 MB) cannot unpack.
+    `docker run` fails at create with one line; nothing is left behind there; with the
+    space back, the next run unpacks it and works."""
+    sh("mount", "-t", "tmpfs", "-o", "size=16m", "dkvm-test-full", "/var/lib/dkvm")
+    try:
+        out = docker_run("dkvm", busybox_image, "true")
+        assert out.returncode == 125
+        assert "cannot unpack DKVM's payload into /var/lib/dkvm: No space left on device" \
+            in out.stderr, out.stderr
+        assert [p for p in os.listdir("/var/lib/dkvm") if p != ".lock"] == []
+    finally:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["umount", "/var/lib/dkvm"]).returncode != 0:
+            assert time.monotonic() < deadline, "the test's tmpfs stays busy"
+            time.sleep(0.5)
+    assert docker_run("dkvm", busybox_image, "echo", "unpacked").stdout == "unpacked\n"
