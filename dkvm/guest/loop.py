@@ -1,10 +1,10 @@
 """The guest's side of the control channel: one loop, one handler per frame type.
 
 It reaps (init adopts every orphan), delivers signals and terminal resizes to the
-workload (a signal sent before the VM was up, to a workload still setting up its
-handlers, waits for them: EarlySignals), runs `docker exec` sessions (one per channel), answers DNS through the
-container side, applies network changes when their NICs appear, and ends when the
-workload does, with its exit status.
+workload (a signal sent while the VM booted waits for the workload's handler:
+EarlySignals), runs `docker exec` sessions (one per channel), answers DNS through
+the container side, applies network changes when their NICs appear, and ends when
+the workload does, with its exit status.
 
 The loop is an object so that a test drives it with a socketpair: `step()` is one
 turn. It polls (a wake-up fd for SIGCHLD, timeouts for what it waits on) because

@@ -6,9 +6,9 @@ import pytest
 
 from dkvm.errors import DkvmError
 from dkvm.host import registrations
-from dkvm.host.registrations import (ContainerdRegistration, PodmanRegistration,
-                                     add_containerd_runtime, choose_engines,
-                                     containerd_runtime_section, remove_containerd_runtime)
+from dkvm.host.engine_toml import (add_containerd_runtime, containerd_runtime_section,
+                                   remove_containerd_runtime)
+from dkvm.host.registrations import ContainerdRegistration, PodmanRegistration, choose_engines
 
 RUNTIME = "/usr/local/bin/dkvm-runtime"
 DEBIAN = """version = 2
