@@ -1,8 +1,10 @@
 """Podman (rootful, its default bridge network and --network none) with runc and with
 DKVM as its runtime, compared. This machine lacks CAP_SYS_RESOURCE: Podman's default
 ulimits fail even under runc, so both get explicit ones."""
+import http.server
 import shutil
 import subprocess
+import threading
 
 import pytest
 
@@ -95,3 +97,30 @@ def test_a_user_namespace_maps_ids_as_under_runc(podman_image):
                   "--gidmap", "0:200000:65536")
     assert out[0] == 0 and "uid=0(root) gid=0(root)" in out[1]
     assert "0     100000      65536" in out[1] and "0     200000      65536" in out[1]
+
+
+class HostPage(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"from-the-host\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_slirp4netns_reaches_the_host_as_under_runc(podman_image):
+    """`--network slirp4netns`: the namespace's tap0 (slirp's) becomes the VM's NIC,
+    and the host is reached through slirp's NAT."""
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), HostPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = subprocess.run(["hostname", "-I"], capture_output=True, text=True,
+                              check=True).stdout.split()[0]
+        script = ("ip -o -4 addr show tap0 | tr -s ' ' | cut -d' ' -f2-4; "
+                  "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | "
+                  f"nc -w 10 {host} {server.server_port} | tail -1")
+        assert compare(podman_image, script, "--network", "slirp4netns") == \
+            (0, "tap0 inet 10.0.2.100/24\nfrom-the-host\n", "")
+    finally:
+        server.shutdown()
