@@ -183,6 +183,7 @@ OPTIONS = [
     Option("DKVM_DEV_SHM_SIZE", "dev_shm_size", Size(), 64 << 20),
     Option("DKVM_SYS_ADMIN", "sys_admin", Bool(), False),
     Option("DKVM_BOOT_TIMEOUT", "boot_timeout", Seconds(), 180),
+    Option("DKVM_WATCHDOG", "watchdog", Seconds(), 120),
     Option("DKVM_DISKS", "disk_list", Disks(), ""),
 ]
 BY_ENV = {option.env: option for option in OPTIONS}

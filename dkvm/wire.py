@@ -34,8 +34,10 @@ NET = 15        # host -> guest: {"wait_for": [MAC of a hot-plugged NIC], "steps
                 #   Docker changed the container's networks (container.net_follower, container.net_steps)
 INIT = 16       # guest -> host: init is up and has its control port open: send the plan
 PLAN = 17       # host -> guest: the plan (schema.Plan): nothing of it is in the export
+HEARTBEAT = 18  # guest -> host: init's loop turns (every HEARTBEAT_INTERVAL): the VM is alive
+HEARTBEAT_INTERVAL = 5
 TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR, RESIZE, EXEC_START, STDIN, STDOUT, STDERR,
-         EXEC_EXIT, WINDOW, CLOSE, DNS, NET, INIT, PLAN}
+         EXEC_EXIT, WINDOW, CLOSE, DNS, NET, INIT, PLAN, HEARTBEAT}
 # Flow control for exec streams: a sender may have this many data bytes unconsumed
 # by the far end; data frames carry at most MAX_DATA bytes.
 STREAM_WINDOW = 256 << 10

@@ -29,6 +29,7 @@ from dkvm.terminal import get_size
 
 EXIT_GRACE = 10             # QEMU powering off after the guest reported its exit
 IDLE = 0.5                  # the longest a turn sleeps: children and deadlines are checked then
+STALL = 5                   # a turn this late: this process was frozen (docker pause), not the VM
 REQUEST_WAIT = 1            # the runtime writing its signal request
 MAX_KILLERS = 16            # runtimes waiting at once for the workload to die
 MAX_EXECS = 128             # concurrent `docker exec`s; more are refused
@@ -76,9 +77,12 @@ class Supervisor:
         self.vm_ended = False
         self.boot_timeout = plan.options.boot_timeout
         self.boot_deadline = time.monotonic() + self.boot_timeout
+        self.watchdog = plan.options.watchdog
+        self.last_heard = None              # the guest's last frame, once it said hello
+        self.last_turn = time.monotonic()
         self.handlers = {wire.INIT: self.on_init, wire.HELLO: self.on_hello,
                          wire.EXIT: self.on_exit, wire.DNS: self.on_dns,
-                         wire.ERROR: self.on_error}
+                         wire.ERROR: self.on_error, wire.HEARTBEAT: self.on_heartbeat}
 
     # --- the loop
     def run(self):
@@ -104,6 +108,7 @@ class Supervisor:
     def step(self, timeout=IDLE):
         """One turn: wait (poll: no limit on descriptor numbers) for what can be read or
         written, then handle it."""
+        self.check_watchdog()
         peers = [self.guest, *self.relays.values()]
         poller = select.poll()
         for source in (self.guest, self.exec_listener, self.network_inbox, self.signals,
@@ -154,6 +159,21 @@ class Supervisor:
         if self.held is not None and time.monotonic() > self.boot_deadline:
             raise DkvmError(f"the VM did not start the workload within {self.boot_timeout}s "
                             "(DKVM_BOOT_TIMEOUT)"
+                            f"{self.vm.exit_reason()}")
+
+    def check_watchdog(self):
+        """A guest that has said hello speaks at least every wire.HEARTBEAT_INTERVAL. One
+        silent for DKVM_WATCHDOG seconds is hung (its kernel or its init): the container
+        ends with that said, not a `docker run` that never returns. Time this process
+        itself was frozen (`docker pause` freezes the VM with it) does not count."""
+        now = time.monotonic()
+        if now - self.last_turn > STALL and self.last_heard is not None:
+            self.last_heard = now
+        self.last_turn = now
+        if self.last_heard is not None and self.status is None and \
+                now - self.last_heard > self.watchdog:
+            raise DkvmError(f"the VM stopped answering: no word from its init for "
+                            f"{self.watchdog}s (DKVM_WATCHDOG); it was stopped"
                             f"{self.vm.exit_reason()}")
 
     def to_guest(self, data):
@@ -244,6 +264,8 @@ class Supervisor:
 
     # --- frames from the guest
     def on_guest_frame(self, frame):
+        if self.last_heard is not None:
+            self.last_heard = time.monotonic()
         if frame.channel:
             self.to_relay(frame)
             return
@@ -291,6 +313,7 @@ class Supervisor:
     def on_hello(self, frame):
         if self.held is None:
             return
+        self.last_heard = time.monotonic()
         held, self.held = self.held, None
         for data in held:
             self.to_guest(data)
@@ -304,6 +327,9 @@ class Supervisor:
 
     def on_dns(self, frame):
         self.dns.ask(frame.payload)
+
+    def on_heartbeat(self, frame):
+        pass                        # what it says is that it came (on_guest_frame)
 
     def on_error(self, frame):
         log.warn(printable(frame.record().message))

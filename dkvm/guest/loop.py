@@ -91,6 +91,7 @@ class GuestLoop:
         self.previous_wakeup = _signal.set_wakeup_fd(self.wake_w)
         self.previous_sigchld = _signal.signal(_signal.SIGCHLD, lambda *a: None)
         self.early_signals = EarlySignals(workload_pid)
+        self.last_heartbeat = time.monotonic()
         self.handlers = {wire.SIGNAL: self.on_signal, wire.RESIZE: self.on_resize,
                          wire.DNS: self.on_dns, wire.NET: self.on_net}
 
@@ -148,6 +149,9 @@ class GuestLoop:
         for error in self.network_changes.apply_ready():
             self.report_error(f"network change in the guest failed: {error}")
         self.early_signals.deliver_ready()
+        if time.monotonic() - self.last_heartbeat >= wire.HEARTBEAT_INTERVAL:
+            self.send(wire.encode(wire.HEARTBEAT))
+            self.last_heartbeat = time.monotonic()
 
     def read_control(self):
         """What the control port holds, up to CONTROL_BATCH. Its driver hands over one

@@ -150,3 +150,120 @@ def test_a_full_disk_while_the_payload_unpacks_is_one_error_and_nothing_half_mad
             assert time.monotonic() < deadline, "the test's tmpfs stays busy"
             time.sleep(0.5)
     assert docker_run("dkvm", busybox_image, "echo", "unpacked").stdout == "unpacked\n"
+
+
+# --- dockerd restarted under running VMs
+
+DAEMON_JSON = "/etc/docker/daemon.json"
+DOCKERD_PIDFILE = "/var/run/docker.pid"
+DOCKERD_WAIT = 90
+
+
+def dockerd_pid():
+    try:
+        pid = int(open(DOCKERD_PIDFILE).read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return 0
+
+
+def stop_dockerd():
+    """SIGTERM, as systemd stops it; back once it has exited."""
+    pid = dockerd_pid()
+    assert pid, "no dockerd to stop"
+    os.kill(pid, 15)
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), "dockerd to exit",
+               timeout=DOCKERD_WAIT)
+
+
+def start_dockerd():
+    """As setup.sh starts it: systemd's unit, or dockerd in the background."""
+    if os.path.isdir("/run/systemd/system"):
+        sh("systemctl", "start", "docker")
+    else:
+        with open("/var/log/dkvm-dockerd.log", "a") as log:     # not our child: setsid -f
+            subprocess.run(["setsid", "-f", "dockerd"], stdout=log, stderr=subprocess.STDOUT,
+                           check=True, timeout=30)
+    wait_until(lambda: sh("docker", "info", check=False, timeout=30).returncode == 0,
+               "dockerd to answer", timeout=DOCKERD_WAIT)
+
+
+def set_live_restore(enabled):
+    """daemon.json's live-restore, the rest kept; dockerd reloads it on SIGHUP."""
+    import json
+    config = json.load(open(DAEMON_JSON))
+    config["live-restore"] = enabled
+    with open(DAEMON_JSON, "w") as f:
+        json.dump(config, f, indent=2)
+    os.kill(dockerd_pid(), 1)
+    wait_until(lambda: sh("docker", "info", "-f", "{{.LiveRestoreEnabled}}",
+                          timeout=30).stdout.strip() == str(enabled).lower(),
+               f"dockerd to reload live-restore={enabled}", timeout=30)
+
+
+@pytest.fixture
+def daemon_config():
+    """daemon.json and a running dockerd as they were, whatever the test did."""
+    original = open(DAEMON_JSON).read()
+    yield
+    with open(DAEMON_JSON, "w") as f:
+        f.write(original)
+    if not dockerd_pid():
+        start_dockerd()
+    else:
+        os.kill(dockerd_pid(), 1)
+
+
+def test_with_live_restore_a_vm_runs_on_across_a_dockerd_restart(busybox_image,
+                                                                 container_name, daemon_config):
+    set_live_restore(True)
+    sh("docker", "run", "-d", "--runtime=dkvm", "--name", container_name, busybox_image,
+       "sh", "-c", 'trap "echo stopping; exit 4" TERM; echo ready; sleep 100000 & wait')
+    wait_until(lambda: "ready" in logs(container_name), "the workload to start")
+    entrypoint = int(sh("docker", "inspect", "-f", "{{.State.Pid}}", container_name).stdout)
+    qemu = sh("pgrep", "-P", str(entrypoint), "-f", PARTS["QEMU"]).stdout.split()
+    stop_dockerd()
+    assert os.path.exists(f"/proc/{entrypoint}") and os.path.exists(f"/proc/{qemu[0]}")
+    start_dockerd()
+    out = sh("docker", "exec", container_name, "sh", "-c", "echo after; exit 2", check=False)
+    assert (out.returncode, out.stdout) == (2, "after\n")
+    sh("docker", "stop", container_name, timeout=60)
+    assert sh("docker", "wait", container_name, timeout=60).stdout.strip() == "4"
+    assert logs(container_name) == "ready\nstopping\n"
+
+
+def test_without_live_restore_a_dockerd_restart_stops_vms_and_leaves_nothing(
+        busybox_image, container_name, daemon_config):
+    set_live_restore(False)
+    before = leak_snapshot()
+    sh("docker", "run", "-d", "--runtime=dkvm", "--name", container_name, busybox_image,
+       "sh", "-c", 'trap "exit 4" TERM; echo ready; sleep 100000 & wait')
+    wait_until(lambda: "ready" in logs(container_name), "the workload to start")
+    stop_dockerd()
+    wait_until(lambda: leak_snapshot() == before, "the host to be as before", timeout=30)
+    start_dockerd()
+    status = sh("docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}",
+                container_name).stdout.split()
+    assert status == ["exited", "4"]
+    assert docker_run("dkvm", busybox_image, "echo", "next").stdout == "next\n"
+
+
+def test_a_vm_that_stops_answering_ends_its_container_saying_so(busybox_image,
+                                                                container_name):
+    """QEMU frozen on the host (SIGSTOP) stands for any hang of the guest: after
+    DKVM_WATCHDOG seconds of silence the container ends with the reason, not a
+    `docker run` that never returns."""
+    before = leak_snapshot()
+    sh("docker", "run", "-d", "--runtime=dkvm", "--env", "DKVM_WATCHDOG=10", "--name",
+       container_name, busybox_image, "sh", "-c", "echo ready; sleep 100000")
+    wait_until(lambda: "ready" in logs(container_name), "the workload to start")
+    entrypoint = sh("docker", "inspect", "-f", "{{.State.Pid}}", container_name).stdout.strip()
+    os.kill(container_parts(entrypoint)["QEMU"], 19)
+    started = time.monotonic()
+    assert sh("docker", "wait", container_name, timeout=120).stdout.strip() != "0"
+    assert 10 <= time.monotonic() - started < 60
+    err = sh("docker", "logs", container_name).stderr
+    assert "the VM stopped answering: no word from its init for 10s (DKVM_WATCHDOG)" in err
+    sh("docker", "rm", container_name)
+    wait_until(lambda: leak_snapshot() == before, "the host to be as before", timeout=30)

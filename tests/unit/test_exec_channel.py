@@ -1317,3 +1317,32 @@ def test_relay_returns_137_when_the_vm_goes_with_stdin_unread(stdin_pipe, capfdb
     assert run_relay(REQUEST, guest) == 137
     assert b"the VM stopped before the exec ended" in capfdbinary.readouterr().err
 
+
+
+def test_a_guest_silent_for_the_watchdog_after_hello_is_taken_for_hung(mux):
+    supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
+                            mux.signals, Plan(options=Options(watchdog=1)))
+    supervisor.on_hello(Frame(HELLO))
+    started = time.monotonic()
+    with pytest.raises(DkvmError) as info:
+        while time.monotonic() < started + WAIT:
+            supervisor.step(timeout=0.1)
+    assert 1 <= time.monotonic() - started < WAIT
+    assert info.value.message.startswith(
+        "the VM stopped answering: no word from its init for 1s (DKVM_WATCHDOG)")
+
+
+def test_heartbeats_keep_the_watchdog_quiet_and_a_frozen_container_side_resets_it(mux):
+    supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
+                            mux.signals, Plan(options=Options(watchdog=1)))
+    supervisor.on_hello(Frame(HELLO))
+    for _ in range(6):                          # 3 s: beyond the watchdog, but beating
+        mux.guest.send(wire.HEARTBEAT)
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            supervisor.step(timeout=0.1)
+    # `docker pause`: this process did not turn for longer than the watchdog
+    supervisor.last_turn -= 10
+    supervisor.last_heard -= 10
+    supervisor.step(timeout=0.1)
+    assert time.monotonic() - supervisor.last_heard < 1
