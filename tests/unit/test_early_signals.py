@@ -9,6 +9,7 @@ import time
 from dkvm.guest.loop import EarlySignals
 from dkvm.host.kill import wait_until_blocked
 from dkvm.kernel_names import handles_signal
+from waiting import wait_until
 
 # a process that sets its handler for USR1 only after a while, then reports
 LATE_HANDLER = """
@@ -68,7 +69,9 @@ def test_the_runtime_waits_until_dkvms_entrypoint_blocks_the_signal():
             "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM]); time.sleep(10)")
     child = subprocess.Popen([sys.executable, "-c", code, "/.dkvm/entry/dkvm-ctr-entrypoint"])
     try:
-        time.sleep(0.05)
+        wait_until(lambda: b"dkvm-ctr-entrypoint" in open(f"/proc/{child.pid}/cmdline",
+                                                            "rb").read(),
+                   "the stand-in to start", timeout=10, interval=0.005)
         started = time.monotonic()
         wait_until_blocked(child.pid, signal.SIGTERM, timeout=5)
         assert 0.15 < time.monotonic() - started < 4
