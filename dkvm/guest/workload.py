@@ -86,6 +86,8 @@ class UserNamespaceHandshake:
         self.done_r, self.done_w = os.pipe2(os.O_CLOEXEC)
 
     def enter(self):                    # in the child
+        os.close(self.asked_r)          # init's ends: with them closed here, init's exit
+        os.close(self.done_w)           # (or its giving up) reads as EOF, not a wait
         syscalls.unshare(syscalls.CLONE_NEWUSER)
         os.write(self.asked_w, b"u")
         if os.read(self.done_r, 1) != b"k":

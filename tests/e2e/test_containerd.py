@@ -3,11 +3,11 @@ runtime, under /run/netns, and given to it by path; `ctr --with-ns` does the sam
 The same commands with runc and with dkvm-runtime as the runc binary, compared."""
 import shutil
 import subprocess
-import time
 
 import pytest
 
 from dockerutil import HTTPD, RUN_TIMEOUT, http_get, load_into_engine, sh
+from waiting import poll
 
 SOCKET = "/var/run/docker/containerd/containerd.sock"     # dockerd's containerd
 NAMESPACE = "dkvm-test"
@@ -69,10 +69,8 @@ def test_a_namespace_given_by_path_serves_the_host_and_is_left_as_it_was(
         assert http_get(GUEST_IP, timeout=120) == f"served-by-{runtime}"
     finally:
         ctr("tasks", "kill", "--signal", "SIGKILL", name, check=False)
-        deadline = time.monotonic() + 60
-        while "RUNNING" in ctr("tasks", "ls", check=False).stdout and \
-                time.monotonic() < deadline:
-            time.sleep(0.2)
+        poll(lambda: ctr("tasks", "ls", check=False).stdout, lambda out: "RUNNING" not in out,
+             timeout=60)
         ctr("tasks", "delete", name, check=False)
         ctr("containers", "delete", name, check=False)
     assert namespace_state() == before

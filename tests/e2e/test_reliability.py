@@ -6,6 +6,7 @@ import concurrent.futures
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -145,10 +146,8 @@ def test_a_full_disk_while_the_payload_unpacks_is_one_error_and_nothing_half_mad
             in out.stderr, out.stderr
         assert [p for p in os.listdir("/var/lib/dkvm") if p != ".lock"] == []
     finally:
-        deadline = time.monotonic() + 30
-        while subprocess.run(["umount", "/var/lib/dkvm"]).returncode != 0:
-            assert time.monotonic() < deadline, "the test's tmpfs stays busy"
-            time.sleep(0.5)
+        wait_until(lambda: subprocess.run(["umount", "/var/lib/dkvm"]).returncode == 0,
+                   "the test's tmpfs to unmount", timeout=30, interval=0.5)
     assert docker_run("dkvm", busybox_image, "echo", "unpacked").stdout == "unpacked\n"
 
 
@@ -161,7 +160,7 @@ DOCKERD_WAIT = 90
 
 def dockerd_pid():
     try:
-        pid = int(open(DOCKERD_PIDFILE).read().strip())
+        pid = int(Path(DOCKERD_PIDFILE).read_text().strip())
         os.kill(pid, 0)
         return pid
     except (OSError, ValueError):
@@ -192,10 +191,9 @@ def start_dockerd():
 def set_live_restore(enabled):
     """daemon.json's live-restore, the rest kept; dockerd reloads it on SIGHUP."""
     import json
-    config = json.load(open(DAEMON_JSON))
+    config = json.loads(Path(DAEMON_JSON).read_text())
     config["live-restore"] = enabled
-    with open(DAEMON_JSON, "w") as f:
-        json.dump(config, f, indent=2)
+    Path(DAEMON_JSON).write_text(json.dumps(config, indent=2))
     os.kill(dockerd_pid(), 1)
     wait_until(lambda: sh("docker", "info", "-f", "{{.LiveRestoreEnabled}}",
                           timeout=30).stdout.strip() == str(enabled).lower(),
@@ -205,10 +203,9 @@ def set_live_restore(enabled):
 @pytest.fixture
 def daemon_config():
     """daemon.json and a running dockerd as they were, whatever the test did."""
-    original = open(DAEMON_JSON).read()
+    original = Path(DAEMON_JSON).read_text()
     yield
-    with open(DAEMON_JSON, "w") as f:
-        f.write(original)
+    Path(DAEMON_JSON).write_text(original)
     if not dockerd_pid():
         start_dockerd()
     else:
