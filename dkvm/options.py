@@ -7,8 +7,9 @@ table (checked by a unit test) all come from here, so a new option is one row pl
 the code that uses it.
 
 Shared by every side (the guest reads the defaults through the plan), so it imports
-nothing: the parsers are plain string work, no `re`.
+only other shared modules of plain string work, no `re`.
 """
+from dkvm import kernel_args
 from dkvm.errors import DkvmError
 
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -91,6 +92,19 @@ class Text:
 
     def show(self, value):
         return value or "empty"
+
+
+class KernelAppend(Text):
+    """Arguments added to the guest kernel's command line; `-name` takes one of
+    DKVM's own away (kernel_args.REMOVABLE)."""
+    accepts = "kernel arguments; `-name` removes DKVM's argument `name`"
+
+    def parse(self, name, value, context):
+        unknown = kernel_args.unknown_removals(value)
+        if unknown:
+            raise DkvmError(f"{name}: -{unknown[0]} removes none of DKVM's kernel arguments; "
+                            f"removable: {' '.join(kernel_args.REMOVABLE)}")
+        return value
 
 
 IMAGE_KERNEL = "image"          # DKVM_KERNEL=image: the kernel the image carries
@@ -177,7 +191,7 @@ OPTIONS = [
     Option("DKVM_ACCEL", "accel", Choice("auto", "kvm", "tcg"), "auto",
            runtime_arg="--dkvm-accel"),
     Option("DKVM_KERNEL", "kernel", KernelName(), "dkvm"),
-    Option("DKVM_KERNEL_APPEND", "kernel_append", Text(), ""),
+    Option("DKVM_KERNEL_APPEND", "kernel_append", KernelAppend(), ""),
     Option("DKVM_KERNEL_DEBUG", "kernel_debug", Bool(), False),
     Option("DKVM_KERNEL_MOUNT_LIB_MODULES", "kernel_lib_modules", Bool(), False),
     Option("DKVM_DEV_SHM_SIZE", "dev_shm_size", Size(), 64 << 20),

@@ -304,7 +304,8 @@ class Plan(Record):
         "process": Field(Process, Process),
         "options": Field(Options, Options),
         "cpus": Field(int, 0),                  # 0: as many as the container may use
-        "memory_mib": Field(int, 1024),
+        "memory_mib": Field(int, 1024),         # guest RAM
+        "tcg_cache_mib": Field(int, 0),         # TCG's translation cache; 0: QEMU's default
         "boot": Field(Boot, Boot),
         "hostname": Field(str, ""),
         "domainname": Field(str, ""),

@@ -1,41 +1,26 @@
 """Command lines for QEMU and virtiofsd, built from the plan (pure functions)."""
-from dkvm import paths
+from dkvm import kernel_args, paths
 from dkvm.container.net_plumbing import netdev_id, nic_id
 from dkvm.container.taps import tap_name
 
-# i8042 probing costs 0.6 s under TCG and the guest has no PS/2 devices. ACPI's
-# interrupt links cost 0.35 s (AML run for each PCI device) where the BIOS's PCI
-# routing table does the same for devices that use MSI-X anyway; ACPI stays on for
-# the rest (NIC hot-plug, power-off).
-# rcu_expedited: the guest's init renames its NICs and brings them up, each waiting
-# for an RCU grace period, some 15 ms under TCG, and so do namespaces and mounts.
-BASE_APPEND = ["panic=-1", "i8042.noaux", "i8042.nokbd", "i8042.nopnp", "i8042.dumbkbd",
-               "tsc=reliable", "no_timer_check", "random.trust_cpu=on", "acpi=noirq",
-               "rcupdate.rcu_expedited=1"]
 # QEMU's own seccomp filter: none of the system calls it has no use for here
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-# The kernel console is a serial port: with DKVM_KERNEL_DEBUG, the whole boot log on
-# the container's stderr; otherwise only errors, into a file the container side
-# quotes when the VM fails.
-QUIET_APPEND = ["console=ttyS0", "quiet"]
-DEBUG_APPEND = ["console=ttyS0", "loglevel=7"]
 
 
 def kernel_append(plan):
-    """DKVM's arguments for any kernel, the kernel's own (its boot descriptor), then the
-    user's DKVM_KERNEL_APPEND, which may override both. A kernel without an initramfs
+    """The kernel's command line (kernel_args.compose). A kernel without an initramfs
     mounts the export as its root, read-write (the workload's root is in it), and
     starts DKVM's init from the payload there: the payload's loader is init, and what
     follows `--` (last: the kernel passes it to init as is) its arguments."""
     options = plan.options
     init_argv = []
-    parts = list(BASE_APPEND)
+    boot_arguments = []
     if not plan.boot.initrd:
         init, *init_argv = paths.role_argv("dkvm-vm-init", root=paths.DIRECT_PAYLOAD)
-        parts += [f"root={paths.VIRTIOFS_TAG}", "rootfstype=virtiofs", "rw", f"init={init}"]
-    parts += plan.boot.append + (DEBUG_APPEND if options.kernel_debug else QUIET_APPEND)
-    if options.kernel_append:
-        parts.append(options.kernel_append)
+        boot_arguments = [f"root={paths.VIRTIOFS_TAG}", "rootfstype=virtiofs", "rw",
+                          f"init={init}"]
+    parts = kernel_args.compose(boot_arguments + plan.boot.append, options.kernel_debug,
+                                options.kernel_append)
     if init_argv:
         parts += ["--", *init_argv, paths.ENTER_OWN_ROOT]
     return " ".join(parts)
@@ -54,7 +39,8 @@ def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, disk_fds=()):
     if plan.options.accel == "kvm":
         accel, cpu = ["-accel", "kvm"], "host"
     else:
-        accel, cpu = ["-accel", "tcg,thread=multi"], "max"
+        cache = f",tb-size={plan.tcg_cache_mib}" if plan.tcg_cache_mib else ""
+        accel, cpu = ["-accel", f"tcg,thread=multi{cache}"], "max"
     argv = paths.payload_program_argv(paths.payload_path("qemu", "qemu-system-x86_64"))
     argv += [
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",

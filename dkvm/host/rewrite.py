@@ -27,11 +27,17 @@ from dkvm.schema import (CAPABILITY_SETS, ROOT_PROPAGATIONS, Boot, Capabilities,
 
 MIB = 1 << 20
 DEFAULT_GUEST_MIB = Plan.FIELDS["memory_mib"].default
-MIN_GUEST_MIB = 192
-# Memory the container needs beyond guest RAM: QEMU itself, virtiofsd and the
-# entrypoint. Measured under TCG (-m 256m, guest RAM filled): 117 MiB beyond guest
-# RAM; the margin is for TCG's translation cache, which grows with the code run.
-QEMU_OVERHEAD_MIB = 384
+MIN_GUEST_MIB = 128
+# What the container needs beside guest RAM, inside its memory limit: QEMU's own
+# memory (heap, threads, device state), virtiofsd and the entrypoint. Measured under
+# TCG with guest RAM filled: 48 MiB of anonymous memory; the rest is headroom, and
+# file pages (the payload's code) are reclaimable.
+CONTAINER_SIDE_MIB = 80
+# Under TCG, QEMU's translation cache grows with the code the guest runs, up to
+# 1 GiB by default: under a limit it is sized to the limit (an eighth, 32-256 MiB).
+# Smaller is slower for big workloads (systemd and dockerd inside: 75 s at 32 MiB,
+# 54 s at 1 GiB), so an unlimited container keeps QEMU's default.
+TCG_CACHE_SHARE, TCG_CACHE_MIN_MIB, TCG_CACHE_MAX_MIB = 8, 32, 256
 # The container side's capabilities, whatever the workload was given: virtiofsd's
 # (it serves files as their owners: CHOWN to SETFCAP; SYS_CHROOT, SETPCAP for its
 # sandbox), NET_ADMIN for the taps, SYS_NICE to page QEMU's copy of the kernel out
@@ -76,7 +82,6 @@ def rewrite_create_config(config, host, bundle, container_id=""):
         process=process_spec(process, workload_env, host.engine.default_capabilities),
         options=options,
         cpus=vcpus_for(resources.get("cpu") or {}),
-        memory_mib=plan_memory(resources),
         boot=choose_boot(options.kernel, host.kernels, bundle),
         hostname=config.get("hostname", ""),
         domainname=config.get("domainname", ""),
@@ -92,6 +97,7 @@ def rewrite_create_config(config, host, bundle, container_id=""):
         devices=guest_devices(linux),
         pids_limit=take_pids_limit(resources),
     )
+    plan.memory_mib, plan.tcg_cache_mib = plan_memory(resources, options.accel)
     plan.disks = plan_disks(options.disk_list, config.get("mounts") or [], plan.readonly_root)
     mounts, plan.tmpfs = split_user_tmpfs(config.get("mounts") or [])
     config["mounts"] = lay_out_mounts(mounts, bundle.image_root, plan.readonly_root,
@@ -261,23 +267,27 @@ def parse_cpuset(text):
     return cpus
 
 
-def plan_memory(resources):
-    """Guest RAM is the container's memory limit; the limit itself grows by QEMU's
-    overhead so the guest gets all of what the user asked for."""
-    memory = resources.get("memory") or {}
-    limit = memory.get("limit") or 0
+def tcg_cache_mib(limit_mib):
+    return min(max(limit_mib // TCG_CACHE_SHARE, TCG_CACHE_MIN_MIB), TCG_CACHE_MAX_MIB)
+
+
+def plan_memory(resources, accel):
+    """(guest RAM, TCG translation cache; 0 for QEMU's default) in MiB. The
+    container's memory limit holds the whole VM, as `docker stats` shows it: guest
+    RAM is what is left of it once QEMU, its translation cache and virtiofsd have
+    theirs, so a guest that fills its RAM meets its own OOM killer, never the
+    host's. Without a limit the guest gets the default."""
+    limit = ((resources.get("memory") or {}).get("limit") or 0) // MIB
     if limit <= 0:
-        return DEFAULT_GUEST_MIB
-    guest_mib = limit // MIB
-    if guest_mib < MIN_GUEST_MIB:
-        raise DkvmError(f"memory limit {guest_mib}MiB (--memory) is too small to boot a VM: "
-                        f"use at least {MIN_GUEST_MIB}m")
-    memory["limit"] = limit + QEMU_OVERHEAD_MIB * MIB
-    if (memory.get("swap") or 0) > 0:
-        memory["swap"] += QEMU_OVERHEAD_MIB * MIB
-    if (memory.get("reservation") or 0) > memory["limit"]:
-        memory["reservation"] = memory["limit"]
-    return guest_mib
+        return DEFAULT_GUEST_MIB, 0
+    cache = tcg_cache_mib(limit) if accel == "tcg" else 0
+    guest = limit - CONTAINER_SIDE_MIB - cache
+    if guest < MIN_GUEST_MIB:
+        least = MIN_GUEST_MIB + CONTAINER_SIDE_MIB + (tcg_cache_mib(0) if accel == "tcg" else 0)
+        raise DkvmError(f"memory limit {limit}MiB (--memory) is too small to boot a VM: "
+                        f"use at least {least}m (QEMU and virtiofsd take {limit - guest}MiB "
+                        f"of it, the guest needs {MIN_GUEST_MIB}MiB)")
+    return guest, cache
 
 
 DISK_SERIAL = "dkvm-disk{}"

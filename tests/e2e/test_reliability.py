@@ -133,6 +133,29 @@ def test_the_guest_out_of_memory_kills_the_workloads_biggest_as_under_runc(busyb
     assert [(r.returncode, r.stdout) for r in results.values()] == [(0, "status=137\n")] * 2
 
 
+def test_the_memory_limit_holds_the_whole_vm(busybox_image, container_name):
+    """`-m 256m` is the container's limit as under runc, QEMU's overhead inside it: the
+    guest fills its RAM twice over (the workload killed each time by the guest's OOM
+    killer) and the host's OOM killer never runs in the container's cgroup."""
+    script = ("for round in 1 2; do tail /dev/zero; echo status=$?; done; "
+              "echo done; sleep 100000")
+    sh("docker", "run", "-d", "--runtime=dkvm", "--name", container_name, "-m", "256m",
+       busybox_image, "sh", "-c", script)
+    try:
+        wait_until(lambda: "done" in logs(container_name), "the guest to run out twice",
+                   timeout=300)
+        assert logs(container_name) == "status=137\nstatus=137\ndone\n"
+        cgroup = Path("/sys/fs/cgroup/memory/docker",
+                      sh("docker", "inspect", "-f", "{{.Id}}", container_name).stdout.strip())
+        assert int((cgroup / "memory.limit_in_bytes").read_text()) == 256 << 20
+        assert int((cgroup / "memory.max_usage_in_bytes").read_text()) > 200 << 20
+        oom = dict(line.split() for line in (cgroup / "memory.oom_control").read_text().splitlines())
+        assert oom["oom_kill"] == "0", oom
+        assert sh("docker", "exec", container_name, "echo", "alive").stdout == "alive\n"
+    finally:
+        sh("docker", "rm", "-f", container_name, check=False)
+
+
 def test_a_full_disk_while_the_payload_unpacks_is_one_error_and_nothing_half_made(
         busybox_image, tmp_path):
     """/var/lib/dkvm on a 16 MiB filesystem: the payload (about 140 MB) cannot unpack.

@@ -151,7 +151,8 @@ def test_cpus_and_memory(busybox_image):
     lines = out.stdout.split("\n")
     assert lines[0] == "2"
     mem_kib = int(lines[1].split()[1])
-    assert 400 * 1024 < mem_kib <= 512 * 1024
+    # guest RAM is what QEMU (and under TCG its translation cache) leave of the limit
+    assert 300 * 1024 < mem_kib <= (512 - 80 - 64) * 1024
 
 
 def test_one_vcpu(busybox_image):

@@ -73,18 +73,22 @@ def test_boot_timeout(value, seconds):
 
 def test_memory_below_minimum():
     config = load_config("resources-tmpfs-volume")
-    config["linux"]["resources"]["memory"]["limit"] = (MIN_GUEST_MIB - 1) * MIB
+    config["linux"]["resources"]["memory"]["limit"] = 239 * MIB
     with pytest.raises(DkvmError) as info:
         rewrite(config)
     msg = info.value.message
-    assert "--memory" in msg and f"{MIN_GUEST_MIB - 1}MiB" in msg
-    assert f"at least {MIN_GUEST_MIB}m" in msg
+    assert "--memory" in msg and "239MiB" in msg and "at least 240m" in msg
+    assert f"the guest needs {MIN_GUEST_MIB}MiB" in msg
 
 
 def test_memory_at_minimum_boots():
     config = load_config("resources-tmpfs-volume")
-    config["linux"]["resources"]["memory"]["limit"] = MIN_GUEST_MIB * MIB
+    config["linux"]["resources"]["memory"]["limit"] = 240 * MIB
     _, plan = rewrite(config)
+    assert plan.memory_mib == MIN_GUEST_MIB
+    # under KVM there is no translation cache to hold
+    config["linux"]["resources"]["memory"]["limit"] = 208 * MIB
+    _, plan = rewrite(config, kvm_usable=True)
     assert plan.memory_mib == MIN_GUEST_MIB
 
 

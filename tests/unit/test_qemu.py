@@ -82,6 +82,12 @@ def test_smp_and_memory_follow_plan(vcpus, mem):
     assert "memory-backend=mem" in value(argv, "-machine").split(",")
 
 
+def test_tcg_translation_cache_from_the_plan():
+    assert value(qemu_argv(make_plan(accel="tcg", tcg_cache_mib=64), 2, 10, 11),
+                 "-accel") == "tcg,thread=multi,tb-size=64"
+    assert value(qemu_argv(make_plan(accel="tcg"), 2, 10, 11), "-accel") == "tcg,thread=multi"
+
+
 def test_kernel_from_the_boot_descriptor():
     argv = qemu_argv(make_plan(), 1, 10, 11)
     assert value(argv, "-kernel") == "/.dkvm/kernels/debian/vmlinux"
@@ -187,3 +193,21 @@ def test_each_disk_is_an_fd_set_of_its_open_files_and_a_virtio_blk_device():
         "virtio-blk-pci,drive=disk0,serial=dkvm-disk0",
         "virtio-blk-pci,drive=disk1,serial=dkvm-disk1"]
     assert "-drive" not in qemu_argv(make_plan(), 1, 3, 4)
+
+
+def test_a_minus_word_in_kernel_append_takes_dkvms_argument_away():
+    append = kernel_append(make_plan(kernel_append="-tsc -no_timer_check=x -no_timer_check "
+                                                    "-quiet mitigations=off")).split()
+    assert "tsc=reliable" not in append and "no_timer_check" not in append
+    assert "quiet" not in append and "console=ttyS0" in append
+    assert append[-1] == "mitigations=off" and "panic=-1" in append
+    assert not [word for word in append if word.startswith("-")]
+
+
+def test_a_removal_that_names_nothing_is_refused_at_create():
+    from dkvm.errors import DkvmError
+    from dkvm.options import parse_settings
+    assert parse_settings({"DKVM_KERNEL_APPEND": "-tsc=reliable x=1"}, None)["kernel_append"]
+    for typo in ("-tsc=unstable", "-root", "-console", "-init"):
+        with pytest.raises(DkvmError, match=f"DKVM_KERNEL_APPEND: {typo} removes none"):
+            parse_settings({"DKVM_KERNEL_APPEND": typo}, None)

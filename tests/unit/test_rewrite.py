@@ -9,8 +9,8 @@ from dkvm.host.bundle import BundleLayout
 from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.host.engines import DOCKER
-from dkvm.host.rewrite import (CONTAINER_PATH, CONTAINER_SIDE_CAPS, DEFAULT_GUEST_MIB, MIB,
-                               QEMU_OVERHEAD_MIB, rewrite_create_config, rewrite_exec_process,
+from dkvm.host.rewrite import (CONTAINER_PATH, CONTAINER_SIDE_CAPS, CONTAINER_SIDE_MIB, DEFAULT_GUEST_MIB, MIB,
+                               rewrite_create_config, rewrite_exec_process,
                                vcpus_for, workload_capabilities)
 from dkvm.paths import PLAN_ENV
 from dkvm.schema import ENTRYPOINT, Capabilities, ExecRequest, Plan, Rlimit, Tmpfs
@@ -58,7 +58,7 @@ WORKLOADS = {
 RESOURCES = {
     "plain": (0, DEFAULT_GUEST_MIB),
     "user-workdir-env": (0, DEFAULT_GUEST_MIB),
-    "resources-tmpfs-volume": (2, 512),        # --cpus 1.5 -m 512m
+    "resources-tmpfs-volume": (2, 512 - 80 - 64),  # --cpus 1.5 -m 512m, TCG
     "tty-init": (0, DEFAULT_GUEST_MIB),
     "privileged-cpuset": (1, DEFAULT_GUEST_MIB),  # --cpuset-cpus 0
     "flags": (0, DEFAULT_GUEST_MIB),
@@ -446,35 +446,36 @@ def test_vcpus_and_memory_follow_limits(name):
     assert (plan.cpus, plan.memory_mib) == RESOURCES[name]
 
 
-def test_memory_limit_and_swap_raised_by_overhead():
+def test_the_memory_limit_holds_the_whole_vm():
+    """Guest RAM, QEMU's translation cache and the container side's share add up to
+    the user's limit, which reaches the engine unchanged, swap and reservation too."""
     config = load_config("resources-tmpfs-volume")
+    config["linux"]["resources"]["memory"]["reservation"] = 256 * MIB
     new, plan = rewrite(config)
-    memory = new["linux"]["resources"]["memory"]
-    assert plan.memory_mib == 512
-    assert memory["limit"] == (512 + QEMU_OVERHEAD_MIB) * MIB
-    assert memory["swap"] == (1024 + QEMU_OVERHEAD_MIB) * MIB
-    assert memory["disableOOMKiller"] is False
+    assert new["linux"]["resources"]["memory"] == config["linux"]["resources"]["memory"]
+    assert (plan.memory_mib, plan.tcg_cache_mib) == (368, 64)
+    assert plan.memory_mib + plan.tcg_cache_mib + CONTAINER_SIDE_MIB == 512
 
 
-def test_unlimited_swap_stays_unlimited():
+@pytest.mark.parametrize("limit_mib,guest_mib,cache_mib", [
+    (240, 128, 32), (256, 144, 32), (1024, 816, 128), (2048, 1712, 256), (8192, 7856, 256)])
+def test_tcg_cache_scales_with_the_limit(limit_mib, guest_mib, cache_mib):
     config = load_config("resources-tmpfs-volume")
-    config["linux"]["resources"]["memory"]["swap"] = -1
-    new, _ = rewrite(config)
-    assert new["linux"]["resources"]["memory"]["swap"] == -1
+    config["linux"]["resources"]["memory"]["limit"] = limit_mib * MIB
+    _, plan = rewrite(config)
+    assert (plan.memory_mib, plan.tcg_cache_mib) == (guest_mib, cache_mib)
 
 
-def test_reservation_capped_at_new_limit():
+def test_under_kvm_there_is_no_translation_cache():
     config = load_config("resources-tmpfs-volume")
-    config["linux"]["resources"]["memory"]["reservation"] = 4 << 30
-    new, _ = rewrite(config)
-    memory = new["linux"]["resources"]["memory"]
-    assert memory["reservation"] == memory["limit"] == (512 + QEMU_OVERHEAD_MIB) * MIB
+    _, plan = rewrite(config, kvm_usable=True)
+    assert (plan.memory_mib, plan.tcg_cache_mib) == (512 - CONTAINER_SIDE_MIB, 0)
 
 
 def test_no_memory_limit_means_default_and_no_limit():
     config = load_config("plain")
     new, plan = rewrite(config)
-    assert plan.memory_mib == DEFAULT_GUEST_MIB == 1024
+    assert (plan.memory_mib, plan.tcg_cache_mib) == (DEFAULT_GUEST_MIB, 0) == (1024, 0)
     assert new["linux"]["resources"]["memory"] == {"disableOOMKiller": False}
 
 
