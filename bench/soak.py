@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Soak: N cycles of `docker run -d` / `exec` / `stop` or `kill` / `rm` with DKVM, K at
-a time, every step bounded. A step that overstays its bound is a failure of kind
+a time, every step bounded; every R-th cycle also `docker restart`s its VM between
+the exec and the end, and the cycles take the given images in turn. A step that overstays its bound is a failure of kind
 `timeout:<step>`, and what diagnoses a hang is saved first (to --diagnostics, named in
 the output): the container's log, QEMU's threads (state, CPU time, kernel stack),
 QMP's `query-status` and `info registers -a` for every vCPU, and, when the guest
@@ -12,6 +13,7 @@ dkvm installed, the dkvm-demo image).
 
     bench/soak.py                          # 200 cycles, 4 at a time
     bench/soak.py -n 2000 -k 4 --docker-arg=--cpus=1
+    bench/soak.py --image dkvm-demo --image my-debian --restart-every 3
     bench/soak.py --env DKVM_KERNEL_APPEND=... --kernel-debug
 """
 import argparse
@@ -29,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WORKLOAD = 'trap "exit 0" TERM; echo ready; sleep 100000 & wait'
-STEPS = ("boot", "exec", "stop", "kill", "rm")
+STEPS = ("boot", "exec", "restart", "stop", "kill", "rm")
 
 
 class StepFailed(Exception):
@@ -60,30 +62,44 @@ def cycle(number, args, times, diagnose):
     if args.kernel_debug:
         env.append("--env=DKVM_KERNEL_DEBUG=1")
     bound = args.step_timeout
+    image = args.image[number % len(args.image)]
+    # an odd R: the restarted cycles end by stop and by kill in turn
+    restarts = args.restart_every and number % args.restart_every == 0
 
     def on_timeout(step):
         diagnose(name, step, number)
 
-    def boot(limit):
-        out = docker("run", "-d", "--runtime=dkvm", "--name", name, *env, *args.docker_arg,
-                     args.image, "sh", "-c", WORKLOAD, timeout=limit)
-        if out.returncode != 0:
-            raise StepFailed("error:boot", out.stderr.strip()[-300:])
+    def wait_ready(step, limit, times_ready=1):
+        """Until the workload has said `ready` that many times (once per start)."""
         deadline = time.monotonic() + limit
-        while "ready" not in docker("logs", name, timeout=limit).stdout:
+        while docker("logs", name, timeout=limit).stdout.count("ready") < times_ready:
             if time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired("docker logs", limit)
             state = docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name,
                            timeout=limit).stdout.split()
             if state and state[0] == "exited":
-                raise StepFailed("exited:boot", f"exit code {state[1]}: "
+                raise StepFailed(f"exited:{step}", f"{image}, exit code {state[1]}: "
                                  + docker("logs", name, timeout=limit).stderr[-300:])
             time.sleep(0.05)
+
+    def boot(limit):
+        out = docker("run", "-d", "--runtime=dkvm", "--name", name, *env, *args.docker_arg,
+                     image, "sh", "-c", WORKLOAD, timeout=limit)
+        if out.returncode != 0:
+            raise StepFailed("error:boot", f"{image}: " + out.stderr.strip()[-300:])
+        wait_ready("boot", limit)
+
+    def restart(limit):
+        out = docker("restart", "-t", "30", name, timeout=limit)
+        if out.returncode != 0:
+            raise StepFailed("error:restart", f"{image}: " + out.stderr.strip()[-300:])
+        wait_ready("restart", limit, times_ready=2)
 
     def exec_(limit):
         out = docker("exec", name, "sh", "-c", f"echo exec-{number}; exit 3", timeout=limit)
         if (out.returncode, out.stdout) != (3, f"exec-{number}\n"):
-            raise StepFailed("wrong:exec", f"{out.returncode} {out.stdout!r} {out.stderr!r}")
+            raise StepFailed("wrong:exec",
+                             f"{image}: {out.returncode} {out.stdout!r} {out.stderr!r}")
 
     def end(limit):
         kill = number % 2 == 1
@@ -103,6 +119,8 @@ def cycle(number, args, times, diagnose):
     try:
         timed("boot", bound, boot, times, on_timeout)
         timed("exec", bound, exec_, times, on_timeout)
+        if restarts:
+            timed("restart", bound, restart, times, on_timeout)
         timed("kill" if number % 2 else "stop", bound, end, times, on_timeout)
         timed("rm", bound, remove, times, on_timeout)
         return None
@@ -217,7 +235,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--cycles", type=int, default=200)
     parser.add_argument("-k", "--parallel", type=int, default=4)
-    parser.add_argument("--image", default="dkvm-demo")
+    parser.add_argument("--image", action="append",
+                        help="an image for the cycles to take in turn (repeatable; "
+                             "default dkvm-demo)")
+    parser.add_argument("--restart-every", type=int, default=5, metavar="R",
+                        help="every R-th cycle restarts its VM (default 5; 0: never)")
     parser.add_argument("--step-timeout", type=float, default=180,
                         help="seconds any one step may take (default 180)")
     parser.add_argument("--env", action="append", default=[],
@@ -228,6 +250,7 @@ def main():
                         help="the guest console in each container's log")
     parser.add_argument("--diagnostics", default=f"/var/tmp/dkvm-soak-{int(time.time())}")
     args = parser.parse_args()
+    args.image = args.image or ["dkvm-demo"]
 
     times = collections.defaultdict(list)
     failures = collections.Counter()
@@ -248,7 +271,8 @@ def main():
                       f"{time.monotonic() - started:.0f}s", flush=True)
 
     print(f"cycles: {args.cycles}, {args.parallel} at a time, in "
-          f"{time.monotonic() - started:.0f}s; flags: {' '.join(args.docker_arg) or '-'}; "
+          f"{time.monotonic() - started:.0f}s; images: {' '.join(args.image)}; restart every "
+          f"{args.restart_every or 'never'}; flags: {' '.join(args.docker_arg) or '-'}; "
           f"env: {' '.join(args.env) or '-'}")
     print(f"failures: {sum(failures.values())}" + "".join(
         f"\n  {kind}: {count} (e.g. {examples[kind]})" for kind, count in failures.items()))

@@ -89,9 +89,15 @@ def test_kernel_modules_mounted_on_request(busybox_image):
 
 
 def test_kernel_append(busybox_image):
-    out = docker_run("dkvm", "-e", "DKVM_KERNEL_APPEND=dkvm.test=42", busybox_image,
+    out = docker_run("dkvm", "-e", "DKVM_KERNEL_APPEND=dkvm.test=42 -tsc", busybox_image,
                      "cat", "/proc/cmdline")
-    assert "dkvm.test=42" in out.stdout
+    cmdline = out.stdout.split()
+    assert "dkvm.test=42" in cmdline and "no_timer_check" in cmdline, out.stdout + out.stderr
+    assert not [word for word in cmdline if word.startswith("tsc")], out.stdout
+    out = docker_run("dkvm", "-e", "DKVM_KERNEL_APPEND=-tsc=unstable", busybox_image, "true")
+    assert out.returncode == 125
+    assert "DKVM_KERNEL_APPEND: -tsc=unstable removes none of DKVM's kernel arguments" \
+        in out.stderr, out.stderr
 
 
 def test_dev_shm_size(busybox_image):
