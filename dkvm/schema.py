@@ -305,7 +305,7 @@ class Plan(Record):
         "options": Field(Options, Options),
         "cpus": Field(int, 0),                  # 0: as many as the container may use
         "memory_mib": Field(int, 1024),         # guest RAM
-        "tcg_cache_mib": Field(int, 0),         # TCG's translation cache; 0: QEMU's default
+        "tcg_cache_mib": Field(int, 0),         # TCG's translation cache (0 under KVM)
         "boot": Field(Boot, Boot),
         "hostname": Field(str, ""),
         "domainname": Field(str, ""),

@@ -16,11 +16,11 @@ stop` comes through here: beyond the signal's name, nothing is imported until a 
 needs it.)"""
 import os
 
+from dkvm.host.runc_cli import container_pid
 from dkvm.kernel_names import SIGKILL, SIGSTOP, handles_signal, signal_number
 
 KILL_GRACE = 0.8            # the guest killing the workload and powering off
 STOP_WAIT = 1               # the entrypoint passing SIGSTOP on
-STATE_TIMEOUT = 5
 BLOCK_WAIT = 2              # the entrypoint's interpreter starting, on a loaded host
 ENTRYPOINT = b"dkvm-ctr-entrypoint"
 
@@ -30,7 +30,7 @@ def deliver_in_guest(args, index, runc):
     signum, container = kill_target(args[index + 1:])
     if not signum or not container:
         return True
-    pid = running_pid(runc, args[:index], container)
+    pid = container_pid(runc, args[:index], container)
     if not pid:
         return True
     if signum not in (SIGKILL, SIGSTOP):
@@ -58,28 +58,6 @@ def kill_target(command_args):
     if not positional:
         return None, ""
     return signal_number(positional[1] if len(positional) > 1 else "TERM"), positional[0]
-
-
-def running_pid(runc, global_args, container):
-    """The container's PID 1 as runc knows it (its own `state`), if it runs. (Without
-    runc's log: an error there would read as the kill's.)"""
-    import json
-    import subprocess
-    args, skip = [], False
-    for arg in global_args:
-        if skip:
-            skip = False
-        elif arg in ("--log", "--log-format"):
-            skip = True
-        elif not arg.startswith(("--log=", "--log-format=")):
-            args.append(arg)
-    try:
-        out = subprocess.run([runc, *args, "state", container], capture_output=True,
-                             timeout=STATE_TIMEOUT, check=True).stdout
-        state = json.loads(out)
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return 0
-    return state.get("pid", 0) if state.get("status") == "running" else 0
 
 
 def wait_until_blocked(pid, signum, timeout=BLOCK_WAIT):

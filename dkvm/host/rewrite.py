@@ -34,9 +34,9 @@ MIN_GUEST_MIB = 128
 # file pages (the payload's code) are reclaimable.
 CONTAINER_SIDE_MIB = 80
 # Under TCG, QEMU's translation cache grows with the code the guest runs, up to
-# 1 GiB by default: under a limit it is sized to the limit (an eighth, 32-256 MiB).
-# Smaller is slower for big workloads (systemd and dockerd inside: 75 s at 32 MiB,
-# 54 s at 1 GiB), so an unlimited container keeps QEMU's default.
+# 1 GiB by default: it is sized to the limit (an eighth, 32-256 MiB; 256 without
+# one), so that the VM has a size a limit can hold. Smaller is slower for big
+# workloads (systemd and dockerd inside: 75 s at 32 MiB, 54 s at 1 GiB).
 TCG_CACHE_SHARE, TCG_CACHE_MIN_MIB, TCG_CACHE_MAX_MIB = 8, 32, 256
 # The container side's capabilities, whatever the workload was given: virtiofsd's
 # (it serves files as their owners: CHOWN to SETFCAP; SYS_CHROOT, SETPCAP for its
@@ -272,14 +272,14 @@ def tcg_cache_mib(limit_mib):
 
 
 def plan_memory(resources, accel):
-    """(guest RAM, TCG translation cache; 0 for QEMU's default) in MiB. The
-    container's memory limit holds the whole VM, as `docker stats` shows it: guest
-    RAM is what is left of it once QEMU, its translation cache and virtiofsd have
-    theirs, so a guest that fills its RAM meets its own OOM killer, never the
-    host's. Without a limit the guest gets the default."""
+    """(guest RAM, TCG translation cache; 0 under KVM) in MiB. The container's memory
+    limit holds the whole VM, as `docker stats` shows it: guest RAM is what is left of
+    it once QEMU, its translation cache and virtiofsd have theirs, so a guest that
+    fills its RAM meets its own OOM killer, never the host's. Without a limit the
+    guest gets the default."""
     limit = ((resources.get("memory") or {}).get("limit") or 0) // MIB
     if limit <= 0:
-        return DEFAULT_GUEST_MIB, 0
+        return DEFAULT_GUEST_MIB, TCG_CACHE_MAX_MIB if accel == "tcg" else 0
     cache = tcg_cache_mib(limit) if accel == "tcg" else 0
     guest = limit - CONTAINER_SIDE_MIB - cache
     if guest < MIN_GUEST_MIB:
@@ -288,6 +288,11 @@ def plan_memory(resources, accel):
                         f"use at least {least}m (QEMU and virtiofsd take {limit - guest}MiB "
                         f"of it, the guest needs {MIN_GUEST_MIB}MiB)")
     return guest, cache
+
+
+def vm_footprint_mib(plan):
+    """The most memory the VM can take: the least memory limit that holds it."""
+    return plan.memory_mib + plan.tcg_cache_mib + CONTAINER_SIDE_MIB
 
 
 DISK_SERIAL = "dkvm-disk{}"

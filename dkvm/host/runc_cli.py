@@ -83,3 +83,29 @@ def report_to_runc_log(args, line):
                 f.write(line + "\n")
     except OSError:
         pass
+
+
+STATE_TIMEOUT = 5
+
+
+def container_pid(runc, global_args, container, statuses=("running",)):
+    """The container's PID 1 as runc knows it (its own `state`), if the container is
+    in one of `statuses`; else 0. (Without runc's log: an error there would read as
+    the command's.)"""
+    import json
+    import subprocess
+    args, skip = [], False
+    for arg in global_args:
+        if skip:
+            skip = False
+        elif arg in ("--log", "--log-format"):
+            skip = True
+        elif not arg.startswith(("--log=", "--log-format=")):
+            args.append(arg)
+    try:
+        out = subprocess.run([runc, *args, "state", container], capture_output=True,
+                             timeout=STATE_TIMEOUT, check=True).stdout
+        state = json.loads(out)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 0
+    return state.get("pid", 0) if state.get("status") in statuses else 0

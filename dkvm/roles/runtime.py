@@ -1,7 +1,8 @@
 """dkvm-runtime: the OCI runtime the engine calls. It edits what `create` and `exec`
-are given, has SIGKILL and SIGSTOP delivered in the guest first (host.kill), and
-then becomes runc; every other subcommand reaches runc untouched. `create` waits for
-runc instead, and puts the engine's config.json back once runc has read it.
+are given, has SIGKILL and SIGSTOP delivered in the guest first (host.kill), refuses
+an `update` to a memory limit below the VM's size (host.update), and then becomes
+runc; every other subcommand reaches runc untouched. `create` waits for runc
+instead, and puts the engine's config.json back once runc has read it.
 
 Imports stay inside functions: this runs on every docker operation.
 """
@@ -15,6 +16,10 @@ def main(argv):
         if any(arg.startswith("--dkvm-") for arg in args):
             args, runc, defaults = runc_cli.split_runtime_args(args)
         command, index = runc_cli.find_subcommand(args)
+        if command == "update":
+            from dkvm.host.facts import find_runc
+            from dkvm.host.update import guard_memory_limit
+            guard_memory_limit(args, index, find_runc(runc))
         if command in ("create", "exec"):
             from dkvm import log
             log.set_container(runc_cli.container_id(args[index + 1:]))

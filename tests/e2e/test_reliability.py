@@ -156,6 +156,44 @@ def test_the_memory_limit_holds_the_whole_vm(busybox_image, container_name):
         sh("docker", "rm", "-f", container_name, check=False)
 
 
+def test_docker_update_cannot_set_a_limit_below_the_vms_size(busybox_image, container_name):
+    """The VM's RAM is fixed at boot: `docker update -m` may raise the limit, not set
+    it below the VM (that would leave the host's OOM killer to end QEMU later). The
+    refused update changes nothing; runc's containers update as before."""
+    names = {"dkvm": container_name, "runc": container_name + "-runc",
+             "unlimited": container_name + "-unlimited"}
+    try:
+        for kind, name in names.items():
+            memory = [] if kind == "unlimited" else ["-m", "512m"]
+            runtime = ["--runtime=runc"] if kind == "runc" else ["--runtime=dkvm", "-e",
+                                                                 "DKVM_ACCEL=tcg"]
+            sh("docker", "run", "-d", *runtime, "--name", name, *memory, busybox_image,
+               "sleep", "100000")
+
+        def update(name, limit):
+            return sh("docker", "update", "-m", limit, "--memory-swap", "4g", name, check=False)
+
+        refused = update(names["dkvm"], "300m")
+        assert refused.returncode != 0
+        assert "memory limit 300MiB is below what this VM was sized for when it booted " \
+               "(512MiB" in refused.stderr, refused.stderr
+        assert sh("docker", "inspect", "-f", "{{.HostConfig.Memory}}",
+                  names["dkvm"]).stdout.strip() == str(512 << 20)
+        assert update(names["dkvm"], "1g").returncode == 0
+        assert update(names["runc"], "300m").returncode == 0
+        # without -m the VM has 1 GiB of RAM and, under TCG, a 256 MiB translation cache
+        assert "not set below 1360m" in update(names["unlimited"], "1g").stderr
+        assert update(names["unlimited"], "1360m").returncode == 0
+        for name, limit in ((names["dkvm"], 1 << 30), (names["runc"], 300 << 20),
+                            (names["unlimited"], 1360 << 20)):
+            cgroup = Path("/sys/fs/cgroup/memory/docker",
+                          sh("docker", "inspect", "-f", "{{.Id}}", name).stdout.strip())
+            assert int((cgroup / "memory.limit_in_bytes").read_text()) == limit
+        assert sh("docker", "exec", names["dkvm"], "echo", "alive").stdout == "alive\n"
+    finally:
+        sh("docker", "rm", "-f", *names.values(), check=False)
+
+
 def test_a_full_disk_while_the_payload_unpacks_is_one_error_and_nothing_half_made(
         busybox_image, tmp_path):
     """/var/lib/dkvm on a 16 MiB filesystem: the payload (about 140 MB) cannot unpack.

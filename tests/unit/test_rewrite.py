@@ -475,7 +475,7 @@ def test_under_kvm_there_is_no_translation_cache():
 def test_no_memory_limit_means_default_and_no_limit():
     config = load_config("plain")
     new, plan = rewrite(config)
-    assert (plan.memory_mib, plan.tcg_cache_mib) == (DEFAULT_GUEST_MIB, 0) == (1024, 0)
+    assert (plan.memory_mib, plan.tcg_cache_mib) == (DEFAULT_GUEST_MIB, 256) == (1024, 256)
     assert new["linux"]["resources"]["memory"] == {"disableOOMKiller": False}
 
 

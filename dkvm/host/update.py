@@ -1,0 +1,101 @@
+"""`runc update` of a DKVM container. The VM's RAM is fixed when it boots, and the
+container's memory limit holds all of it (rewrite.plan_memory). A lower limit would
+be accepted by the cgroup while the guest has not yet touched its RAM, and the
+host's OOM killer would end QEMU the first time it did. So a memory limit below
+what the VM was sized for is refused, naming that floor. A higher limit, none, and
+everything else `update` sets (CPU, pids, block I/O) are runc's, as is any
+container that is not DKVM's."""
+import json
+import os
+
+from dkvm import paths
+from dkvm.errors import DkvmError
+from dkvm.host import runc_cli
+
+MIB = 1 << 20
+UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# a VM not yet started has its size too (QEMU starts with `start`)
+LIVE_STATUSES = ("created", "running", "paused")
+
+
+def guard_memory_limit(args, index, runc):
+    """Before `runc update`: raises DkvmError for a memory limit the VM cannot live
+    in. Resources it reads from standard input (`--resources -`) are put back there
+    for runc."""
+    stdin_data = memory_limit_check(args, index, runc)
+    if stdin_data is not None:
+        give_to_runc(stdin_data)
+
+
+def memory_limit_check(args, index, runc, stdin_fd=0):
+    """The check; returns what it read from standard input, or None."""
+    command_args = args[index + 1:]
+    stdin_data, limit = None, None
+    source = runc_cli.flag_value(command_args, "--resources", "-r")
+    if source:
+        if source == "-":
+            stdin_data = read_all(stdin_fd)
+            text = stdin_data
+        else:
+            with open(source, "rb") as f:
+                text = f.read()
+        try:
+            limit = ((json.loads(text or b"{}").get("memory") or {}).get("limit"))
+        except (ValueError, AttributeError):
+            return stdin_data           # runc says what is wrong with it
+    memory_flag = runc_cli.flag_value(command_args, "--memory", "-m")
+    if memory_flag is not None:
+        limit = parse_bytes(memory_flag)
+    if not isinstance(limit, int) or limit <= 0:
+        return stdin_data
+    floor = vm_footprint_mib(runc, args[:index], runc_cli.container_id(command_args))
+    if floor and limit < floor * MIB:
+        raise DkvmError(f"memory limit {limit // MIB}MiB is below what this VM was sized "
+                        f"for when it booted ({floor}MiB: its RAM, QEMU and virtiofsd); "
+                        f"a DKVM container's limit can be raised, not set below {floor}m")
+    return stdin_data
+
+
+def vm_footprint_mib(runc, global_args, container):
+    """The VM's size from the plan its entrypoint was started with; 0 for a
+    container that is not DKVM's or is gone."""
+    pid = runc_cli.container_pid(runc, global_args, container, LIVE_STATUSES)
+    if not pid:
+        return 0
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read().split(b"\0")
+    except OSError:
+        return 0
+    prefix = paths.PLAN_ENV.encode() + b"="
+    plan_json = next((item[len(prefix):] for item in environ if item.startswith(prefix)), None)
+    if plan_json is None:
+        return 0
+    from dkvm.host.rewrite import vm_footprint_mib as footprint
+    from dkvm.schema import Plan
+    return footprint(Plan.from_json(plan_json.decode()))
+
+
+def parse_bytes(text):
+    """runc's --memory: bytes, or a number with a unit (`256m`, `1G`, `512MiB`)."""
+    word = text.strip().lower().removesuffix("ib").removesuffix("b")
+    digits, unit = (word[:-1], word[-1]) if word[-1:] in UNITS and word[-1:] else (word, "")
+    if not digits.isdigit():
+        return None                     # runc refuses it
+    return int(digits) * UNITS[unit]
+
+
+def read_all(fd):
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def give_to_runc(stdin_data):
+    """What was read from standard input becomes runc's standard input again."""
+    fd = os.memfd_create("dkvm-update-resources")
+    os.write(fd, stdin_data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.dup2(fd, 0)
+    os.close(fd)

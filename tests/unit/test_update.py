@@ -1,0 +1,109 @@
+"""`runc update` of a DKVM container: a memory limit below the VM's size is refused
+(its RAM is fixed at boot, and the limit must hold it), anything else passes. Driven
+with a stand-in runc whose `state` names a process started with a plan, as DKVM's
+entrypoint is."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from unitutil import PLAN_ENV, load_config, rewrite
+from dkvm.errors import DkvmError
+from dkvm.host.update import memory_limit_check, parse_bytes
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def container(tmp_path):
+    """(runc, a process with the plan of `-m 512m` under TCG: a VM of 512 MiB)."""
+    _, plan = rewrite(load_config("resources-tmpfs-volume"))
+    entrypoint = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                  env={**os.environ, PLAN_ENV: plan.to_json()})
+    runc = tmp_path / "runc"
+    runc.write_text(f"#!/bin/sh\necho '{{\"status\": \"running\", \"pid\": {entrypoint.pid}}}'\n")
+    runc.chmod(0o755)
+    yield str(runc), entrypoint
+    entrypoint.kill()
+    entrypoint.wait()
+
+
+def update_args(*flags):
+    return ["--root", "/run/x", "--log", "/dev/null", "update", *flags, "abc"], 4
+
+
+def with_resources(tmp_path, resources):
+    path = tmp_path / "resources.json"
+    path.write_text(json.dumps(resources))
+    return str(path)
+
+
+@pytest.mark.parametrize("limit_mib", [511, 256])
+def test_a_limit_below_the_vms_size_is_refused(container, tmp_path, limit_mib):
+    runc, _ = container
+    path = with_resources(tmp_path, {"memory": {"limit": limit_mib * MIB}, "cpu": {}})
+    with pytest.raises(DkvmError) as info:
+        memory_limit_check(*update_args("--resources", path), runc)
+    assert f"memory limit {limit_mib}MiB is below what this VM was sized for when it " \
+           "booted (512MiB" in info.value.message
+    assert "not set below 512m" in info.value.message
+
+
+@pytest.mark.parametrize("resources", [{"memory": {"limit": 512 * MIB}},
+                                       {"memory": {"limit": 4 << 30}},
+                                       {"memory": {"limit": -1}}, {"memory": {}},
+                                       {"cpu": {"shares": 512}}, {"pids": {"limit": 10}}])
+def test_a_limit_that_holds_the_vm_or_none_passes(container, tmp_path, resources):
+    runc, _ = container
+    assert memory_limit_check(*update_args("-r", with_resources(tmp_path, resources)),
+                              runc) is None
+
+
+def test_resources_on_stdin_are_read_and_handed_back(container):
+    runc, _ = container
+    for limit, refused in ((128 * MIB, True), (1 << 30, False)):
+        data = json.dumps({"memory": {"limit": limit}}).encode()
+        read, write = os.pipe()
+        os.write(write, data)
+        os.close(write)
+        try:
+            if refused:
+                with pytest.raises(DkvmError):
+                    memory_limit_check(*update_args("--resources", "-"), runc, stdin_fd=read)
+            else:
+                assert memory_limit_check(*update_args("--resources", "-"), runc,
+                                          stdin_fd=read) == data
+        finally:
+            os.close(read)
+
+
+def test_runcs_memory_flag_is_checked_too(container):
+    runc, _ = container
+    with pytest.raises(DkvmError, match="memory limit 300MiB"):
+        memory_limit_check(*update_args("--memory", "300M"), runc)
+    assert memory_limit_check(*update_args("--memory=1g"), runc) is None
+
+
+def test_a_container_that_is_not_dkvms_is_runcs(tmp_path):
+    runc = tmp_path / "runc"
+    runc.write_text(f"#!/bin/sh\necho '{{\"status\": \"running\", \"pid\": {os.getpid()}}}'\n")
+    runc.chmod(0o755)
+    path = with_resources(tmp_path, {"memory": {"limit": 64 * MIB}})
+    assert memory_limit_check(*update_args("-r", path), str(runc)) is None
+    runc.write_text("#!/bin/sh\necho 'container does not exist' >&2; exit 1\n")
+    assert memory_limit_check(*update_args("-r", path), str(runc)) is None
+
+
+def test_malformed_resources_are_left_to_runc(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    assert memory_limit_check(*update_args("-r", str(path)), "/nonexistent/runc") is None
+
+
+@pytest.mark.parametrize("text,value", [("256m", 256 * MIB), ("256M", 256 * MIB),
+                                        ("1g", 1 << 30), ("512MiB", 512 * MIB),
+                                        ("1048576", 1 << 20), ("12x", None), ("", None)])
+def test_runcs_byte_sizes(text, value):
+    assert parse_bytes(text) == value
