@@ -10,6 +10,7 @@ from dkvm.container.vmm import qemu_argv, qemu_env, virtiofsd_argv
 from dkvm.errors import DkvmError
 
 LOG_TAIL = 400              # characters of a log quoted in an error
+QEMU_END_GRACE = 1          # s: QEMU exiting after virtiofsd saw its socket close
 SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE = 434, 440      # x86_64
 MADV_PAGEOUT = 21
 
@@ -88,10 +89,26 @@ class VmProcesses:
     # --- what the supervisor asks
     def check(self, helpers_only=False):
         """Raise if a child died while it was needed (with `helpers_only`, virtiofsd:
-        the VM cannot go on without it; QEMU's own end is the caller's to judge)."""
+        the VM cannot go on without it; QEMU's own end is the caller's to judge).
+        virtiofsd also leaves when QEMU closes its socket on the way out (a guest
+        panic), and can be gone while QEMU is still exiting: QEMU gets a moment to end,
+        and if it does, the story is QEMU's, with the guest console's."""
         for child in self.children():
-            if child.exited() and not (helpers_only and child is self.qemu):
-                raise DkvmError(f"{child.name} exited unexpectedly{child.describe_exit()}")
+            if not child.exited() or helpers_only and child is self.qemu:
+                continue
+            if child is not self.qemu and self.qemu and self.qemu_ends_within(QEMU_END_GRACE):
+                if helpers_only:
+                    return
+                child = self.qemu
+            raise DkvmError(f"{child.name} exited unexpectedly{child.describe_exit()}"
+                            + (console_tail() if child is self.qemu else ""))
+
+    def qemu_ends_within(self, timeout):
+        try:
+            self.qemu.proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
 
     def ended(self):
         return self.qemu.exited()

@@ -113,3 +113,41 @@ def test_another_processs_mapping_of_a_file_is_paged_out(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def stand_in_vm(tmp_path, virtiofsd_script, qemu_script):
+    from dkvm.container.processes import Child, VmProcesses
+    vm = VmProcesses()
+    for name, script in (("virtiofsd", virtiofsd_script), ("qemu", qemu_script)):
+        log = tmp_path / f"{name}.log"
+        proc = subprocess.Popen(["sh", "-c", script], stdout=open(log, "wb"),
+                                stderr=subprocess.STDOUT)
+        setattr(vm, name, Child("QEMU" if name == "qemu" else name, proc, str(log)))
+    return vm
+
+
+def test_virtiofsd_leaving_as_qemu_exits_is_qemus_story(tmp_path):
+    """A guest panic: QEMU closes virtiofsd's socket on its way out, virtiofsd is gone
+    first, QEMU a moment later. The error is QEMU's end, not virtiofsd's."""
+    from dkvm.errors import DkvmError
+    vm = stand_in_vm(tmp_path, "echo 'Unexpected poll revents 11'; exit 0", "sleep 0.3")
+    time.sleep(0.1)
+    assert vm.check(helpers_only=True) is None      # the supervisor then sees QEMU's end
+    assert vm.ended()
+    vm = stand_in_vm(tmp_path, "exit 0", "sleep 0.3; exit 1")
+    time.sleep(0.1)
+    with pytest.raises(DkvmError, match=r"^QEMU exited unexpectedly \(QEMU exit status 1"):
+        vm.check()
+
+
+def test_virtiofsd_dying_under_a_running_qemu_is_virtiofsds(tmp_path):
+    from dkvm.errors import DkvmError
+    vm = stand_in_vm(tmp_path, "kill -9 $$", "sleep 30")
+    time.sleep(0.1)
+    try:
+        with pytest.raises(DkvmError, match=r"^virtiofsd exited unexpectedly \(virtiofsd "
+                                            r"killed by signal 9"):
+            vm.check(helpers_only=True)
+    finally:
+        vm.qemu.proc.kill()
+        vm.qemu.proc.wait()
