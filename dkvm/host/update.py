@@ -33,15 +33,14 @@ def memory_limit_check(args, index, runc, stdin_fd=0):
     stdin_data, limit = None, None
     source = runc_cli.flag_value(command_args, "--resources", "-r")
     if source:
-        if source == "-":
-            stdin_data = read_all(stdin_fd)
-            text = stdin_data
-        else:
-            with open(source, "rb") as f:
-                text = f.read()
         try:
+            if source == "-":
+                stdin_data = text = read_all(stdin_fd)
+            else:
+                with open(source, "rb") as f:
+                    text = f.read()
             limit = ((json.loads(text or b"{}").get("memory") or {}).get("limit"))
-        except (ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError):
             return stdin_data           # runc says what is wrong with it
     memory_flag = runc_cli.flag_value(command_args, "--memory", "-m")
     if memory_flag is not None:
@@ -73,7 +72,10 @@ def vm_footprint_mib(runc, global_args, container):
         return 0
     from dkvm.host.rewrite import vm_footprint_mib as footprint
     from dkvm.schema import Plan
-    return footprint(Plan.from_json(plan_json.decode()))
+    try:
+        return footprint(Plan.from_json(plan_json.decode()))
+    except (ValueError, DkvmError):     # not a plan DKVM wrote
+        return 0
 
 
 def parse_bytes(text):

@@ -107,3 +107,18 @@ def test_malformed_resources_are_left_to_runc(tmp_path):
                                         ("1048576", 1 << 20), ("12x", None), ("", None)])
 def test_runcs_byte_sizes(text, value):
     assert parse_bytes(text) == value
+
+
+def test_a_plan_that_is_not_dkvms_is_runcs(tmp_path):
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                env={**os.environ, PLAN_ENV: "{not a plan"})
+    try:
+        runc = tmp_path / "runc"
+        runc.write_text(f"#!/bin/sh\necho '{{\"status\": \"created\", \"pid\": {stranger.pid}}}'\n")
+        runc.chmod(0o755)
+        path = with_resources(tmp_path, {"memory": {"limit": 64 * MIB}})
+        assert memory_limit_check(*update_args("-r", path), str(runc)) is None
+        assert memory_limit_check(*update_args("-r", str(tmp_path / "missing")), str(runc)) is None
+    finally:
+        stranger.kill()
+        stranger.wait()
