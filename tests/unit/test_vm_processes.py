@@ -131,11 +131,11 @@ def test_virtiofsd_leaving_as_qemu_exits_is_qemus_story(tmp_path):
     first, QEMU a moment later. The error is QEMU's end, not virtiofsd's."""
     from dkvm.errors import DkvmError
     vm = stand_in_vm(tmp_path, "echo 'Unexpected poll revents 11'; exit 0", "sleep 0.3")
-    time.sleep(0.1)
+    vm.virtiofsd.proc.wait(timeout=10)
     assert vm.check(helpers_only=True) is None      # the supervisor then sees QEMU's end
     assert vm.ended()
     vm = stand_in_vm(tmp_path, "exit 0", "sleep 0.3; exit 1")
-    time.sleep(0.1)
+    vm.virtiofsd.proc.wait(timeout=10)
     with pytest.raises(DkvmError, match=r"^QEMU exited unexpectedly \(QEMU exit status 1"):
         vm.check()
 
@@ -143,7 +143,7 @@ def test_virtiofsd_leaving_as_qemu_exits_is_qemus_story(tmp_path):
 def test_virtiofsd_dying_under_a_running_qemu_is_virtiofsds(tmp_path):
     from dkvm.errors import DkvmError
     vm = stand_in_vm(tmp_path, "kill -9 $$", "sleep 30")
-    time.sleep(0.1)
+    vm.virtiofsd.proc.wait(timeout=10)
     try:
         with pytest.raises(DkvmError, match=r"^virtiofsd exited unexpectedly \(virtiofsd "
                                             r"killed by signal 9"):
