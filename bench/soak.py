@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Soak: N cycles of `docker run -d` / `exec` / `stop` or `kill` / `rm` with DKVM, K at
 a time, every step bounded; every R-th cycle also `docker restart`s its VM between
-the exec and the end, and the cycles take the given images in turn. A step that overstays its bound is a failure of kind
-`timeout:<step>`, and what diagnoses a hang is saved first (to --diagnostics, named in
-the output): the container's log, QEMU's threads (state, CPU time, kernel stack),
-QMP's `query-status` and `info registers -a` for every vCPU, and, when the guest
-still answers an exec, its kernel log after a SysRq backtrace of every CPU.
+the exec and the end, and the cycles take the given images in turn. A step that
+overstays its bound is a failure of kind `timeout:<step>`, and what diagnoses a
+hang is saved first (to --diagnostics, named in the output): the container's log,
+QEMU's threads (state, CPU time, kernel stack), QMP's `query-status` and `info
+registers -a` for every vCPU, and, when the guest still answers an exec, its
+kernel log after a SysRq backtrace of every CPU.
 
 Prints: cycles, failures by kind, p50/p99 of each step, and where diagnostics went.
 Exits non-zero when any cycle failed. Needs the README set-up done (dockerd running,

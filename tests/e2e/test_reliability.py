@@ -149,7 +149,8 @@ def test_the_memory_limit_holds_the_whole_vm(busybox_image, container_name):
                       sh("docker", "inspect", "-f", "{{.Id}}", container_name).stdout.strip())
         assert int((cgroup / "memory.limit_in_bytes").read_text()) == 256 << 20
         assert int((cgroup / "memory.max_usage_in_bytes").read_text()) > 200 << 20
-        oom = dict(line.split() for line in (cgroup / "memory.oom_control").read_text().splitlines())
+        oom = dict(line.split()
+                   for line in (cgroup / "memory.oom_control").read_text().splitlines())
         assert oom["oom_kill"] == "0", oom
         assert sh("docker", "exec", container_name, "echo", "alive").stdout == "alive\n"
     finally:

@@ -9,8 +9,8 @@ from dkvm.host.bundle import BundleLayout
 from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.host.engines import DOCKER
-from dkvm.host.rewrite import (CONTAINER_PATH, CONTAINER_SIDE_CAPS, CONTAINER_SIDE_MIB, DEFAULT_GUEST_MIB, MIB,
-                               rewrite_create_config, rewrite_exec_process,
+from dkvm.host.rewrite import (CONTAINER_PATH, CONTAINER_SIDE_CAPS, CONTAINER_SIDE_MIB,
+                               DEFAULT_GUEST_MIB, MIB, rewrite_create_config, rewrite_exec_process,
                                vcpus_for, workload_capabilities)
 from dkvm.paths import PLAN_ENV
 from dkvm.schema import ENTRYPOINT, Capabilities, ExecRequest, Plan, Rlimit, Tmpfs
