@@ -283,7 +283,7 @@ def plan_memory(resources, accel):
     cache = tcg_cache_mib(limit) if accel == "tcg" else 0
     guest = limit - CONTAINER_SIDE_MIB - cache
     if guest < MIN_GUEST_MIB:
-        least = MIN_GUEST_MIB + CONTAINER_SIDE_MIB + (tcg_cache_mib(0) if accel == "tcg" else 0)
+        least = MIN_GUEST_MIB + CONTAINER_SIDE_MIB + (TCG_CACHE_MIN_MIB if accel == "tcg" else 0)
         raise DkvmError(f"memory limit {limit}MiB (--memory) is too small to boot a VM: "
                         f"use at least {least}m (QEMU and virtiofsd take {limit - guest}MiB "
                         f"of it, the guest needs {MIN_GUEST_MIB}MiB)")

@@ -11,9 +11,10 @@ import os
 from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.host import runc_cli
+from dkvm.options import SIZE_UNITS
 
-MIB = 1 << 20
-UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MIB = SIZE_UNITS["m"]
+UNITS = {**SIZE_UNITS, "b": 1, "t": 1 << 40}
 # a VM not yet started has its size too (QEMU starts with `start`)
 LIVE_STATUSES = ("created", "running", "paused")
 
@@ -47,7 +48,7 @@ def memory_limit_check(args, index, runc, stdin_fd=0):
         limit = parse_bytes(memory_flag)
     if not isinstance(limit, int) or limit <= 0:
         return stdin_data
-    floor = vm_footprint_mib(runc, args[:index], runc_cli.container_id(command_args))
+    floor = booted_vm_mib(runc, args[:index], runc_cli.container_id(command_args))
     if floor and limit < floor * MIB:
         raise DkvmError(f"memory limit {limit // MIB}MiB is below what this VM was sized "
                         f"for when it booted ({floor}MiB: its RAM, QEMU and virtiofsd); "
@@ -55,7 +56,7 @@ def memory_limit_check(args, index, runc, stdin_fd=0):
     return stdin_data
 
 
-def vm_footprint_mib(runc, global_args, container):
+def booted_vm_mib(runc, global_args, container):
     """The VM's size from the plan its entrypoint was started with; 0 for a
     container that is not DKVM's or is gone."""
     pid = runc_cli.container_pid(runc, global_args, container, LIVE_STATUSES)
@@ -70,10 +71,10 @@ def vm_footprint_mib(runc, global_args, container):
     plan_json = next((item[len(prefix):] for item in environ if item.startswith(prefix)), None)
     if plan_json is None:
         return 0
-    from dkvm.host.rewrite import vm_footprint_mib as footprint
+    from dkvm.host.rewrite import vm_footprint_mib
     from dkvm.schema import Plan
     try:
-        return footprint(Plan.from_json(plan_json.decode()))
+        return vm_footprint_mib(Plan.from_json(plan_json.decode()))
     except (ValueError, DkvmError):     # not a plan DKVM wrote
         return 0
 
