@@ -90,18 +90,24 @@ class VmProcesses:
     def check(self, helpers_only=False):
         """Raise if a child died while it was needed (with `helpers_only`, virtiofsd:
         the VM cannot go on without it; QEMU's own end is the caller's to judge).
-        virtiofsd also leaves when QEMU closes its socket on the way out (a guest
-        panic), and can be gone while QEMU is still exiting: QEMU gets a moment to end,
-        and if it does, the story is QEMU's, with the guest console's."""
+        virtiofsd also leaves, with status 0, when QEMU closes its socket on the way
+        out (a guest panic), and can be gone while QEMU is still exiting: QEMU then
+        gets a moment to end, and if it does, the story is QEMU's, with the guest
+        console's. A helper killed or failing is its own story, whatever QEMU does
+        next."""
         for child in self.children():
             if not child.exited() or helpers_only and child is self.qemu:
                 continue
-            if child is not self.qemu and self.qemu and self.qemu_ends_within(QEMU_END_GRACE):
+            if child is not self.qemu and self.left_after_qemu(child):
                 if helpers_only:
                     return
                 child = self.qemu
             raise DkvmError(f"{child.name} exited unexpectedly{child.describe_exit()}"
                             + (console_tail() if child is self.qemu else ""))
+
+    def left_after_qemu(self, helper):
+        return helper.proc.returncode == 0 and self.qemu is not None \
+            and self.qemu_ends_within(QEMU_END_GRACE)
 
     def qemu_ends_within(self, timeout):
         try:

@@ -151,3 +151,15 @@ def test_virtiofsd_dying_under_a_running_qemu_is_virtiofsds(tmp_path):
     finally:
         vm.qemu.proc.kill()
         vm.qemu.proc.wait()
+
+
+def test_virtiofsd_killed_at_boot_is_virtiofsds_though_qemu_then_fails(tmp_path):
+    """virtiofsd killed before QEMU connects: QEMU fails at once on the refused socket,
+    but what died first, and why, is virtiofsd."""
+    from dkvm.errors import DkvmError
+    vm = stand_in_vm(tmp_path, "kill -9 $$", "sleep 0.2; echo 'Connection refused' >&2; exit 1")
+    vm.virtiofsd.proc.wait(timeout=10)
+    vm.qemu.proc.wait(timeout=10)
+    with pytest.raises(DkvmError, match=r"^virtiofsd exited unexpectedly \(virtiofsd "
+                                        r"killed by signal 9"):
+        vm.check()
