@@ -6,14 +6,11 @@ Nothing can be pulled on these machines, so every image is made locally: busybox
 """
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the tests' shared `waiting`
 
 from dockerutil import (BUSYBOX, DEBIAN, KERNEL, PATH_ENV, STATIC, SYSTEM, busybox_tree,
                         docker_import, image_exists, sh, with_stop_signal)

@@ -8,6 +8,8 @@ import pytest
 
 from conformance import runtime_tools
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def suite(docker):                  # `docker`: dkvm is installed and registered

@@ -9,6 +9,8 @@ import pytest
 from dockerutil import HTTPD, RUN_TIMEOUT, http_get, load_into_engine, sh
 from waiting import poll
 
+pytestmark = pytest.mark.slow
+
 SOCKET = "/var/run/docker/containerd/containerd.sock"     # dockerd's containerd
 NAMESPACE = "dkvm-test"
 IMAGE_REF = "docker.io/library/dkvm-test-busybox:latest"

@@ -12,6 +12,8 @@ import pytest
 from dockerutil import sh
 from waiting import poll, wait_until
 
+pytestmark = pytest.mark.slow
+
 DAEMON_JSON = Path("/etc/docker/daemon.json")
 BACKUP = Path("/etc/docker/daemon.json.dkvm-backup")
 PODMAN_DROP_IN = Path("/etc/containers/containers.conf.d/dkvm.conf")

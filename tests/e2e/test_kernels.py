@@ -12,6 +12,8 @@ from dockerutil import (KERNELS, PATH_ENV, busybox_tree, dkvm_lines, docker_impo
                         docker_run, sh)
 from waiting import poll
 
+pytestmark = pytest.mark.slow
+
 BOOTED = 240
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from dockerutil import HTTPD, RUN_TIMEOUT, http_get, load_into_engine
 
+pytestmark = pytest.mark.slow
+
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 IMAGE = "localhost/dkvm-test-busybox:latest"
 # "dkvm" by name: the runtime `dkvm install` registered in containers.conf.d

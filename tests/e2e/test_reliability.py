@@ -13,6 +13,8 @@ import pytest
 from dockerutil import docker_run, leak_snapshot, logs, sh
 from waiting import wait_until
 
+pytestmark = pytest.mark.slow
+
 CROWD = 8                   # VMs started at once
 EXECS = 20                  # concurrent execs into each of two VMs
 CROWD_TIMEOUT = 600         # eight boots sharing two cores under TCG

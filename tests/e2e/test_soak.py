@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
 SOAK_TIMEOUT = 2400         # about 700 s here; the soak bounds each step itself
 

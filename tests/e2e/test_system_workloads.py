@@ -9,6 +9,8 @@ import pytest
 from dockerutil import KERNELS, dkvm_lines, docker_run, sh
 from waiting import poll, wait_until
 
+pytestmark = pytest.mark.slow
+
 BOOTED = 300                # systemd and dockerd up in a TCG VM on a busy machine
 DISK = "/disks/docker.img,/var/lib/docker,ext4,4g"
 

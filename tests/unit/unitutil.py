@@ -1,21 +1,16 @@
 """Shared helpers for the unit tests: the captured dockerd configs and a rewrite
 wrapper that returns the new config together with its decoded plan."""
 import json
-import sys
 from pathlib import Path
 
+from dkvm.host.bundle import BundleLayout
+from dkvm.host.facts import HostFacts
+from dkvm.host.rewrite import rewrite_create_config
+from dkvm.paths import PLAN_ENV
+from dkvm.schema import Boot, Plan
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
-for shared in (REPO, REPO / "tests"):       # dkvm, and the tests' shared `waiting`
-    if str(shared) not in sys.path:
-        sys.path.insert(0, str(shared))
-
-from dkvm.host.bundle import BundleLayout  # noqa: E402
-from dkvm.host.facts import HostFacts  # noqa: E402
-from dkvm.host.rewrite import rewrite_create_config  # noqa: E402
-from dkvm.paths import PLAN_ENV  # noqa: E402
-from dkvm.schema import Boot, Plan  # noqa: E402
 
 FIXTURE_NAMES = ["plain", "user-workdir-env", "resources-tmpfs-volume", "tty-init",
                  "privileged-cpuset", "flags", "cap-drop-all"]
