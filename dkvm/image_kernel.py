@@ -11,12 +11,20 @@ import os
 
 from dkvm import paths
 from dkvm.errors import DkvmError
-from dkvm.initramfs import BOOT_MODULES, initramfs, load_order, module_name
+from dkvm.initramfs import (BOOT_MODULES, initramfs, load_order, module_name,
+                            write_initramfs)
 from dkvm.rooted import list_dir, open_regular, read_file, read_head, real_path
 
 KERNEL_LIMIT = 512 << 20
-MODULE_LIMIT = 64 << 20          # one module, compressed or not
-INDEX_LIMIT = 16 << 20           # modules.dep, modules.builtin
+# The initramfs goes to the container's /run, a 16 MiB tmpfs that also holds its sockets
+# and logs; its files (busybox, init, the boot modules uncompressed) total at most this.
+# Debian's stock kernel needs 3 MiB.
+INITRAMFS_LIMIT = 12 << 20
+MOST_BOOT_MODULES = 64           # the boot modules and what they need: 6-10 on real kernels
+INDEX_LIMIT = 8 << 20            # modules.dep, modules.builtin: Debian's kernel, ~0.5 MiB
+MOST_INDEX_LINES = 1 << 16       # Debian's kernel has 4000 modules, allmodconfig ~9000
+LZMA_MEMORY = 64 << 20           # xz's decoder (kernel modules use a 1-2 MiB dictionary)
+READ_CHUNK = 1 << 16
 HEADER = 64 << 10
 MOST_KERNELS = 64                # /boot/vmlinuz-* looked at, newest first
 KERNEL_PATHS = ("/vmlinuz", "/boot/vmlinuz")
@@ -110,62 +118,102 @@ def modules_dir(root, release):
 def boot_initramfs(root, release, busybox, init):
     """The initramfs for the image's kernel: DKVM's busybox and /init, and the boot
     modules the kernel does not have built in, from the image, uncompressed."""
+    budget = INITRAMFS_LIMIT - len(busybox) - len(init)
+    return initramfs(busybox, init, boot_modules(root, release, budget))
+
+
+def boot_modules(root, release, budget):
+    """[(name, bytes)] of the boot modules the kernel does not have built in and what
+    they need, in load order, uncompressed: at most MOST_BOOT_MODULES of them, and
+    `budget` bytes in all (what is held in memory, and what the initramfs adds). The
+    image's indexes are bounded too, and read in one linear pass: whatever the image
+    holds, this takes well under a second."""
     base = f"/lib/modules/{release}"
-    builtin = set(map(module_name, read_index(root, f"{base}/modules.builtin", False).split()))
-    files, depends = {}, {}
-    for line in read_index(root, f"{base}/modules.dep", True).splitlines():
+    builtin = {module_name(line) for line in read_index(root, f"{base}/modules.builtin", False)}
+    entries = {}
+    for line in read_index(root, f"{base}/modules.dep", True):
         path, _, deps = line.partition(":")
-        name = module_name(path)
-        files[name] = path.strip()
-        depends[name] = [module_name(dep) for dep in deps.split()]
+        entries[module_name(path.strip())] = (path.strip(), deps)
+
+    def depends_of(name):
+        return [module_name(dep) for dep in entries[name][1].split()]
     wanted = [name for name in BOOT_MODULES if name not in builtin]
     try:
-        order = load_order(wanted, depends.__getitem__)
+        order = load_order(wanted, depends_of, MOST_BOOT_MODULES)
     except DkvmError as err:
         raise DkvmError(f"DKVM_KERNEL=image: {release}: {err}") from None
     modules = []
     for name in order:
-        modules.append((name, module_bytes(root, f"{base}/{files[name]}")))
-    return initramfs(busybox, init, modules)
+        data = module_bytes(root, f"{base}/{entries[name][0]}", budget)
+        budget -= len(data)
+        modules.append((name, data))
+    return modules
 
 
 def read_index(root, path, required):
+    """The lines of one of the image's module indexes (modules.dep, modules.builtin)."""
     try:
-        return read_file(root, path, INDEX_LIMIT).decode("utf-8", "replace")
+        data = read_file(root, path, INDEX_LIMIT)
     except FileNotFoundError:
         if required:
             raise DkvmError(f"DKVM_KERNEL=image: the image has no {path} "
                             "(run depmod in the image)") from None
-        return ""
+        return []
     except OSError as err:
         raise DkvmError(f"DKVM_KERNEL=image: cannot read the image's {path}: "
                         f"{err.strerror}") from None
+    if data.count(b"\n") > MOST_INDEX_LINES:
+        raise DkvmError(f"DKVM_KERNEL=image: the image's {path} has more than "
+                        f"{MOST_INDEX_LINES} lines")
+    # latin-1: one byte a character whatever the bytes (module names are ASCII)
+    lines = (line.strip() for line in data.decode("latin-1").split("\n"))
+    return [line for line in lines if line]
 
 
-def module_bytes(root, path):
-    """A module file, uncompressed (xz, gzip), at most MODULE_LIMIT either way."""
-    try:
-        data = read_file(root, path, MODULE_LIMIT)
-    except OSError as err:
-        raise DkvmError(f"DKVM_KERNEL=image: cannot read the image's {path}: "
-                        f"{err.strerror}") from None
-    if path.endswith(".ko"):
-        return data
+def module_bytes(root, path, limit):
+    """A module file, uncompressed (xz, gzip), read and unpacked a chunk at a time: at
+    most `limit` bytes either way, and never more than that held."""
     import lzma
     import zlib
-    if path.endswith(".ko.xz"):
-        unpacker = lzma.LZMADecompressor()
+    if path.endswith(".ko"):
+        unpacker = None
+    elif path.endswith(".ko.xz"):
+        unpacker = lzma.LZMADecompressor(memlimit=LZMA_MEMORY)
     elif path.endswith(".ko.gz"):
         unpacker = zlib.decompressobj(wbits=31)
     else:
         raise DkvmError(f"DKVM_KERNEL=image: {path}: only .ko, .ko.xz and .ko.gz modules are "
                         "supported")
+    too_large = DkvmError(f"DKVM_KERNEL=image: the initramfs would be larger than "
+                          f"{INITRAMFS_LIMIT >> 20} MiB (the container's /run holds 16 MiB) "
+                          f"with {path}")
     try:
-        out = unpacker.decompress(data, MODULE_LIMIT + 1)
+        fd = open_regular(root, path, 1 << 62)
+    except OSError as err:
+        raise DkvmError(f"DKVM_KERNEL=image: cannot read the image's {path}: "
+                        f"{err.strerror}") from None
+    out, read = bytearray(), 0
+    try:
+        while unpacker is None or not unpacker.eof:
+            chunk = os.read(fd, READ_CHUNK)
+            read += len(chunk)
+            if read > limit:
+                raise too_large
+            if not chunk:
+                if unpacker is not None:
+                    raise DkvmError(f"DKVM_KERNEL=image: {path} does not decompress: "
+                                    "it ends early")
+                break
+            out += chunk if unpacker is None else unpacker.decompress(chunk, limit + 1 - len(out))
+            if len(out) > limit:
+                raise too_large
     except (lzma.LZMAError, zlib.error, EOFError) as err:
         raise DkvmError(f"DKVM_KERNEL=image: {path} does not decompress: {err}") from None
-    if len(out) > MODULE_LIMIT:
-        raise DkvmError(f"DKVM_KERNEL=image: {path} is larger than {MODULE_LIMIT >> 20} MiB")
+    except OSError as err:
+        raise DkvmError(f"DKVM_KERNEL=image: cannot read the image's {path}: "
+                        f"{err.strerror}") from None
+    finally:
+        os.close(fd)
     return out
 
 
@@ -178,11 +226,16 @@ def prepare_boot(boot, root=paths.SHARED_ROOTFS):
         busybox = f.read()
     with open(paths.payload_path(paths.GUEST_INIT_DIR, "init"), "rb") as f:
         init = f.read()
-    image = boot_initramfs(root, boot.release, busybox, init)
+    modules = boot_modules(root, boot.release, INITRAMFS_LIMIT - len(busybox) - len(init))
     boot.modules = os.path.dirname(modules_dir(root, boot.release))
-    fd = os.open(paths.IMAGE_INITRD, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(image)
+    try:
+        fd = os.open(paths.IMAGE_INITRD, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                     0o600)
+        with os.fdopen(fd, "wb") as f:
+            write_initramfs(f, busybox, init, modules)
+    except OSError as err:
+        raise DkvmError(f"DKVM_KERNEL=image: cannot write its initramfs to the container's "
+                        f"/run: {err.strerror}") from None
     fd = open_kernel(root, boot.kernel, boot.release)
     boot.kernel, boot.initrd = f"/proc/self/fd/{fd}", paths.IMAGE_INITRD
     return fd

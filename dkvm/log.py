@@ -22,7 +22,20 @@ def prefix():
 
 
 def line(message):
-    return prefix() + message
+    return prefix() + printable(message)
+
+
+def printable(text):
+    """`text` as visible characters only: an error line quotes the guest's console,
+    QEMU's and virtiofsd's logs and names from the image, any of which can hold
+    escape sequences that retitle the user's terminal, erase the line or draw a fake
+    "all good" over it (in `docker logs` too). Each control character (C0, DEL, C1,
+    ESC) and other invisible one (bidi overrides, line separators) is written out as
+    its escape, `\\x1b`; plain text passes as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def warn(message):

@@ -9,10 +9,50 @@ the code that uses it.
 Shared by every side (the guest reads the defaults through the plan), so it imports
 only other shared modules of plain string work, no `re`.
 """
-from dkvm import kernel_args
+from dkvm import kernel_args, paths
 from dkvm.errors import DkvmError
 
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+# The longest value an option takes: far beyond any real one (a DKVM_DISKS list of a
+# dozen disks), and short enough to quote in one line.
+MAX_TEXT = 4096
+# Digits a number may have: 2^64 has 20, and int() has a limit of its own (4300).
+MAX_DIGITS = 20
+WEEK = 7 * 24 * 3600
+# A name (an unknown DKVM_* variable's) is quoted up to this many characters.
+MAX_QUOTED_NAME = 64
+
+
+def check_text(name, value, limit=MAX_TEXT):
+    """Every option's value, before its kind reads it: bounded, and printable ASCII, so
+    that what an error quotes is one line and what reaches QEMU or the guest kernel is
+    plain text."""
+    if len(value) > limit:
+        raise DkvmError(f"{name}: a value of {len(value)} characters is too long: "
+                        f"at most {limit} are accepted")
+    for index, char in enumerate(value):
+        if not (char.isascii() and char.isprintable()):
+            raise DkvmError(f"{name}: the value has {char!r} at position {index}: "
+                            "use printable ASCII only")
+
+
+def quoted_name(name):
+    """An environment variable's name as an error quotes it: one short line."""
+    if len(name) <= MAX_QUOTED_NAME and name.isascii() and name.isprintable():
+        return name
+    return repr(name[:MAX_QUOTED_NAME]) + ("..." if len(name) > MAX_QUOTED_NAME else "")
+
+
+def quoted(value):
+    """A value as an error quotes it: repr, cut short (a value may be 4096 characters)."""
+    return repr(value) if len(value) <= 80 else repr(value[:60]) + "..."
+
+
+def whole_number(text):
+    """The value of a decimal number that a kind has stripped, or None."""
+    if not text.isascii() or not text.isdigit() or len(text) > MAX_DIGITS:
+        return None
+    return int(text)
 
 
 class Bool:
@@ -24,25 +64,33 @@ class Bool:
         word = value.strip().lower()
         if word in self.TRUE or word in self.FALSE:
             return word in self.TRUE
-        raise DkvmError(f"{name}={value!r} is not valid: use 1 or 0")
+        raise DkvmError(f"{name}={quoted(value)} is not valid: use 1 or 0")
 
     def show(self, value):
         return "1" if value else "0"
 
 
 class Size:
-    """Bytes, written as `64m`, `512k`, `1g` (an optional trailing `b`)."""
+    """Bytes, written as `64m`, `512k`, `1g` (an optional trailing `b`), up to `limit`."""
     type = int
     accepts = "size (`64m`, `1g`)"
+
+    def __init__(self, limit=1 << 40):
+        self.limit = limit
 
     def parse(self, name, value, context):
         text = value.strip().lower()
         if text.endswith("b"):
             text = text[:-1]
-        digits, unit = (text[:-1], text[-1]) if text[-1:] in "kmg" else (text, "")
-        if not digits.isdigit() or not digits.isascii() or int(digits) == 0:
-            raise DkvmError(f"{name}={value!r} is not valid: use a size such as 64m, 512m or 1g")
-        return int(digits) * SIZE_UNITS[unit]
+        digits, unit = (text[:-1], text[-1]) if text[-1:] in ("k", "m", "g") else (text, "")
+        number = whole_number(digits)
+        if not number:
+            raise DkvmError(f"{name}={quoted(value)} is not valid: use a size such as 64m, "
+                            "512m or 1g")
+        if number * SIZE_UNITS[unit] > self.limit:
+            raise DkvmError(f"{name}={quoted(value)} is too large: at most "
+                            f"{self.show(self.limit)}")
+        return number * SIZE_UNITS[unit]
 
     def show(self, value):
         for unit in "gmk":
@@ -52,16 +100,19 @@ class Size:
 
 
 class Seconds:
-    """A whole number of seconds, `90` or `90s`."""
+    """A whole number of seconds, `90` or `90s`, at most a week (a bound the timers
+    that use it hold, far beyond any boot)."""
     type = int
     accepts = "seconds (`90`, `300s`)"
 
     def parse(self, name, value, context):
-        text = value.strip().lower().removesuffix("s")
-        if not text.isdigit() or not text.isascii() or int(text) == 0:
-            raise DkvmError(f"{name}={value!r} is not valid: use a number of seconds such as "
-                            "90 or 300s")
-        return int(text)
+        seconds = whole_number(value.strip().lower().removesuffix("s"))
+        if not seconds:
+            raise DkvmError(f"{name}={quoted(value)} is not valid: use a number of seconds "
+                            "such as 90 or 300s")
+        if seconds > WEEK:
+            raise DkvmError(f"{name}={quoted(value)} is too long: at most {WEEK}s (a week)")
+        return seconds
 
     def show(self, value):
         return f"{value}s"
@@ -76,7 +127,8 @@ class Choice:
 
     def parse(self, name, value, context):
         if value not in self.values:
-            raise DkvmError(f"{name}={value!r} is not valid: use one of {', '.join(self.values)}")
+            raise DkvmError(f"{name}={quoted(value)} is not valid: use one of "
+                            f"{', '.join(self.values)}")
         return value
 
     def show(self, value):
@@ -97,14 +149,23 @@ class Text:
 class KernelAppend(Text):
     """Arguments added to the guest kernel's command line; `-name` takes one of
     DKVM's own away (kernel_args.REMOVABLE)."""
-    accepts = "kernel arguments; `-name` removes DKVM's argument `name`"
+    accepts = ("kernel parameters (`module.param=value`, the kernel's own such as "
+               "`loglevel=4`); `-name` removes DKVM's argument `name`")
+    max_length = kernel_args.MAX_APPEND
 
     def parse(self, name, value, context):
         unknown = kernel_args.unknown_removals(value)
         if unknown:
             raise DkvmError(f"{name}: -{unknown[0]} removes none of DKVM's kernel arguments; "
                             f"removable: {' '.join(kernel_args.REMOVABLE)}")
-        return value
+        added, _ = kernel_args.split_user_append(value)
+        for word in added:
+            why = kernel_args.refusal(word)
+            if why:
+                raise DkvmError(f"{name}: {word} is not accepted: {why}; use kernel parameters "
+                                "(module.param=value, or the kernel's own such as loglevel=4, "
+                                "mitigations=off)")
+        return " ".join(value.split())
 
 
 IMAGE_KERNEL = "image"          # DKVM_KERNEL=image: the kernel the image carries
@@ -126,7 +187,7 @@ class KernelName:
         if dist in kernels and (not release or release == kernels[dist].release):
             return dist
         known = ", ".join(f"{d} or {d}/{boot.release}" for d, boot in sorted(kernels.items()))
-        raise DkvmError(f"{name}={value!r}: no such kernel; available: {known}, or "
+        raise DkvmError(f"{name}={quoted(value)}: no such kernel; available: {known}, or "
                         f"{IMAGE_KERNEL} (the image's own)")
 
     def show(self, value):
@@ -135,73 +196,107 @@ class KernelName:
 
 DISK_FILESYSTEMS = ("ext4", "ext3", "ext2")
 MIN_DISK = 16 << 20
+# A disk is a sparse file in the container's tree, on the host's filesystem: ext4 with
+# 4 KiB blocks holds a file of at most 2^32 - 1 blocks (16 TiB less 4 KiB; `truncate`
+# beyond fails with EFBIG), and mke2fs makes ext2, ext3 and ext4 of that size.
+MAX_DISK = ((1 << 32) - 1) * 4096
 
 
 class Disks:
     """`<file>,<mount point>,<filesystem>,<size>`, `;` between disks: a file in the
-    container (made sparse and formatted on first use) that the guest mounts."""
-    type = str
+    container (made sparse and formatted on first use) that the guest mounts. Read
+    once, into the plan's records (schema.Disk, each given its serial at create)."""
+    type = list
     accepts = "`<file>,<mount point>,<ext4/ext3/ext2>,<size>`, `;` between disks"
 
     def parse(self, name, value, context):
-        disks = disk_entries(value, name)
-        return ";".join(",".join([file, mount, fs, str(size)])
-                        for file, mount, fs, size in disks)
+        return disk_records(value, name)
 
     def show(self, value):
-        return value or "empty"
+        return ";".join(f"{disk.file},{disk.mount_point},{disk.filesystem},"
+                        f"{Size().show(disk.size)}" for disk in value) or "empty"
 
 
-def disk_entries(text, name="DKVM_DISKS"):
-    """[(file, mount point, filesystem, size in bytes)] from DKVM_DISKS' text."""
+def disk_records(text, name):
+    """[schema.Disk] from DKVM_DISKS' text (schema is imported here, not above: it
+    imports this table)."""
+    from dkvm.schema import Disk
     disks, mount_points = [], set()
     for entry in filter(None, (part.strip() for part in text.split(";"))):
         fields = [field.strip() for field in entry.split(",")]
         if len(fields) != 4:
-            raise DkvmError(f"{name}={entry!r} is not valid: use <file>,<mount point>,"
+            raise DkvmError(f"{name}={quoted(entry)} is not valid: use <file>,<mount point>,"
                             "<filesystem>,<size>, e.g. /disks/docker.img,/var/lib/docker,ext4,10g")
         file, mount, fs, size = fields
         for what, path in (("file", file), ("mount point", mount)):
             if not path.startswith("/") or path.rstrip("/") == "" or "/../" in path + "/":
-                raise DkvmError(f"{name}: the {what} {path!r} must be an absolute path "
+                raise DkvmError(f"{name}: the {what} {quoted(path)} must be an absolute path "
                                 "below /, without ..")
         if fs not in DISK_FILESYSTEMS:
-            raise DkvmError(f"{name}: filesystem {fs!r} is not supported: use "
+            raise DkvmError(f"{name}: filesystem {quoted(fs)} is not supported: use "
                             f"{', '.join(DISK_FILESYSTEMS)}")
-        size = Size().parse(f"{name} size", size, None)
+        size = Size(limit=MAX_DISK).parse(f"{name} size", size, None)
         if size < MIN_DISK:
             raise DkvmError(f"{name}: a disk of {size} bytes is too small: use at least 16m")
         mount = mount.rstrip("/")
         if mount in mount_points:
             raise DkvmError(f"{name}: two disks at {mount}")
         mount_points.add(mount)
-        disks.append((file, mount, fs, size))
+        disks.append(Disk(file=file, mount_point=mount, filesystem=fs, size=size))
     return disks
 
 
-class Option:
-    __slots__ = ("env", "attr", "kind", "default", "runtime_arg")
+class OperatorOnly:
+    """The values of an option that weaken the boundary: the operator's to set (the
+    runtime's arguments), a container's only where the operator allows `permission`
+    (host.policy). The image's ENV is a container's environment too."""
+    __slots__ = ("permission", "applies")
 
-    def __init__(self, env, attr, kind, default, runtime_arg=None):
+    def __init__(self, permission, applies):
+        self.permission, self.applies = permission, applies     # applies(parsed value)
+
+
+def is_image_kernel(kernel):
+    return kernel.partition("/")[0] == IMAGE_KERNEL
+
+
+PREFIX = "DKVM_"
+RUNTIME_ARG_PREFIX = "--dkvm-"
+
+
+class Option:
+    """`attr` names the option's field in the plan's Options record (`plan.options.<attr>`),
+    or with `plan_field` the plan's own field (`plan.<attr>`): DKVM_DISKS' records are
+    the plan's disks, in one place."""
+    __slots__ = ("env", "attr", "kind", "default", "operator_only", "runtime_arg", "plan_field")
+
+    def __init__(self, env, attr, kind, default, operator_only=None, plan_field=False):
         self.env, self.attr, self.kind, self.default = env, attr, kind, default
-        self.runtime_arg = runtime_arg      # also settable host-wide, in daemon.json
+        self.operator_only, self.plan_field = operator_only, plan_field
+        # each is also the operator's, host-wide: a runtime argument in daemon.json
+        self.runtime_arg = RUNTIME_ARG_PREFIX + env[len(PREFIX):].lower().replace("_", "-")
 
 
 OPTIONS = [
-    Option("DKVM_ACCEL", "accel", Choice("auto", "kvm", "tcg"), "auto",
-           runtime_arg="--dkvm-accel"),
-    Option("DKVM_KERNEL", "kernel", KernelName(), "dkvm"),
-    Option("DKVM_KERNEL_APPEND", "kernel_append", KernelAppend(), ""),
+    Option("DKVM_ACCEL", "accel", Choice("auto", "kvm", "tcg"), "auto"),
+    Option("DKVM_KERNEL", "kernel", KernelName(), "dkvm",
+           OperatorOnly("DKVM_KERNEL=image", is_image_kernel)),
+    Option("DKVM_KERNEL_APPEND", "kernel_append", KernelAppend(), "",
+           OperatorOnly("DKVM_KERNEL_APPEND", bool)),
     Option("DKVM_KERNEL_DEBUG", "kernel_debug", Bool(), False),
     Option("DKVM_KERNEL_MOUNT_LIB_MODULES", "kernel_lib_modules", Bool(), False),
     Option("DKVM_DEV_SHM_SIZE", "dev_shm_size", Size(), 64 << 20),
-    Option("DKVM_SYS_ADMIN", "sys_admin", Bool(), False),
+    Option("DKVM_SYS_ADMIN", "sys_admin", Bool(), False, OperatorOnly("DKVM_SYS_ADMIN", bool)),
     Option("DKVM_BOOT_TIMEOUT", "boot_timeout", Seconds(), 180),
     Option("DKVM_WATCHDOG", "watchdog", Seconds(), 120),
-    Option("DKVM_DISKS", "disk_list", Disks(), ""),
+    Option("DKVM_DISKS", "disks", Disks(), [], plan_field=True),
 ]
 BY_ENV = {option.env: option for option in OPTIONS}
-PREFIX = "DKVM_"
+BY_RUNTIME_ARG = {option.runtime_arg: option for option in OPTIONS}
+# What the operator may allow containers to set (host.policy, --dkvm-allow)
+PERMISSIONS = tuple(option.operator_only.permission for option in OPTIONS
+                    if option.operator_only)
+ALLOW_ARG = "--dkvm-allow"
 
 
 def split_env(env):
@@ -216,15 +311,55 @@ def split_env(env):
     return workload, settings
 
 
-def parse_settings(settings, context, defaults=None):
-    """{attr: value} for every option: the DKVM_* settings over `defaults` (the
-    runtime's own arguments) over each option's default. Raises DkvmError naming the
-    first bad one."""
-    values = {option.attr: option.default for option in OPTIONS}
-    values.update(defaults or {})
+def parse_value(option, name, value, context):
+    """An option's value from its text, `name` (the variable or the runtime argument)
+    naming it in the one line of an error."""
+    check_text(name, value, getattr(option.kind, "max_length", MAX_TEXT))
+    return option.kind.parse(name, value, context)
+
+
+def parse_permissions(name, text):
+    """The permissions a comma-separated list (`--dkvm-allow`) names."""
+    check_text(name, text)
+    names = [word.strip() for word in text.split(",") if word.strip()]
+    for word in names:
+        if word not in PERMISSIONS:
+            raise DkvmError(f"{name}: {word} is not a permission: use {', '.join(PERMISSIONS)}")
+    return set(names)
+
+
+def copy_default(default):
+    """A default of its own for each container (a list is shared by every row's reader)."""
+    return list(default) if isinstance(default, list) else default
+
+
+def parse_settings(settings, context, runtime_args=None, policy_allows=()):
+    """{attr: value} for every option: the container's DKVM_* `settings` over the
+    operator's (`runtime_args`: {--dkvm-<option>: text}, and --dkvm-allow) over each
+    option's default. A container's value that weakens the boundary needs the
+    operator's permission: in `policy_allows` (the host's policy file) or
+    --dkvm-allow. Raises DkvmError naming the first bad one."""
+    values = {option.attr: copy_default(option.default) for option in OPTIONS}
+    allowed = set(policy_allows)
+    for arg, text in (runtime_args or {}).items():
+        if arg == ALLOW_ARG:
+            allowed |= parse_permissions(arg, text)
+        else:
+            option = BY_RUNTIME_ARG.get(arg)
+            if option is None:
+                raise DkvmError(f"unknown runtime argument {arg}")
+            values[option.attr] = parse_value(option, arg, text, context)
     for name, value in settings.items():
         option = BY_ENV.get(name)
         if option is None:
-            raise DkvmError(f"unknown option {name}: DKVM accepts {', '.join(sorted(BY_ENV))}")
-        values[option.attr] = option.kind.parse(name, value, context)
+            raise DkvmError(f"unknown option {quoted_name(name)}: DKVM accepts "
+                            f"{', '.join(sorted(BY_ENV))}")
+        values[option.attr] = parse_value(option, name, value, context)
+        rule = option.operator_only
+        if rule and rule.applies(values[option.attr]) and rule.permission not in allowed:
+            shown = value if len(value) <= 60 else value[:60] + "..."
+            raise DkvmError(f"{name}={shown} is the operator's to set, not the container's: "
+                            f"allow {rule.permission} in {paths.POLICY_FILE} "
+                            f"(\"container_may_set\") or with the runtime argument "
+                            f"{ALLOW_ARG}={rule.permission}")
     return values

@@ -1,5 +1,5 @@
-"""Where things live: on the host, in the container, and in the guest; and the
-environment variables that carry the plan and exec requests into the container.
+"""Where things live: on the host, in the container, and in the guest; and where the
+plan and each exec's request reach the container side (handoff).
 
 The container's root is DKVM's own (a skeleton of empty mount points, read-only): the
 payload at PAYLOAD_MOUNT, private tmpfs at /run, /tmp and /etc, and SHARE_DIR, the one
@@ -14,6 +14,9 @@ the build id.
 import os
 
 HOST_STATE_DIR = "/var/lib/dkvm"
+# The operator's policy: which options that weaken the boundary a container may set
+# (host.policy). In /etc, the operator's, not in the state directory install replaces.
+POLICY_FILE = "/etc/dkvm/policy.json"
 PAYLOAD_MOUNT = "/.dkvm"
 SHARE_DIR = "/share"                      # what virtiofsd serves
 SHARED_ROOTFS = SHARE_DIR + "/rootfs"     # the image's root, the workload's root
@@ -36,6 +39,10 @@ EXEC_SOCKET = RUN_DIR + "/exec.sock"      # dkvm-exec relays connect here
 SIGNAL_SOCKET = RUN_DIR + "/signal.sock"  # the runtime asks for SIGKILL/SIGSTOP here
 IMAGE_INITRD = RUN_DIR + "/initrd.img"    # DKVM_KERNEL=image: made at start from its modules
 GUEST_INIT_DIR = "guest-init"             # in the payload: the guest's first scripts
+# In a payload kernel's lib/modules/<release>: depmod's modules.devname, renamed. For
+# the guest's init (guest.world); under its own name a systemd without kmod would fail
+# kmod-static-nodes.service (skipped where there is no modules.devname).
+STATIC_NODES = "dkvm.static-nodes"
 # A kernel with virtio and virtiofs built in mounts the export as its root and starts
 # dkvm-vm-init from the payload there (DIRECT_PAYLOAD, the payload as seen from the
 # export's top) with ENTER_OWN_ROOT: init first builds its own root in DIRECT_ROOT.
@@ -44,8 +51,8 @@ DIRECT_ROOT = DIRECT_PAYLOAD + "/" + GUEST_INIT_DIR + "/root"
 ENTER_OWN_ROOT = "--enter-own-root"
 EMBEDDED_DNS = ("127.0.0.11", 53)         # Docker's DNS server in the container's namespace
 
-PLAN_ENV = "DKVM_PLAN"                    # the entrypoint's plan (schema.Plan, JSON)
-EXEC_ENV = "DKVM_EXEC"                    # the exec relay's request (schema.ExecRequest)
+PLAN_FILE = "plan.json"                   # in the container's root: the entrypoint's plan
+EXEC_REQUEST_FD = "--request-fd"          # the exec relay's argument: its request's descriptor
 
 
 def host_payload_dir(build_id):

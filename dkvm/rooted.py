@@ -1,43 +1,75 @@
 """Files inside a tree that is not ours (the image's): every path is resolved as if that
 tree were the root, so no link the image holds can lead the opener to a file of its
-own (openat2 with RESOLVE_IN_ROOT; magic links refused). Reads are bounded."""
+own (openat2 with RESOLVE_IN_ROOT; magic links refused). Reads are bounded.
+
+Nothing is opened before its type is known: a path is first opened O_PATH (which runs
+no driver's open and never blocks on a FIFO), checked from that descriptor, and only a
+regular file is then opened for I/O, through /proc/self/fd (the same inode, not the
+path again: nothing can be swapped in between)."""
 import ctypes
+import errno
 import os
 import stat
 
 SYS_OPENAT2 = 437                         # x86_64
-RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
+# openat2's resolve flags (linux/openat2.h)
+RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_IN_ROOT = 0x02, 0x04, 0x10
 
 
 def open_in_root(root, path, flags, mode=0):
     """An fd for `path` as seen from the directory `root`; raises OSError."""
-    libc = ctypes.CDLL(None, use_errno=True)
     dirfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        how = (ctypes.c_uint64 * 3)(flags | os.O_CLOEXEC, mode,
-                                    RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-        fd = libc.syscall(SYS_OPENAT2, dirfd, path.encode(), how, ctypes.sizeof(how))
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-        return fd
+        return openat2(dirfd, path, flags, mode)
     finally:
         os.close(dirfd)
 
 
-def open_regular(root, path, limit):
-    """A regular file of at most `limit` bytes, open for reading; OSError otherwise."""
-    fd = open_in_root(root, path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+def openat2(dirfd, path, flags, mode=0, resolve=RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS):
+    """An fd for `path` below the directory `dirfd`, resolved as `resolve` says."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    how = (ctypes.c_uint64 * 3)(flags | os.O_CLOEXEC, mode, resolve)
+    fd = libc.syscall(SYS_OPENAT2, dirfd, os.fsencode(path), how, ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fd
+
+
+def open_regular(root, path, limit, flags=os.O_RDONLY):
+    """A regular file of at most `limit` bytes, open with `flags` (O_RDONLY, O_RDWR);
+    OSError otherwise."""
+    where = open_in_root(root, path, os.O_PATH)
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(0, "not a regular file", path)
-        if info.st_size > limit:
-            raise OSError(0, f"larger than {limit >> 20} MiB", path)
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
+        return reopen_regular(where, path, limit, flags)
+    finally:
+        os.close(where)
+
+
+def open_or_create_regular(root, path, mode, flags=os.O_RDWR):
+    """A regular file open with `flags`, made empty (O_EXCL: never through a link, never
+    over something there) if there was nothing at `path`; OSError otherwise (also for a
+    link to nothing: where the file would go is the image's to choose)."""
+    for _ in range(2):          # once more if something appeared between the two opens
+        try:
+            return open_regular(root, path, 1 << 62, flags)
+        except FileNotFoundError:
+            pass
+        try:
+            return open_in_root(root, path, flags | os.O_CREAT | os.O_EXCL | os.O_NOCTTY, mode)
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, "a link to nothing (or it keeps changing)", path)
+
+
+def reopen_regular(where, path, limit, flags):
+    """`where` (an O_PATH descriptor) open for I/O, if it is a regular file."""
+    info = os.fstat(where)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(0, "not a regular file", path)
+    if info.st_size > limit:
+        raise OSError(0, f"larger than {limit >> 20} MiB", path)
+    return os.open(f"/proc/self/fd/{where}", flags | os.O_NOCTTY | os.O_CLOEXEC)
 
 
 def read_file(root, path, limit):
@@ -66,7 +98,8 @@ def read_head(root, path, count):
 
 
 def list_dir(root, path, limit=4096):
-    """The names in a directory (at most `limit`); OSError otherwise."""
+    """The names in a directory (at most `limit`); OSError otherwise. (O_DIRECTORY is
+    checked before anything is opened: a device or FIFO is refused unopened.)"""
     fd = open_in_root(root, path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         names = []

@@ -8,7 +8,7 @@ it (`set_by`); nothing else writes it.
 
 Records are plain classes (dataclasses cost the guest an import under TCG). Built
 from code they trust their arguments; `from_dict` checks what comes from elsewhere
-(the plan from the environment, a frame from the guest): each field's type, nested
+(the plan from its file, a frame from the guest): each field's type, nested
 records, and any range, raising SchemaError (a ValueError) that names the field.
 """
 from dkvm import lightjson
@@ -192,7 +192,7 @@ class ExecStart(Record):
 
 
 class ExecRequest(Record):
-    """What the runtime hands the exec relay (in its environment) at `runc exec`."""
+    """What the runtime hands the exec relay (as a descriptor: handoff) at `runc exec`."""
     FIELDS = {"container_id": Field(str, ""), "process": Field(Process, Process)}
 
 
@@ -265,8 +265,10 @@ class NetChange(Record):
 
 class Options(Record):
     """The DKVM_* options, one field per row of options.OPTIONS (`accel` resolved to
-    kvm or tcg at create)."""
-    FIELDS = {option.attr: Field(option.kind.type, option.default) for option in OPTIONS}
+    kvm or tcg at create) but those whose value is a field of the plan itself
+    (`plan_field`: DKVM_DISKS is the plan's `disks`)."""
+    FIELDS = {option.attr: Field(option.kind.type, option.default) for option in OPTIONS
+              if not option.plan_field}
 
 
 class Tmpfs(Record):
@@ -298,6 +300,11 @@ class Device(Record):
               "gid": Field(int, 0, in_range(0, MAX_ID))}
 
 
+# `docker exec`s running at once in one container, at most; a plan's own cap
+# (max_execs) is what its memory limit has room for (host.rewrite.exec_slots).
+MOST_EXECS = 24
+
+
 class Plan(Record):
     FIELDS = {
         "container_id": Field(str, ""),
@@ -306,6 +313,7 @@ class Plan(Record):
         "cpus": Field(int, 0),                  # 0: as many as the container may use
         "memory_mib": Field(int, 1024),         # guest RAM
         "tcg_cache_mib": Field(int, 0),         # TCG's translation cache (0 under KVM)
+        "max_execs": Field(int, MOST_EXECS, in_range(1, MOST_EXECS)),   # at once; more refused
         "boot": Field(Boot, Boot),
         "hostname": Field(str, ""),
         "domainname": Field(str, ""),
@@ -324,13 +332,16 @@ class Plan(Record):
         "sysctl": Field(MapOf(str), {}),        # `--sysctl`, `--domainname`
         "tmpfs": Field(ListOf(Tmpfs), []),      # `--tmpfs`: mounted in the guest
         "devices": Field(ListOf(Device), []),   # `--device`: made in the guest's /dev
-        "disks": Field(ListOf(Disk), []),       # DKVM_DISKS
+        "disks": Field(ListOf(Disk), []),       # DKVM_DISKS, as options.Disks reads it
         "pids_limit": Field(int, 0, in_range(0, MAX_ID)),   # `--pids-limit`, 0: none
         "dns_upstream": Field(ListOf(str), []),  # the host's name servers
         "winsize": Field(ListOf(int), [], set_by=ENTRYPOINT),      # [rows, cols], with -t
         # the limits runc's process would have had where config.json sets none: the
         # entrypoint's own (the engine's), for the workload and every exec
         "default_rlimits": Field(ListOf(Rlimit), [], set_by=ENTRYPOINT),
+        # RLIMIT_NOFILE [soft, hard] as the engine gives it (the runtime's own): the
+        # container side's own is raised for virtiofsd (host.rewrite), not the workload's
+        "engine_nofile": Field(ListOf(int), []),
         "interfaces": Field(ListOf(Interface), [], set_by=ENTRYPOINT),
         "network_setup": Field(ListOf(NetStep), [], set_by=ENTRYPOINT),
     }

@@ -36,8 +36,10 @@ INIT = 16       # guest -> host: init is up and has its control port open: send 
 PLAN = 17       # host -> guest: the plan (schema.Plan): nothing of it is in the export
 HEARTBEAT = 18  # guest -> host: init's loop turns (every HEARTBEAT_INTERVAL): the VM is alive
 HEARTBEAT_INTERVAL = 5
+RELEASE = 19    # host -> guest: virtiofsd nears its descriptor limit (one per inode the
+                #   guest knows): let go of the inodes nothing uses
 TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR, RESIZE, EXEC_START, STDIN, STDOUT, STDERR,
-         EXEC_EXIT, WINDOW, CLOSE, DNS, NET, INIT, PLAN, HEARTBEAT}
+         EXEC_EXIT, WINDOW, CLOSE, DNS, NET, INIT, PLAN, HEARTBEAT, RELEASE}
 # Flow control for exec streams: a sender may have this many data bytes unconsumed
 # by the far end; data frames carry at most MAX_DATA bytes.
 STREAM_WINDOW = 256 << 10

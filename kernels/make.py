@@ -19,6 +19,7 @@ from pathlib import Path
 from dkvm.errors import DkvmError
 from dkvm.image_kernel import boot_initramfs
 from dkvm.initramfs import BOOT_MODULES, load_order, modinfo_depends, module_name
+from dkvm.paths import STATIC_NODES
 from dkvm.schema import Boot
 
 KERNELS = Path(__file__).resolve().parent
@@ -97,6 +98,7 @@ def assemble(name, recipe, compiled, kdir, busybox, init):
     kdir.mkdir(parents=True)
     shutil.copyfile(compiled / "vmlinux", kdir / "vmlinux")
     shutil.copytree(compiled / "lib", kdir / "lib", symlinks=False)
+    rename_static_nodes(kdir / "lib" / "modules" / release)
     initrd = ""
     if recipe["boot"]["initramfs"]:
         initrd = "initrd.img"
@@ -108,6 +110,15 @@ def assemble(name, recipe, compiled, kdir, busybox, init):
     boot = Boot(name=name, release=release, kernel="vmlinux", initrd=initrd,
                 modules="lib/modules", source=(compiled / "source").read_text().strip())
     (kdir / "boot.json").write_text(boot.to_json() + "\n")
+
+
+def rename_static_nodes(modules):
+    """The guest's init makes the device nodes depmod lists in modules.devname; the
+    workload sees the same tree at /lib/modules/<release>, where systemd would have
+    kmod make them (and fail without kmod): under runc there is no such file."""
+    devname = modules / "modules.devname"
+    if devname.exists():
+        devname.rename(modules / STATIC_NODES)
 
 
 # --- Debian's stock kernel -----------------------------------------------------------

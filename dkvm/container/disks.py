@@ -1,6 +1,7 @@
 """DKVM_DISKS on the container side: each backing file opened inside the image's
 tree (its links resolved as if that tree were the root: nothing the image holds can
-point the container side at a file of its own), made sparse at its size and
+point the container side at a file of its own, and nothing but a regular file is
+ever opened: a device node or FIFO there is refused unopened), made sparse at its size and
 formatted by the payload's mke2fs on first use, and handed to QEMU as an open file.
 The guest mounts it; the container side never reads what is on it."""
 import os
@@ -9,7 +10,7 @@ import subprocess
 
 from dkvm import paths
 from dkvm.errors import DkvmError
-from dkvm.rooted import open_in_root
+from dkvm.rooted import open_or_create_regular
 
 FORMAT_TIMEOUT = 120
 
@@ -31,8 +32,7 @@ def open_disks(disks, root=paths.SHARED_ROOTFS):
 
 def open_disk(disk, root):
     try:
-        fd = open_in_root(root, disk.file, os.O_RDWR | os.O_CREAT | os.O_NOCTTY | os.O_NONBLOCK,
-                          0o600)
+        fd = open_or_create_regular(root, disk.file, 0o600)
     except OSError as err:
         raise DkvmError(f"DKVM_DISKS: cannot open {disk.file} in the container: "
                         f"{err.strerror}") from None
@@ -43,7 +43,6 @@ def open_disk(disk, root):
         if info.st_size == 0:
             os.ftruncate(fd, disk.size)
             format_disk(fd, disk)
-        os.set_blocking(fd, True)
         return fd
     except BaseException:
         os.close(fd)

@@ -16,6 +16,24 @@ from dkvm.errors import DkvmError
 from dkvm.schema import ExecStart
 
 VM_GONE_STATUS = 137
+EXEC_FAILED = 126           # runc's status for an exec it could not start
+# Relays are what the container side may lose first if its memory limit runs out:
+# never QEMU (raising one's own oom_score_adj needs no capability).
+OOM_SCORE_ADJ = b"1000"
+
+
+def yield_to_the_vm():
+    """Make this relay, not QEMU, what the kernel's OOM killer takes in this container
+    (the exec fails; the VM runs on). First thing at start: a relay takes its memory
+    as it imports."""
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, OOM_SCORE_ADJ)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def connect(path, timeout):
@@ -51,6 +69,7 @@ class ExecRelay:
                 self.step()
             return self.status
         except (BrokenPipeError, ConnectionResetError):   # gone with our frames unread
+            self.read_refusal()
             return vm_gone()
         finally:
             self.stop_watching_resizes()
@@ -88,6 +107,20 @@ class ExecRelay:
                 except wire.ProtocolError as err:
                     warn(str(err))
 
+    def read_refusal(self):
+        """The supervisor may have refused us (on_frame raises its line) and closed the
+        socket before reading our request: what it sent is still ours to read."""
+        self.sock.setblocking(False)
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            for frame in wire.feed_tolerant(self.decoder, data, warn):
+                self.on_frame(frame)
+
     def send_size(self):
         size = terminal.get_size(0)
         if size:
@@ -105,6 +138,8 @@ class ExecRelay:
             self.credit += frame.record().bytes
         elif frame.type == wire.EXEC_EXIT:
             self.status = frame.record().status
+        elif frame.type == wire.ERROR:          # the supervisor refused this exec
+            raise DkvmError(log.printable(frame.record().message), EXEC_FAILED)
 
 
 def vm_gone():

@@ -5,6 +5,7 @@ import stat
 import subprocess
 
 from dkvm import paths
+from dkvm.log import printable
 from dkvm.container.signal_inbox import unblock_all_signals
 from dkvm.container.vmm import qemu_argv, qemu_env, virtiofsd_argv
 from dkvm.errors import DkvmError
@@ -13,6 +14,7 @@ LOG_TAIL = 400              # characters of a log quoted in an error
 QEMU_END_GRACE = 1          # s: QEMU exiting after virtiofsd saw its socket close
 SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE = 434, 440      # x86_64
 MADV_PAGEOUT = 21
+NR_OPEN_DEFAULT = 1 << 20   # the kernel's fs.nr_open: no RLIMIT_NOFILE goes above it
 
 
 class Child:
@@ -45,7 +47,7 @@ class VmProcesses:
         at once."""
         log = open(paths.VIRTIOFSD_LOG, "wb")
         fd = listener.fileno()
-        proc = subprocess.Popen(virtiofsd_argv(fd, plan.options.sys_admin),
+        proc = subprocess.Popen(virtiofsd_argv(fd, plan.options.sys_admin, most_descriptors()),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 pass_fds=(fd,), preexec_fn=unblock_all_signals)
         listener.close()
@@ -75,9 +77,12 @@ class VmProcesses:
         once the guest runs its copy, those pages leave QEMU (its PSS drops by the
         kernel's size). Best effort: a host without process_madvise keeps them. Once:
         a guest asking for its plan again gets no more work done here."""
-        if self.qemu is None or boot.from_image or self.kernel_released:
-            return                      # a bzImage is read, not mapped
+        if self.qemu is None or self.kernel_released:
+            return
         self.kernel_released = True
+        if boot.from_image:             # a bzImage is read, not mapped; its initramfs
+            remove_quietly(paths.IMAGE_INITRD)  # in /run (memory) is QEMU's already
+            return
         try:
             kernel = os.stat(boot.kernel)
             with open(f"/proc/{self.qemu.proc.pid}/maps") as f:
@@ -87,6 +92,22 @@ class VmProcesses:
             pass
 
     # --- what the supervisor asks
+    def virtiofsd_descriptors(self):
+        """(descriptors virtiofsd has open, the most it may), (0, 0) when unknown. The
+        size of its descriptor table (in /proc/PID/status) first: the directory of its
+        descriptors is listed only once that table is past half the limit."""
+        if self.virtiofsd is None or self.virtiofsd.exited():
+            return 0, 0
+        pid, most = self.virtiofsd.proc.pid, most_descriptors()
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                table = next(int(line.split()[1]) for line in f if line.startswith("FDSize:"))
+            if table * 2 < most:
+                return min(table, most), most
+            return len(os.listdir(f"/proc/{pid}/fd")), most
+        except (OSError, StopIteration, ValueError, IndexError):
+            return 0, 0
+
     def check(self, helpers_only=False):
         """Raise if a child died while it was needed (with `helpers_only`, virtiofsd:
         the VM cannot go on without it; QEMU's own end is the caller's to judge).
@@ -178,6 +199,21 @@ def page_out(pid, ranges):
         os.close(pidfd)
 
 
+def most_descriptors():
+    """Our hard RLIMIT_NOFILE: as many descriptors as virtiofsd may have (the guest
+    holds one there for each inode it knows)."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return NR_OPEN_DEFAULT if hard == resource.RLIM_INFINITY else hard
+
+
+def remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def start_qemu_child():
     unblock_all_signals()
     drop_capabilities()
@@ -209,9 +245,10 @@ def console_tail():
 
 
 def tail(path, limit=LOG_TAIL):
-    """A log's last lines, joined into one. Read with a bound, and only if it is a
-    regular file: never through a link, never a FIFO (the guest can reach the run
-    directory over virtiofs)."""
+    """A log's last lines, joined into one, its control characters escaped (the guest
+    writes the console log and can make QEMU's and virtiofsd's say what it likes).
+    Read with a bound, and only if it is a regular file: never through a link, never
+    a FIFO (the guest can reach the run directory over virtiofs)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -226,4 +263,4 @@ def tail(path, limit=LOG_TAIL):
         return ""
     finally:
         os.close(fd)
-    return " | ".join(data.splitlines())[-limit:]
+    return printable(" | ".join(data.splitlines())[-limit:])

@@ -26,6 +26,7 @@ PLAN_WAIT = 30
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 CONTROL_BATCH = 512 << 10   # read from the control port in one turn of the loop, at most
 START_GRACE = 0.5           # a new workload's time to set up its signal handlers
+DROP_CACHES = "/proc/sys/vm/drop_caches"    # "2": unused dentries and inodes
 
 
 def reap():
@@ -93,7 +94,8 @@ class GuestLoop:
         self.early_signals = EarlySignals(workload_pid)
         self.last_heartbeat = time.monotonic()
         self.handlers = {wire.SIGNAL: self.on_signal, wire.RESIZE: self.on_resize,
-                         wire.DNS: self.on_dns, wire.NET: self.on_net}
+                         wire.DNS: self.on_dns, wire.NET: self.on_net,
+                         wire.RELEASE: self.on_release}
 
     def send(self, data):
         write_all(self.control, data)
@@ -203,6 +205,19 @@ class GuestLoop:
 
     def on_net(self, frame):
         self.network_changes.add(frame.record())
+
+    def on_release(self, frame):
+        """virtiofsd holds a descriptor for each inode this kernel knows, and nears its
+        limit: the cached inodes nothing uses go (their FORGETs free those), as a
+        kernel under memory pressure lets them go; what is open stays."""
+        try:
+            fd = os.open(DROP_CACHES, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"2")
+            finally:
+                os.close(fd)
+        except OSError as err:
+            log.warn(f"cannot let go of cached inodes: {err.strerror}")
 
     def on_exec_frame(self, frame):
         if frame.type == wire.EXEC_START:

@@ -7,6 +7,7 @@ import _signal
 
 from dkvm.guest import syscalls
 from dkvm.kernel_names import CAPABILITIES, CAPABILITY_NUMBERS, RLIMIT_NUMBERS
+from dkvm.log import printable
 from dkvm.schema import CAPABILITY_SETS
 
 
@@ -130,13 +131,14 @@ def become_user(process):
 
 
 def report_run_failure(message):
-    os.write(2, f"dkvm: unable to start container process: {message}\n".encode())
+    """The message names the image's files: as visible text (log.printable)."""
+    os.write(2, f"dkvm: unable to start container process: {printable(message)}\n".encode())
 
 
 def report_exec_failure(message):
     """As `docker exec` shows a start failure with runc: on stdout, in these words."""
     os.write(1, ("OCI runtime exec failed: exec failed: unable to start container process: "
-                 f"{message}: unknown\r\n").encode())
+                 f"{printable(message)}: unknown\r\n").encode())
 
 
 def become_and_exec(stdio, process, report=report_run_failure, failure_status=None,

@@ -188,12 +188,7 @@ def serve_module_requests(plan):
         return
     mount_kernel_modules(plan.boot.modules, "/lib/modules")
     syscalls.write_sysctls({"kernel.modprobe": paths.payload_path("bin", "modprobe")})
-    try:
-        with open(f"/lib/modules/{plan.boot.release}/modules.devname") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return
-    for line in lines:
+    for line in static_nodes(f"/lib/modules/{plan.boot.release}"):
         fields = line.split()
         if len(fields) != 3 or line.startswith("#") or fields[2][:1] not in "cb":
             continue
@@ -203,6 +198,18 @@ def serve_module_requests(plan):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             os.mknod(path, DEVICE_TYPES[fields[2][0]] | 0o600,
                      os.makedev(int(major), int(minor)))
+
+
+def static_nodes(modules):
+    """The lines of depmod's modules.devname: a payload kernel's, under DKVM's name
+    (paths.STATIC_NODES), or an image kernel's own."""
+    for name in (paths.STATIC_NODES, "modules.devname"):
+        try:
+            with open(f"{modules}/{name}") as f:
+                return f.read().splitlines()
+        except OSError:
+            continue
+    return []
 
 
 def mount_workload_modules(plan, root):

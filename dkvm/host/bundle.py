@@ -3,12 +3,17 @@ the process file at `exec`, and the container's own root (a skeleton of mount
 points) beside them. The I/O around the pure rewrites of host.rewrite."""
 import os
 
-from dkvm import lightjson, paths
+from dkvm import handoff, lightjson, paths
 from dkvm.errors import DkvmError
-from dkvm.host import runc_cli
 
-# the container type containerd's CRI and CRI-O annotate each container with
-SANDBOX_ANNOTATIONS = ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType")
+# What containerd's CRI annotates a pod's sandbox (pause) container with: its type,
+# and the sandbox's id, which for the sandbox itself is its own container id.
+CRI_CONTAINER_TYPE, CRI_SANDBOX_ID = ("io.kubernetes.cri.container-type",
+                                      "io.kubernetes.cri.sandbox-id")
+# Where containerd's shim v2 keeps a task's bundle: <state dir>/TASK_DIR/<namespace>/<id>
+# (/run/containerd by default, /run/k3s/containerd under k3s); CRI's namespace is k8s.io.
+# Docker's are in the moby namespace, Podman's and CRI-O's under containers/storage.
+CONTAINERD_TASK_DIR, CRI_NAMESPACE = "io.containerd.runtime.v2.task", "k8s.io"
 # the container's root: a mount point for each of its mounts (paths.SKELETON)
 SKELETON_DIRS = ("proc", "dev", "sys", "run", "tmp", "etc", paths.PAYLOAD_MOUNT[1:],
                  paths.SHARED_ROOTFS[1:], paths.SHARED_PAYLOAD[1:])
@@ -41,25 +46,26 @@ class BundleLayout:
             os.makedirs(os.path.join(self.skeleton, name), mode=0o755, exist_ok=True)
 
 
-def prepare_create(create_args, defaults):
-    """Rewrite the bundle's config.json for `runc create`; what to put back once runc
-    has read it (restore_config): (path, the engine's text), or None for a config
-    runc runs as it is."""
+def prepare_create(call):
+    """Rewrite the bundle's config.json for `runc create` (`call`, a runc_cli.RuncCall);
+    what to put back once runc has read it (restore_config): (path, the engine's
+    text), or None for a config runc runs as it is."""
     from dkvm.host.facts import gather_host_facts
     from dkvm.host.rewrite import rewrite_create_config
-    bundle = runc_cli.flag_value(create_args, "--bundle", "-b") or os.getcwd()
+    bundle = call.bundle
     config_path = os.path.join(bundle, "config.json")
     with open(config_path) as f:
         original = f.read()
     config = lightjson.loads(original)
-    if is_pod_sandbox(config):
+    if is_pod_sandbox(config, bundle, call.container_id):
         return None
     layout = BundleLayout(bundle, config)
-    new = rewrite_create_config(config, gather_host_facts(defaults), layout,
-                                runc_cli.container_id(create_args))
+    new, plan = rewrite_create_config(config, gather_host_facts(call.operator), layout,
+                                      call.container_id)
     layout.make_skeleton()
+    handoff.write_plan(layout.skeleton, plan.to_json())
     if (config.get("root") or {}).get("readonly"):
-        make_mount_points(layout, new)
+        make_mount_points(layout, new, plan)
     replace_json(config_path, new)
     return config_path, original
 
@@ -70,20 +76,28 @@ def restore_config(config_path, original):
     replace_file_text(config_path, original)
 
 
-def is_pod_sandbox(config):
-    """A Kubernetes pod's sandbox (its pause container), which CRI runs with the pod's
-    runtime class too: it only holds the pod's namespaces, and runc runs it as it is
-    (the pod's DKVM container then takes the network namespace's interfaces)."""
+def is_pod_sandbox(config, bundle, container_id):
+    """A Kubernetes pod's sandbox (its pause container) that containerd's CRI runs with
+    the pod's runtime class too: it only holds the pod's namespaces, and runc runs it
+    as it is (the pod's DKVM container then takes the network namespace's interfaces).
+    The only container without a VM, so it must be proven to be CRI's by what an
+    image cannot choose: engines copy an image's annotations into the config (Podman
+    does), so the annotations alone prove nothing. CRI's sandbox is the container its
+    sandbox-id names, and its bundle is in containerd's task state for the k8s.io
+    namespace, where no other engine puts one. CRI-O's sandbox gets a VM."""
     annotations = config.get("annotations") or {}
-    return any(annotations.get(key) == "sandbox" for key in SANDBOX_ANNOTATIONS)
+    if annotations.get(CRI_CONTAINER_TYPE) != "sandbox" or not container_id or \
+            annotations.get(CRI_SANDBOX_ID) != container_id:
+        return False
+    parts = os.path.realpath(bundle).split(os.sep)
+    return parts[-3:] == [CONTAINERD_TASK_DIR, CRI_NAMESPACE, container_id]
 
 
-def make_mount_points(layout, config):
+def make_mount_points(layout, config, plan):
     """`--read-only`: the image is mounted read-only in the container, where runc
     cannot make the mount points of the mounts inside it, nor the guest those of its
     `--tmpfs`, disks and modules: make them first, as runc would have."""
     from dkvm.host.image_paths import make_mount_point
-    from dkvm.schema import Plan
     binds = []
     for mount in config["mounts"]:
         if not mount["destination"].startswith(paths.SHARED_ROOTFS + "/"):
@@ -94,8 +108,6 @@ def make_mount_points(layout, config):
                          directory=mount.get("type") != "bind" or os.path.isdir(source))
         if mount.get("type") == "bind":
             binds.append((path, source))
-    env = dict(item.partition("=")[::2] for item in config["process"]["env"])
-    plan = Plan.from_json(env[paths.PLAN_ENV])
     in_guest = [tmpfs.destination for tmpfs in plan.tmpfs] + [disk.mount_point
                                                               for disk in plan.disks]
     if plan.options.kernel_lib_modules:
@@ -104,17 +116,23 @@ def make_mount_points(layout, config):
         make_mount_point(layout.image_root, binds, layout.resolve(path, binds))
 
 
-def prepare_exec(exec_args):
-    """`runc exec --process FILE`: the process becomes the dkvm-exec relay."""
+def prepare_exec(call):
+    """`runc exec --process FILE` (`call`, a runc_cli.RuncCall): the process becomes the
+    dkvm-exec relay, which gets its request as one more descriptor (handoff). Returns
+    runc's exec arguments (after the subcommand)."""
     from dkvm.host.engines import DOCKER
     from dkvm.host.rewrite import rewrite_exec_process
-    path = runc_cli.flag_value(exec_args, "--process", "-p")
+    path = call.process_file
     if not path:
         raise DkvmError("exec without --process FILE is not supported by dkvm")
     with open(path) as f:
         process = lightjson.loads(f.read())
-    replace_json(path, rewrite_exec_process(process, runc_cli.container_id(exec_args),
-                                            DOCKER.default_capabilities))
+    exec_args, request_fd = handoff.request_descriptor(call.command_args)
+    relay, request = rewrite_exec_process(process, call.container_id,
+                                          DOCKER.default_capabilities, request_fd)
+    handoff.pass_request(request_fd, request.to_json())
+    replace_json(path, relay)
+    return exec_args
 
 
 def replace_json(path, data):

@@ -63,8 +63,13 @@ def check_rp_filter():
     return "ok", "rp_filter is loose or off", ""
 
 
+def check_policy():
+    from dkvm.host.policy import check_policy
+    return check_policy()
+
+
 CHECKS = [check_runc, check_accel, check_tun, check_ip_forward, check_br_netfilter,
-          check_rp_filter]
+          check_rp_filter, check_policy]
 
 
 def run_doctor():

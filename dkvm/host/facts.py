@@ -12,22 +12,24 @@ KVM_GET_API_VERSION = 0xAE00
 
 class HostFacts:
     def __init__(self, payload_dir, kvm_usable, kernels, defaults=None, dns_upstream=(),
-                 engine=None):
+                 engine=None, policy_allows=()):
         from dkvm.host.engines import DOCKER
         self.payload_dir = payload_dir
         self.kvm_usable = kvm_usable
         self.kernels = dict(kernels)            # dist -> schema.Boot
-        self.defaults = dict(defaults or {})    # option attr -> the runtime args' default
+        self.defaults = dict(defaults or {})    # the runtime args: --dkvm-<option> -> text
+        self.policy_allows = frozenset(policy_allows)   # host.policy: what containers may set
         self.dns_upstream = list(dns_upstream)
         self.engine = engine or DOCKER
 
 
 def gather_host_facts(defaults):
     from dkvm.host.payload import ensure_payload, payload_kernels
+    from dkvm.host.policy import read_policy
     payload_dir = ensure_payload()
     return HostFacts(payload_dir=payload_dir, kvm_usable=kvm_usable(),
                      kernels=payload_kernels(payload_dir), defaults=defaults,
-                     dns_upstream=upstream_nameservers())
+                     dns_upstream=upstream_nameservers(), policy_allows=read_policy())
 
 
 def kvm_usable():

@@ -1,5 +1,6 @@
 """`dkvm install` and `dkvm uninstall`: the files in a bin directory, the unpacked
-payload, and the runtime registered with each engine."""
+payload, the operator's policy file (host.policy), and the runtime registered with
+each engine."""
 import os
 import shutil
 
@@ -30,6 +31,8 @@ def install(bin_dir, runc, engines):
     removed, _ = prune_payloads(keep=os.path.basename(payload))
     if removed:
         print(f"dkvm: removed {len(removed)} unused payload(s) of other builds")
+    from dkvm.host.policy import install_default
+    print(f"dkvm: {install_default()}")
     for engine in engines:
         print(f"dkvm: {engine.register(os.path.join(bin_dir, 'dkvm-runtime'), runc)}")
     return 0
@@ -54,5 +57,11 @@ def uninstall(bin_dir, engines, keep_files=False):
               "containers use; run `dkvm uninstall` again once they are gone")
     elif os.path.isdir(paths.HOST_STATE_DIR):
         remove_tree(paths.HOST_STATE_DIR)
+    from dkvm.host.policy import remove_default
+    removed = remove_default()
+    if removed:
+        print(f"dkvm: {removed}")
+    elif os.path.lexists(paths.POLICY_FILE):
+        print(f"dkvm: kept {paths.POLICY_FILE}: it is not the default policy")
     print("dkvm: uninstalled")
     return 0

@@ -25,39 +25,89 @@ BLOCK_WAIT = 2              # the entrypoint's interpreter starting, on a loaded
 ENTRYPOINT = b"dkvm-ctr-entrypoint"
 
 
-def deliver_in_guest(args, index, runc):
-    """Before `runc kill`: False when runc need not run at all."""
-    signum, container = kill_target(args[index + 1:])
-    if not signum or not container:
+def deliver_in_guest(call, runc):
+    """Before `runc kill` (`call`, a runc_cli.RuncCall): False when runc need not run
+    at all."""
+    signum = kill_signal(call)
+    if not signum or not call.container_id:
         return True
-    pid = container_pid(runc, args[:index], container)
+    pid = container_pid(runc, call)
     if not pid:
         return True
     if signum not in (SIGKILL, SIGSTOP):
         wait_until_blocked(pid, signum)
         return True
-    import socket
-    from dkvm import paths, signal_request
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    from dkvm import signal_request
     try:
-        sock.settimeout(KILL_GRACE if signum == SIGKILL else STOP_WAIT)
-        sock.connect(f"/proc/{pid}/root{paths.SIGNAL_SOCKET}")
+        proc = os.open(f"/proc/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        # the process behind `proc` is held from here on: still the container's?
+        if container_pid(runc, call) != pid:
+            return True
+        sock = connect_signal_socket(proc, pid, KILL_GRACE if signum == SIGKILL else STOP_WAIT)
+    finally:
+        os.close(proc)
+    if not sock:
+        return True
+    try:
         sock.sendall(signal_request.encode(signum))
         while sock.recv(64):
             pass
-    except OSError:             # no such socket, or the guest took too long
+    except OSError:             # the guest took too long
         return True
     finally:
         sock.close()
     return signum == SIGKILL
 
 
-def kill_target(command_args):
-    """(signal number, container id) from `kill [--all|-a] ID [SIGNAL]`."""
-    positional = [arg for arg in command_args if not arg.startswith("-")]
-    if not positional:
-        return None, ""
-    return signal_number(positional[1] if len(positional) > 1 else "TERM"), positional[0]
+def connect_signal_socket(proc, pid, timeout):
+    """A connection to the entrypoint's signal socket in its private /run, or None.
+    The container side can write there (QEMU has its uid): the socket is found with no
+    link followed (openat2 from the process's root, RESOLVE_NO_SYMLINKS), must be a
+    socket, is connected through its own descriptor (the inode found, not the path
+    again), and must be the one the entrypoint (`pid`) itself listens on."""
+    import socket
+    import stat
+    import struct
+    from dkvm import paths
+    from dkvm.rooted import (RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS,
+                             openat2)
+    try:
+        root = os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc)
+    except OSError:
+        return None
+    try:
+        where = openat2(root, paths.SIGNAL_SOCKET.lstrip("/"), os.O_PATH, 0,
+                        RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+    except OSError:
+        return None
+    finally:
+        os.close(root)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not stat.S_ISSOCK(os.fstat(where).st_mode):
+            raise OSError("not a socket")
+        sock.settimeout(timeout)
+        sock.connect(f"/proc/self/fd/{where}")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        if struct.unpack("3i", creds)[0] != pid:
+            raise OSError("not the entrypoint's")
+        return sock
+    except OSError:
+        sock.close()
+        return None
+    finally:
+        os.close(where)
+
+
+def kill_signal(call):
+    """The number of the signal `kill [--all|-a] ID [SIGNAL]` sends (runc's default:
+    TERM); None for one runc does not know, or with no container named."""
+    if not call.container_id:
+        return None
+    return signal_number(call.signal or "TERM")
 
 
 def wait_until_blocked(pid, signum, timeout=BLOCK_WAIT):

@@ -20,9 +20,9 @@ import math
 from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.host.devices import guest_devices
-from dkvm.kernel_names import CAPABILITY_NUMBERS
-from dkvm.options import IMAGE_KERNEL, disk_entries, parse_settings, split_env
-from dkvm.schema import (CAPABILITY_SETS, ROOT_PROPAGATIONS, Boot, Capabilities, Disk,
+from dkvm.kernel_names import CAPABILITY_NUMBERS, RLIM_INFINITY
+from dkvm.options import IMAGE_KERNEL, parse_settings, split_env
+from dkvm.schema import (CAPABILITY_SETS, MOST_EXECS, ROOT_PROPAGATIONS, Boot, Capabilities,
                          ExecRequest, IdMapping, Options, Plan, Process, Rlimit, Tmpfs)
 
 MIB = 1 << 20
@@ -30,9 +30,19 @@ DEFAULT_GUEST_MIB = Plan.FIELDS["memory_mib"].default
 MIN_GUEST_MIB = 128
 # What the container needs beside guest RAM, inside its memory limit: QEMU's own
 # memory (heap, threads, device state), virtiofsd and the entrypoint. Measured under
-# TCG with guest RAM filled: 48 MiB of anonymous memory; the rest is headroom, and
-# file pages (the payload's code) are reclaimable.
-CONTAINER_SIDE_MIB = 80
+# TCG with guest RAM filled: 48 MiB of anonymous memory; the rest is headroom (the
+# entrypoint's exec queues: 3/4 MiB an exec), and file pages (the payload's code) are
+# reclaimable.
+VM_SIDE_MIB = 80
+# Each `docker exec` is a relay process in the container: 3.9 MiB each measured (the
+# cgroup's usage with 10 relays running; 3.4 MiB of it their own anonymous memory, the
+# rest kernel and shared code). A container runs an exec per EXEC_SHARE_MIB of its
+# limit at once, at least MIN_EXECS, at most schema.MOST_EXECS (and that many without
+# a limit): their room comes out of the limit, and a small VM is not made smaller
+# still for execs it never runs (`-m 256m`: 4 execs, 16 MiB; `-m 1g`: 16, 64 MiB).
+EXEC_RELAY_MIB = 4
+EXEC_SHARE_MIB, MIN_EXECS = 64, 4
+NR_OPEN_DEFAULT = 1 << 20   # the kernel's fs.nr_open unless the host changed it
 # Under TCG, QEMU's translation cache grows with the code the guest runs, up to
 # 1 GiB by default: it is sized to the limit (an eighth, 32-256 MiB; 256 without
 # one), so that the VM has a size a limit can hold. Smaller is slower for big
@@ -55,6 +65,53 @@ ENOSYS = 38
 CLONE3_FALLBACK = {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS}
 TUN = {"path": "/dev/net/tun", "major": 10, "minor": 200}
 KVM = {"path": "/dev/kvm", "major": 10, "minor": 232}
+# The container side's view of the host kernel is the same with or without
+# `--privileged` (which is the workload's, in its VM: the engine then clears the
+# masks, mounts /sys and cgroupfs read-write, allows every device and drops seccomp;
+# with QEMU's credentials that would open core_pattern and /sys/power/state). Its
+# masked and read-only paths: Docker's defaults, and any more the engine has there.
+CONTAINER_SIDE_MASKED_PATHS = ["/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys",
+                               "/proc/latency_stats", "/proc/timer_list",
+                               "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+                               "/sys/firmware", "/sys/devices/virtual/powercap"]
+CONTAINER_SIDE_READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                                 "/proc/sysrq-trigger"]
+# the engine's mounts of the host's sysfs and cgroupfs, read-only for the container side
+READ_ONLY_MOUNTS = {"/sys", "/sys/fs/cgroup"}
+# The devices the container side opens, after a deny-all: /dev's basics and its
+# terminal (runc adds the same defaults itself), then TUN and KVM (add_device).
+CONTAINER_SIDE_DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
+                          "urandom": (1, 9), "tty": (5, 0), "console": (5, 1),
+                          "ptmx": (5, 2), "pts/*": (136, -1)}
+CONTAINER_SIDE_DEVICE_RULES = [{"allow": False, "access": "rwm"}] + [
+    {"allow": True, "type": "c", "major": major, "minor": minor, "access": "rwm"}
+    for major, minor in CONTAINER_SIDE_DEVICES.values()]
+# The container side's seccomp profile when the engine gives none (`--privileged`,
+# `--security-opt seccomp=unconfined`). A deny list, not Docker's allow list: what it
+# refuses is what reaches the host kernel past the container side's capabilities
+# (keyrings, perf, bpf, userfaultfd, io_uring, ptrace, new namespaces, mounts,
+# modules, clocks, kexec...), while QEMU, virtiofsd (chroot, unshare(CLONE_FS)) and
+# the entrypoint keep every call they make; QEMU adds its own -sandbox. io_uring is
+# only QEMU's fast path (it falls back to ppoll). The 32-bit ABIs an x86_64 process
+# can call are filtered too, or they would go around the list.
+DENIED_SYSCALLS = [
+    "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module",
+    "delete_module", "finit_module", "fsconfig", "fsmount", "fsopen", "fspick",
+    "get_kernel_syms", "init_module", "io_uring_enter", "io_uring_register",
+    "io_uring_setup", "ioperm", "iopl", "kcmp", "kexec_file_load", "kexec_load", "keyctl",
+    "lookup_dcookie", "mount", "mount_setattr", "move_mount", "nfsservctl",
+    "open_by_handle_at", "open_tree", "perf_event_open", "pivot_root", "process_vm_readv",
+    "process_vm_writev", "ptrace", "query_module", "quotactl", "quotactl_fd", "reboot",
+    "request_key", "setns", "settimeofday", "stime", "swapoff", "swapon", "syslog", "sysfs",
+    "_sysctl", "umount", "umount2", "uselib", "userfaultfd", "ustat", "vhangup", "vm86",
+    "vm86old"]
+EPERM = 1
+# clone and unshare flags that make namespaces (CLONE_NEWTIME only means one to unshare)
+NAMESPACE_FLAGS = {"clone": [0x20000, 0x2000000, 0x4000000, 0x8000000, 0x10000000,
+                             0x20000000, 0x40000000],
+                   "unshare": [0x80, 0x20000, 0x2000000, 0x4000000, 0x8000000, 0x10000000,
+                               0x20000000, 0x40000000]}
+SECCOMP_ARCHITECTURES = ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
 # tmpfs mounts the runtime itself sets up in every container; others are the user's.
 SYSTEM_TMPFS = {"/dev", "/dev/shm", "/run/secrets", "/dev/pts", "/dev/mqueue", "/sys/fs/cgroup"}
 # the engine's mounts the container side keeps for itself (the guest has its own)
@@ -65,13 +122,15 @@ CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 def rewrite_create_config(config, host, bundle, container_id=""):
     """Return the config for the container that boots the VM running `config`'s
-    process; `host` is a host.facts.HostFacts, `bundle` a host.bundle.BundleLayout
-    (where the container's own root is, and how a path resolves in the image)."""
+    process, and the plan its entrypoint is to read from its root (handoff); `host` is
+    a host.facts.HostFacts, `bundle` a host.bundle.BundleLayout (where the container's
+    own root is, and how a path resolves in the image)."""
     config = copy.deepcopy(config)
     process = config.get("process") or {}
     linux = config.setdefault("linux", {})
     workload_env, settings = split_env(process.get("env") or [])
-    options = Options(**parse_settings(settings, host, host.defaults))
+    values = parse_settings(settings, host, host.defaults, host.policy_allows)
+    options = Options(**{name: values[name] for name in Options.FIELDS})
     options.accel = choose_accel(options.accel, host.kvm_usable)
     netns_path = host.engine.check_network_namespace(linux)
     resources = linux.setdefault("resources", {})
@@ -97,8 +156,9 @@ def rewrite_create_config(config, host, bundle, container_id=""):
         devices=guest_devices(linux),
         pids_limit=take_pids_limit(resources),
     )
-    plan.memory_mib, plan.tcg_cache_mib = plan_memory(resources, options.accel)
-    plan.disks = plan_disks(options.disk_list, config.get("mounts") or [], plan.readonly_root)
+    plan.memory_mib, plan.tcg_cache_mib, plan.max_execs = plan_memory(resources,
+                                                                       options.accel)
+    plan.disks = plan_disks(values["disks"], config.get("mounts") or [], plan.readonly_root)
     mounts, plan.tmpfs = split_user_tmpfs(config.get("mounts") or [])
     config["mounts"] = lay_out_mounts(mounts, bundle.image_root, plan.readonly_root,
                                       host.payload_dir, bundle.resolve)
@@ -106,23 +166,28 @@ def rewrite_create_config(config, host, bundle, container_id=""):
 
     process["args"] = paths.role_argv("dkvm-ctr-entrypoint")
     process["cwd"] = "/"
-    process["env"] = [f"PATH={CONTAINER_PATH}", f"{paths.PLAN_ENV}={plan.to_json()}"]
+    process["env"] = [f"PATH={CONTAINER_PATH}"]     # the plan is a file: handoff
     process["user"] = {"uid": 0, "gid": 0}
     process["noNewPrivileges"] = True
-    process.pop("rlimits", None)
+    process["rlimits"] = container_side_nofile()
+    plan.engine_nofile = engine_nofile()
     set_capabilities(process, CONTAINER_SIDE_CAPS + (["CAP_SYS_ADMIN"] if options.sys_admin
                                                      else []))
     linux["devices"] = []               # the workload's are made in the guest
+    confine_container_side(config)
     allow_container_side_syscalls(linux)
+    if not linux.get("seccomp"):
+        linux["seccomp"] = container_side_seccomp()
     add_device(linux, TUN)
     if options.accel == "kvm":
         add_device(linux, KVM)
     config["process"] = process
-    return config
+    return config, plan
 
 
-def rewrite_exec_process(process, container_id, engine_capabilities):
-    """Return the process.json for `runc exec` that relays `process` into the guest.
+def rewrite_exec_process(process, container_id, engine_capabilities, request_fd):
+    """Return the process.json for `runc exec` that relays `process` into the guest,
+    and the relay's request, which it reads from descriptor `request_fd` (handoff).
     The relay runs as root in the container with no capability (it only talks to the
     container side's control multiplexer, in root's /run); the user, env, cwd,
     terminal and limits go to the guest."""
@@ -130,14 +195,14 @@ def rewrite_exec_process(process, container_id, engine_capabilities):
     env, _ = split_env(process.get("env") or [])
     request = ExecRequest(container_id=container_id,
                           process=process_spec(process, env, engine_capabilities))
-    process["args"] = paths.role_argv("dkvm-exec")
-    process["env"] = [f"PATH={CONTAINER_PATH}", f"{paths.EXEC_ENV}={request.to_json()}"]
+    process["args"] = paths.role_argv("dkvm-exec") + [paths.EXEC_REQUEST_FD, str(request_fd)]
+    process["env"] = [f"PATH={CONTAINER_PATH}"]
     process["user"] = {"uid": 0, "gid": 0}
     process["cwd"] = "/"
     process["noNewPrivileges"] = True
     process.pop("rlimits", None)
     set_capabilities(process, [])
-    return process
+    return process, request
 
 
 def process_spec(process, env, engine_capabilities):
@@ -272,37 +337,95 @@ def tcg_cache_mib(limit_mib):
 
 
 def plan_memory(resources, accel):
-    """(guest RAM, TCG translation cache; 0 under KVM) in MiB. The container's memory
-    limit holds the whole VM, as `docker stats` shows it: guest RAM is what is left of
-    it once QEMU, its translation cache and virtiofsd have theirs, so a guest that
-    fills its RAM meets its own OOM killer, never the host's. Without a limit the
-    guest gets the default."""
+    """(guest RAM, TCG translation cache (0 under KVM), execs at once): MiB, MiB and a
+    count. The container's memory limit holds the whole VM, as `docker stats` shows
+    it: guest RAM is what is left of it once QEMU, its translation cache, virtiofsd and
+    the exec relays have theirs, so a guest that fills its RAM meets its own OOM
+    killer, never the host's. Without a limit the guest gets the default."""
     limit = ((resources.get("memory") or {}).get("limit") or 0) // MIB
     if limit <= 0:
-        return DEFAULT_GUEST_MIB, TCG_CACHE_MAX_MIB if accel == "tcg" else 0
-    cache = tcg_cache_mib(limit) if accel == "tcg" else 0
-    guest = limit - CONTAINER_SIDE_MIB - cache
+        return DEFAULT_GUEST_MIB, TCG_CACHE_MAX_MIB if accel == "tcg" else 0, MOST_EXECS
+    guest, cache, execs = split_limit(limit, accel)
     if guest < MIN_GUEST_MIB:
-        least = MIN_GUEST_MIB + CONTAINER_SIDE_MIB + (TCG_CACHE_MIN_MIB if accel == "tcg" else 0)
+        least = MIN_GUEST_MIB + container_side_mib(MIN_EXECS)
+        while split_limit(least, accel)[0] < MIN_GUEST_MIB:    # the cache grows with it
+            least += 1
         raise DkvmError(f"memory limit {limit}MiB (--memory) is too small to boot a VM: "
-                        f"use at least {least}m (QEMU and virtiofsd take {limit - guest}MiB "
-                        f"of it, the guest needs {MIN_GUEST_MIB}MiB)")
-    return guest, cache
+                        f"use at least {least}m (QEMU, virtiofsd and {execs} execs "
+                        f"take {limit - guest}MiB of it, the guest needs {MIN_GUEST_MIB}MiB)")
+    return guest, cache, execs
+
+
+def split_limit(limit, accel):
+    """(guest RAM, translation cache, execs) out of a limit in MiB."""
+    cache = tcg_cache_mib(limit) if accel == "tcg" else 0
+    execs = exec_slots(limit)
+    return limit - container_side_mib(execs) - cache, cache, execs
+
+
+def exec_slots(limit_mib):
+    """How many `docker exec`s a container with this memory limit (MiB) runs at once."""
+    return min(max(limit_mib // EXEC_SHARE_MIB, MIN_EXECS), MOST_EXECS)
+
+
+def container_side_mib(execs):
+    """The container side's share of the limit: QEMU, virtiofsd, the entrypoint, and
+    room for `execs` exec relays."""
+    return VM_SIDE_MIB + execs * EXEC_RELAY_MIB
+
+
+def container_side_nofile(nr_open_path="/proc/sys/fs/nr_open", status_path="/proc/self/status"):
+    """The container side's rlimits: RLIMIT_NOFILE as high as the host lets a process
+    have (fs.nr_open), for virtiofsd, which holds a descriptor for each inode the
+    guest knows (the engine's 20000 left a guest unable to make its 20000th file); the
+    workload keeps the engine's (engine_nofile). runc raises it as root, which needs
+    CAP_SYS_RESOURCE: a host whose root lacks it keeps the engine's ([])."""
+    if not has_sys_resource(status_path):
+        return []
+    try:
+        with open(nr_open_path) as f:
+            most = int(f.read())
+    except (OSError, ValueError):
+        most = NR_OPEN_DEFAULT
+    engine_hard = engine_nofile()[1]
+    if engine_hard != RLIM_INFINITY:
+        most = max(most, engine_hard)
+    return [{"type": "RLIMIT_NOFILE", "soft": most, "hard": most}]
+
+
+def has_sys_resource(status_path):
+    try:
+        with open(status_path) as f:
+            effective = next(line for line in f if line.startswith("CapEff:"))
+        return bool(int(effective.split()[1], 16) >> CAPABILITY_NUMBERS["CAP_SYS_RESOURCE"] & 1)
+    except (OSError, ValueError, StopIteration, IndexError):
+        return False
+
+
+def engine_nofile():
+    """[soft, hard] RLIMIT_NOFILE as runc's container would have it where config.json
+    sets none: the runtime's own (the engine started both)."""
+    import resource
+    return [RLIM_INFINITY if value == resource.RLIM_INFINITY else value
+            for value in resource.getrlimit(resource.RLIMIT_NOFILE)]
 
 
 def vm_footprint_mib(plan):
     """The most memory the VM can take: the least memory limit that holds it."""
-    return plan.memory_mib + plan.tcg_cache_mib + CONTAINER_SIDE_MIB
+    return plan.memory_mib + plan.tcg_cache_mib + container_side_mib(plan.max_execs)
 
 
+# each disk's virtio-blk serial, by its place in DKVM_DISKS: how QEMU's device and the
+# guest's /sys/block/<dev>/serial name the same disk
 DISK_SERIAL = "dkvm-disk{}"
 
 
-def plan_disks(text, mounts, readonly_root):
-    """DKVM_DISKS as the plan's disks. A backing file must be where the container side
-    can write it: not under a read-only root or bind, nor a `--tmpfs` (the guest's)."""
-    disks = []
-    for index, (file, mount_point, filesystem, size) in enumerate(disk_entries(text)):
+def plan_disks(disks, mounts, readonly_root):
+    """DKVM_DISKS' disks (schema.Disk, as the option reads them) as the plan's: each
+    given its serial. A backing file must be where the container side can write it:
+    not under a read-only root or bind, nor a `--tmpfs` (the guest's)."""
+    for index, disk in enumerate(disks):
+        file = disk.file
         under = [m for m in mounts if m.get("destination") and
                  (file + "/").startswith(m["destination"].rstrip("/") + "/")]
         mount = max(under, key=lambda m: len(m["destination"]), default=None)
@@ -313,8 +436,7 @@ def plan_disks(text, mounts, readonly_root):
         if mount is not None and mount.get("type") == "tmpfs":
             raise DkvmError(f"DKVM_DISKS: the file {file} is on a --tmpfs, which lives in "
                             "the guest (put it on a volume or in the container's root)")
-        disks.append(Disk(file=file, mount_point=mount_point, filesystem=filesystem,
-                          size=size, serial=DISK_SERIAL.format(index)))
+        disk.serial = DISK_SERIAL.format(index)
     return disks
 
 
@@ -343,12 +465,21 @@ def lay_out_mounts(mounts, image_root, readonly, payload_dir, resolve):
             container_side.append(mount)
             continue
         real = resolve(destination, list(binds))
-        workload.append({**mount, "destination": paths.SHARED_ROOTFS + real})
+        workload.append({**mount, "destination": paths.SHARED_ROOTFS + real,
+                         "options": inert(mount.get("options"))})
         if mount.get("type") == "bind":
             binds.append((real, mount.get("source", "")))
     image = {"destination": paths.SHARED_ROOTFS, "type": "bind", "source": image_root,
-             "options": ["rbind", "rprivate", "ro" if readonly else "rw"]}
+             "options": inert(["rbind", "rprivate", "ro" if readonly else "rw"])}
     return [image] + workload + container_side + own_mounts(payload_dir)
+
+
+def inert(options):
+    """A mount in the export: on the host its device nodes open nothing and its
+    set-id bits raise nobody (the guest reads both through its own kernel), so a
+    compromised guest kernel asking virtiofsd to open a node reaches no host device."""
+    options = list(options or [])
+    return options + [flag for flag in ("nosuid", "nodev") if flag not in options]
 
 
 def own_mounts(payload_dir):
@@ -367,6 +498,37 @@ def own_mounts(payload_dir):
         {**tmpfs, "destination": "/etc", "options": ["ro", "nosuid", "nodev", "noexec",
                                                      "mode=755", "size=64k"]},
     ]
+
+
+def confine_container_side(config):
+    """The container side's view of the host is its own, whatever the engine granted
+    the workload (`--privileged`, `--security-opt systempaths=unconfined`, device
+    rules): sysfs and cgroupfs read-only, Docker's masks on /proc and /sys, only its
+    own devices."""
+    linux = config["linux"]
+    for key, defaults in (("maskedPaths", CONTAINER_SIDE_MASKED_PATHS),
+                          ("readonlyPaths", CONTAINER_SIDE_READONLY_PATHS)):
+        linux[key] = list(defaults) + [path for path in linux.get(key) or []
+                                       if path not in defaults and not guest_paths([path])]
+    config["mounts"] = [read_only(mount) if mount.get("destination") in READ_ONLY_MOUNTS
+                        else mount for mount in config.get("mounts") or []]
+    linux.setdefault("resources", {})["devices"] = copy.deepcopy(CONTAINER_SIDE_DEVICE_RULES)
+
+
+def read_only(mount):
+    options = [option for option in mount.get("options") or [] if option != "rw"]
+    return {**mount, "options": options if "ro" in options else options + ["ro"]}
+
+
+def container_side_seccomp():
+    """The profile for a container side the engine left without one."""
+    rules = [{"names": list(DENIED_SYSCALLS), "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}]
+    rules += [{"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
+               "args": [{"index": 0, "value": flag, "valueTwo": flag,
+                         "op": "SCMP_CMP_MASKED_EQ"}]}
+              for name, flags in NAMESPACE_FLAGS.items() for flag in flags]
+    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": list(SECCOMP_ARCHITECTURES),
+            "syscalls": rules + [dict(CLONE3_FALLBACK)]}
 
 
 def set_capabilities(process, caps):

@@ -19,20 +19,19 @@ UNITS = {**SIZE_UNITS, "b": 1, "t": 1 << 40}
 LIVE_STATUSES = ("created", "running", "paused")
 
 
-def guard_memory_limit(args, index, runc):
-    """Before `runc update`: raises DkvmError for a memory limit the VM cannot live
-    in. Resources it reads from standard input (`--resources -`) are put back there
-    for runc."""
-    stdin_data = memory_limit_check(args, index, runc)
+def guard_memory_limit(call, runc):
+    """Before `runc update` (`call`, a runc_cli.RuncCall): raises DkvmError for a memory
+    limit the VM cannot live in. Resources it reads from standard input (`--resources
+    -`) are put back there for runc."""
+    stdin_data = memory_limit_check(call, runc)
     if stdin_data is not None:
         give_to_runc(stdin_data)
 
 
-def memory_limit_check(args, index, runc, stdin_fd=0):
+def memory_limit_check(call, runc, stdin_fd=0):
     """The check; returns what it read from standard input, or None."""
-    command_args = args[index + 1:]
     stdin_data, limit = None, None
-    source = runc_cli.flag_value(command_args, "--resources", "-r")
+    source = call.flag("resources", "r")
     if source:
         try:
             if source == "-":
@@ -43,12 +42,12 @@ def memory_limit_check(args, index, runc, stdin_fd=0):
             limit = ((json.loads(text or b"{}").get("memory") or {}).get("limit"))
         except (OSError, ValueError, AttributeError):
             return stdin_data           # runc says what is wrong with it
-    memory_flag = runc_cli.flag_value(command_args, "--memory", "-m")
+    memory_flag = call.flag("memory", "m")
     if memory_flag is not None:
         limit = parse_bytes(memory_flag)
     if not isinstance(limit, int) or limit <= 0:
         return stdin_data
-    floor = booted_vm_mib(runc, args[:index], runc_cli.container_id(command_args))
+    floor = booted_vm_mib(runc, call)
     if floor and limit < floor * MIB:
         raise DkvmError(f"memory limit {limit // MIB}MiB is below what this VM was sized "
                         f"for when it booted ({floor}MiB: its RAM, QEMU and virtiofsd); "
@@ -56,26 +55,22 @@ def memory_limit_check(args, index, runc, stdin_fd=0):
     return stdin_data
 
 
-def booted_vm_mib(runc, global_args, container):
-    """The VM's size from the plan its entrypoint was started with; 0 for a
-    container that is not DKVM's or is gone."""
-    pid = runc_cli.container_pid(runc, global_args, container, LIVE_STATUSES)
-    if not pid:
-        return 0
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            environ = f.read().split(b"\0")
-    except OSError:
-        return 0
-    prefix = paths.PLAN_ENV.encode() + b"="
-    plan_json = next((item[len(prefix):] for item in environ if item.startswith(prefix)), None)
-    if plan_json is None:
-        return 0
+def booted_vm_mib(runc, call):
+    """The VM's size from the plan its entrypoint was started with, in the container's
+    root (handoff: the runtime wrote it, the container cannot); 0 for a container
+    that is not DKVM's or is gone."""
+    state = runc_cli.container_state(runc, call)
+    root, bundle = state.get("rootfs"), state.get("bundle")
+    if state.get("status") not in LIVE_STATUSES or not isinstance(root, str) or \
+            not isinstance(bundle, str) or root != os.path.join(os.path.realpath(bundle),
+                                                                 paths.SKELETON):
+        return 0                        # not DKVM's own root: the image's
+    from dkvm.handoff import read_plan
     from dkvm.host.rewrite import vm_footprint_mib
     from dkvm.schema import Plan
     try:
-        return vm_footprint_mib(Plan.from_json(plan_json.decode()))
-    except (ValueError, DkvmError):     # not a plan DKVM wrote
+        return vm_footprint_mib(Plan.from_json(read_plan(root)))
+    except (OSError, ValueError, DkvmError):     # not a plan DKVM wrote
         return 0
 
 

@@ -1,5 +1,7 @@
-"""dkvm: the host command. `install` registers the runtime with the engines; `doctor`
-says what on this host stops DKVM; `version` and `kernels` say what this build carries."""
+"""dkvm: the host command. `install` registers the runtime with the engines (and writes
+the default policy file where there is none); `doctor` says what on this host stops
+DKVM and what the policy lets containers set; `version` and `kernels` say what this
+build carries."""
 import argparse
 
 from dkvm import __version__
@@ -10,8 +12,9 @@ def main(argv):
         prog="dkvm", description="Run container images as virtual machines: "
         "docker run --runtime=dkvm IMAGE")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    inst = sub.add_parser("install", help="install dkvm and register the runtime with "
-                          "the engines (Docker, Podman, containerd)")
+    inst = sub.add_parser("install", help="install dkvm, register the runtime with the "
+                          "engines (Docker, Podman, containerd) and write the default "
+                          "policy (/etc/dkvm/policy.json) if there is none")
     inst.add_argument("--bin-dir", default="/usr/local/bin")
     inst.add_argument("--runc", default="", help="path of the real runc (default: found in PATH)")
     uninst = sub.add_parser("uninstall", help="unregister the runtime and remove dkvm")
@@ -63,4 +66,5 @@ def kernel_table(kernels):
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3]
              for row in rows]
-    return lines + ["* the default. Choose with --env DKVM_KERNEL=<name> or <name>/<release>."]
+    return lines + ["* the default. Choose with --env DKVM_KERNEL=<name> or <name>/<release>; "
+                    f"{IMAGE_KERNEL} only where the operator allows it (/etc/dkvm/policy.json)."]

@@ -11,7 +11,6 @@ Then the supervisor serves the control channel (the guest asks it for the plan
 first) until the guest reports the workload's exit status, which becomes ours. A
 network namespace the engine keeps after the container gets its interfaces back.
 """
-import os
 import select
 import socket
 import time
@@ -27,8 +26,9 @@ from dkvm.container.signal_inbox import SignalInbox
 from dkvm.container.supervisor import Supervisor
 from dkvm.container.taps import create_tap, guest_nics, tap_name
 from dkvm.errors import DkvmError
+from dkvm.handoff import own_plan
 from dkvm.kernel_names import RLIM_INFINITY, RLIMITS
-from dkvm.schema import Plan, Rlimit
+from dkvm.schema import Rlimit
 from dkvm.terminal import get_size
 
 CONNECT_TIMEOUT = 30        # QEMU connecting to the control and stdin sockets
@@ -36,7 +36,7 @@ CONNECT_TIMEOUT = 30        # QEMU connecting to the control and stdin sockets
 
 def main(argv):
     signals = SignalInbox()
-    plan = Plan.from_json(os.environ[paths.PLAN_ENV])
+    plan = own_plan("/")
     log.set_container(plan.container_id)
     follower = NetworkFollower()        # listening first: nothing Docker does is missed
     nics = guest_nics()
@@ -72,7 +72,7 @@ def complete_plan(plan, interfaces, winsize):
     plan.interfaces = interfaces
     plan.network_setup = [sysctl_step(ipv6_sysctls())] + interface_steps(interfaces)
     plan.winsize = winsize
-    plan.default_rlimits = own_rlimits()
+    plan.default_rlimits = own_rlimits(plan.engine_nofile)
     return plan
 
 
@@ -85,7 +85,8 @@ def open_boot_files(boot):
     return [prepare_boot(boot)]
 
 
-def own_rlimits():
+def own_rlimits(engine_nofile=()):
+    """Ours, but RLIMIT_NOFILE the engine's: ours is raised for virtiofsd (rewrite)."""
     import resource
 
     def unsigned(value):            # RLIM_INFINITY is -1 here, all ones in OCI
@@ -93,7 +94,10 @@ def own_rlimits():
     limits = []
     for number, name in enumerate(RLIMITS):
         soft, hard = resource.getrlimit(number)
-        limits.append(Rlimit(type=name, soft=unsigned(soft), hard=unsigned(hard)))
+        soft, hard = unsigned(soft), unsigned(hard)
+        if name == "RLIMIT_NOFILE" and len(engine_nofile) == 2:
+            soft, hard = engine_nofile
+        limits.append(Rlimit(type=name, soft=soft, hard=hard))
     return limits
 
 

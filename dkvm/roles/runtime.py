@@ -11,39 +11,38 @@ import os
 
 def main(argv):
     from dkvm.host import runc_cli
-    args, runc, defaults, created_from = argv[1:], "", {}, None
+    call = runc_cli.parse(argv[1:])     # the one parse: every step below reads `call`
+    created_from = None
     try:
-        if any(arg.startswith("--dkvm-") for arg in args):
-            args, runc, defaults = runc_cli.split_runtime_args(args)
-        command, index = runc_cli.find_subcommand(args)
-        if command == "update":
+        call.check()
+        if call.command == "update":
             from dkvm.host.facts import find_runc
             from dkvm.host.update import guard_memory_limit
-            guard_memory_limit(args, index, find_runc(runc))
-        if command in ("create", "exec"):
+            guard_memory_limit(call, find_runc(call.runc))
+        if call.command in ("create", "exec"):
             from dkvm import log
-            log.set_container(runc_cli.container_id(args[index + 1:]))
+            log.set_container(call.container_id)
             from dkvm.host import bundle
-            if command == "create":
-                created_from = bundle.prepare_create(args[index + 1:], defaults)
+            if call.command == "create":
+                created_from = bundle.prepare_create(call)
             else:
-                bundle.prepare_exec(args[index + 1:])
+                call.command_args = bundle.prepare_exec(call)
     except Exception as err:
         from dkvm import log
-        runc_cli.report_to_runc_log(args, log.line(getattr(err, "message", None) or repr(err)))
+        runc_cli.report_to_runc_log(call, log.line(getattr(err, "message", None) or repr(err)))
         raise
     from dkvm.host.facts import find_runc
-    runc = find_runc(runc)
-    if command == "kill":
+    runc = find_runc(call.runc)
+    if call.command == "kill":
         from dkvm.host.kill import deliver_in_guest
-        if not deliver_in_guest(args, index, runc):
+        if not deliver_in_guest(call, runc):
             return 0
     if created_from:
-        status = run_runc(runc, args)
+        status = run_runc(runc, call.runc_args())
         from dkvm.host import bundle
         bundle.restore_config(*created_from)
         return status
-    os.execv(runc, [runc] + args)
+    os.execv(runc, [runc] + call.runc_args())
 
 
 def run_runc(runc, args):

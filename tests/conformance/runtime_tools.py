@@ -39,7 +39,7 @@ BY_DESIGN = [
      "a bind mount reaches the guest as part of the virtiofs export: one filesystem, "
      "not a mount of its own"),
     (r"memory limit \S+ \(--memory\) is too small to boot a VM",
-     "a memory limit under 240 MiB (208 under KVM) cannot hold QEMU and a booting guest"),
+     "a memory limit under 256 MiB (224 under KVM) cannot hold QEMU and a booting guest"),
     (r"get pids cgroup data",
      "the pids limit counts the workload's processes in the guest, not the container's "
      "cgroup on the host (there it would count QEMU's threads)"),

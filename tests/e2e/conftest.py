@@ -99,6 +99,30 @@ def kernel_image(docker):
     return KERNEL
 
 
+POLICY_FILE = Path("/etc/dkvm/policy.json")
+
+
+@pytest.fixture
+def operator_allows(docker):
+    """operator_allows("DKVM_SYS_ADMIN", ...): the host's policy file lets containers set
+    these options that weaken the boundary, for this test; the file is as it was
+    afterwards (the e2e tests run one at a time, under the docker lock)."""
+    before = POLICY_FILE.read_bytes() if POLICY_FILE.exists() else None
+
+    def allow(*names):
+        import json
+        POLICY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = POLICY_FILE.with_name("policy.json.test")
+        tmp.write_text(json.dumps({"container_may_set": list(names)}) + "\n")
+        tmp.chmod(0o644)
+        tmp.replace(POLICY_FILE)
+    yield allow
+    if before is None:
+        POLICY_FILE.unlink(missing_ok=True)
+    else:
+        POLICY_FILE.write_bytes(before)
+
+
 @pytest.fixture
 def container_name(docker):
     """A unique name, and the container removed afterwards whatever happened."""

@@ -109,7 +109,9 @@ def image_releases(image):
     return releases, out[-1].rsplit("vmlinuz-", 1)[1]
 
 
-def test_the_images_own_kernel_boots_with_the_images_own_modules(kernel_image, listed):
+def test_the_images_own_kernel_boots_with_the_images_own_modules(kernel_image, listed,
+                                                                 operator_allows):
+    operator_allows("DKVM_KERNEL=image")
     releases, default = image_releases(kernel_image)
     (cloud,) = [release for release in releases if "cloud" in release]
     # vfat is a module of Debian's kernels that the payload does not carry: only the
@@ -126,7 +128,9 @@ def test_the_images_own_kernel_boots_with_the_images_own_modules(kernel_image, l
 
 
 def test_an_image_kernel_that_is_not_there_fails_at_create_with_one_line(kernel_image,
-                                                                        busybox_image):
+                                                                        busybox_image,
+                                                                        operator_allows):
+    operator_allows("DKVM_KERNEL=image")
     out = docker_run("dkvm", "-e", "DKVM_KERNEL=image", busybox_image, "true")
     assert out.returncode == 125
     (line,) = dkvm_lines(out.stderr)
@@ -137,10 +141,12 @@ def test_an_image_kernel_that_is_not_there_fails_at_create_with_one_line(kernel_
     assert "DKVM_KERNEL=image/9.9.9: the image has no such kernel; it has" in line
 
 
-def test_an_images_kernel_link_cannot_reach_a_kernel_on_the_host(kernel_image, tmp_path):
+def test_an_images_kernel_link_cannot_reach_a_kernel_on_the_host(kernel_image, tmp_path,
+                                                                  operator_allows):
     """A hostile image whose /vmlinuz and /boot/vmlinuz point at a real kernel on the
     host (absolutely, and up and out with ..): both resolve inside the image, where
     nothing is, so create refuses; the host's file is never read."""
+    operator_allows("DKVM_KERNEL=image")
     host_kernel = tmp_path / "vmlinuz-on-the-host"
     with open(host_kernel, "wb") as f:
         subprocess.run(["docker", "run", "--rm", "--runtime=runc", kernel_image, "cat",

@@ -185,10 +185,10 @@ def test_docker_update_cannot_set_a_limit_below_the_vms_size(busybox_image, cont
         assert update(names["dkvm"], "1g").returncode == 0
         assert update(names["runc"], "300m").returncode == 0
         # without -m the VM has 1 GiB of RAM and, under TCG, a 256 MiB translation cache
-        assert "not set below 1360m" in update(names["unlimited"], "1g").stderr
-        assert update(names["unlimited"], "1360m").returncode == 0
+        assert "not set below 1456m" in update(names["unlimited"], "1g").stderr
+        assert update(names["unlimited"], "1456m").returncode == 0
         for name, limit in ((names["dkvm"], 1 << 30), (names["runc"], 300 << 20),
-                            (names["unlimited"], 1360 << 20)):
+                            (names["unlimited"], 1456 << 20)):
             cgroup = Path("/sys/fs/cgroup/memory/docker",
                           sh("docker", "inspect", "-f", "{{.Id}}", name).stdout.strip())
             assert int((cgroup / "memory.limit_in_bytes").read_text()) == limit

@@ -88,7 +88,8 @@ def test_kernel_modules_mounted_on_request(busybox_image):
     assert docker_run("dkvm", *probe).stdout == docker_run("runc", *probe).stdout == "1\n"
 
 
-def test_kernel_append(busybox_image):
+def test_kernel_append(busybox_image, operator_allows):
+    operator_allows("DKVM_KERNEL_APPEND")
     out = docker_run("dkvm", "-e", "DKVM_KERNEL_APPEND=dkvm.test=42 -tsc", busybox_image,
                      "cat", "/proc/cmdline")
     cmdline = out.stdout.split()

@@ -1,6 +1,9 @@
+import json
+from pathlib import Path
+
 import pytest
 
-from unitutil import FIXTURE_NAMES, load_config
+from unitutil import FIXTURE_NAMES, KERNELS, Exec, load_config
 
 
 @pytest.fixture(params=FIXTURE_NAMES)
@@ -18,3 +21,40 @@ def log_context():
     yield log
     log.set_role("")
     log.set_container("")
+
+
+@pytest.fixture(autouse=True)
+def policy_file(tmp_path, monkeypatch):
+    """The host's policy file, for a test: never the real /etc/dkvm/policy.json."""
+    from dkvm import paths
+    path = tmp_path / "etc-dkvm" / "policy.json"
+    monkeypatch.setattr(paths, "POLICY_FILE", str(path))
+    return path
+
+
+@pytest.fixture
+def fake_host(monkeypatch):
+    """The runtime on a host of the tests' making: its payload, no KVM, the unit tests'
+    kernels, and runc not run: what it would have run (and, for `create`, the config it
+    would have read) is in the returned dict; an execv of runc raises Exec."""
+    from dkvm.host import facts, payload
+    from dkvm.roles import runtime
+    calls = {}
+
+    def execv(path, argv):
+        calls["exec"] = (path, argv)
+        raise Exec()
+
+    def run_runc(path, args):
+        calls["exec"] = (path, [path] + args)
+        bundle = args[args.index("--bundle") + 1]
+        calls["config"] = json.loads((Path(bundle) / "config.json").read_text())
+        return 0
+
+    monkeypatch.setattr(payload, "ensure_payload", lambda: "/var/lib/dkvm/feedface")
+    monkeypatch.setattr(facts, "kvm_usable", lambda: False)
+    monkeypatch.setattr(payload, "payload_kernels", lambda d: dict(KERNELS))
+    monkeypatch.setattr(facts, "find_runc", lambda explicit="": explicit or "/usr/bin/runc")
+    monkeypatch.setattr(runtime.os, "execv", execv)
+    monkeypatch.setattr(runtime, "run_runc", run_runc)
+    return calls

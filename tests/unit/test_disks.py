@@ -8,6 +8,7 @@ import pytest
 from unitutil import load_config, rewrite, with_env
 from dkvm.rooted import open_in_root
 from dkvm.errors import DkvmError
+from dkvm.options import Disks
 from dkvm.schema import Disk
 
 
@@ -21,6 +22,22 @@ def test_disks_go_to_the_plan_with_a_serial_each():
         Disk(file="/b.img", mount_point="/srv", filesystem="ext2", size=64 << 20,
              serial="dkvm-disk1")]
     assert rewrite(load_config("plain"))[1].disks == []
+
+
+def test_the_option_reads_its_text_once_into_the_plans_records():
+    disks = Disks().parse("DKVM_DISKS", " /a.img , /data/ ,ext4, 1G ;;", None)
+    assert disks == [Disk(file="/a.img", mount_point="/data", filesystem="ext4", size=1 << 30)]
+    assert Disks().show(disks) == "/a.img,/data,ext4,1g"
+    assert Disks().parse("DKVM_DISKS", Disks().show(disks), None) == disks
+
+
+def test_the_plan_carries_each_disk_once_as_a_record():
+    """DKVM_DISKS is read once, into the records the plan carries: not also as text in
+    the plan's options."""
+    config = with_env(load_config("plain"), "DKVM_DISKS=/a.img,/data,ext4,64m")
+    _, plan = rewrite(config)
+    assert plan.to_json().count("/a.img") == 1
+    assert not [name for name in plan.options.as_dict() if "disk" in name]
 
 
 @pytest.mark.parametrize("where,mount,readonly,error", [

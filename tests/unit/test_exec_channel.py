@@ -588,6 +588,11 @@ class FakeVm:
     def release_kernel_image(self, boot):
         self.kernel_released = True
 
+    descriptors = (0, 0)
+
+    def virtiofsd_descriptors(self):
+        return self.descriptors
+
 
 class Peer:
     """A blocking socket speaking frames, every receive bounded."""
@@ -649,7 +654,7 @@ def mux(tmp_path):
 
     returned = threading.Event()    # the supervisor has returned (for the scenario)
 
-    def run(scenario, vm=None):
+    def run(scenario, vm=None, plan=None):
         failures = []
 
         def body():
@@ -662,7 +667,7 @@ def mux(tmp_path):
                     peer.close()
 
         supervisor = Supervisor(control, listener, network_changes, vm or FakeVm(), signals,
-                                Plan())
+                                plan or Plan())
         thread = threading.Thread(target=body, name="mux-scenario", daemon=True)
         thread.start()
         try:
@@ -1023,19 +1028,23 @@ def test_a_guest_that_stops_reading_ends_the_container_at_the_bound(mux, monkeyp
     assert "stopped reading its control channel" in result.message
 
 
-def test_execs_beyond_the_limit_are_refused(mux, monkeypatch):
-    monkeypatch.setattr(supervisor_module, "MAX_EXECS", 2)
-
+def test_execs_beyond_the_plans_cap_are_refused(mux):
+    """The plan's max_execs (what the memory limit has room for) run at once; the next
+    gets one line."""
     def scenario(guest, connect_relay):
         guest.send(HELLO)
         first, third = connect_relay(), (connect_relay(), connect_relay())[1]
-        assert third.sock.recv(1) == b""            # closed at once: the relay says so
+        refusal = third.recv()                      # one line for that exec, then closed
+        assert (refusal.type, refusal.record().message) == (
+            wire.ERROR, "too many concurrent execs in this container (at most 2); this one "
+                        "was not started")
+        assert third.sock.recv(1) == b""
         first.send(EXEC_START, exec_start("a"))
         assert guest.recv().type == EXEC_START
         guest.send(EXIT, {"status": 0})
         assert guest.recv() == Frame(EXIT_ACK)
 
-    assert mux(scenario) == 0
+    assert mux(scenario, plan=Plan(max_execs=2)) == 0
 
 
 def test_the_guests_error_reaches_the_log_as_plain_text(mux, capsys, log_context):
@@ -1048,7 +1057,8 @@ def test_the_guests_error_reaches_the_log_as_plain_text(mux, capsys, log_context
         assert guest.recv() == Frame(EXIT_ACK)
 
     assert mux(scenario) == 125
-    assert capsys.readouterr().err == "dkvm[entrypoint]: guest init failed: ?]0;owned??no\n"
+    assert capsys.readouterr().err == \
+        "dkvm[entrypoint]: guest init failed: \\x1b]0;owned\\x07\\nno\n"
 
 
 def test_a_guest_that_never_says_hello_fails_after_the_boot_timeout(mux):
@@ -1303,6 +1313,35 @@ def test_relay_returns_137_when_the_vm_goes_first(stdin_pipe, capfdbinary):
     assert b"the VM stopped before the exec ended" in captured.err
 
 
+@pytest.mark.parametrize("request_unread", [False, True])
+def test_a_refused_relay_fails_with_the_supervisors_line_and_126(capfdbinary, request_unread):
+    """Beyond the plan's max_execs: the exec fails at once as runc's failed execs do
+    (126), saying why, whether or not the supervisor read the request before closing
+    (unread, the relay's socket is reset: what was sent to it is still read)."""
+    mine, theirs = socket.socketpair()
+    message = "too many concurrent execs in this container (at most 24); ..."
+    if not request_unread:
+        mine.sendall(wire.encode(EXEC_START, ExecStart(process=REQUEST)))
+        theirs.recv(1 << 16)
+    supervisor_module.refuse_relay(theirs, message)
+    with pytest.raises(DkvmError) as info:
+        ExecRelay(mine, REQUEST).run()
+    mine.close()
+    assert (info.value.message, info.value.exit_code) == (message, 126)
+    assert b"VM stopped" not in capfdbinary.readouterr().err
+
+
+def test_a_relay_gives_way_to_the_vm_when_memory_runs_out():
+    """A relay's oom_score_adj is the highest: if the container's limit ever runs out,
+    the kernel takes an exec, never QEMU (raising it needs no capability)."""
+    script = ("from dkvm.container.exec_relay import yield_to_the_vm; yield_to_the_vm(); "
+              "print(open('/proc/self/oom_score_adj').read().strip())")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=WAIT, check=True, cwd=os.path.dirname(os.path.dirname(
+                             os.path.dirname(os.path.abspath(__file__)))))
+    assert out.stdout == "1000\n"
+
+
 @pytest.mark.parametrize("pending", [60000, 4 * STREAM_WINDOW])
 def test_relay_returns_137_when_the_vm_goes_with_stdin_unread(stdin_pipe, capfdbinary,
                                                               pending):
@@ -1317,6 +1356,45 @@ def test_relay_returns_137_when_the_vm_goes_with_stdin_unread(stdin_pipe, capfdb
     assert run_relay(REQUEST, guest) == 137
     assert b"the VM stopped before the exec ended" in capfdbinary.readouterr().err
 
+
+
+def test_virtiofsd_near_its_descriptor_limit_has_the_guest_let_go_of_unused_inodes(mux):
+    """Past 60% of its limit (after hello: the guest takes no frame
+    before), the guest is asked, at most once per RELEASE_INTERVAL."""
+    vm = FakeVm()
+    supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, vm,
+                            mux.signals, Plan())
+    vm.descriptors = (19000, 20000)
+    supervisor.step(timeout=0.01)                   # before hello: nothing
+    supervisor.on_hello(Frame(HELLO))
+    vm.descriptors = (12000, 20000)
+    supervisor.next_descriptor_check = 0
+    supervisor.step(timeout=0.01)
+    with pytest.raises(AssertionError, match="no frame in time"):
+        mux.guest.recv(timeout=QUIET)
+    vm.descriptors = (12001, 20000)
+    for _ in range(3):
+        supervisor.next_descriptor_check = 0
+        supervisor.step(timeout=0.01)
+    assert mux.guest.recv() == Frame(wire.RELEASE)
+    with pytest.raises(AssertionError, match="no frame in time"):
+        mux.guest.recv(timeout=QUIET)               # not again within the interval
+    supervisor.next_descriptor_check = supervisor.quiet_until = 0
+    supervisor.step(timeout=0.01)
+    assert mux.guest.recv() == Frame(wire.RELEASE)
+
+
+def test_the_guest_lets_go_of_unused_inodes_when_asked(monkeypatch, tmp_path):
+    from dkvm.guest import loop as loop_module
+    drop = tmp_path / "drop_caches"
+    drop.write_text("")
+    monkeypatch.setattr(loop_module, "DROP_CACHES", str(drop))
+    harness = GuestHarness()
+    try:
+        harness.loop.on_frame(Frame(wire.RELEASE))
+    finally:
+        harness.close()
+    assert drop.read_text() == "2"
 
 
 def test_a_guest_silent_for_the_watchdog_after_hello_is_taken_for_hung(mux):

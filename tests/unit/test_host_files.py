@@ -6,6 +6,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from opens import OpenWatch
 
 from dkvm import paths
 from dkvm.errors import DkvmError
@@ -143,3 +144,79 @@ def test_a_payload_member_outside_the_payload_is_refused(tmp_path, name):
     with zipfile.ZipFile(archive) as zf, pytest.raises(DkvmError, match="not a payload"):
         payload.extract_payload(zf, str(dest))
     assert not list(tmp_path.rglob("escaped"))
+
+
+# Files of a tree that is not ours (dkvm.rooted): nothing but a regular file is ever
+# opened, and a node's type is known before anything opens it.
+
+def hostile_tree(root):
+    """/vmlinuz a FIFO, /boot/vmlinuz a device node, /boot/vmlinuz-9 a link out of the
+    tree to a real kernel-like file on the host; each FIFO has a reader ready, so that
+    an open would return, not hang, and be seen."""
+    (root / "boot").mkdir(parents=True)
+    os.mkfifo(root / "vmlinuz")
+    os.mknod(root / "boot/vmlinuz", stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    host_file = root.parent / "host-kernel"
+    host_file.write_bytes(b"HdrS" * 1024)
+    os.symlink(host_file, root / "boot/vmlinuz-9")
+    return [root / "vmlinuz", root / "boot/vmlinuz", host_file]
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    root = tmp_path / "image"
+    nodes = hostile_tree(root)
+    reader = os.open(root / "vmlinuz", os.O_RDONLY | os.O_NONBLOCK)
+    yield root, nodes
+    os.close(reader)
+
+
+@pytest.mark.parametrize("path,reason", [("/vmlinuz", "not a regular file"),
+                                         ("/boot/vmlinuz", "not a regular file"),
+                                         ("/boot/vmlinuz-9", "No such file|link to nothing")])
+def test_rooted_readers_never_open_a_fifo_a_device_or_a_file_outside(hostile, path, reason):
+    from dkvm.rooted import open_or_create_regular, open_regular, read_file, read_head
+    root, nodes = hostile
+    with OpenWatch(*nodes) as watch:
+        for call in (lambda: open_regular(root, path, 1 << 20),
+                     lambda: read_head(root, path, 64),
+                     lambda: read_file(root, path, 1 << 20),
+                     lambda: open_or_create_regular(root, path, 0o600),
+                     lambda: open_regular(root, path, 1 << 20, os.O_RDWR)):
+            with pytest.raises(OSError, match=reason):
+                call()
+        assert not watch.opened()
+
+
+def test_the_image_kernel_search_opens_no_fifo_device_or_file_outside(hostile):
+    from dkvm.image_kernel import find_kernel, open_kernel
+    root, nodes = hostile
+    with OpenWatch(*nodes) as watch:
+        with pytest.raises(DkvmError, match="the image has no kernel"):
+            find_kernel(str(root))
+        with pytest.raises(DkvmError, match="cannot open the image's /vmlinuz: not a regular"):
+            open_kernel(str(root), "/vmlinuz", "6.1.0")
+        assert not watch.opened()
+
+
+def test_a_regular_file_is_reopened_by_its_inode_with_the_flags_asked(tmp_path):
+    from dkvm.rooted import open_or_create_regular, open_regular, read_file
+    (tmp_path / "data").write_bytes(b"abc")
+    fd = open_regular(tmp_path, "/data", 16, os.O_RDWR)
+    try:
+        os.write(fd, b"x")
+        assert os.fstat(fd).st_ino == os.stat(tmp_path / "data").st_ino
+    finally:
+        os.close(fd)
+    assert read_file(tmp_path, "/data", 16) == b"xbc"
+    with pytest.raises(OSError, match="larger than"):
+        read_file(tmp_path, "/data", 2)
+    fd = open_or_create_regular(tmp_path, "/new", 0o600)
+    os.close(fd)
+    assert stat.S_ISREG(os.lstat(tmp_path / "new").st_mode)
+    os.symlink("/../../new", tmp_path / "link")           # resolves inside the tree
+    fd = open_or_create_regular(tmp_path, "/link", 0o600)
+    try:
+        assert os.fstat(fd).st_ino == os.stat(tmp_path / "new").st_ino
+    finally:
+        os.close(fd)

@@ -127,18 +127,107 @@ def test_missing_boot_modules_or_index_fail_naming_what(image):
 
 
 def test_a_module_bomb_or_an_unknown_compression_is_refused(image, monkeypatch):
-    import dkvm.image_kernel as image_kernel
     mods = image / "usr" / "lib" / "modules" / "6.1.0-9-amd64" / "kernel"
     (mods / "bomb.ko.xz").write_bytes(lzma.compress(bytes(1 << 20)))
-    monkeypatch.setattr(image_kernel, "MODULE_LIMIT", 1 << 16)
-    with pytest.raises(DkvmError, match="larger than"):
-        module_bytes(str(image), "/lib/modules/6.1.0-9-amd64/kernel/bomb.ko.xz")
+    with pytest.raises(DkvmError, match="initramfs would be larger than 12 MiB .* with "
+                                        "/lib/modules/6.1.0-9-amd64/kernel/bomb.ko.xz"):
+        module_bytes(str(image), "/lib/modules/6.1.0-9-amd64/kernel/bomb.ko.xz", 1 << 16)
+    assert len(module_bytes(str(image), "/lib/modules/6.1.0-9-amd64/kernel/bomb.ko.xz",
+                            1 << 20)) == 1 << 20
     (mods / "z.ko.zst").write_bytes(b"(\xb5/\xfd")
     with pytest.raises(DkvmError, match="only .ko, .ko.xz and .ko.gz"):
-        module_bytes(str(image), "/lib/modules/6.1.0-9-amd64/kernel/z.ko.zst")
+        module_bytes(str(image), "/lib/modules/6.1.0-9-amd64/kernel/z.ko.zst", 1 << 20)
     (mods / "bad.ko.xz").write_bytes(b"not xz")
     with pytest.raises(DkvmError, match="does not decompress"):
-        module_bytes(str(image), "/lib/modules/6.1.0-9-amd64/kernel/bad.ko.xz")
+        module_bytes(str(image), "/lib/modules/6.1.0-9-amd64/kernel/bad.ko.xz", 1 << 20)
+    (mods / "cut.ko.gz").write_bytes(gzip.compress(bytes(1 << 16))[:-20])
+    with pytest.raises(DkvmError, match="does not decompress: it ends early"):
+        module_bytes(str(image), "/lib/modules/6.1.0-9-amd64/kernel/cut.ko.gz", 1 << 20)
+
+
+def test_an_xz_module_that_asks_for_a_huge_dictionary_is_refused(image):
+    """The decoder's memory is what the file's header asks for: bounded here."""
+    mods = image / "usr" / "lib" / "modules" / "6.1.0-9-amd64" / "kernel"
+    filters = [{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 30}]
+    (mods / "big.ko.xz").write_bytes(lzma.compress(b"x" * 1000, filters=filters))
+    with pytest.raises(DkvmError, match="does not decompress"):
+        module_bytes(str(image), "/lib/modules/6.1.0-9-amd64/kernel/big.ko.xz", 1 << 20)
+
+
+def test_the_initramfs_is_capped_in_total_before_anything_is_written(image, monkeypatch):
+    """Each module fits, all of them do not: one line naming the cap (the container's
+    /run is a 16 MiB tmpfs; an initramfs over it failed with ENOSPC)."""
+    import dkvm.image_kernel as image_kernel
+    mods = image / "usr" / "lib" / "modules" / "6.1.0-9-amd64" / "kernel"
+    (mods / "fs" / "fuse" / "fuse.ko").write_bytes(module("fuse") + bytes(6 << 20))
+    (mods / "drivers" / "net" / "net_failover.ko").write_bytes(module("x") + bytes(6 << 20))
+    with pytest.raises(DkvmError, match=r"^DKVM_KERNEL=image: the initramfs would be larger "
+                                        r"than 12 MiB \(the container's /run holds 16 MiB\) "
+                                        r"with /lib/modules/6.1.0-9-amd64/kernel/drivers/net/"
+                                        r"net_failover.ko$"):
+        boot_initramfs(str(image), "6.1.0-9-amd64", b"BB", b"#!init")
+    # busybox and init count too
+    monkeypatch.setattr(image_kernel, "INITRAMFS_LIMIT", 1 << 20)
+    with pytest.raises(DkvmError, match="larger than 1 MiB"):
+        boot_initramfs(str(image), "6.1.0-9-amd64", bytes(1 << 20), b"#!init")
+
+
+def write_dep(image, lines):
+    mods = image / "usr" / "lib" / "modules" / "6.1.0-9-amd64"
+    (mods / "modules.dep").write_text("".join(line + "\n" for line in lines))
+
+
+def test_a_modules_dep_of_100k_lines_is_refused_at_once(image):
+    import time
+    write_dep(image, [f"kernel/m{i}.ko: kernel/m{i + 1}.ko" for i in range(100_000)])
+    started = time.monotonic()
+    with pytest.raises(DkvmError, match="modules.dep has more than 65536 lines"):
+        boot_initramfs(str(image), "6.1.0-9-amd64", b"BB", b"#!init")
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("shape", ["chain", "wide"])
+def test_a_deep_or_wide_dependency_graph_stops_at_the_module_cap(image, shape):
+    """A chain as deep as the index allows (no RecursionError), or one module depending
+    on all the others: one line, in well under a second."""
+    import time
+    count = 65_000
+    if shape == "chain":
+        lines = [f"kernel/m{i}.ko: kernel/m{i + 1}.ko" for i in range(count)]
+    else:
+        lines = [f"kernel/m{i}.ko:" for i in range(1, count)]
+        lines.append("kernel/m0.ko: " + " ".join(f"kernel/m{i}.ko" for i in range(1, count)))
+    lines.append("kernel/drivers/virtio/virtio_ring.ko: kernel/m0.ko")
+    lines.append("kernel/fs/fuse/virtiofs.ko.xz: kernel/drivers/virtio/virtio_ring.ko")
+    write_dep(image, lines)
+    started = time.monotonic()
+    with pytest.raises(DkvmError, match=r"^DKVM_KERNEL=image: 6.1.0-9-amd64: more than 64 "
+                                        r"modules to load at boot$"):
+        boot_initramfs(str(image), "6.1.0-9-amd64", b"BB", b"#!init")
+    assert time.monotonic() - started < 1
+
+
+def test_the_initramfs_is_written_to_run_or_fails_in_one_line(image, monkeypatch, tmp_path):
+    import dkvm.image_kernel as image_kernel
+    from dkvm.schema import Boot
+    payload = tmp_path / "payload"
+    (payload / "bin").mkdir(parents=True)
+    (payload / "bin" / "busybox").write_bytes(b"BB")
+    (payload / "init").write_bytes(b"#!init")
+    monkeypatch.setattr(image_kernel.paths, "payload_path",
+                        lambda *parts: str(payload / parts[-1] if parts[-1] == "init"
+                                           else payload.joinpath(*parts)))
+    monkeypatch.setattr(image_kernel.paths, "IMAGE_INITRD", str(tmp_path / "initrd.img"))
+    boot = Boot(name="image", release="6.1.0-9-amd64", kernel="/vmlinuz")
+    fd = image_kernel.prepare_boot(boot, root=str(image))
+    os.close(fd)
+    written = (tmp_path / "initrd.img").read_bytes()
+    assert written == boot_initramfs(str(image), "6.1.0-9-amd64", b"BB", b"#!init")
+    monkeypatch.setattr(image_kernel.paths, "IMAGE_INITRD", "/dev/full")
+    with pytest.raises(DkvmError, match=r"^DKVM_KERNEL=image: cannot write its initramfs to "
+                                        r"the container's /run: No space left on device$"):
+        image_kernel.prepare_boot(Boot(name="image", release="6.1.0-9-amd64",
+                                       kernel="/vmlinuz"), root=str(image))
 
 
 def test_the_kernel_opened_at_start_must_still_be_the_one_found_at_create(image):
@@ -158,11 +247,14 @@ def test_create_records_the_images_kernel(image, monkeypatch):
     from dkvm.host.bundle import BundleLayout
     monkeypatch.setattr(BundleLayout, "image_kernel",
                         lambda self, release: find_kernel(str(image), release))
-    _, plan = rewrite(with_env(load_config("plain"), "DKVM_KERNEL=image"))
+    # the operator's choice, host-wide (a runtime argument)...
+    _, plan = rewrite(load_config("plain"), defaults={"--dkvm-kernel": "image"})
     assert (plan.boot.name, plan.boot.release, plan.boot.kernel) == \
         ("image", "6.1.0-9-amd64", "/vmlinuz")
     assert plan.boot.from_image and plan.options.kernel == "image"
-    _, plan = rewrite(with_env(load_config("plain"), "DKVM_KERNEL=image/6.1.0-10-amd64"))
+    # ...or a container's, where the policy allows it
+    _, plan = rewrite(with_env(load_config("plain"), "DKVM_KERNEL=image/6.1.0-10-amd64"),
+                      policy_allows={"DKVM_KERNEL=image"})
     assert plan.boot.release == "6.1.0-10-amd64"
 
 

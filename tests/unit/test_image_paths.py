@@ -1,8 +1,10 @@
 """Mount destinations resolved inside the image as runc resolves them in a container
 whose root is the image: on real trees, links of every kind."""
 import os
+import stat
 
 import pytest
+from opens import OpenWatch
 
 from dkvm.errors import DkvmError
 from dkvm.host.image_paths import make_mount_point, real_destination
@@ -83,3 +85,82 @@ def test_a_path_through_an_earlier_bind_mount_resolves_in_its_source(image, tmp_
     os.symlink("/usr", inner / "y")
     binds.append(("/data/sub2", str(inner)))
     assert real_destination(str(image), "/data/sub2/y/lib", binds) == "/usr/lib"
+
+
+@pytest.fixture
+def image_nodes(image):
+    """An image whose file-bind destinations hold a FIFO and a device node (/dev/null's
+    numbers: opening it would be harmless, but is seen), each with a reader ready so
+    that an open for writing would return, not hang, and be seen."""
+    os.makedirs(image / "sbin")
+    os.mkfifo(image / "sbin/docker-init")
+    os.mknod(image / "etc/device", stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    reader = os.open(image / "sbin/docker-init", os.O_RDONLY | os.O_NONBLOCK)
+    yield image
+    os.close(reader)
+
+
+@pytest.mark.parametrize("path", ["/sbin/docker-init", "/etc/device"])
+@pytest.mark.parametrize("directory", [False, True])
+def test_a_node_where_a_mount_point_goes_is_left_unopened(image_nodes, path, directory):
+    before = os.lstat(f"{image_nodes}{path}")
+    with OpenWatch(f"{image_nodes}{path}") as watch:
+        make_mount_point(str(image_nodes), [], path, directory=directory)
+        assert not watch.opened()
+    after = os.lstat(f"{image_nodes}{path}")
+    assert (after.st_mode, after.st_ino, after.st_rdev) == (before.st_mode, before.st_ino,
+                                                            before.st_rdev)
+
+
+def test_a_file_mount_point_is_made_empty_and_an_existing_file_untouched(image):
+    make_mount_point(str(image), [], "/etc/new-file", directory=False)
+    made = os.lstat(image / "etc/new-file")
+    assert stat.S_ISREG(made.st_mode) and made.st_size == 0
+    assert stat.S_IMODE(made.st_mode) == 0o644 & ~current_umask()
+    (image / "etc/kept").write_text("data")
+    with OpenWatch(image / "etc/kept") as watch:
+        make_mount_point(str(image), [], "/etc/kept", directory=False)
+        assert not watch.opened()
+    assert (image / "etc/kept").read_text() == "data"
+
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_a_link_that_appears_at_the_mount_point_itself_is_refused(image, tmp_path, directory):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (image / "srv/app/point").symlink_to(outside / "target")
+    with pytest.raises(DkvmError, match="mount point /srv/app/point in the image: point: "
+                                        "a symbolic link"):
+        make_mount_point(str(image), [], "/srv/app/point", directory=directory)
+    assert list(outside.iterdir()) == []
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("target,real", [(b"\xff", None), (b"/srv/\xfe\xff", None),
+                                         (b"\xff/../srv", "/srv/x")])
+def test_a_link_to_a_name_that_is_not_utf8_fails_naming_the_destination(image, target, real):
+    """JSON for runc is UTF-8: runc would read the name as U+FFFD and mount at a path of
+    its own making. Only a destination that really ends there fails."""
+    os.symlink(target, os.path.join(os.fsencode(image), b"dir"))
+    if real:
+        assert real_destination(str(image), "/dir/x") == real
+        return
+    shown = (b"/" + target.lstrip(b"/")).decode("utf-8", "backslashreplace")
+    with pytest.raises(DkvmError) as err:
+        real_destination(str(image), "/dir/x")
+    assert str(err.value) == (f"mount destination /dir/x: the image's links lead it to "
+                              f"{shown}/x, a name that is not UTF-8, which DKVM cannot give "
+                              "runc (an OCI config is UTF-8)")
+
+
+def test_a_mount_point_that_cannot_be_made_is_one_line(image):
+    long_name = "n" * 300
+    for directory in (True, False):
+        with pytest.raises(DkvmError, match=f"mount point /srv/{long_name} in the image: "
+                                            f"{long_name}: File name too long"):
+            make_mount_point(str(image), [], f"/srv/{long_name}", directory=directory)

@@ -175,6 +175,42 @@ def test_module_load_order_cycle(tmp_path):
     assert "cycle" in str(info.value)
 
 
+def test_module_load_order_of_a_chain_deeper_than_the_stack_is_iterative():
+    """100k modules each needing the next: no RecursionError, linear time."""
+    import time
+    count = 100_000
+    started = time.monotonic()
+    order = load_order(["m0"], lambda name: [f"m{int(name[1:]) + 1}"]
+                       if int(name[1:]) < count else [])
+    assert order == [f"m{i}" for i in range(count, -1, -1)]
+    assert time.monotonic() - started < 2
+
+
+def test_module_load_order_of_a_wide_graph_is_linear():
+    import time
+    count = 100_000
+    deps = {"top": [f"m{i}" for i in range(count)] * 2}
+    started = time.monotonic()
+    order = load_order(["top"], lambda name: deps.get(name, []))
+    assert len(order) == count + 1 and order[-1] == "top"
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_module_load_order_stops_at_the_first_module_over_the_cap(wide):
+    asked = []
+
+    def depends_of(name):
+        asked.append(name)
+        if wide:
+            return [f"m{i}" for i in range(1000)] if name == "top" else []
+        return [name + "x"]
+    with pytest.raises(DkvmError, match="^more than 64 modules to load at boot$"):
+        load_order(["top"], depends_of, most=64)
+    assert len(asked) == 64
+    assert load_order(["a"], lambda name: [], most=1) == ["a"]
+
+
 def test_module_names_as_the_kernel_spells_them():
     assert module_name("kernel/drivers/virtio/virtio-pci.ko.xz") == "virtio_pci"
     assert module_name("virtiofs.ko") == "virtiofs"

@@ -62,3 +62,32 @@ def test_config_lost_names_lines_that_did_not_hold():
     config = 'CONFIG_A=y\nCONFIG_B=y\n# CONFIG_D is not set\nCONFIG_E="-x"\n'
     assert config_lost(fragment, config) == ["CONFIG_B=m"]
     assert config_lost("CONFIG_F=y\n", config) == ["CONFIG_F=y"]
+
+
+# --- modules.devname -----------------------------------------------------------------
+
+DEVNAME = "# Device nodes to trigger on-demand module loading.\ntun net/tun c10:200\n"
+
+
+def test_the_payloads_module_trees_have_no_modules_devname(tmp_path):
+    """systemd runs kmod-static-nodes.service where /lib/modules/<release> has one (and
+    fails in an image without kmod); the guest's init reads DKVM's copy."""
+    from dkvm.guest.world import static_nodes
+    from dkvm.paths import STATIC_NODES
+    from kernels.make import rename_static_nodes
+    modules = tmp_path / "lib" / "modules" / "6.1.0-dkvm"
+    modules.mkdir(parents=True)
+    (modules / "modules.devname").write_text(DEVNAME)
+    rename_static_nodes(modules)
+    assert not (modules / "modules.devname").exists()
+    assert (modules / STATIC_NODES).read_text() == DEVNAME
+    assert static_nodes(str(modules))[1] == "tun net/tun c10:200"
+    rename_static_nodes(modules)                # a tree without one is left as it is
+    assert (modules / STATIC_NODES).read_text() == DEVNAME
+
+
+def test_an_image_kernels_own_modules_devname_is_read_as_it_is(tmp_path):
+    from dkvm.guest.world import static_nodes
+    (tmp_path / "modules.devname").write_text(DEVNAME)
+    assert static_nodes(str(tmp_path)) == DEVNAME.splitlines()
+    assert static_nodes(str(tmp_path / "none")) == []

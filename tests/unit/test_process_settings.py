@@ -7,7 +7,8 @@ import pytest
 from dkvm.guest.process import (become_and_exec, bounding_set, capability_masks,
                                 last_capability)
 from dkvm.kernel_names import CAPABILITIES, CAPABILITY_NUMBERS, SIGKILL, SIGSTOP, signal_number
-from dkvm.host.kill import kill_target
+from dkvm.host.kill import kill_signal
+from dkvm.host.runc_cli import parse
 from dkvm.schema import Capabilities, Process, Rlimit
 
 LAST_CAP = 40
@@ -124,4 +125,5 @@ def test_signal_names_as_runc_takes_them(text, number):
     (["-a", "id", "STOP"], (SIGSTOP, "id")), ([], (None, "")),
 ])
 def test_the_kill_command_line(args, target):
-    assert kill_target(args) == target
+    call = parse(["--root", "/r", "kill", *args])
+    assert (kill_signal(call), call.container_id) == target

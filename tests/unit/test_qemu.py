@@ -52,8 +52,9 @@ def test_a_kernel_without_an_initramfs_boots_without_one():
     assert value(argv, "-kernel") == "/.dkvm/kernels/fast/vmlinux"
     assert "-initrd" not in argv
     # the kernel's own arguments come after DKVM's, before the user's
-    append = kernel_append(make_plan(boot=boot, kernel_append="x=1")).split()
-    assert append.index("acpi=noirq") < append.index("rootfstype=virtiofs") < append.index("x=1")
+    append = kernel_append(make_plan(boot=boot, kernel_append="dkvm.x=1")).split()
+    assert append.index("acpi=noirq") < append.index("rootfstype=virtiofs") < \
+        append.index("dkvm.x=1")
 
 
 def test_tcg_accel():
@@ -162,6 +163,21 @@ def test_qemu_env_and_virtiofsd():
     assert not any(a.startswith("--socket-path") for a in argv)
     assert values(argv, "-o")[:2] == ["source=/share", "sandbox=chroot"]
     assert "modcaps=+sys_admin" not in values(argv, "-o")
+    assert "--rlimit-nofile=0" in argv          # 0: as it is
+    assert "no_readdirplus" not in values(argv, "-o")
+    # under a low limit, an inode per lookup, not one per entry listed
+    assert "no_readdirplus" in values(virtiofsd_argv(5, nofile=20000), "-o")
+    assert "no_readdirplus" not in values(virtiofsd_argv(5, nofile=1 << 20), "-o")
+    assert "--rlimit-nofile=20000" in virtiofsd_argv(5, nofile=20000)
+
+
+def test_virtiofsd_may_have_as_many_descriptors_as_the_container():
+    """One per inode the guest holds: its soft limit is raised to the hard one (no
+    capability needed; above it would need CAP_SYS_RESOURCE)."""
+    import resource
+    from dkvm.container.processes import most_descriptors
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert most_descriptors() == (1 << 20 if hard == resource.RLIM_INFINITY else hard)
 
 
 def test_sys_admin_reaches_virtiofsd():
@@ -207,7 +223,8 @@ def test_a_minus_word_in_kernel_append_takes_dkvms_argument_away():
 def test_a_removal_that_names_nothing_is_refused_at_create():
     from dkvm.errors import DkvmError
     from dkvm.options import parse_settings
-    assert parse_settings({"DKVM_KERNEL_APPEND": "-tsc=reliable x=1"}, None)["kernel_append"]
+    assert parse_settings({"DKVM_KERNEL_APPEND": "-tsc=reliable dkvm.x=1"}, None,
+                          policy_allows={"DKVM_KERNEL_APPEND"})["kernel_append"]
     for typo in ("-tsc=unstable", "-root", "-console", "-init"):
         with pytest.raises(DkvmError, match=f"DKVM_KERNEL_APPEND: {typo} removes none"):
             parse_settings({"DKVM_KERNEL_APPEND": typo}, None)

@@ -9,11 +9,13 @@ from dkvm.host.bundle import BundleLayout
 from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.host.engines import DOCKER
-from dkvm.host.rewrite import (CONTAINER_PATH, CONTAINER_SIDE_CAPS, CONTAINER_SIDE_MIB,
-                               DEFAULT_GUEST_MIB, MIB, rewrite_create_config, rewrite_exec_process,
-                               vcpus_for, workload_capabilities)
-from dkvm.paths import PLAN_ENV
-from dkvm.schema import ENTRYPOINT, Capabilities, ExecRequest, Plan, Rlimit, Tmpfs
+from dkvm.host.rewrite import (CONTAINER_SIDE_DEVICE_RULES, CONTAINER_SIDE_MASKED_PATHS,
+                               CONTAINER_SIDE_READONLY_PATHS)
+from dkvm.host.rewrite import (CONTAINER_PATH, CONTAINER_SIDE_CAPS, DEFAULT_GUEST_MIB,
+                               EXEC_RELAY_MIB, MIB, VM_SIDE_MIB, container_side_mib, inert,
+                               rewrite_create_config, rewrite_exec_process, vcpus_for,
+                               vm_footprint_mib, workload_capabilities)
+from dkvm.schema import ENTRYPOINT, MOST_EXECS, Capabilities, ExecRequest, Plan, Rlimit, Tmpfs
 
 DOCKER_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Docker's default capabilities: full root in the VM, less what it holds back
@@ -58,7 +60,7 @@ WORKLOADS = {
 RESOURCES = {
     "plain": (0, DEFAULT_GUEST_MIB),
     "user-workdir-env": (0, DEFAULT_GUEST_MIB),
-    "resources-tmpfs-volume": (2, 512 - 80 - 64),  # --cpus 1.5 -m 512m, TCG
+    "resources-tmpfs-volume": (2, 512 - 112 - 64),  # --cpus 1.5 -m 512m, TCG: 8 execs
     "tty-init": (0, DEFAULT_GUEST_MIB),
     "privileged-cpuset": (1, DEFAULT_GUEST_MIB),  # --cpuset-cpus 0
     "flags": (0, DEFAULT_GUEST_MIB),
@@ -88,12 +90,13 @@ def test_process_runs_the_entrypoint_as_root(any_config):
     assert new["process"]["user"] == {"uid": 0, "gid": 0}
 
 
-def test_container_env_is_path_and_plan_only(any_config):
+def test_container_env_is_path_only_the_plan_comes_apart(any_config):
+    """The plan (with the workload's env inside) is not an environment string: Linux
+    caps one at 128 KiB. It comes back beside the config, for the runtime to write."""
     _, config = any_config
-    new, _ = rewrite(config)
-    env = new["process"]["env"]
-    assert [e.partition("=")[0] for e in env] == ["PATH", PLAN_ENV]
-    assert env[0] == f"PATH={CONTAINER_PATH}"
+    new, plan = rewrite(config)
+    assert new["process"]["env"] == [f"PATH={CONTAINER_PATH}"]
+    assert plan.process.env and set(plan.process.env) <= set(config["process"]["env"])
 
 
 def test_terminal_flag_is_left_to_the_container(any_config):
@@ -125,14 +128,14 @@ def test_plan_leaves_the_entrypoints_fields_to_it(any_config):
 
 
 def test_plan_env_drops_every_dkvm_setting():
-    config = with_env(load_config("user-workdir-env"), "DKVM_KERNEL_APPEND=foo=1",
+    config = with_env(load_config("user-workdir-env"), "DKVM_KERNEL_APPEND=foo.bar=1",
                       "DKVM_DEV_SHM_SIZE=128m", "NOT_DKVM_X=1")
-    _, plan = rewrite(config, kvm_usable=True)
+    _, plan = rewrite(config, kvm_usable=True, policy_allows={"DKVM_KERNEL_APPEND"})
     assert plan.process.env == [DOCKER_PATH, "HOSTNAME=vmhost", "FOO=bar", "NOT_DKVM_X=1"]
     assert not any(e.startswith("DKVM_") for e in plan.process.env)
     # and the settings took effect
     assert plan.options.accel == "tcg"          # DKVM_ACCEL=tcg beats a usable KVM
-    assert plan.options.kernel_append == "foo=1"
+    assert plan.options.kernel_append == "foo.bar=1"
     assert plan.options.dev_shm_size == 128 << 20
 
 
@@ -140,7 +143,7 @@ def test_plan_options_from_env():
     config = with_env(load_config("plain"), "DKVM_KERNEL=debian/6.1.0-28-amd64",
                       "DKVM_KERNEL_DEBUG=yes", "DKVM_KERNEL_APPEND=init_on_free=1",
                       "DKVM_KERNEL_MOUNT_LIB_MODULES=1")
-    _, plan = rewrite(config)
+    _, plan = rewrite(config, policy_allows={"DKVM_KERNEL_APPEND"})
     assert plan.options.kernel == "debian"
     assert plan.boot == KERNELS["debian"]           # the chosen kernel's boot descriptor
     assert plan.options.kernel_debug is True
@@ -186,7 +189,8 @@ def test_the_images_root_is_the_first_mount_in_the_export(readonly):
     image = new["mounts"][0]
     assert image == {"destination": "/share/rootfs", "type": "bind",
                      "source": config["root"]["path"],
-                     "options": ["rbind", "rprivate", "ro" if readonly else "rw"]}
+                     "options": ["rbind", "rprivate", "ro" if readonly else "rw", "nosuid",
+                                 "nodev"]}
 
 
 def test_mounts_for_the_workload_go_into_the_image_in_order_then_the_container_sides():
@@ -201,7 +205,8 @@ def test_mounts_for_the_workload_go_into_the_image_in_order_then_the_container_s
                                     "/dev/mqueue", "/dev/shm"] + OWN)
     volume = new["mounts"][1]
     original = next(m for m in config["mounts"] if m["destination"] == "/hosttmp")
-    assert volume == {**original, "destination": "/share/rootfs/hosttmp"}
+    assert volume == {**original, "destination": "/share/rootfs/hosttmp",
+                      "options": original["options"] + ["nosuid", "nodev"]}
 
 
 def test_every_engine_mount_is_kept_once(any_config):
@@ -211,8 +216,10 @@ def test_every_engine_mount_is_kept_once(any_config):
     kept = [m for m in config["mounts"] if m["destination"] not in moved]
     by_source = [(m["type"], m.get("source"), m.get("options")) for m in new["mounts"]]
     for mount in kept:
-        assert by_source.count((mount["type"], mount.get("source"), mount.get("options"))) \
-            >= 1, mount
+        options = mount.get("options")
+        if mount["destination"] not in CONTAINER_SIDE:
+            options = inert(options)
+        assert by_source.count((mount["type"], mount.get("source"), options)) >= 1, mount
     container_side = [m for m in new["mounts"] if m["destination"] in CONTAINER_SIDE]
     assert container_side == [m for m in kept if m["destination"] in CONTAINER_SIDE]
 
@@ -244,7 +251,7 @@ def test_a_destination_is_resolved_inside_the_image(tmp_path):
     config["root"]["path"] = str(image)
     config["mounts"].append({"destination": "/data", "type": "bind", "source": "/srv/vol",
                              "options": ["rbind"]})
-    new = rewrite_create_config(config, facts(), BundleLayout(str(tmp_path), config))
+    new, _ = rewrite_create_config(config, facts(), BundleLayout(str(tmp_path), config))
     dests = destinations(new)
     assert "/share/rootfs/.dkvm/lib" in dests and "/share/rootfs/run/hosts" in dests
     assert dests.count("/.dkvm") == 1 and dests[-len(OWN):] == OWN
@@ -273,7 +280,7 @@ def test_the_container_side_has_exactly_its_own_capabilities(any_config):
 
 def test_sys_admin_option_adds_the_capability():
     config = with_env(load_config("plain"), "DKVM_SYS_ADMIN=1")
-    new, _ = rewrite(config)
+    new, _ = rewrite(config, policy_allows={"DKVM_SYS_ADMIN"})
     for kind in ("bounding", "effective", "permitted"):
         assert new["process"]["capabilities"][kind].count("CAP_SYS_ADMIN") == 1
     new, _ = rewrite(load_config("plain"))
@@ -312,10 +319,49 @@ def test_an_unknown_capability_is_refused_at_create():
 # --- process settings for the guest ------------------------------------------------
 
 def test_rlimits_go_to_the_guest_not_to_qemu():
+    """The workload's limits go to the guest; the container side's only limit is the
+    descriptors virtiofsd may hold (container_side_nofile); the engine's own NOFILE
+    is recorded for the workload's default."""
+    import resource
+    from dkvm.host.rewrite import container_side_nofile
     config = load_config("flags")
     new, plan = rewrite(config)
-    assert "rlimits" not in new["process"]
+    assert new["process"].get("rlimits", []) == container_side_nofile()
     assert plan.process.rlimits == [Rlimit(type="RLIMIT_NOFILE", soft=64, hard=64)]
+    assert plan.engine_nofile == list(resource.getrlimit(resource.RLIMIT_NOFILE))
+
+
+def capabilities_status(tmp_path, effective):
+    status = tmp_path / "status"
+    status.write_text(f"Name:\tdkvm\nCapInh:\t0000000000000000\nCapEff:\t{effective}\n")
+    return str(status)
+
+
+def test_the_container_sides_descriptor_limit_is_what_the_host_allows(tmp_path):
+    """As many descriptors as fs.nr_open allows, where runc can raise the limit (root
+    with CAP_SYS_RESOURCE); where it cannot (this machine's root lacks it), the
+    engine's, as before: raising it would fail every create."""
+    from dkvm.host.rewrite import container_side_nofile
+    nr_open = tmp_path / "nr_open"
+    nr_open.write_text("4194304\n")
+    full = capabilities_status(tmp_path, "000001ffffffffff")
+    assert container_side_nofile(str(nr_open), full) == [
+        {"type": "RLIMIT_NOFILE", "soft": 4194304, "hard": 4194304}]
+    assert container_side_nofile(str(tmp_path / "none"), full)[0]["hard"] >= 1 << 20
+    without = capabilities_status(tmp_path, "000001fffeffffff")     # no CAP_SYS_RESOURCE
+    assert container_side_nofile(str(nr_open), without) == []
+
+
+def test_the_workload_keeps_the_engines_descriptor_limit():
+    import resource
+    from dkvm.kernel_names import RLIM_INFINITY
+    from dkvm.roles.ctr_entrypoint import own_rlimits
+    limits = {limit.type: limit for limit in own_rlimits([1024, 20000])}
+    assert (limits["RLIMIT_NOFILE"].soft, limits["RLIMIT_NOFILE"].hard) == (1024, 20000)
+    assert limits["RLIMIT_STACK"].soft in (resource.getrlimit(resource.RLIMIT_STACK)[0],
+                                           RLIM_INFINITY)
+    own = {limit.type: limit for limit in own_rlimits()}["RLIMIT_NOFILE"]
+    assert [own.soft, own.hard] == list(resource.getrlimit(resource.RLIMIT_NOFILE))
 
 
 def test_an_unknown_rlimit_is_refused_at_create():
@@ -342,12 +388,15 @@ def test_no_new_privileges_for_the_container_side_always_and_the_workload_as_ask
 def test_exec_relay_has_no_capability_and_its_process_keeps_the_settings():
     process = load_config("flags")["process"]
     process["args"] = ["id"]
-    new = rewrite_exec_process(process, CONTAINER_ID, DOCKER.default_capabilities)
+    new, request = rewrite_exec_process(process, CONTAINER_ID, DOCKER.default_capabilities, 5)
     assert new["capabilities"] == {kind: [] for kind in ("bounding", "effective",
                                                          "permitted", "inheritable", "ambient")}
     assert "rlimits" not in new
-    env = dict(e.split("=", 1) for e in new["env"])
-    request = ExecRequest.from_json(env[paths.EXEC_ENV])
+    # the relay's environment is DKVM's; it reads its request from descriptor 5
+    assert new["env"] == [f"PATH={CONTAINER_PATH}"]
+    assert new["args"] == paths.role_argv("dkvm-exec") + ["--request-fd", "5"]
+    assert ExecRequest.from_json(request.to_json()) == request
+    assert request.container_id == CONTAINER_ID
     assert request.process.args == ["id"]
     assert request.process.rlimits == [Rlimit(type="RLIMIT_NOFILE", soft=64, hard=64)]
     assert request.process.no_new_privileges is True
@@ -373,11 +422,95 @@ def test_seccomp_allows_what_virtiofsd_and_the_entrypoint_need(name):
         {k: v for k, v in config["linux"]["seccomp"].items() if k != "syscalls"}
 
 
-def test_no_seccomp_stays_no_seccomp():
+def test_a_container_side_the_engine_left_without_seccomp_gets_dkvms_deny_list():
+    """`--privileged` and `seccomp=unconfined` are the workload's, in its VM: the
+    container side gets a profile that refuses what it never calls."""
     config = load_config("privileged-cpuset")
     assert "seccomp" not in config["linux"]
     new, _ = rewrite(config)
-    assert "seccomp" not in new["linux"]
+    seccomp = new["linux"]["seccomp"]
+    assert seccomp["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert set(seccomp["architectures"]) == {"SCMP_ARCH_X86_64", "SCMP_ARCH_X86",
+                                             "SCMP_ARCH_X32"}
+    denied = {name for rule in seccomp["syscalls"] if not rule.get("args")
+              and rule["action"] == "SCMP_ACT_ERRNO" for name in rule["names"]}
+    assert {"kexec_load", "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key",
+            "mount", "umount2", "pivot_root", "init_module", "finit_module", "ptrace",
+            "open_by_handle_at", "setns", "io_uring_setup", "clone3"} <= denied
+    # what virtiofsd, QEMU and the entrypoint call stays allowed
+    assert not denied & {"chroot", "unshare", "clone", "process_madvise", "pidfd_open",
+                         "name_to_handle_at", "seccomp", "prctl", "mknod", "fchownat"}
+    by_flag = {(rule["names"][0], rule["args"][0]["value"]) for rule in seccomp["syscalls"]
+               if rule.get("args")}
+    clone_newnet, clone_newuser, clone_newns, clone_fs = 0x40000000, 0x10000000, 0x20000, 0x200
+    assert {("unshare", clone_newnet), ("unshare", clone_newuser), ("unshare", clone_newns),
+            ("clone", clone_newnet), ("clone", clone_newuser)} <= by_flag
+    assert ("unshare", clone_fs) not in by_flag
+    for rule in seccomp["syscalls"]:
+        for arg in rule.get("args") or []:
+            assert arg["op"] == "SCMP_CMP_MASKED_EQ" and arg["value"] == arg["valueTwo"]
+
+
+def privileged(config):
+    """What Docker makes of a config for `--privileged` (daemon/oci_linux.go): every
+    host device listed and allowed, /sys and cgroupfs read-write, no masks, no
+    seccomp."""
+    config = copy.deepcopy(config)
+    linux = config["linux"]
+    linux["devices"] = [{"path": "/dev/sda", "type": "b", "major": 8, "minor": 0,
+                         "fileMode": 0o660, "uid": 0, "gid": 6},
+                        {"path": "/dev/mem", "type": "c", "major": 1, "minor": 1,
+                         "fileMode": 0o640, "uid": 0, "gid": 15}]
+    linux["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
+    linux["maskedPaths"] = linux["readonlyPaths"] = None
+    linux.pop("seccomp")
+    for mount in config["mounts"]:
+        if mount["destination"] in ("/sys", "/sys/fs/cgroup"):
+            mount["options"] = [o for o in mount["options"] if o != "ro"] + ["rw"]
+    return config
+
+
+def container_side_view(config):
+    linux = config["linux"]
+    return {"masked": linux["maskedPaths"], "readonly": linux["readonlyPaths"],
+            "devices": linux["devices"], "rules": linux["resources"]["devices"],
+            "mounts": [{**m, "options": sorted(m["options"])} for m in config["mounts"]
+                       if m["destination"] in CONTAINER_SIDE],
+            "caps": config["process"]["capabilities"],
+            "nnp": config["process"]["noNewPrivileges"]}
+
+
+@pytest.mark.parametrize("kvm_usable", [False, True])
+def test_privileged_leaves_the_container_side_as_unprivileged_as_without_it(kvm_usable):
+    """`--privileged` is the workload's, in its VM: with QEMU's credentials a writable
+    /proc/sys or /sys, or the host's devices, would be the host's."""
+    plain = load_config("plain")
+    new_plain, _ = rewrite(plain, kvm_usable=kvm_usable)
+    new_privileged, plan = rewrite(privileged(plain), kvm_usable=kvm_usable)
+    assert container_side_view(new_privileged) == container_side_view(new_plain)
+    view = container_side_view(new_privileged)
+    for mount in view["mounts"]:
+        if mount["destination"] in ("/sys", "/sys/fs/cgroup"):
+            assert "ro" in mount["options"] and "rw" not in mount["options"]
+    assert {"/proc/sys", "/proc/sysrq-trigger"} <= set(view["readonly"])
+    assert {"/proc/kcore", "/sys/firmware", "/sys/devices/virtual/powercap"} <= \
+        set(view["masked"])
+    assert view["rules"][0] == {"allow": False, "access": "rwm"}
+    allowed = {(r["major"], r["minor"]) for r in view["rules"] if r["allow"]}
+    assert allowed == {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2),
+                       (136, -1), (10, 200)} | ({(10, 232)} if kvm_usable else set())
+    assert plan.devices == []               # in the VM: every device of its kernel
+    assert plan.process.capabilities.drop == ["CAP_SYS_BOOT"]
+
+
+def test_the_engines_device_rules_are_not_the_container_sides():
+    """`--device-cgroup-rule` and `--device` are the workload's: the guest makes its
+    devices; the host's stay closed to QEMU."""
+    config = load_config("plain")
+    config["linux"]["resources"]["devices"].append(
+        {"allow": True, "type": "b", "major": 8, "minor": -1, "access": "rwm"})
+    new, _ = rewrite(config)
+    assert not [r for r in new["linux"]["resources"]["devices"] if r.get("major") == 8]
 
 
 # --- devices -----------------------------------------------------------------------
@@ -400,10 +533,9 @@ def test_tun_device_and_cgroup_rule(any_config):
     (rule,) = allow_rules(new, 10, 200)
     assert rule["access"] == "rwm"
     rules = new["linux"]["resources"]["devices"]
-    # after docker's deny-all rule, which would otherwise win
+    # after the deny-all rule, which would otherwise win
     assert rules.index(rule) > rules.index({"allow": False, "access": "rwm"})
-    assert rules[:len(config["linux"]["resources"]["devices"])] == \
-        config["linux"]["resources"]["devices"]
+    assert rules[:len(CONTAINER_SIDE_DEVICE_RULES)] == CONTAINER_SIDE_DEVICE_RULES
 
 
 def _unused_tun_not_duplicated():
@@ -447,29 +579,43 @@ def test_vcpus_and_memory_follow_limits(name):
 
 
 def test_the_memory_limit_holds_the_whole_vm():
-    """Guest RAM, QEMU's translation cache and the container side's share add up to
-    the user's limit, which reaches the engine unchanged, swap and reservation too."""
+    """Guest RAM, QEMU's translation cache and the container side's share (with room
+    for the execs it may run) add up to the user's limit, which reaches the engine
+    unchanged, swap and reservation too."""
     config = load_config("resources-tmpfs-volume")
     config["linux"]["resources"]["memory"]["reservation"] = 256 * MIB
     new, plan = rewrite(config)
     assert new["linux"]["resources"]["memory"] == config["linux"]["resources"]["memory"]
-    assert (plan.memory_mib, plan.tcg_cache_mib) == (368, 64)
-    assert plan.memory_mib + plan.tcg_cache_mib + CONTAINER_SIDE_MIB == 512
+    assert (plan.memory_mib, plan.tcg_cache_mib, plan.max_execs) == (336, 64, 8)
+    assert vm_footprint_mib(plan) == 512
 
 
-@pytest.mark.parametrize("limit_mib,guest_mib,cache_mib", [
-    (240, 128, 32), (256, 144, 32), (1024, 816, 128), (2048, 1712, 256), (8192, 7856, 256)])
-def test_tcg_cache_scales_with_the_limit(limit_mib, guest_mib, cache_mib):
+@pytest.mark.parametrize("limit_mib,guest_mib,cache_mib,execs", [
+    (256, 128, 32, 4), (400, 246, 50, 6), (1024, 752, 128, 16), (2048, 1616, 256, 24),
+    (8192, 7760, 256, 24)])
+def test_tcg_cache_and_execs_scale_with_the_limit(limit_mib, guest_mib, cache_mib, execs):
     config = load_config("resources-tmpfs-volume")
     config["linux"]["resources"]["memory"]["limit"] = limit_mib * MIB
     _, plan = rewrite(config)
-    assert (plan.memory_mib, plan.tcg_cache_mib) == (guest_mib, cache_mib)
+    assert (plan.memory_mib, plan.tcg_cache_mib, plan.max_execs) == (guest_mib, cache_mib,
+                                                                     execs)
+    assert vm_footprint_mib(plan) == limit_mib
+
+
+def test_the_memory_budget_holds_every_exec_relay():
+    """The container side's share is the VM's (QEMU, virtiofsd, the entrypoint) and
+    room for the execs the container may run at once, each a relay process there; a
+    container without a limit runs the most."""
+    assert container_side_mib(4) == VM_SIDE_MIB + 4 * EXEC_RELAY_MIB == 96
+    config = load_config("plain")
+    _, plan = rewrite(config)
+    assert plan.max_execs == MOST_EXECS == 24
 
 
 def test_under_kvm_there_is_no_translation_cache():
     config = load_config("resources-tmpfs-volume")
     _, plan = rewrite(config, kvm_usable=True)
-    assert (plan.memory_mib, plan.tcg_cache_mib) == (512 - CONTAINER_SIDE_MIB, 0)
+    assert (plan.memory_mib, plan.tcg_cache_mib) == (512 - container_side_mib(8), 0)
 
 
 def test_no_memory_limit_means_default_and_no_limit():
@@ -501,7 +647,7 @@ def test_vcpus_for(cpu, count):
 def test_input_not_mutated(any_config):
     _, config = any_config
     before = copy.deepcopy(config)
-    new = rewrite_create_config(config, facts(kvm_usable=True), layout(config))
+    new, _ = rewrite_create_config(config, facts(kvm_usable=True), layout(config))
     assert config == before
     assert new != before
 
@@ -611,7 +757,17 @@ def test_masked_and_read_only_paths_in_the_image_go_to_the_guest():
     assert plan.masked_paths == ["/masked-dir", "/processes", "/srv/secret"]
     assert plan.readonly_paths == ["/readonly-file", "/sysroot"]
     assert plan.root_propagation == "rshared"
-    assert new["linux"]["maskedPaths"] == config["linux"]["maskedPaths"]
+    assert new["linux"]["maskedPaths"] == CONTAINER_SIDE_MASKED_PATHS
+    assert new["linux"]["readonlyPaths"] == CONTAINER_SIDE_READONLY_PATHS
+
+
+def test_the_engines_own_masks_on_proc_and_sys_are_kept_for_the_container_side():
+    """Podman masks more of /proc and /sys than Docker: the container side keeps them."""
+    config = load_config("plain")
+    config["linux"]["maskedPaths"] += ["/proc/interrupts", "/sys/fs/selinux"]
+    new, _ = rewrite(config)
+    assert new["linux"]["maskedPaths"] == CONTAINER_SIDE_MASKED_PATHS + [
+        "/proc/interrupts", "/sys/fs/selinux"]
 
 
 def test_an_unknown_root_propagation_is_refused_by_name():

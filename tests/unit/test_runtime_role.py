@@ -3,17 +3,16 @@ really uses, reporting errors into runc's log, and the argv[0] role dispatch."""
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 
 import dkvm.__main__ as dkvm_main
-from unitutil import KERNELS, load_config, plan_of, with_env
-from dkvm import paths
+from unitutil import Exec, bundle_with, load_config, plan_of, with_env
+from dkvm import handoff, paths
 from dkvm.schema import Capabilities
 from dkvm.errors import DkvmError, run_role
-from dkvm.host import facts, payload
-from dkvm.host.runc_cli import container_id, find_subcommand, flag_value, report_to_runc_log
+from dkvm.host import facts
+from dkvm.host.runc_cli import parse, report_to_runc_log
 from dkvm.roles import runtime
 
 LOG = "/run/containerd/io.containerd.runtime.v2.task/moby/0123abcd/log.json"
@@ -21,64 +20,90 @@ CREATE = ["--root", "/var/run/docker/runtime-runc/moby", "--log", LOG, "--log-fo
           "create", "--bundle", "/b", "--pid-file", "/p", "id"]
 
 
-@pytest.mark.parametrize("args,command,index", [
-    (CREATE, "create", 6),
-    (["--systemd-cgroup", "state", "id"], "state", 1),
-    (["--root", "/r", "--log=/l", "--debug", "delete", "--force", "id"], "delete", 4),
-    (["--rootless", "auto", "--criu", "/usr/sbin/criu", "start", "id"], "start", 4),
+@pytest.mark.parametrize("args,command,global_args", [
+    (CREATE, "create", CREATE[:6]),
+    (["--systemd-cgroup", "state", "id"], "state", ["--systemd-cgroup"]),
+    (["--root", "/r", "--log=/l", "--debug", "delete", "--force", "id"], "delete",
+     ["--root", "/r", "--log=/l", "--debug"]),
+    (["--rootless", "auto", "--criu", "/usr/sbin/criu", "start", "id"], "start",
+     ["--rootless", "auto", "--criu", "/usr/sbin/criu"]),
     (["--root", "/var/run/docker/runtime-runc/moby", "--log", LOG, "--log-format", "json",
-      "exec", "--process", "/tmp/p.json", "--detach", "id"], "exec", 6),
-    (["--version"], None, 1),
-    ([], None, 0),
-    (["--root", "/r"], None, 2),
+      "exec", "--process", "/tmp/p.json", "--detach", "id"], "exec", CREATE[:6]),
+    (["-root", "/r", "-log", "/l", "state", "id"], "state", ["-root", "/r", "-log", "/l"]),
+    (["--version"], None, ["--version"]),
+    ([], None, []),
+    (["--root", "/r"], None, ["--root", "/r"]),
 ])
-def test_find_subcommand(args, command, index):
-    assert find_subcommand(args) == (command, index)
+def test_the_subcommand_follows_runcs_global_flags(args, command, global_args):
+    call = parse(args)
+    assert (call.command, call.global_args) == (command, global_args)
+    assert call.runc_args() == args             # no DKVM flag: runc gets the line as it was
 
 
-def test_flag_values_on_create_line():
-    command, index = find_subcommand(CREATE)
-    create_args = CREATE[index + 1:]
-    assert flag_value(create_args, "--bundle", "-b") == "/b"
-    assert flag_value(create_args, "--pid-file") == "/p"
-    assert flag_value(create_args, "--console-socket") is None
-    assert flag_value(CREATE, "--log") == LOG
-    assert flag_value(CREATE, "--log-format") == "json"
-    assert flag_value(CREATE, "--root") == "/var/run/docker/runtime-runc/moby"
+def test_what_create_names():
+    call = parse(CREATE)
+    assert call.command_args == ["--bundle", "/b", "--pid-file", "/p", "id"]
+    assert (call.bundle, call.container_id, call.log, call.log_format) == ("/b", "id", LOG,
+                                                                           "json")
+    assert call.flag("pid-file") == "/p" and call.flag("console-socket") is None
+    assert parse(["create", "id"]).bundle == os.getcwd()    # runc's default
 
 
 @pytest.mark.parametrize("args,want", [
     (["-b", "/short", "id"], "/short"),
     (["--bundle=/eq", "id"], "/eq"),
     (["-b=/eq2", "id"], "/eq2"),
+    (["-bundle", "/one-dash", "id"], "/one-dash"),
     (["--bundlex", "/no", "id"], None),
-    (["id", "--bundle"], None),              # flag without a value
 ])
-def test_flag_value_forms(args, want):
-    assert flag_value(args, "--bundle", "-b") == want
+def test_a_flag_takes_one_dash_or_two_and_its_value_after_it_or_after_an_equals(args, want):
+    assert parse(["create", *args]).flag("bundle", "b") == want
+
+
+def test_a_flag_without_a_value_has_none():
+    assert parse(["create", "id", "--bundle"]).flag("bundle", "b") is None
 
 
 @pytest.mark.parametrize("args,cid", [
-    (["--bundle", "/b", "--pid-file", "/p", "0123abcd"], "0123abcd"),
-    (["--process", "/p.json", "--detach", "--pid-file", "/x", "0123abcd"], "0123abcd"),
-    (["--bundle", "/b", "--no-pivot"], ""),
-    ([], ""),
+    (["create", "--bundle", "/b", "--pid-file", "/p", "0123abcd"], "0123abcd"),
+    (["exec", "--process", "/p.json", "--detach", "--pid-file", "/x", "0123abcd"], "0123abcd"),
+    (["update", "--resources", "-", "0123abcd"], "0123abcd"),
+    (["create", "--bundle", "/b", "--no-pivot"], ""),
+    (["delete"], ""),
+    (["kill", "--all", "0123abcd", "KILL"], "0123abcd"),
+    (["kill", "0123abcd"], "0123abcd"),
 ])
-def test_container_id_is_the_last_argument(args, cid):
-    assert container_id(args) == cid
+def test_the_container_is_the_last_argument_but_kills_first(args, cid):
+    assert parse(args).container_id == cid
 
 
-def test_flag_value_does_not_confuse_prefixes():
-    args = ["--log-format", "json", "--log", "/l.json"]
-    assert flag_value(args, "--log") == "/l.json"
-    assert flag_value(["--log-format=json"], "--log") is None
+def test_kills_signal_is_its_second_argument():
+    assert parse(["kill", "-a", "id", "STOP"]).signal == "STOP"
+    assert parse(["kill", "id"]).signal == ""
+
+
+def test_exec_names_its_process_file():
+    assert parse(["exec", "-p", "/p.json", "id"]).process_file == "/p.json"
+    assert parse(["exec", "id", "sh"]).process_file == ""
+
+
+def test_the_log_is_found_whatever_its_form():
+    assert parse(["--log-format", "json", "--log", "/l.json", "state", "x"]).log == "/l.json"
+    assert parse(["--log-format=json", "state", "x"]).log is None
+    assert parse(["--log=/l", "--log-format=text", "state", "x"]).log_format == "text"
+
+
+def test_our_own_state_call_leaves_runcs_log_out():
+    call = parse(["--root", "/r", "--log", "/l", "--log-format=json", "-log=/m", "--debug",
+                  "kill", "id"])
+    assert call.state_args() == ["--root", "/r", "--debug"]
 
 
 def test_report_to_runc_log_json(tmp_path):
     log = tmp_path / "log.json"
     log.write_text('{"level":"info","msg":"earlier"}\n')
     args = ["--root", "/r", "--log", str(log), "--log-format", "json", "create", "id"]
-    report_to_runc_log(args, "dkvm: DKVM_ACCEL='foo' is not valid")
+    report_to_runc_log(parse(args), "dkvm: DKVM_ACCEL='foo' is not valid")
     lines = log.read_text().splitlines()
     assert lines[0] == '{"level":"info","msg":"earlier"}'      # appended, not replaced
     assert len(lines) == 2
@@ -90,53 +115,18 @@ def test_report_to_runc_log_json(tmp_path):
 
 def test_report_to_runc_log_text(tmp_path):
     log = tmp_path / "log"
-    report_to_runc_log(["--log", str(log), "create", "id"], "dkvm: boom")
+    report_to_runc_log(parse(["--log", str(log), "create", "id"]), "dkvm: boom")
     assert log.read_text() == "dkvm: boom\n"
 
 
 def test_report_to_runc_log_without_log_or_unwritable(tmp_path):
-    report_to_runc_log(["create", "id"], "boom")           # no --log: nothing to do
+    report_to_runc_log(parse(["create", "id"]), "boom")    # no --log: nothing to do
     missing = tmp_path / "no" / "such" / "dir" / "log.json"
-    report_to_runc_log(["--log", str(missing), "create", "id"], "boom")
+    report_to_runc_log(parse(["--log", str(missing), "create", "id"]), "boom")
     assert not missing.exists()
 
 
 # --- runtime main, with the host and runc faked ------------------------------------
-
-class Exec(Exception):
-    pass
-
-
-@pytest.fixture
-def fake_host(monkeypatch, tmp_path):
-    calls = {}
-
-    def execv(path, argv):
-        calls["exec"] = (path, argv)
-        raise Exec()
-
-    monkeypatch.setattr(payload, "ensure_payload", lambda: "/var/lib/dkvm/feedface")
-    monkeypatch.setattr(facts, "kvm_usable", lambda: False)
-    monkeypatch.setattr(payload, "payload_kernels", lambda d: dict(KERNELS))
-    monkeypatch.setattr(facts, "find_runc", lambda explicit="": explicit or "/usr/bin/runc")
-    def run_runc(path, args):
-        """`create`: runc as a child; what it would read is kept here."""
-        calls["exec"] = (path, [path] + args)
-        bundle = args[args.index("--bundle") + 1]
-        calls["config"] = json.loads((Path(bundle) / "config.json").read_text())
-        return 0
-
-    monkeypatch.setattr(runtime.os, "execv", execv)
-    monkeypatch.setattr(runtime, "run_runc", run_runc)
-    return calls
-
-
-def bundle_with(tmp_path, config):
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps(config))
-    return bundle
-
 
 def test_main_create_rewrites_runs_runc_and_restores_the_config(fake_host, tmp_path):
     bundle = bundle_with(tmp_path, load_config("tty-init"))
@@ -185,7 +175,7 @@ def test_create_read_only_makes_the_mount_points_in_the_image(fake_host, tmp_pat
     assert (image / "etc" / "hosts").is_file()              # a file's, for a file
     assert (image / "scratch").is_dir()                     # a --tmpfs, for the guest
     new = fake_host["config"]
-    assert new["mounts"][0]["options"][-1] == "ro"
+    assert "ro" in new["mounts"][0]["options"] and "rw" not in new["mounts"][0]["options"]
 
 
 def test_main_other_commands_pass_through(fake_host, tmp_path):
@@ -221,18 +211,24 @@ EXEC_PROCESS = {
 }
 
 
-def test_main_exec_rewrites_the_process_and_execs_runc(fake_host, tmp_path):
+def test_main_exec_rewrites_the_process_and_execs_runc(fake_host, tmp_path, monkeypatch):
+    """The relay's request goes to runc as one more preserved descriptor (handed over
+    here to a stand-in: test_handoff passes a real one through exec)."""
+    passed = {}
+    monkeypatch.setattr(handoff, "pass_request", lambda fd, text: passed.update({fd: text}))
     process_file = tmp_path / "process.json"
     process_file.write_text(json.dumps(EXEC_PROCESS))
     runc_args = ["--root", "/r", "exec", "--process", str(process_file), "--detach", "id"]
     with pytest.raises(Exec):
         runtime.main(["dkvm-runtime", *runc_args])
-    assert fake_host["exec"] == ("/usr/bin/runc", ["/usr/bin/runc"] + runc_args)
+    assert fake_host["exec"] == ("/usr/bin/runc", ["/usr/bin/runc", "--root", "/r", "exec",
+                                                   "--preserve-fds=1"] + runc_args[3:])
     relay = json.loads(process_file.read_text())
-    assert relay["args"] == paths.role_argv("dkvm-exec")
+    assert relay["args"] == paths.role_argv("dkvm-exec") + ["--request-fd", "3"]
     assert relay["user"] == {"uid": 0, "gid": 0}
     assert relay["noNewPrivileges"] is True
-    request = json.loads(dict(e.split("=", 1) for e in relay["env"])["DKVM_EXEC"])
+    assert [e.partition("=")[0] for e in relay["env"]] == ["PATH"]
+    request = json.loads(passed[3])
     assert relay["capabilities"]["bounding"] == []
     assert request == {"container_id": "id", "process": {
         "args": ["sh", "-c", "id"], "env": ["PATH=/usr/bin:/bin", "FOO=bar"], "cwd": "/srv",
@@ -272,6 +268,18 @@ def test_main_bad_runtime_arg_reaches_runc_log(fake_host, tmp_path):
     assert "--dkvm-bogus" in json.loads(log.read_text())["msg"]
 
 
+@pytest.mark.parametrize("bad", [["--dkvm-acel", "tcg"], ["--dkvm-flag"]])
+def test_an_unknown_dkvm_flag_before_runcs_log_still_reaches_it(fake_host, tmp_path, bad):
+    """The engine shows what runc's log says: the line is written there even when the
+    unknown flag (whose value form DKVM cannot know) comes before --log."""
+    log = tmp_path / "log"
+    with pytest.raises(DkvmError):
+        runtime.main(["dkvm-runtime", "--dkvm-runc=/opt/runc", *bad, "--log", str(log),
+                      "delete", "id"])
+    assert "exec" not in fake_host
+    assert f"unknown runtime argument {bad[0]}: DKVM accepts" in log.read_text()
+
+
 # --- argv[0] dispatch --------------------------------------------------------------
 
 @pytest.mark.parametrize("argv0,role,module", [
@@ -302,12 +310,13 @@ def test_main_dispatches_and_exits_with_role_code(capsys, monkeypatch, tmp_path)
     """dkvm-exec with no VM to reach: the relay role's error and exit code, on one line
     that names the role and the container."""
     from dkvm.roles import exec_relay
-    monkeypatch.setenv("DKVM_EXEC", json.dumps({"container_id": "feedface0123456789",
-                                                "process": {"args": ["true"]}}))
+    request = os.memfd_create("request")
+    os.write(request, json.dumps({"container_id": "feedface0123456789",
+                                  "process": {"args": ["true"]}}).encode())
     monkeypatch.setattr(exec_relay.paths, "EXEC_SOCKET", str(tmp_path / "missing.sock"))
     monkeypatch.setattr(exec_relay, "CONNECT_TIMEOUT", 0)
     with pytest.raises(SystemExit) as info:
-        dkvm_main.main(["/.dkvm/entry/dkvm-exec", "sh"])
+        dkvm_main.main(["/.dkvm/entry/dkvm-exec", "--request-fd", str(request)])
     assert info.value.code == 126
     assert capsys.readouterr().err == \
         "dkvm[exec feedface0123]: the VM was not ready for exec within 0s\n"
@@ -346,21 +355,63 @@ def test_the_real_runc_is_the_first_in_path_that_is_a_program_and_not_us(tmp_pat
     assert facts.find_runc() == str(dirs[3] / "runc")
 
 
-@pytest.mark.parametrize("key", ["io.kubernetes.cri.container-type",
-                                 "io.kubernetes.cri-o.ContainerType"])
-def test_a_pods_sandbox_is_runcs_as_it_is(fake_host, tmp_path, key):
-    """The pause container CRI starts with the pod's runtime class holds the pod's
-    namespaces: no VM for it; the pod's containers get theirs."""
+CRI_SANDBOX = {"io.kubernetes.cri.container-type": "sandbox",
+               "io.kubernetes.cri.sandbox-id": "pause"}
+
+
+def cri_bundle(tmp_path, config, state="run/containerd", namespace="k8s.io", name="pause"):
+    """A bundle where containerd's shim v2 makes it: <state>/<task dir>/<namespace>/<id>."""
+    bundle = tmp_path / state / "io.containerd.runtime.v2.task" / namespace / name
+    bundle.mkdir(parents=True)
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+@pytest.mark.parametrize("state", ["run/containerd", "run/k3s/containerd"])
+def test_cris_pod_sandbox_is_runcs_as_it_is(fake_host, tmp_path, state):
+    """The pause container containerd's CRI starts with the pod's runtime class holds
+    the pod's namespaces: no VM for it; the pod's containers get theirs."""
     config = load_config("plain")
-    config["annotations"] = {key: "sandbox"}
-    bundle = bundle_with(tmp_path, config)
+    config["annotations"] = dict(CRI_SANDBOX)
+    bundle = cri_bundle(tmp_path, config, state)
     with pytest.raises(Exec):
         runtime.main(["dkvm-runtime", "create", "--bundle", str(bundle), "pause"])
     assert json.loads((bundle / "config.json").read_text()) == config
-    config["annotations"] = {key: "container"}
-    (bundle / "config.json").write_text(json.dumps(config))
-    assert runtime.main(["dkvm-runtime", "create", "--bundle", str(bundle), "app"]) == 0
-    assert plan_of(fake_host["config"]).container_id == "app"
+    assert fake_host["exec"][1][1:] == ["create", "--bundle", str(bundle), "pause"]
+
+
+@pytest.mark.parametrize("annotations, namespace, name", [
+    ({"io.kubernetes.cri-o.ContainerType": "sandbox"}, "k8s.io", "pause"),
+    ({"io.kubernetes.cri.container-type": "sandbox"}, "k8s.io", "pause"),
+    ({**CRI_SANDBOX, "io.kubernetes.cri.sandbox-id": "another"}, "k8s.io", "pause"),
+    ({**CRI_SANDBOX, "io.kubernetes.cri.container-type": "container"}, "k8s.io", "pause"),
+    (CRI_SANDBOX, "moby", "pause"),
+    (CRI_SANDBOX, "k8s.io", "pause-x"),
+    (CRI_SANDBOX, None, "pause"),
+])
+def test_sandbox_annotations_an_image_can_carry_do_not_take_a_container_out_of_the_vm(
+        fake_host, tmp_path, annotations, namespace, name):
+    """Engines copy an image's annotations into the config (Podman does): whatever
+    they say, a container whose bundle is not CRI's sandbox's gets a VM."""
+    config = load_config("plain")
+    config["annotations"] = dict(annotations)
+    bundle = bundle_with(tmp_path, config) if namespace is None else \
+        cri_bundle(tmp_path, config, namespace=namespace, name=name)
+    assert runtime.main(["dkvm-runtime", "create", "--bundle", str(bundle), "pause"]) == 0
+    assert plan_of(fake_host["config"]).container_id == "pause"
+
+
+def test_a_link_to_cris_state_is_not_cris_state(fake_host, tmp_path):
+    """The bundle's real path counts: a link named like CRI's task directory that
+    leads elsewhere (to Podman's userdata, say) proves nothing."""
+    config = load_config("plain")
+    config["annotations"] = dict(CRI_SANDBOX)
+    real = bundle_with(tmp_path, config)
+    link = tmp_path / "state" / "io.containerd.runtime.v2.task" / "k8s.io" / "pause"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(real)
+    assert runtime.main(["dkvm-runtime", "create", "--bundle", str(link), "pause"]) == 0
+    assert plan_of(fake_host["config"]).container_id == "pause"
 
 
 def test_runc_runs_as_a_child_with_its_exit_status(tmp_path):

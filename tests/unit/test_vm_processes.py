@@ -163,3 +163,45 @@ def test_virtiofsd_killed_at_boot_is_virtiofsds_though_qemu_then_fails(tmp_path)
     with pytest.raises(DkvmError, match=r"^virtiofsd exited unexpectedly \(virtiofsd "
                                         r"killed by signal 9"):
         vm.check()
+
+
+def test_virtiofsds_descriptors_are_counted_against_its_limit(tmp_path, monkeypatch):
+    """What the supervisor watches (supervisor.check_descriptors): the descriptors a
+    stand-in virtiofsd holds open, and the most it may; (0, 0) once it is gone."""
+    import dkvm.container.processes as processes
+    script = "exec 3</dev/null 4</dev/null 5</dev/null; echo ready; sleep 30"
+    vm = stand_in_vm(tmp_path, script, "sleep 30")
+    try:
+        deadline = time.monotonic() + 10
+        while b"ready" not in Path(vm.virtiofsd.log).read_bytes():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        monkeypatch.setattr(processes, "most_descriptors", lambda: 16)  # the table: 64 > 8
+        used, most = vm.virtiofsd_descriptors()
+        assert most == 16 and 6 <= used < 16                 # 0-2, 3-5: listed, not guessed
+        monkeypatch.setattr(processes, "most_descriptors", lambda: 1 << 20)
+        used, most = vm.virtiofsd_descriptors()
+        assert most == 1 << 20 and used >= 6                  # the table's size: small
+    finally:
+        for child in vm.children():
+            child.proc.kill()
+            child.proc.wait()
+    assert vm.virtiofsd_descriptors() == (0, 0)
+
+
+def test_the_image_kernels_initramfs_leaves_run_once_the_guest_runs(tmp_path, monkeypatch):
+    """QEMU read it at start; in the container's /run it is memory in the limit."""
+    import dkvm.container.processes as processes
+    from dkvm.schema import Boot
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(b"070701")
+    monkeypatch.setattr(processes.paths, "IMAGE_INITRD", str(initrd))
+    vm = stand_in_vm(tmp_path, "sleep 30", "sleep 30")
+    try:
+        vm.release_kernel_image(Boot(name="image", kernel="/proc/self/fd/9",
+                                     initrd=str(initrd)))
+        assert not initrd.exists()
+    finally:
+        for child in vm.children():
+            child.proc.kill()
+            child.proc.wait()

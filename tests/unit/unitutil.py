@@ -3,10 +3,10 @@ wrapper that returns the new config together with its decoded plan."""
 import json
 from pathlib import Path
 
+from dkvm.handoff import read_plan
 from dkvm.host.bundle import BundleLayout
 from dkvm.host.facts import HostFacts
 from dkvm.host.rewrite import rewrite_create_config
-from dkvm.paths import PLAN_ENV
 from dkvm.schema import Boot, Plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,17 +30,19 @@ def load_config(name):
     return json.loads((FIXTURES / f"config-{name}.json").read_text())
 
 
-def facts(kvm_usable=False, defaults=None, kernels=None):
+def facts(kvm_usable=False, defaults=None, kernels=None, policy_allows=()):
+    """`defaults`: the runtime's arguments ({--dkvm-<option>: text}); `policy_allows`:
+    what the host's policy file lets containers set."""
     return HostFacts(payload_dir=PAYLOAD_DIR, kvm_usable=kvm_usable,
                      kernels=dict(KERNELS if kernels is None else kernels),
-                     defaults=dict(defaults or {}))
+                     defaults=dict(defaults or {}), policy_allows=policy_allows)
 
 
 def plan_of(config):
-    """The Plan carried in the rewritten config's DKVM_PLAN env entry (exactly one)."""
-    entries = [e for e in config["process"]["env"] if e.startswith(PLAN_ENV + "=")]
-    assert len(entries) == 1, config["process"]["env"]
-    return Plan.from_json(entries[0][len(PLAN_ENV) + 1:])
+    """The Plan the runtime wrote in the rewritten config's root, read as the
+    entrypoint reads it; nothing of it is in the entrypoint's environment."""
+    assert [e.partition("=")[0] for e in config["process"]["env"]] == ["PATH"]
+    return Plan.from_json(read_plan(config["root"]["path"]))
 
 
 def layout(config):
@@ -50,8 +52,7 @@ def layout(config):
 
 
 def rewrite(config, **kw):
-    new = rewrite_create_config(config, facts(**kw), layout(config), CONTAINER_ID)
-    return new, plan_of(new)
+    return rewrite_create_config(config, facts(**kw), layout(config), CONTAINER_ID)
 
 
 def with_env(config, *items):
@@ -59,3 +60,14 @@ def with_env(config, *items):
     config = json.loads(json.dumps(config))
     config["process"]["env"] = list(config["process"]["env"]) + list(items)
     return config
+
+
+class Exec(Exception):
+    """The runtime's execv of runc, stopped there by the `fake_host` fixture."""
+
+
+def bundle_with(tmp_path, config):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle

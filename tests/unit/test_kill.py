@@ -1,0 +1,94 @@
+"""`runc kill` of SIGKILL/SIGSTOP: the runtime (host root) reaches the entrypoint's
+signal socket in a /run the container side can write, so it follows no link there,
+connects only to a socket, and only to the one the entrypoint itself listens on."""
+import os
+import socket
+
+import pytest
+from opens import OpenWatch
+
+from dkvm.host import kill
+from dkvm.host.runc_cli import parse
+
+
+@pytest.fixture
+def proc(tmp_path):
+    """A stand-in for /proc/<pid> whose `root` holds the container's /run."""
+    (tmp_path / "proc" / "root" / "run").mkdir(parents=True)
+    return tmp_path / "proc"
+
+
+def listening(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(1)
+    sock.setblocking(False)
+    return sock
+
+
+def connect(proc, pid=None):
+    fd = os.open(proc, os.O_PATH | os.O_DIRECTORY)
+    try:
+        return kill.connect_signal_socket(fd, pid or os.getpid(), 1)
+    finally:
+        os.close(fd)
+
+
+def assert_never_connected(listener):
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+
+
+def test_the_entrypoints_own_socket_is_connected(proc):
+    listener = listening(proc / "root/run/signal.sock")
+    sock = connect(proc)
+    assert sock is not None
+    sock.sendall(b"9\n")
+    conn, _ = listener.accept()
+    conn.setblocking(True)
+    assert conn.recv(8) == b"9\n"
+    for s in (sock, conn, listener):
+        s.close()
+
+
+@pytest.mark.parametrize("swap", ["socket", "run"])
+def test_a_socket_swapped_for_a_link_is_not_followed(proc, tmp_path, swap):
+    """The container side (QEMU's uid) replaced signal.sock, or /run, with a link to a
+    socket of the host's: nothing connects to it."""
+    host = tmp_path / "host"
+    host.mkdir()
+    host_listener = listening(host / "signal.sock")
+    if swap == "socket":
+        os.symlink(host / "signal.sock", proc / "root/run/signal.sock")
+    else:
+        os.rmdir(proc / "root/run")
+        os.symlink(host, proc / "root/run")
+    assert connect(proc) is None
+    assert_never_connected(host_listener)
+    host_listener.close()
+
+
+def test_a_socket_someone_else_listens_on_is_refused(proc):
+    """Any socket the container side binds there itself is not the entrypoint's."""
+    listener = listening(proc / "root/run/signal.sock")
+    assert connect(proc, pid=os.getpid() + 100000) is None
+    listener.close()
+
+
+def test_a_fifo_or_a_file_there_is_not_opened(proc):
+    os.mkfifo(proc / "root/run/signal.sock")
+    reader = os.open(proc / "root/run/signal.sock", os.O_RDONLY | os.O_NONBLOCK)
+    with OpenWatch(proc / "root/run/signal.sock") as watch:
+        assert connect(proc) is None
+        assert not watch.opened()
+    os.close(reader)
+
+
+def test_a_container_whose_pid_changed_meanwhile_is_left_to_runc(monkeypatch):
+    """The pid runc named is held (/proc/<pid> open) and asked again: a process that
+    has since taken the pid is never sent the request."""
+    answers = iter([os.getpid(), 0])
+    monkeypatch.setattr(kill, "container_pid", lambda *args: next(answers))
+    monkeypatch.setattr(kill, "connect_signal_socket",
+                        lambda *args: pytest.fail("connected to a process not the container's"))
+    assert kill.deliver_in_guest(parse(["kill", "ctr", "KILL"]), "runc") is True
