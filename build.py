@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from dkvm import paths  # noqa: E402
+from dkvm.__main__ import module, program  # noqa: E402
 from dkvm.host.payload import PAYLOAD_BUILD_ID, PAYLOAD_MEMBER  # noqa: E402
 from kernels.make import build_kernels  # noqa: E402
 BUILD = ROOT / "build"
@@ -51,7 +52,8 @@ QEMU_FIRMWARE = ["/usr/share/seabios/bios-256k.bin", "/usr/share/qemu/pvh.bin",
 QEMU_MODULES = ["accel-tcg-x86_64.so"]
 # In-container and in-guest roles start as `python3 <payload>/entry/<role>`: the
 # script's name is argv[0], which picks the role as it does on the host.
-ROLE_ENTRIES = ["dkvm-ctr-entrypoint", "dkvm-vm-init", "dkvm-exec"]
+PAYLOAD_ROLE_NAMES = ["ctr-entrypoint", "vm-init", "exec-relay"]
+ROLE_ENTRIES = [program(role) for role in PAYLOAD_ROLE_NAMES]
 # Each role reads as few zip directories as it can (zipimport parses one in Python,
 # a few milliseconds per hundred entries under TCG): the standard library its roles
 # import (python311.zip, read at start), then dkvm's own; the rest of the standard
@@ -66,7 +68,7 @@ from dkvm.__main__ import main
 main()
 """
 # The roles that run on the payload's Python (the host's run on the host's).
-PAYLOAD_ROLES = ["dkvm.roles.ctr_entrypoint", "dkvm.roles.vm_init", "dkvm.roles.exec_relay"]
+PAYLOAD_ROLES = [module(role) for role in PAYLOAD_ROLE_NAMES]
 # What they import inside functions on their usual paths (`docker exec -t`, the
 # entrypoint's rlimits, QEMU's child dropping its capabilities, pyroute2's loader).
 PAYLOAD_LAZY_IMPORTS = ["termios", "tty", "resource", "ctypes", "importlib.util"]

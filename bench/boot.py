@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 from dkvm import paths  # noqa: E402
 from dkvm.container.vmm import kernel_append, qemu_env  # noqa: E402
 from dkvm.host.payload import ensure_payload, payload_kernels  # noqa: E402
-from dkvm.initramfs import initramfs  # noqa: E402
+from dkvm.boot.initramfs import initramfs  # noqa: E402
 from idle import command_line, idle_processes, rollup_mib  # noqa: E402
 from dkvm.options import BY_ENV  # noqa: E402
 from dkvm.schema import Boot, Plan  # noqa: E402

@@ -2,19 +2,27 @@
 import os
 import sys
 
-# program name -> (role name in log lines, module)
-ROLES = {
-    "dkvm-runtime": ("runtime", "dkvm.roles.runtime"),
-    "dkvm-ctr-entrypoint": ("entrypoint", "dkvm.roles.ctr_entrypoint"),
-    "dkvm-vm-init": ("vm-init", "dkvm.roles.vm_init"),
-    "dkvm-exec": ("exec", "dkvm.roles.exec_relay"),
-}
-DEFAULT_ROLE = ("", "dkvm.roles.cli")
+# Each role is one name: the program `dkvm-<role>` runs the module dkvm.roles.<role>
+# (dashes as underscores), and log lines say `dkvm[<role> <container>]`. Any other
+# program name is the host CLI.
+ROLES = ("runtime", "ctr-entrypoint", "vm-init", "exec-relay")
+PROGRAM_PREFIX = "dkvm-"
+CLI = ("", "dkvm.roles.cli")
+
+
+def program(role):
+    return PROGRAM_PREFIX + role
+
+
+def module(role):
+    return "dkvm.roles." + role.replace("-", "_")
 
 
 def role_of(argv0):
     """(role name, module name) for a program name; anything unknown is the host CLI."""
-    return ROLES.get(os.path.basename(argv0), DEFAULT_ROLE)
+    name = os.path.basename(argv0)
+    role = name[len(PROGRAM_PREFIX):] if name.startswith(PROGRAM_PREFIX) else ""
+    return (role, module(role)) if role in ROLES else CLI
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
 """Who wrote a line. Every line DKVM writes for a person starts with one prefix that
-names the role and the container: `dkvm[entrypoint 0123456789ab]: ...` (the host CLI,
+names the role and the container: `dkvm[ctr-entrypoint 0123456789ab]: ...` (the host CLI,
 which serves no container, writes `dkvm: ...`). A message never carries a prefix of
 its own; `line` adds the one."""
 import sys

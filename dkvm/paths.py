@@ -35,7 +35,7 @@ PORT_STDOUT = "org.dkvm.stdout"
 PORT_STDERR = "org.dkvm.stderr"
 PORT_STDIN = "org.dkvm.stdin"
 STDIN_SOCKET = RUN_DIR + "/stdin.sock"
-EXEC_SOCKET = RUN_DIR + "/exec.sock"      # dkvm-exec relays connect here
+EXEC_SOCKET = RUN_DIR + "/exec.sock"      # exec relays (dkvm-exec-relay) connect here
 SIGNAL_SOCKET = RUN_DIR + "/signal.sock"  # the runtime asks for SIGKILL/SIGSTOP here
 IMAGE_INITRD = RUN_DIR + "/initrd.img"    # DKVM_KERNEL=image: made at start from its modules
 GUEST_INIT_DIR = "guest-init"             # in the payload: the guest's first scripts

@@ -301,7 +301,7 @@ class Device(Record):
 
 
 # `docker exec`s running at once in one container, at most; a plan's own cap
-# (max_execs) is what its memory limit has room for (host.rewrite.exec_slots).
+# (max_execs) is what its memory limit has room for (host.vm_size.exec_slots).
 MOST_EXECS = 24
 
 
@@ -340,7 +340,7 @@ class Plan(Record):
         # entrypoint's own (the engine's), for the workload and every exec
         "default_rlimits": Field(ListOf(Rlimit), [], set_by=ENTRYPOINT),
         # RLIMIT_NOFILE [soft, hard] as the engine gives it (the runtime's own): the
-        # container side's own is raised for virtiofsd (host.rewrite), not the workload's
+        # container side's own is raised for virtiofsd (host.container_side), not the workload's
         "engine_nofile": Field(ListOf(int), []),
         "interfaces": Field(ListOf(Interface), [], set_by=ENTRYPOINT),
         "network_setup": Field(ListOf(NetStep), [], set_by=ENTRYPOINT),

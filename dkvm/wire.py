@@ -31,7 +31,8 @@ WINDOW = 12     # either way: {"bytes": N} the receiver consumed N data bytes: s
 CLOSE = 13      # relay side -> guest: the relay is gone; end the process
 DNS = 14        # either way: a 2-byte tag, then a DNS query (to the host) or its answer
 NET = 15        # host -> guest: {"wait_for": [MAC of a hot-plugged NIC], "steps": [step]}
-                #   Docker changed the container's networks (container.net_follower, container.net_steps)
+                #   Docker changed the container's networks (container.net.follower,
+                #   container.net.steps)
 INIT = 16       # guest -> host: init is up and has its control port open: send the plan
 PLAN = 17       # host -> guest: the plan (schema.Plan): nothing of it is in the export
 HEARTBEAT = 18  # guest -> host: init's loop turns (every HEARTBEAT_INTERVAL): the VM is alive

@@ -17,8 +17,8 @@ import tomllib
 from pathlib import Path
 
 from dkvm.errors import DkvmError
-from dkvm.image_kernel import boot_initramfs
-from dkvm.initramfs import BOOT_MODULES, load_order, modinfo_depends, module_name
+from dkvm.boot.image_kernel import boot_initramfs
+from dkvm.boot.initramfs import BOOT_MODULES, load_order, modinfo_depends, module_name
 from dkvm.paths import STATIC_NODES
 from dkvm.schema import Boot
 

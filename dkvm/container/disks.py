@@ -10,7 +10,7 @@ import subprocess
 
 from dkvm import paths
 from dkvm.errors import DkvmError
-from dkvm.rooted import open_or_create_regular
+from dkvm.boot.rooted import open_or_create_regular
 
 FORMAT_TIMEOUT = 120
 

@@ -22,7 +22,7 @@ import threading
 import time
 
 from dkvm import log, signal_request, wire
-from dkvm.container.dns_relay import EmbeddedDnsRelay
+from dkvm.container.net.dns_relay import EmbeddedDnsRelay
 from dkvm.container.framed import FramedSocket, QueueFull
 from dkvm.errors import DkvmError
 from dkvm.schema import MOST_EXECS

@@ -1,7 +1,6 @@
 """Command lines for QEMU and virtiofsd, built from the plan (pure functions)."""
 from dkvm import kernel_args, paths
-from dkvm.container.net_plumbing import netdev_id, nic_id
-from dkvm.container.taps import tap_name
+from dkvm.container.net.taps import tap_name
 
 # virtiofsd's descriptor limit below which it serves directories without readdirplus
 # (virtiofsd_argv); the kernel's default fs.nr_open (1M) is well above it
@@ -89,6 +88,15 @@ def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, disk_fds=()):
 def boot_options(boot):
     """The kernel, and its initramfs if it has one, from the boot descriptor."""
     return ["-kernel", boot.kernel] + (["-initrd", boot.initrd] if boot.initrd else [])
+
+
+def netdev_id(number):
+    """QEMU's ids for the backend and the NIC of tap `number` (hot-unplug needs them)."""
+    return f"net{number}"
+
+
+def nic_id(number):
+    return f"nic{number}"
 
 
 def nic_options(number, mac):

@@ -2,7 +2,7 @@
 other containers of a user-defined network. The guest cannot reach that namespace's
 loopback, so a forwarder in the guest takes queries on 127.0.0.11:53 and sends them
 over the control channel; the container side asks the embedded server
-(container.dns_relay) and sends the answer back. A query is a DNS frame: a 2-byte tag
+(container.net.dns_relay) and sends the answer back. A query is a DNS frame: a 2-byte tag
 (wire.DNS_TAG), then the DNS message as is."""
 import _socket as socket   # not `socket`: it imports enum, a cost in the guest
 import time

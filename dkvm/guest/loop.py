@@ -16,6 +16,7 @@ import _signal
 import time
 
 from dkvm import log, terminal, wire
+from dkvm.errors import DkvmError
 from dkvm.kernel_names import handles_signal
 from dkvm.guest.exec_session import EXEC_START_FAILED, ExecSession, spawn_in_workload
 from dkvm.guest.network import PendingChanges
@@ -54,11 +55,11 @@ def receive_plan(control, decoder, timeout=PLAN_WAIT):
             continue
         data = os.read(control, 65536)
         if not data:
-            raise RuntimeError("the container side closed the control channel")
+            raise DkvmError("the container side closed the control channel")
         for frame in wire.feed_tolerant(decoder, data, log.warn):
             if frame.type == wire.PLAN:
                 return frame.record()
-    raise RuntimeError(f"no plan from the container side within {timeout}s")
+    raise DkvmError(f"no plan from the container side within {timeout}s")
 
 
 def write_all(fd, data):
@@ -145,7 +146,7 @@ class GuestLoop:
         if self.control in ready_r:
             data = self.read_control()
             if not data:        # a port whose host side is gone reads as EOF forever
-                raise RuntimeError("the container side closed the control channel")
+                raise DkvmError("the container side closed the control channel")
             for frame in wire.feed_tolerant(self.decoder, data, log.warn):
                 self.on_frame(frame)
         for error in self.network_changes.apply_ready():

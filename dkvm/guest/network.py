@@ -1,7 +1,7 @@
 """The guest side of networking: run the steps the container side prepared
-(container.net_steps) to rebuild each container interface, found by its MAC, at boot
+(container.net.steps) to rebuild each container interface, found by its MAC, at boot
 and when Docker connects, disconnects or re-routes networks of the running container
-(container.net_follower).
+(container.net.follower).
 
 Only struct and a netlink socket here: the requests come encoded, this fills in the
 NIC's index and the sequence number and checks each acknowledgement."""
@@ -10,6 +10,7 @@ import os
 import struct
 import time
 
+from dkvm.errors import DkvmError
 from dkvm.guest import syscalls
 from dkvm.schema import NetChange
 
@@ -55,7 +56,7 @@ def run_steps(steps, until_waiting=False):
             if index is None:
                 if step.optional:
                     continue            # its NIC is gone, and what the step was for with it
-                raise RuntimeError(f"no guest NIC with MAC {step.mac} for {step.what}")
+                raise DkvmError(f"no guest NIC with MAC {step.mac} for {step.what}")
             request = bytearray.fromhex(step.netlink)
             struct.pack_into("I", request, 8, seq)
             set_index(request, step.kind, index)
@@ -144,7 +145,7 @@ class PendingChanges:
             self.waiting.pop(0)
             try:
                 if missing:
-                    raise RuntimeError(f"hot-plugged NICs {sorted(missing)} did not appear "
+                    raise DkvmError(f"hot-plugged NICs {sorted(missing)} did not appear "
                                        f"in the guest within {NIC_WAIT}s")
                 # a new NIC takes up to a second to run: exec I/O goes on meanwhile
                 left = run_steps(change.steps, until_waiting=time.monotonic() < deadline)

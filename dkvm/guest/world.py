@@ -12,6 +12,7 @@ import stat
 import time
 
 from dkvm import paths
+from dkvm.errors import DkvmError
 from dkvm.guest import network, syscalls
 
 PORT_WAIT = 10
@@ -173,7 +174,7 @@ def mount_kernel_modules(modules, target):
     """The boot descriptor's modules for this kernel, with depmod's indexes, read-only
     at `target`."""
     if not modules:
-        raise RuntimeError("this guest kernel carries no modules to mount")
+        raise DkvmError("this guest kernel carries no modules to mount")
     os.makedirs(target, exist_ok=True)
     syscalls.bind_mount(modules, target, readonly=True)
 
@@ -262,7 +263,7 @@ def run_payload_program(name, *args):
             os._exit(127)
     _, wstatus = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(wstatus) != 0:
-        raise RuntimeError(f"{name} {' '.join(args)} failed")
+        raise DkvmError(f"{name} {' '.join(args)} failed")
 
 
 def find_ports(wanted):
@@ -285,7 +286,7 @@ def find_devices(base, attribute, wanted, what):
         if all(name in found and os.path.exists(found[name]) for name in wanted):
             return found
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} missing: {sorted(set(wanted) - set(found))}")
+            raise DkvmError(f"{what} missing: {sorted(set(wanted) - set(found))}")
         time.sleep(0.02)
 
 

@@ -36,7 +36,7 @@ class BundleLayout:
     def image_kernel(self, release):
         """DKVM_KERNEL=image: (path, release) of the image's kernel, which has its
         modules in the image; DkvmError if there is none."""
-        from dkvm.image_kernel import find_kernel, modules_dir
+        from dkvm.boot.image_kernel import find_kernel, modules_dir
         path, release = find_kernel(self.image_root, release)
         modules_dir(self.image_root, release)
         return path, release
@@ -118,7 +118,7 @@ def make_mount_points(layout, config, plan):
 
 def prepare_exec(call):
     """`runc exec --process FILE` (`call`, a runc_cli.RuncCall): the process becomes the
-    dkvm-exec relay, which gets its request as one more descriptor (handoff). Returns
+    exec relay (dkvm-exec-relay), which gets its request as one more descriptor (handoff). Returns
     runc's exec arguments (after the subcommand)."""
     from dkvm.host.engines import DOCKER
     from dkvm.host.rewrite import rewrite_exec_process

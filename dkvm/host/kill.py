@@ -72,7 +72,7 @@ def connect_signal_socket(proc, pid, timeout):
     import stat
     import struct
     from dkvm import paths
-    from dkvm.rooted import (RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS,
+    from dkvm.boot.rooted import (RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS,
                              openat2)
     try:
         root = os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc)

@@ -1,5 +1,5 @@
 """`runc update` of a DKVM container. The VM's RAM is fixed when it boots, and the
-container's memory limit holds all of it (rewrite.plan_memory). A lower limit would
+container's memory limit holds all of it (vm_size.plan_memory). A lower limit would
 be accepted by the cgroup while the guest has not yet touched its RAM, and the
 host's OOM killer would end QEMU the first time it did. So a memory limit below
 what the VM was sized for is refused, naming that floor. A higher limit, none, and
@@ -66,7 +66,7 @@ def booted_vm_mib(runc, call):
                                                                  paths.SKELETON):
         return 0                        # not DKVM's own root: the image's
     from dkvm.handoff import read_plan
-    from dkvm.host.rewrite import vm_footprint_mib
+    from dkvm.host.vm_size import vm_footprint_mib
     from dkvm.schema import Plan
     try:
         return vm_footprint_mib(Plan.from_json(read_plan(root)))

@@ -17,14 +17,14 @@ import time
 
 from dkvm import log, paths
 from dkvm.container.disks import open_disks
-from dkvm.container.net_follower import NetworkFollower
-from dkvm.container.net_plumbing import (give_back_interfaces, ipv6_sysctls,
+from dkvm.container.net.follower import NetworkFollower
+from dkvm.container.net.plumbing import (give_back_interfaces, ipv6_sysctls,
                                          take_over_interfaces)
-from dkvm.container.net_steps import interface_steps, sysctl_step
+from dkvm.container.net.steps import interface_steps, sysctl_step
 from dkvm.container.processes import VmProcesses
 from dkvm.container.signal_inbox import SignalInbox
 from dkvm.container.supervisor import Supervisor
-from dkvm.container.taps import create_tap, guest_nics, tap_name
+from dkvm.container.net.taps import create_tap, guest_nics, tap_name
 from dkvm.errors import DkvmError
 from dkvm.handoff import own_plan
 from dkvm.kernel_names import RLIM_INFINITY, RLIMITS
@@ -81,7 +81,7 @@ def open_boot_files(boot):
     initramfs made from the image's modules); a kernel of the payload needs none."""
     if not boot.from_image:
         return []
-    from dkvm.image_kernel import prepare_boot
+    from dkvm.boot.image_kernel import prepare_boot
     return [prepare_boot(boot)]
 
 

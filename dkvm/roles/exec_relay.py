@@ -1,6 +1,6 @@
-"""dkvm-exec: what `runc exec` starts in the container for `docker exec`. It reads
-the request the runtime handed it as a descriptor (handoff: never its environment,
-which is DKVM's, not the workload's), waits for the VM's multiplexer,
+"""dkvm-exec-relay: what `runc exec` starts in the container for `docker exec`. It
+reads the request the runtime handed it as a descriptor (handoff: never its
+environment, which is DKVM's, not the workload's), waits for the VM's multiplexer,
 puts the terminal (with -t) in raw mode, and relays the exec into the guest; it
 leaves with the guest process's exit status."""
 import os
@@ -37,7 +37,7 @@ def request_from(argv):
     from dkvm.handoff import read_request
     words = argv[1:]
     if len(words) != 2 or words[0] != paths.EXEC_REQUEST_FD or not words[1].isdigit():
-        raise DkvmError(f"dkvm-exec takes {paths.EXEC_REQUEST_FD} N, as DKVM's runtime "
+        raise DkvmError(f"dkvm-exec-relay takes {paths.EXEC_REQUEST_FD} N, as DKVM's runtime "
                         "starts it", 126)
     try:
         return ExecRequest.from_json(read_request(int(words[1])))

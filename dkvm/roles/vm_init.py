@@ -38,9 +38,11 @@ def main(argv):
         world.finish_network(network_left)
         status = run_workload(plan, ports, control, decoder, disks)
     except Exception as err:  # PID 1 must never die with a traceback: report and stop
-        log.warn(repr(err))
+        message = getattr(err, "message", None) or repr(err)   # a DkvmError's, or a bug's
+        log.warn(message)
         if control is not None:
-            write_all(control, wire.encode(wire.ERROR, {"message": f"guest init failed: {err}"}))
+            write_all(control, wire.encode(wire.ERROR,
+                                           {"message": f"guest init failed: {message}"}))
         status = FATAL_STATUS
     finish(control, status)
 

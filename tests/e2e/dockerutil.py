@@ -6,11 +6,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-from waiting import wait_until
+from waiting import poll, wait_until
 
 RUN_TIMEOUT = 240
 # every kernel the build carries: a folder of kernels/ with a recipe
@@ -89,15 +88,16 @@ def with_stop_signal(base, tag, stop_signal):
         sh("docker", "build", "-q", "-t", tag, tmp)
 
 
-def resize_and_check(child, old, new, attempts=20):
+def resize_and_check(child, old, new, timeout=60):
     """Resize the pexpect terminal and ask `stty size` until the guest reports `new`:
     the resize travels host -> container -> guest asynchronously."""
     child.setwinsize(*new)
-    for _ in range(attempts):
+
+    def reports_new_size():
         child.sendline("stty size")
-        if child.expect(["%d %d" % new, "%d %d" % old]) == 0:
-            return
-    raise AssertionError(f"the guest terminal never took the size {new}")
+        return child.expect(["%d %d" % new, "%d %d" % old]) == 0
+    wait_until(reports_new_size, f"the guest terminal to take the size {new}",
+               timeout=timeout, interval=0.1)
 
 
 def interrupt_foreground_sleep(child, container, timeout=60):
@@ -117,8 +117,7 @@ HTTPD = "mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p 8080
 def http_get(ip, timeout, port=8080):
     """The last line of the page a server at `ip` serves, from the host: HTTP/1.0 over
     a socket (busybox's httpd answers it); waits, bounded, for the server to listen."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def fetch():
         try:
             with socket.create_connection((ip, port), timeout=5) as conn:
                 conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -126,10 +125,12 @@ def http_get(ip, timeout, port=8080):
                 while chunk := conn.recv(4096):
                     data += chunk
                 return data.decode().rsplit("\n", 2)[-2]
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+        except OSError as err:
+            return err
+    page = poll(fetch, lambda value: not isinstance(value, OSError), timeout, interval=0.5)
+    if isinstance(page, OSError):
+        raise page
+    return page
 
 
 def load_into_engine(image, load_command):

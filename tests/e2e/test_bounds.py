@@ -139,7 +139,7 @@ def test_a_guest_makes_25000_files_in_tmp_as_under_runc(tmp_image, user):
 # --- exec relays inside the memory limit ----------------------------------------------
 
 MAX_EXECS = 24              # without a memory limit (schema.MOST_EXECS)
-FILLED_LIMIT, FILLED_EXECS = "400m", 6      # rewrite.exec_slots: one per 64 MiB of the limit
+FILLED_LIMIT, FILLED_EXECS = "400m", 6      # vm_size.exec_slots: one per 64 MiB of the limit
 
 
 def too_many(cap):

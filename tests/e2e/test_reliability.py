@@ -106,7 +106,8 @@ def test_an_exec_relay_killed_ends_its_process_in_the_guest(busybox_image, conta
     try:
         entrypoint = sh("docker", "inspect", "-f", "{{.State.Pid}}",
                         container_name).stdout.strip()
-        relay = wait_until(lambda: sh("pgrep", "-f", "dkvm-exec", check=False).stdout.split(),
+        relay = wait_until(lambda: sh("pgrep", "-f", "dkvm-exec-relay",
+                                      check=False).stdout.split(),
                            "the exec relay to start", timeout=60)
         relay = [pid for pid in relay if pid != entrypoint]
         wait_until(lambda: "sleep 7777" in ps(container_name), "the exec to start", timeout=60)

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import guest, mux  # noqa: F401 (fixtures, shared by the control channel's tests)
 from unitutil import FIXTURE_NAMES, KERNELS, Exec, load_config
 
 

@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from unitutil import load_config, rewrite, with_env
-from dkvm.rooted import open_in_root
+from dkvm.boot.rooted import open_in_root
 from dkvm.errors import DkvmError
 from dkvm.options import Disks
 from dkvm.schema import Disk

@@ -21,6 +21,12 @@ time.sleep(10)
 """
 
 
+def delivered(early):
+    """One turn of the guest loop's early signals: True once none waits."""
+    early.deliver_ready()
+    return not early.waiting
+
+
 def own_status():
     with open("/proc/self/status", "rb") as f:
         return f.read()
@@ -45,10 +51,8 @@ def test_a_signal_waits_for_the_workloads_handler():
                              text=True)
     early = EarlySignals(child.pid, grace=5)
     early.deliver(signal.SIGUSR1)               # at once it would kill the child
-    deadline = time.monotonic() + 5
-    while early.waiting and time.monotonic() < deadline:
-        time.sleep(early.timeout(1))
-        early.deliver_ready()
+    wait_until(lambda: delivered(early), "the handler, then the signal", timeout=5,
+               interval=early.timeout(1))
     assert child.wait(timeout=10) == 3
     assert child.stdout.read() == "ready\ngot USR1\n"
 
@@ -56,10 +60,11 @@ def test_a_signal_waits_for_the_workloads_handler():
 def test_after_the_grace_a_signal_takes_its_default_action():
     child = subprocess.Popen(["sleep", "30"])
     early = EarlySignals(child.pid, grace=0.2)
+    started = time.monotonic()
     early.deliver(signal.SIGTERM)
     assert early.waiting == [signal.SIGTERM]
-    time.sleep(0.25)
-    early.deliver_ready()
+    wait_until(lambda: delivered(early), "the grace to run out", timeout=5, interval=0.01)
+    assert time.monotonic() - started >= 0.2
     assert child.wait(timeout=10) == -signal.SIGTERM
 
 

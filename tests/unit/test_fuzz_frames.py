@@ -18,7 +18,7 @@ from dkvm.errors import DkvmError
 from dkvm.guest import network
 from dkvm.roles.ctr_entrypoint import listen
 from dkvm.schema import Plan
-from test_exec_channel import FakeVm, GuestHarness
+from harness import FakeVm, GuestHarness
 
 SECONDS = 2.0
 SEED = int(os.environ.get("DKVM_FUZZ_SEED", "0")) or random.randrange(1 << 30)

@@ -155,7 +155,7 @@ os.execv(sys.executable, [sys.executable, "-c",
          "import os, sys; sys.path.insert(0, sys.argv[1]);"
          "from dkvm.roles.exec_relay import request_from;"
          "print(os.path.realpath('/proc/self/fd/3'), sys.argv[2:]);"
-         "print(request_from(['dkvm-exec', '--request-fd', '4']).to_json())",
+         "print(request_from(['dkvm-exec-relay', '--request-fd', '4']).to_json())",
          sys.argv[1], *args])
 """
 
@@ -187,7 +187,7 @@ def test_a_request_too_big_for_its_frame_is_refused_at_exec_in_one_line():
                                    ["--other", "3"], ["--request-fd", "3", "more"]])
 def test_the_relay_wants_its_descriptor_named(words):
     with pytest.raises(DkvmError) as info:
-        exec_relay.request_from(["dkvm-exec", *words])
+        exec_relay.request_from(["dkvm-exec-relay", *words])
     assert info.value.exit_code == 126 and "--request-fd N" in info.value.message
 
 
@@ -197,7 +197,7 @@ def test_the_relay_reads_only_a_regular_file_at_its_descriptor():
     os.write(write, b'{"container_id": "x"}')
     os.close(write)
     with pytest.raises(DkvmError) as info:
-        exec_relay.request_from(["dkvm-exec", "--request-fd", str(read)])
+        exec_relay.request_from(["dkvm-exec-relay", "--request-fd", str(read)])
     assert info.value.exit_code == 126
     assert "the exec's request cannot be read" in info.value.message
     with pytest.raises(OSError):

@@ -146,7 +146,7 @@ def test_a_payload_member_outside_the_payload_is_refused(tmp_path, name):
     assert not list(tmp_path.rglob("escaped"))
 
 
-# Files of a tree that is not ours (dkvm.rooted): nothing but a regular file is ever
+# Files of a tree that is not ours (dkvm.boot.rooted): nothing but a regular file is ever
 # opened, and a node's type is known before anything opens it.
 
 def hostile_tree(root):
@@ -175,7 +175,7 @@ def hostile(tmp_path):
                                          ("/boot/vmlinuz", "not a regular file"),
                                          ("/boot/vmlinuz-9", "No such file|link to nothing")])
 def test_rooted_readers_never_open_a_fifo_a_device_or_a_file_outside(hostile, path, reason):
-    from dkvm.rooted import open_or_create_regular, open_regular, read_file, read_head
+    from dkvm.boot.rooted import open_or_create_regular, open_regular, read_file, read_head
     root, nodes = hostile
     with OpenWatch(*nodes) as watch:
         for call in (lambda: open_regular(root, path, 1 << 20),
@@ -189,7 +189,7 @@ def test_rooted_readers_never_open_a_fifo_a_device_or_a_file_outside(hostile, pa
 
 
 def test_the_image_kernel_search_opens_no_fifo_device_or_file_outside(hostile):
-    from dkvm.image_kernel import find_kernel, open_kernel
+    from dkvm.boot.image_kernel import find_kernel, open_kernel
     root, nodes = hostile
     with OpenWatch(*nodes) as watch:
         with pytest.raises(DkvmError, match="the image has no kernel"):
@@ -200,7 +200,7 @@ def test_the_image_kernel_search_opens_no_fifo_device_or_file_outside(hostile):
 
 
 def test_a_regular_file_is_reopened_by_its_inode_with_the_flags_asked(tmp_path):
-    from dkvm.rooted import open_or_create_regular, open_regular, read_file
+    from dkvm.boot.rooted import open_or_create_regular, open_regular, read_file
     (tmp_path / "data").write_bytes(b"abc")
     fd = open_regular(tmp_path, "/data", 16, os.O_RDWR)
     try:

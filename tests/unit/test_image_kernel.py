@@ -7,13 +7,12 @@ import os
 
 import pytest
 
-from unitutil import rewrite, with_env, load_config
+from unitutil import load_config, parse_newc, rewrite, with_env
 from dkvm.container.vmm import kernel_append
 from dkvm.errors import DkvmError
-from dkvm.image_kernel import (boot_initramfs, bzimage_release, find_kernel, kernels_in,
+from dkvm.boot.image_kernel import (boot_initramfs, bzimage_release, find_kernel, kernels_in,
                                module_bytes, modules_dir, open_kernel)
 from dkvm.schema import Plan
-from test_initramfs import parse_newc
 
 
 def bzimage(release, size=4096):
@@ -157,7 +156,7 @@ def test_an_xz_module_that_asks_for_a_huge_dictionary_is_refused(image):
 def test_the_initramfs_is_capped_in_total_before_anything_is_written(image, monkeypatch):
     """Each module fits, all of them do not: one line naming the cap (the container's
     /run is a 16 MiB tmpfs; an initramfs over it failed with ENOSPC)."""
-    import dkvm.image_kernel as image_kernel
+    import dkvm.boot.image_kernel as image_kernel
     mods = image / "usr" / "lib" / "modules" / "6.1.0-9-amd64" / "kernel"
     (mods / "fs" / "fuse" / "fuse.ko").write_bytes(module("fuse") + bytes(6 << 20))
     (mods / "drivers" / "net" / "net_failover.ko").write_bytes(module("x") + bytes(6 << 20))
@@ -208,7 +207,7 @@ def test_a_deep_or_wide_dependency_graph_stops_at_the_module_cap(image, shape):
 
 
 def test_the_initramfs_is_written_to_run_or_fails_in_one_line(image, monkeypatch, tmp_path):
-    import dkvm.image_kernel as image_kernel
+    import dkvm.boot.image_kernel as image_kernel
     from dkvm.schema import Boot
     payload = tmp_path / "payload"
     (payload / "bin").mkdir(parents=True)

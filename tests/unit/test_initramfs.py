@@ -1,4 +1,4 @@
-"""dkvm.initramfs: the newc archive, module names, dependencies and load order (the
+"""dkvm.boot.initramfs: the newc archive, module names, dependencies and load order (the
 same code builds the stock kernel's initramfs at build time and the image kernel's at
 start)."""
 import shutil
@@ -7,8 +7,9 @@ import subprocess
 
 import pytest
 
+from unitutil import parse_newc
 from dkvm.errors import DkvmError
-from dkvm.initramfs import cpio_newc, initramfs, load_order, modinfo_depends, module_name
+from dkvm.boot.initramfs import cpio_newc, initramfs, load_order, modinfo_depends, module_name
 
 
 def order_of(wanted, modules):
@@ -17,33 +18,6 @@ def order_of(wanted, modules):
 
 
 # --- cpio --------------------------------------------------------------------------
-
-def parse_newc(data):
-    """A strict newc reader: list of dicts, TRAILER!!! included."""
-    entries, off = [], 0
-    fields = ["ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor",
-              "devminor", "rdevmajor", "rdevminor", "namesize", "check"]
-    while True:
-        assert off % 4 == 0
-        assert data[off:off + 6] == b"070701", off
-        hdr = data[off + 6:off + 110]
-        entry = {f: int(hdr[i * 8:i * 8 + 8], 16) for i, f in enumerate(fields)}
-        name_end = off + 110 + entry["namesize"]
-        raw_name = data[off + 110:name_end]
-        assert raw_name.endswith(b"\0") and b"\0" not in raw_name[:-1]
-        entry["name"] = raw_name[:-1].decode()
-        off = name_end + (-name_end % 4)
-        assert data[name_end:off] == b"\0" * (off - name_end)
-        entry["data"] = data[off:off + entry["filesize"]]
-        off += entry["filesize"]
-        pad = -off % 4
-        assert data[off:off + pad] == b"\0" * pad
-        off += pad
-        entries.append(entry)
-        if entry["name"] == "TRAILER!!!":
-            assert off == len(data)
-            return entries
-
 
 ENTRIES = [
     ("bin", 0o40755, None),

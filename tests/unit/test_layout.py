@@ -2,7 +2,8 @@
 apart holds: host code (dkvm/host) runs on the host, container code (dkvm/container)
 in the container on the host's kernel, guest code (dkvm/guest) in the VM; each
 imports only its own side and the shared modules at dkvm's top, which import only
-each other. The five roles are thin mains, each on one side."""
+each other; host and container code may also import dkvm/boot (the image's kernel,
+initramfs, files in the image's tree), which the guest never does. The five roles are thin mains, each on one side."""
 import ast
 import subprocess
 import sys
@@ -12,11 +13,13 @@ import pytest
 from unitutil import REPO
 
 PACKAGE = REPO / "dkvm"
-SIDES = ("host", "container", "guest")
+# dkvm/boot: booting a kernel that is not the payload's, the host's and the container
+# side's (and build.py's), never the guest's
+SIDES = ("host", "container", "guest", "boot")
 ROLE_SIDES = {"runtime": "host", "cli": "host", "ctr_entrypoint": "container",
               "exec_relay": "container", "vm_init": "guest"}
-ALLOWED = {"host": {"host", "shared"}, "container": {"container", "shared"},
-           "guest": {"guest", "shared"}, "shared": {"shared"}}
+ALLOWED = {"host": {"host", "shared", "boot"}, "container": {"container", "shared", "boot"},
+           "guest": {"guest", "shared"}, "boot": {"boot", "shared"}, "shared": {"shared"}}
 
 
 def module_name(path):

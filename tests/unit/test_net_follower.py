@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dkvm import wire
-from dkvm.container import net_follower
+from dkvm.container.net import follower as net_follower
 from dkvm.container.qmp import Qmp
 from dkvm.container.vmm import command_line_options, nic_options
 from dkvm.errors import DkvmError

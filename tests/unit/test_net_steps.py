@@ -11,8 +11,9 @@ from socket import AF_INET, AF_INET6
 
 import pytest
 
-from dkvm.container.net_steps import interface_steps, route_step
-from dkvm.container.pyroute2_light import light_pyroute2
+from dkvm.container.net.steps import interface_steps, route_step
+from dkvm.container.net.pyroute2_light import light_pyroute2
+from dkvm.errors import DkvmError
 from dkvm.guest import network
 from dkvm.schema import Address, Interface, NetChange, Route, plain
 from unitutil import REPO
@@ -83,14 +84,14 @@ def test_a_step_for_a_missing_nic_fails_unless_optional(monkeypatch):
     monkeypatch.setattr(network, "links_by_mac", lambda: {})
     optional = route_step("02:00:00:00:00:01", ETH0.routes[0], add=False, optional=True)
     network.run_steps([optional])
-    with pytest.raises(RuntimeError, match="no guest NIC with MAC 02:42:ac:11:00:02 for rename"):
+    with pytest.raises(DkvmError, match="no guest NIC with MAC 02:42:ac:11:00:02 for rename"):
         network.run_steps(interface_steps([ETH0]))
 
 
 IN_NAMESPACE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from dkvm.container.net_plumbing import open_iproute
+from dkvm.container.net.plumbing import open_iproute
 from dkvm.guest import network
 from dkvm.schema import NetChange
 with open_iproute() as ip:

@@ -8,8 +8,8 @@ import pytest
 
 from unitutil import REPO, facts, load_config, rewrite, with_env
 from dkvm.errors import DkvmError
-from dkvm.host.rewrite import MIB, MIN_GUEST_MIB
 from dkvm.host.runc_cli import parse
+from dkvm.host.vm_size import MIB, MIN_GUEST_MIB
 from dkvm.options import BY_ENV, OPTIONS, Bool, Size, parse_settings, split_env
 from dkvm.schema import Options, Plan
 

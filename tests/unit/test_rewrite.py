@@ -9,12 +9,13 @@ from dkvm.host.bundle import BundleLayout
 from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.host.engines import DOCKER
-from dkvm.host.rewrite import (CONTAINER_SIDE_DEVICE_RULES, CONTAINER_SIDE_MASKED_PATHS,
-                               CONTAINER_SIDE_READONLY_PATHS)
-from dkvm.host.rewrite import (CONTAINER_PATH, CONTAINER_SIDE_CAPS, DEFAULT_GUEST_MIB,
-                               EXEC_RELAY_MIB, MIB, VM_SIDE_MIB, container_side_mib, inert,
-                               rewrite_create_config, rewrite_exec_process, vcpus_for,
-                               vm_footprint_mib, workload_capabilities)
+from dkvm.host.container_side import (CONTAINER_SIDE_CAPS, CONTAINER_SIDE_DEVICE_RULES,
+                                      CONTAINER_SIDE_MASKED_PATHS,
+                                      CONTAINER_SIDE_READONLY_PATHS, container_side_nofile)
+from dkvm.host.rewrite import (CONTAINER_PATH, inert, rewrite_create_config,
+                               rewrite_exec_process, workload_capabilities)
+from dkvm.host.vm_size import (DEFAULT_GUEST_MIB, EXEC_RELAY_MIB, MIB, VM_SIDE_MIB,
+                               container_side_mib, vcpus_for, vm_footprint_mib)
 from dkvm.schema import ENTRYPOINT, MOST_EXECS, Capabilities, ExecRequest, Plan, Rlimit, Tmpfs
 
 DOCKER_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -323,7 +324,6 @@ def test_rlimits_go_to_the_guest_not_to_qemu():
     descriptors virtiofsd may hold (container_side_nofile); the engine's own NOFILE
     is recorded for the workload's default."""
     import resource
-    from dkvm.host.rewrite import container_side_nofile
     config = load_config("flags")
     new, plan = rewrite(config)
     assert new["process"].get("rlimits", []) == container_side_nofile()
@@ -341,7 +341,6 @@ def test_the_container_sides_descriptor_limit_is_what_the_host_allows(tmp_path):
     """As many descriptors as fs.nr_open allows, where runc can raise the limit (root
     with CAP_SYS_RESOURCE); where it cannot (this machine's root lacks it), the
     engine's, as before: raising it would fail every create."""
-    from dkvm.host.rewrite import container_side_nofile
     nr_open = tmp_path / "nr_open"
     nr_open.write_text("4194304\n")
     full = capabilities_status(tmp_path, "000001ffffffffff")
@@ -394,7 +393,7 @@ def test_exec_relay_has_no_capability_and_its_process_keeps_the_settings():
     assert "rlimits" not in new
     # the relay's environment is DKVM's; it reads its request from descriptor 5
     assert new["env"] == [f"PATH={CONTAINER_PATH}"]
-    assert new["args"] == paths.role_argv("dkvm-exec") + ["--request-fd", "5"]
+    assert new["args"] == paths.role_argv("dkvm-exec-relay") + ["--request-fd", "5"]
     assert ExecRequest.from_json(request.to_json()) == request
     assert request.container_id == CONTAINER_ID
     assert request.process.args == ["id"]

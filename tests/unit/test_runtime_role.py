@@ -224,7 +224,7 @@ def test_main_exec_rewrites_the_process_and_execs_runc(fake_host, tmp_path, monk
     assert fake_host["exec"] == ("/usr/bin/runc", ["/usr/bin/runc", "--root", "/r", "exec",
                                                    "--preserve-fds=1"] + runc_args[3:])
     relay = json.loads(process_file.read_text())
-    assert relay["args"] == paths.role_argv("dkvm-exec") + ["--request-fd", "3"]
+    assert relay["args"] == paths.role_argv("dkvm-exec-relay") + ["--request-fd", "3"]
     assert relay["user"] == {"uid": 0, "gid": 0}
     assert relay["noNewPrivileges"] is True
     assert [e.partition("=")[0] for e in relay["env"]] == ["PATH"]
@@ -285,11 +285,12 @@ def test_an_unknown_dkvm_flag_before_runcs_log_still_reaches_it(fake_host, tmp_p
 @pytest.mark.parametrize("argv0,role,module", [
     ("dkvm-runtime", "runtime", "dkvm.roles.runtime"),
     ("/usr/local/bin/dkvm-runtime", "runtime", "dkvm.roles.runtime"),
-    ("dkvm-ctr-entrypoint", "entrypoint", "dkvm.roles.ctr_entrypoint"),
-    ("/.dkvm/entry/dkvm-ctr-entrypoint", "entrypoint", "dkvm.roles.ctr_entrypoint"),
+    ("dkvm-ctr-entrypoint", "ctr-entrypoint", "dkvm.roles.ctr_entrypoint"),
+    ("/.dkvm/entry/dkvm-ctr-entrypoint", "ctr-entrypoint", "dkvm.roles.ctr_entrypoint"),
     ("/.dkvm/entry/dkvm-vm-init", "vm-init", "dkvm.roles.vm_init"),
     ("dkvm-vm-init", "vm-init", "dkvm.roles.vm_init"),
-    ("/.dkvm/entry/dkvm-exec", "exec", "dkvm.roles.exec_relay"),
+    ("/.dkvm/entry/dkvm-exec-relay", "exec-relay", "dkvm.roles.exec_relay"),
+    ("/.dkvm/entry/dkvm-exec", "", "dkvm.roles.cli"),
     ("dkvm", "", "dkvm.roles.cli"),
     ("/usr/local/bin/dkvm.pyz", "", "dkvm.roles.cli"),
     ("dkvm-runtime-old", "", "dkvm.roles.cli"),
@@ -302,13 +303,16 @@ def test_role_of(argv0, role, module):
 
 def test_every_role_module_imports():
     import importlib
-    for _, module in list(dkvm_main.ROLES.values()) + [dkvm_main.DEFAULT_ROLE]:
+    for role in dkvm_main.ROLES:
+        assert dkvm_main.role_of(dkvm_main.program(role)) == (role, dkvm_main.module(role))
+    for _, module in [dkvm_main.role_of(dkvm_main.program(role)) for role in dkvm_main.ROLES] \
+            + [dkvm_main.CLI]:
         assert callable(importlib.import_module(module).main)
 
 
 def test_main_dispatches_and_exits_with_role_code(capsys, monkeypatch, tmp_path):
-    """dkvm-exec with no VM to reach: the relay role's error and exit code, on one line
-    that names the role and the container."""
+    """dkvm-exec-relay with no VM to reach: the relay role's error and exit code, on one
+    line that names the role and the container."""
     from dkvm.roles import exec_relay
     request = os.memfd_create("request")
     os.write(request, json.dumps({"container_id": "feedface0123456789",
@@ -316,10 +320,10 @@ def test_main_dispatches_and_exits_with_role_code(capsys, monkeypatch, tmp_path)
     monkeypatch.setattr(exec_relay.paths, "EXEC_SOCKET", str(tmp_path / "missing.sock"))
     monkeypatch.setattr(exec_relay, "CONNECT_TIMEOUT", 0)
     with pytest.raises(SystemExit) as info:
-        dkvm_main.main(["/.dkvm/entry/dkvm-exec", "--request-fd", str(request)])
+        dkvm_main.main(["/.dkvm/entry/dkvm-exec-relay", "--request-fd", str(request)])
     assert info.value.code == 126
     assert capsys.readouterr().err == \
-        "dkvm[exec feedface0123]: the VM was not ready for exec within 0s\n"
+        "dkvm[exec-relay feedface0123]: the VM was not ready for exec within 0s\n"
 
 
 def test_run_role_exit_codes(capsys):

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 IN_NAMESPACE = """
 import json, subprocess, sys
 sys.path.insert(0, sys.argv[1])
-from dkvm.container.taps import create_tap, guest_nics, tap_name
+from dkvm.container.net.taps import create_tap, guest_nics, tap_name
 subprocess.run(["ip", "link", "add", "eth0", "address", "02:42:ac:11:00:02", "mtu", "1400",
                 "type", "veth", "peer", "name", "eth1", "address", "02:42:ac:11:00:03"],
                check=True)

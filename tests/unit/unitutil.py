@@ -1,5 +1,7 @@
-"""Shared helpers for the unit tests: the captured dockerd configs and a rewrite
-wrapper that returns the new config together with its decoded plan."""
+"""Shared helpers for the unit tests: the captured dockerd configs, a rewrite wrapper
+that returns the new config together with its plan, the runtime's stand-ins (Exec,
+bundle_with; the `fake_host` fixture is in conftest) and a strict newc reader. The
+control channel's harnesses are in `harness`."""
 import json
 from pathlib import Path
 
@@ -71,3 +73,30 @@ def bundle_with(tmp_path, config):
     bundle.mkdir()
     (bundle / "config.json").write_text(json.dumps(config))
     return bundle
+
+
+def parse_newc(data):
+    """A strict newc reader: list of dicts, TRAILER!!! included."""
+    entries, off = [], 0
+    fields = ["ino", "mode", "uid", "gid", "nlink", "mtime", "filesize", "devmajor",
+              "devminor", "rdevmajor", "rdevminor", "namesize", "check"]
+    while True:
+        assert off % 4 == 0
+        assert data[off:off + 6] == b"070701", off
+        hdr = data[off + 6:off + 110]
+        entry = {f: int(hdr[i * 8:i * 8 + 8], 16) for i, f in enumerate(fields)}
+        name_end = off + 110 + entry["namesize"]
+        raw_name = data[off + 110:name_end]
+        assert raw_name.endswith(b"\0") and b"\0" not in raw_name[:-1]
+        entry["name"] = raw_name[:-1].decode()
+        off = name_end + (-name_end % 4)
+        assert data[name_end:off] == b"\0" * (off - name_end)
+        entry["data"] = data[off:off + entry["filesize"]]
+        off += entry["filesize"]
+        pad = -off % 4
+        assert data[off:off + pad] == b"\0" * pad
+        off += pad
+        entries.append(entry)
+        if entry["name"] == "TRAILER!!!":
+            assert off == len(data)
+            return entries

@@ -6,12 +6,12 @@ does): frames pass untouched, so the guest keeps the container's MAC and IP, and
 Docker's bridge, DNS names and published ports see the VM where they saw the
 container. The container side keeps no address, so it never answers for the guest;
 it keeps the routes, which Docker goes on programming as networks come and go
-(net_follower follows them into the guest).
+(net.follower follows them into the guest).
 """
 import errno
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP
 
-from dkvm.container.taps import ARPHRD_ETHER, tap_name
+from dkvm.container.net.taps import ARPHRD_ETHER, tap_name
 from dkvm.log import warn
 from dkvm.schema import Address, Interface, Route
 
@@ -21,15 +21,6 @@ RTPROT_KERNEL, RTPROT_STATIC = 2, 4
 RTN_UNICAST = 1
 MAIN_TABLE = 254
 OWN_DNS_RULE_PRIORITY = 10
-
-
-def netdev_id(number):
-    """QEMU's ids for the backend and the NIC of tap `number` (hot-unplug needs them)."""
-    return f"net{number}"
-
-
-def nic_id(number):
-    return f"nic{number}"
 
 
 def ipv6_sysctls():
@@ -46,7 +37,7 @@ def ipv6_sysctls():
 
 
 def open_iproute():
-    from dkvm.container.pyroute2_light import light_pyroute2
+    from dkvm.container.net.pyroute2_light import light_pyroute2
     light_pyroute2()
     from pyroute2.iproute.linux import IPRoute
     return IPRoute()
@@ -149,7 +140,7 @@ def hand_over(ip, index, tap_index):
     """The interface gives its addresses to the guest and its frames to the tap.
 
     Its routes stay (without a source address): Docker keeps programming them as the
-    container's networks change, and the guest follows them (net_follower)."""
+    container's networks change, and the guest follows them (net.follower)."""
     routes = routes_of(ip, index)
     for addr in ip.get_addr(index=index):       # link-local ones too: the guest owns them
         ip.addr("del", index=index, address=addr.get_attr("IFA_ADDRESS"),

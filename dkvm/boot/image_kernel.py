@@ -1,6 +1,6 @@
 """DKVM_KERNEL=image: the kernel the image carries, for testing kernels.
 
-The image's tree is data here: every file is read through dkvm.rooted (resolved
+The image's tree is data here: every file is read through dkvm.boot.rooted (resolved
 inside the tree, bounded), nothing in it is run, and what the guest boots stays in
 the guest. At create the runtime finds the kernel (/vmlinuz, /boot/vmlinuz, or the
 newest /boot/vmlinuz-*, its release read from the bzImage header) and records which;
@@ -11,9 +11,9 @@ import os
 
 from dkvm import paths
 from dkvm.errors import DkvmError
-from dkvm.initramfs import (BOOT_MODULES, initramfs, load_order, module_name,
+from dkvm.boot.initramfs import (BOOT_MODULES, initramfs, load_order, module_name,
                             write_initramfs)
-from dkvm.rooted import list_dir, open_regular, read_file, read_head, real_path
+from dkvm.boot.rooted import list_dir, open_regular, read_file, read_head, real_path
 
 KERNEL_LIMIT = 512 << 20
 # The initramfs goes to the container's /run, a 16 MiB tmpfs that also holds its sockets

@@ -14,11 +14,11 @@ import socket
 import threading
 
 from dkvm import wire
-from dkvm.container.net_plumbing import (describe, docker_routes, guest_links, hand_over,
-                                         ipv6_sysctls, netdev_id, nic_id, open_iproute)
-from dkvm.container.net_steps import interface_steps, route_step, sysctl_step
-from dkvm.container.taps import IFF_UP, create_tap, tap_name
-from dkvm.container.vmm import nic_options
+from dkvm.container.net.plumbing import (describe, docker_routes, guest_links, hand_over,
+                                         ipv6_sysctls, open_iproute)
+from dkvm.container.net.steps import interface_steps, route_step, sysctl_step
+from dkvm.container.net.taps import IFF_UP, create_tap, tap_name
+from dkvm.container.vmm import netdev_id, nic_id, nic_options
 from dkvm.log import warn
 from dkvm.schema import NetChange
 

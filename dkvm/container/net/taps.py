@@ -1,6 +1,6 @@
 """The container's NICs and a tap for each, by ioctl on the container's own network
 namespace: all QEMU needs to start, so that it boots while pyroute2 (a tenth of a
-second to import) hands the NICs' addresses and frames over (net_plumbing)."""
+second to import) hands the NICs' addresses and frames over (plumbing)."""
 import fcntl
 import os
 import socket
@@ -26,7 +26,7 @@ def tap_name(number):
 
 def guest_nics():
     """The container's Ethernet interfaces (not lo, not our taps), by index: each as an
-    Interface with its name, index, MAC and MTU (net_plumbing.describe adds the rest).
+    Interface with its name, index, MAC and MTU (plumbing.describe adds the rest).
     Other link types (tunnels a host module adds to every namespace) cannot be a NIC."""
     nics = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

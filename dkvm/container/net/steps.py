@@ -10,9 +10,9 @@ to fill in.
 """
 from errno import ESRCH
 
-from dkvm.container.net_plumbing import MAIN_TABLE, RT_SCOPE_UNIVERSE, RTN_UNICAST, RTPROT_STATIC
-from dkvm.container.pyroute2_light import light_pyroute2
-from dkvm.container.taps import IFF_UP
+from dkvm.container.net.plumbing import MAIN_TABLE, RT_SCOPE_UNIVERSE, RTN_UNICAST, RTPROT_STATIC
+from dkvm.container.net.pyroute2_light import light_pyroute2
+from dkvm.container.net.taps import IFF_UP
 from dkvm.schema import NetStep
 
 IFA_F_NODAD = 0x02
