@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dockerutil import (BUSYBOX, DEBIAN, KERNEL, PATH_ENV, STATIC, SYSTEM, busybox_tree,
-                        docker_import, image_exists, sh, with_stop_signal)
+                        docker_import, image_exists, load_into_engine, sh, with_stop_signal)
 
 HERE = Path(__file__).resolve().parent
 
@@ -137,3 +137,15 @@ def guest_release(docker):
     rows = [line.split() for line in sh("dkvm", "kernels").stdout.splitlines()]
     (release,) = [row[1] for row in rows if row and row[0].endswith("*") and row[0] != "*"]
     return release
+
+
+PODMAN_BUSYBOX = "localhost/dkvm-test-busybox:latest"
+
+
+@pytest.fixture(scope="session")
+def podman_image(busybox_image):
+    """The busybox image in Podman's store (where `podman load` names it)."""
+    if not shutil.which("podman"):
+        pytest.skip("no podman on this host")
+    load_into_engine(busybox_image, ["podman", "load"])
+    return PODMAN_BUSYBOX

@@ -120,6 +120,7 @@ def test_read_only_root_as_under_runc(busybox_image, runtime):
     assert out.stdout == "touch: /x: Read-only file system\nroot=1\ntmpfs=0\n1\n"
 
 
+@pytest.mark.slow
 def test_a_dns_flood_from_an_unprivileged_guest_process_leaves_the_container_serving(
         debian_image, container_name):
     """Malformed queries to Docker's DNS address, as fast as bash sends them, as

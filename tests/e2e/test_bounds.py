@@ -123,6 +123,7 @@ MAKE_FILES = ("cd /tmp && i=0; while [ $i -lt {count} ]; do echo -n 2>/dev/null 
               "cat /etc/passwd >/dev/null && echo still fine")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("user", ["65534", "0"])
 def test_a_guest_makes_25000_files_in_tmp_as_under_runc(tmp_image, user):
     """virtiofsd holds a descriptor for each inode the guest's kernel keeps cached; at
@@ -166,6 +167,7 @@ def refused(result, cap=MAX_EXECS):
         dkvm_lines(result.stderr)[0].endswith(too_many(cap))
 
 
+@pytest.mark.slow
 def test_the_exec_beyond_the_cap_fails_at_once_in_one_line(busybox_image, container_name):
     """24 execs at once run; the next is refused at once, saying so (before: the 129th
     was told "the VM stopped", 137); once they end, execs work again."""
@@ -187,6 +189,7 @@ def test_the_exec_beyond_the_cap_fails_at_once_in_one_line(busybox_image, contai
         sh("docker", "rm", "-f", container_name, check=False)
 
 
+@pytest.mark.slow
 def test_execs_while_the_guest_fills_its_ram_never_take_qemu(busybox_image, container_name):
     """`-m 400m` (room for 6 execs), the guest's RAM filled but for 40 MiB, then twice
     that many execs at once (each lives 15 s): 6 work, the others are refused with

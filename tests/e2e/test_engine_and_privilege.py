@@ -20,7 +20,6 @@ from waiting import poll, wait_until
 pytestmark = pytest.mark.slow
 
 PODMAN_ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
-PODMAN_BUSYBOX = "localhost/dkvm-test-busybox:latest"
 CTR_SOCKET = "/var/run/docker/containerd/containerd.sock"     # dockerd's containerd
 CRI_NAMESPACE = "k8s.io"
 CTR_IMAGE = "docker.io/library/dkvm-test-busybox:latest"
@@ -39,14 +38,6 @@ def podman(*args, check=False, timeout=RUN_TIMEOUT):
                           timeout=timeout, check=check)
 
 
-@pytest.fixture(scope="module")
-def podman_busybox(busybox_image):
-    if not shutil.which("podman"):
-        pytest.skip("no podman on this host")
-    load_into_engine(busybox_image, ["podman", "load"])
-    return PODMAN_BUSYBOX
-
-
 def annotated_image(base, annotations):
     """An OCI image whose manifest carries `annotations`, as anyone can publish one."""
     tag = f"localhost/dkvm-test-annotated-{uuid.uuid4().hex[:8]}"
@@ -62,10 +53,10 @@ def annotated_image(base, annotations):
     {"io.kubernetes.cri-o.ContainerType": "sandbox"},
     {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "0" * 64},
 ], ids=["cri-o", "cri-forged-id"])
-def test_an_images_sandbox_annotation_does_not_take_it_out_of_the_vm(podman_busybox,
+def test_an_images_sandbox_annotation_does_not_take_it_out_of_the_vm(podman_image,
                                                                      guest_release,
                                                                      annotations):
-    image = annotated_image(podman_busybox, annotations)
+    image = annotated_image(podman_image, annotations)
     try:
         name = f"dkvm-test-annotated-{uuid.uuid4().hex[:8]}"
         podman("create", "--name", name, *PODMAN_ULIMITS, image, "true", check=True)

@@ -69,8 +69,9 @@ def test_pause_freezes_and_unpause_resumes_with_the_clock_recovered(busybox_imag
     sh("docker", "pause", container_name)
     frozen = wait_until_steady(lambda: len(logs(container_name).split()),
                                "output in flight to land")
-    time.sleep(3)                                         # watched: nothing runs while paused
-    assert len(logs(container_name).split()) == frozen
+    # watched for 3 s: nothing runs while paused
+    assert wait_until_steady(lambda: len(logs(container_name).split()), "the paused output",
+                             settle=3, timeout=10) == frozen
     sh("docker", "unpause", container_name)
 
     def caught_up():
@@ -93,6 +94,7 @@ def test_rm_force_while_booting_leaves_nothing(busybox_image, container_name):
         host_vm_processes()), "QEMU and virtiofsd to be gone", timeout=30)
 
 
+@pytest.mark.slow
 def test_big_output_complete_and_in_order(busybox_image):
     cmd = [busybox_image, "seq", "1", "6500000"]   # about 51 MB
     runc = subprocess.run(["docker", "run", "--rm", "--runtime=runc", *cmd],
@@ -104,6 +106,7 @@ def test_big_output_complete_and_in_order(busybox_image):
     assert dkvm.stderr == b"" and dkvm.returncode == 0
 
 
+@pytest.mark.slow
 def test_no_leaks_after_30_cycles(busybox_image):
     before = leak_snapshot()
     for i in range(10):

@@ -2,18 +2,16 @@
 DKVM as its runtime, compared. This machine lacks CAP_SYS_RESOURCE: Podman's default
 ulimits fail even under runc, so both get explicit ones."""
 import http.server
-import shutil
 import subprocess
 import threading
 
 import pytest
 
-from dockerutil import HTTPD, RUN_TIMEOUT, http_get, load_into_engine
+from dockerutil import HTTPD, RUN_TIMEOUT, http_get
 
 pytestmark = pytest.mark.slow
 
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
-IMAGE = "localhost/dkvm-test-busybox:latest"
 # "dkvm" by name: the runtime `dkvm install` registered in containers.conf.d
 RUNTIMES = {"runc": [], "dkvm": ["--runtime", "dkvm"]}
 PUBLISHED = {"runc": 18181, "dkvm": 18182}      # `-p` on the host, one per runtime
@@ -22,14 +20,6 @@ PUBLISHED = {"runc": 18181, "dkvm": 18182}      # `-p` on the host, one per runt
 def podman(runtime, *args, check=False, timeout=RUN_TIMEOUT):
     return subprocess.run(["podman", *RUNTIMES[runtime], *args], capture_output=True,
                           text=True, timeout=timeout, check=check)
-
-
-@pytest.fixture(scope="module")
-def podman_image(busybox_image):
-    if not shutil.which("podman"):
-        pytest.skip("no podman on this host")
-    load_into_engine(busybox_image, ["podman", "load"])
-    return IMAGE
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from dkvm.container.processes import file_mappings, page_out
+from waiting import poll, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,10 +106,8 @@ def test_another_processs_mapping_of_a_file_is_paged_out(tmp_path):
         info = os.stat(path)
         with open(f"/proc/{child.pid}/maps") as f:
             page_out(child.pid, file_mappings(f.read(), info.st_dev, info.st_ino))
-        deadline = time.monotonic() + 10
-        while mapping_rss_kib(child.pid, path) > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert mapping_rss_kib(child.pid, path) == 0
+        assert poll(lambda: mapping_rss_kib(child.pid, path), lambda kib: kib == 0, 10,
+                    interval=0.05) == 0
     finally:
         child.kill()
         child.wait()
@@ -172,10 +170,8 @@ def test_virtiofsds_descriptors_are_counted_against_its_limit(tmp_path, monkeypa
     script = "exec 3</dev/null 4</dev/null 5</dev/null; echo ready; sleep 30"
     vm = stand_in_vm(tmp_path, script, "sleep 30")
     try:
-        deadline = time.monotonic() + 10
-        while b"ready" not in Path(vm.virtiofsd.log).read_bytes():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: b"ready" in Path(vm.virtiofsd.log).read_bytes(),
+                   "the stand-in to open its descriptors", timeout=10, interval=0.05)
         monkeypatch.setattr(processes, "most_descriptors", lambda: 16)  # the table: 64 > 8
         used, most = vm.virtiofsd_descriptors()
         assert most == 16 and 6 <= used < 16                 # 0-2, 3-5: listed, not guessed
