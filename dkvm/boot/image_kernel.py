@@ -12,7 +12,7 @@ import os
 from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.boot.initramfs import (BOOT_MODULES, initramfs, load_order, module_name,
-                            write_initramfs)
+                                 write_initramfs)
 from dkvm.boot.rooted import list_dir, open_regular, read_file, read_head, real_path
 
 KERNEL_LIMIT = 512 << 20

@@ -73,7 +73,7 @@ def connect_signal_socket(proc, pid, timeout):
     import struct
     from dkvm import paths
     from dkvm.boot.rooted import (RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS,
-                             openat2)
+                                  openat2)
     try:
         root = os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc)
     except OSError:

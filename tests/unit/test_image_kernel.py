@@ -11,7 +11,7 @@ from unitutil import load_config, parse_newc, rewrite, with_env
 from dkvm.container.vmm import kernel_append
 from dkvm.errors import DkvmError
 from dkvm.boot.image_kernel import (boot_initramfs, bzimage_release, find_kernel, kernels_in,
-                               module_bytes, modules_dir, open_kernel)
+                                    module_bytes, modules_dir, open_kernel)
 from dkvm.schema import Plan
 
 
