@@ -14,10 +14,13 @@ import argparse
 import compileall
 import hashlib
 import importlib.util
+import io
+import json
 import os
 import py_compile
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import zipfile
@@ -72,6 +75,10 @@ PAYLOAD_ROLES = [module(role) for role in PAYLOAD_ROLE_NAMES]
 # What they import inside functions on their usual paths (`docker exec -t`, the
 # entrypoint's rlimits, QEMU's child dropping its capabilities, pyroute2's loader).
 PAYLOAD_LAZY_IMPORTS = ["termios", "tty", "resource", "ctypes", "importlib.util"]
+# Every module of the guest's (a template's initramfs holds what they load)
+GUEST_MODULES = ["dkvm.roles.vm_init"] + [
+    f"dkvm.guest.{path.stem}" for path in sorted((ROOT / "dkvm" / "guest").glob("*.py"))
+    if path.stem != "__init__"]
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 # The archive's first lines, in place of shiv's shebang: sh reads them and execs
 # Python, never reaching the zip after them (Python finds a zip from its end). The
@@ -228,6 +235,61 @@ def compile_tree(path):
         log(f"note: some files under {path} did not compile (left as source)")
 
 
+def write_template_initrd(payload):
+    """A template's initramfs (paths.TEMPLATE_INITRD, beside each payload kernel, after
+    that kernel's own initramfs where it has one): what dkvm-vm-init needs before
+    the container's export is there, laid out as the payload is (at /.dkvm): the
+    Python with the standard library its roles import first (python311.zip) and the
+    extension modules the guest loads (guest_extensions) with their libraries, DKVM's
+    code, busybox, and /init. The export's payload is mounted over it once the plan
+    comes (same build, same files, the rest of the library among them). Every file
+    here is guest RAM in every VM restored from the template: nothing more.
+    Uncompressed: unpacked once, when the template is made."""
+    from dkvm.boot.initramfs import write_newc
+    python = payload / "python"
+    extensions = [path for path in (python / "lib" / "python3.11" / "lib-dynload").glob("*.so")
+                  if path.name.split(".")[0] in guest_extensions()]
+    libs, _ = elf_deps([python / "bin" / "python3", *extensions])
+    files = sorted({*(path.relative_to(payload) for path in extensions),
+                    *(Path("lib") / soname for soname in libs),
+                    Path("python/bin/python3"), Path("python/lib/python311.zip"),
+                    Path("python/lib/python3.11/os.py"),
+                    Path("lib/ld-linux-x86-64.so.2"), Path("bin/busybox"),
+                    Path("dkvm.zip"), Path("entry") / program("vm-init")})
+    top = Path(paths.PAYLOAD_MOUNT[1:])
+    dirs = {"dev", "proc", "sys", paths.SHARE_DIR[1:], top.as_posix()}
+    for rel in files:
+        dirs.update((top / parent).as_posix() for parent in rel.parents if parent != Path("."))
+    entries = [(d, stat.S_IFDIR | 0o755, None) for d in sorted(dirs)]
+    entries.append(("dev/console", stat.S_IFCHR | 0o600, None, (5, 1)))
+    for rel in files:
+        source = payload / rel
+        mode = 0o755 if os.access(source, os.X_OK) else 0o644
+        entries.append(((top / rel).as_posix(), stat.S_IFREG | mode, source.read_bytes()))
+    entries.append(("init", stat.S_IFREG | 0o755, (ROOT / "guest-init" / "template-init")
+                    .read_bytes()))
+    template = io.BytesIO()
+    write_newc(template, entries)
+    for boot_file in (payload / "kernels").glob("*/boot.json"):
+        own = json.loads(boot_file.read_text()).get("initrd")
+        with open(boot_file.parent / paths.TEMPLATE_INITRD, "wb") as out:
+            if own:             # its modules: the kernel unpacks one archive after the other
+                out.write((boot_file.parent / own).read_bytes())
+            out.write(template.getvalue())
+
+
+def guest_extensions():
+    """The extension modules (lib-dynload) the guest's init loads, as python3.11 loads
+    dkvm-vm-init with every guest module and the lazy imports."""
+    script = (f"import sys\nsys.path.insert(1, {str(ROOT)!r})\n"
+              + "".join(f"import {name}\n" for name in GUEST_MODULES + PAYLOAD_LAZY_IMPORTS)
+              + "print(*(name for name, m in sys.modules.items()"
+              + " if (getattr(m, '__file__', '') or '').endswith('.so')), sep='\\n')\n")
+    out = subprocess.run(["/usr/bin/python3.11", "-I", "-S", "-c", script],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
 def gather_qemu(payload):
     qdir = payload / "qemu"
     copy_file("/usr/bin/qemu-system-x86_64", qdir / "qemu-system-x86_64", 0o755)
@@ -360,6 +422,7 @@ def main():
     write_pyc_zip([s for s in site_sources if s[1].startswith("dkvm/")], payload / "dkvm.zip")
     write_pyc_zip([s for s in site_sources if not s[1].startswith("dkvm/")],
                   payload / "site-packages.zip")
+    write_template_initrd(payload)
     build_id = tree_digest(payload, site)
     (payload / "BUILD_ID").write_text(build_id + "\n")
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Boot benchmark, per guest kernel: wall time of `docker run --rm IMAGE true` under
-runc and under dkvm with each kernel the build carries, and of bare QEMU booting that
-kernel straight to power-off, in one run; then QEMU's memory for an idle VM on each.
+runc and under dkvm with each kernel the build carries (restored from the machine's
+template, as by default, and booted cold with DKVM_TEMPLATE=0), and of bare QEMU
+booting that kernel straight to power-off, in one run; then QEMU's memory for an idle
+VM on each.
 
 Median of N runs each (default 5), interleaved so that drift hits all alike; prints
 the figures and the ratios. Needs the README set-up done (dockerd running, dkvm
@@ -87,9 +89,11 @@ def main():
         for kernel, boot in kernels.items():
             argv = bare_qemu_argv(payload, boot, initrd, vcpus)
             cases[f"bare-qemu {kernel}"] = lambda argv=argv: timed(argv, env)
-            cases[f"dkvm {kernel}"] = lambda kernel=kernel: timed(
-                ["docker", "run", "--rm", "--runtime=dkvm", "-e", f"DKVM_KERNEL={kernel}",
-                 args.image, "true"])
+            for case, template in ((f"dkvm {kernel}", "1"), (f"dkvm-cold {kernel}", "0")):
+                cases[case] = lambda kernel=kernel, template=template: timed(
+                    ["docker", "run", "--rm", "--runtime=dkvm", "-e", f"DKVM_KERNEL={kernel}",
+                     "-e", f"DKVM_TEMPLATE={template}", args.image, "true"])
+            cases[f"dkvm {kernel}"]()       # its create makes the machine's template, if new
         results = {name: [] for name in cases}
         for _ in range(args.runs):
             for name, run in cases.items():
@@ -104,8 +108,10 @@ def main():
         print(f"  {name:20s} {med[name]:6.2f}  (min {min(times):.2f}, max {max(times):.2f})")
     for kernel in kernels:
         dkvm, bare = med[f"dkvm {kernel}"], med[f"bare-qemu {kernel}"]
+        cold = med[f"dkvm-cold {kernel}"]
         print(f"  {kernel:8s} dkvm / runc {dkvm / med['runc']:5.1f}x   dkvm / bare-qemu "
-              f"{dkvm / bare:5.2f}x")
+              f"{dkvm / bare:5.2f}x   dkvm-cold / bare-qemu {cold / bare:5.2f}x   "
+              f"dkvm / dkvm-cold {dkvm / cold:5.2f}x")
     default = BY_ENV["DKVM_KERNEL"].default
     for other in kernels:
         if other != default:

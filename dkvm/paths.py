@@ -49,6 +49,14 @@ STATIC_NODES = "dkvm.static-nodes"
 DIRECT_PAYLOAD = SHARED_PAYLOAD[len(SHARE_DIR):]
 DIRECT_ROOT = DIRECT_PAYLOAD + "/" + GUEST_INIT_DIR + "/root"
 ENTER_OWN_ROOT = "--enter-own-root"
+# A template (host.templates) boots a payload kernel with the TEMPLATE_INITRD beside
+# it, whose /init starts dkvm-vm-init with FROM_TEMPLATE: its root is the initramfs,
+# the export comes with the plan. Templates live in the payload directory
+# (TEMPLATES_DIR), so a container sees them read-only at PAYLOAD_MOUNT and they go
+# with their build.
+TEMPLATE_INITRD = "template.img"
+FROM_TEMPLATE = "--from-template"
+TEMPLATES_DIR = "templates"
 EMBEDDED_DNS = ("127.0.0.11", 53)         # Docker's DNS server in the container's namespace
 
 PLAN_FILE = "plan.json"                   # in the container's root: the entrypoint's plan

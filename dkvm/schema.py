@@ -59,6 +59,10 @@ def in_range(low, high):
     return lambda value: low <= value <= high
 
 
+def hex_text(most):
+    return lambda value: len(value) <= most and all(c in "0123456789abcdef" for c in value)
+
+
 def one_of(*values):
     return lambda value: value in values
 
@@ -264,10 +268,10 @@ class NetChange(Record):
 # --- the plan --------------------------------------------------------------------------
 
 class Options(Record):
-    """The DKVM_* options, one field per row of options.OPTIONS (`accel` resolved to
-    kvm or tcg at create) but those whose value is a field of the plan itself
-    (`plan_field`: DKVM_DISKS is the plan's `disks`)."""
-    FIELDS = {option.attr: Field(option.kind.type, option.default) for option in OPTIONS
+    """The DKVM_* options, one field per row of options.OPTIONS, of its default's type
+    (`accel` resolved to kvm or tcg at create) but those whose value is a field of the
+    plan itself (`plan_field`: DKVM_DISKS is the plan's `disks`)."""
+    FIELDS = {option.attr: Field(type(option.default), option.default) for option in OPTIONS
               if not option.plan_field}
 
 
@@ -332,7 +336,7 @@ class Plan(Record):
         "sysctl": Field(MapOf(str), {}),        # `--sysctl`, `--domainname`
         "tmpfs": Field(ListOf(Tmpfs), []),      # `--tmpfs`: mounted in the guest
         "devices": Field(ListOf(Device), []),   # `--device`: made in the guest's /dev
-        "disks": Field(ListOf(Disk), []),       # DKVM_DISKS, as options.Disks reads it
+        "disks": Field(ListOf(Disk), []),       # DKVM_DISKS, as host.settings reads it
         "pids_limit": Field(int, 0, in_range(0, MAX_ID)),   # `--pids-limit`, 0: none
         "dns_upstream": Field(ListOf(str), []),  # the host's name servers
         "winsize": Field(ListOf(int), [], set_by=ENTRYPOINT),      # [rows, cols], with -t
@@ -344,6 +348,13 @@ class Plan(Record):
         "engine_nofile": Field(ListOf(int), []),
         "interfaces": Field(ListOf(Interface), [], set_by=ENTRYPOINT),
         "network_setup": Field(ListOf(NetStep), [], set_by=ENTRYPOINT),
+        # the template the VM is restored from (host.templates: its directory's name in
+        # the payload's templates), "" for a cold boot
+        "template": Field(str, "", lambda name: len(name) <= 64 and not name.startswith(".")
+                          and all(c.isascii() and (c.isalnum() or c in "-.") for c in name)),
+        # a restored VM's clock and fresh entropy (the template's are every VM's)
+        "wall_clock_ns": Field(int, 0, in_range(0, 1 << 63), set_by=ENTRYPOINT),
+        "entropy": Field(str, "", hex_text(128), set_by=ENTRYPOINT),
     }
 
     @classmethod

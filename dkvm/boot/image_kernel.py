@@ -11,8 +11,8 @@ import os
 
 from dkvm import paths
 from dkvm.errors import DkvmError
-from dkvm.boot.initramfs import (BOOT_MODULES, initramfs, load_order, module_name,
-                                 write_initramfs)
+from dkvm.boot.initramfs import (BOOT_MODULES, BOOT_MODULES_IF_PRESENT, initramfs, load_order,
+                                 module_name, write_initramfs)
 from dkvm.boot.rooted import list_dir, open_regular, read_file, read_head, real_path
 
 KERNEL_LIMIT = 512 << 20
@@ -138,6 +138,7 @@ def boot_modules(root, release, budget):
     def depends_of(name):
         return [module_name(dep) for dep in entries[name][1].split()]
     wanted = [name for name in BOOT_MODULES if name not in builtin]
+    wanted += [name for name in BOOT_MODULES_IF_PRESENT if name in entries and name not in builtin]
     try:
         order = load_order(wanted, depends_of, MOST_BOOT_MODULES)
     except DkvmError as err:

@@ -10,6 +10,10 @@ from dkvm.errors import DkvmError
 
 # What /init loads to reach the export, the control and stdio ports and the NICs
 BOOT_MODULES = ("virtio_pci", "virtiofs", "virtio_console", "virtio_net")
+# What /init also loads when the kernel has it: virtio-balloon, whose free page reporting
+# gives the host back the memory the guest frees (machine.EVERY_VM_DEVICES); a
+# kernel without it boots all the same, keeping what it touched
+BOOT_MODULES_IF_PRESENT = ("virtio_balloon",)
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 
 

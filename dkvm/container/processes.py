@@ -7,7 +7,7 @@ import subprocess
 from dkvm import paths
 from dkvm.log import printable
 from dkvm.container.signal_inbox import unblock_all_signals
-from dkvm.container.vmm import qemu_argv, qemu_env, virtiofsd_argv
+from dkvm.container.vmm import qemu_argv, qemu_env, restore_argv, virtiofsd_argv
 from dkvm.errors import DkvmError
 
 LOG_TAIL = 400              # characters of a log quoted in an error
@@ -53,14 +53,19 @@ class VmProcesses:
         listener.close()
         self.virtiofsd = Child("virtiofsd", proc, paths.VIRTIOFSD_LOG)
 
-    def start_qemu(self, plan, disk_fds=(), boot_fds=()):
+    def start_qemu(self, plan, disk_fds=(), boot_fds=(), template=None):
         """QEMU gets the container's stdio as extra fds for the stdio ports, the
         disks' open files and the files it boots that are not the payload's (named in
-        the plan's boot descriptor); its own fd 2 goes to a log so that its warnings
-        never mix with the workload's output."""
+        the plan's boot descriptor), or, restoring from a template
+        (restore.TemplateFiles), the VM's RAM and the template's state; its own fd 2
+        goes to a log so that its warnings never mix with the workload's output."""
         out_fd, err_fd = dup_or_null(1), dup_or_null(2)
-        vcpus = plan.cpus or len(os.sched_getaffinity(0))
-        argv = qemu_argv(plan, vcpus, out_fd, err_fd, disk_fds)
+        vcpus = vm_vcpus(plan)
+        if template:                    # the payload's kernel: no boot files
+            argv = restore_argv(plan, vcpus, out_fd, err_fd, template.ram_fd, disk_fds)
+            boot_fds = template.fds()
+        else:
+            argv = qemu_argv(plan, vcpus, out_fd, err_fd, disk_fds)
         inherited = [fd for pair in disk_fds for fd in pair] + list(boot_fds)
         log = open(paths.QEMU_LOG, "wb")
         stdio = {} if plan.process.terminal else {"stdin": subprocess.DEVNULL, "stdout": log}
@@ -197,6 +202,11 @@ def page_out(pid, ranges):
             raise OSError(ctypes.get_errno(), "process_madvise")
     finally:
         os.close(pidfd)
+
+
+def vm_vcpus(plan):
+    """The plan's vCPUs, or as many as the container may use."""
+    return plan.cpus or len(os.sched_getaffinity(0))
 
 
 def most_descriptors():

@@ -41,6 +41,7 @@ MAX_KILLERS = 16            # runtimes waiting at once for the workload to die
 DESCRIPTOR_CHECK = 0.25
 DESCRIPTOR_HIGH_WATER = 0.6
 RELEASE_INTERVAL = 1
+ENTROPY_BYTES = 32          # the guest's reseed: a restored VM's random state is its template's
 # What may wait to be sent: to a relay, its window of output and the guest's small
 # frames; to the guest, each relay's window of stdin and the rest (signals, DNS
 # answers, network changes).
@@ -59,11 +60,12 @@ class GuestMisbehaved(DkvmError):
 
 class Supervisor:
     def __init__(self, control, exec_listener, network_inbox, vm, signals, plan,
-                 stdin_conn=None, signal_listener=None):
+                 stdin_conn=None, signal_listener=None, restored=False):
         """`vm`: the VM's processes (processes.VmProcesses); `signals`: a
         SignalInbox; `plan`: what the guest asks for first; `stdin_conn`: QEMU's stdin
         socket, fed from fd 0 after hello; `signal_listener`: where the runtime asks
-        for the signals it cannot send us (signal_request)."""
+        for the signals it cannot send us (signal_request); `restored`: the VM resumed
+        from its template, whose init asked for a plan before it was saved."""
         self.guest = FramedSocket(control, GUEST_QUEUE_LIMIT)
         self.exec_listener = exec_listener
         self.signal_listener = signal_listener
@@ -72,6 +74,7 @@ class Supervisor:
         self.vm = vm
         self.signals = signals
         self.plan = plan
+        self.restored = restored
         self.terminal = plan.process.terminal
         self.stdin_conn = stdin_conn
         self.dns = EmbeddedDnsRelay()
@@ -95,6 +98,8 @@ class Supervisor:
 
     # --- the loop
     def run(self):
+        if self.restored:
+            self.send_plan()
         while not self.finished():
             self.step()
         return self.result()
@@ -329,7 +334,14 @@ class Supervisor:
 
     def on_init(self, frame):
         """The guest's init asks for its plan: not held, it is what lets the guest
-        say hello. Its kernel runs by now: QEMU's copy of the image can go."""
+        say hello."""
+        self.send_plan()
+
+    def send_plan(self):
+        """The plan, with the time and fresh entropy (a restored VM has its template's).
+        The guest's kernel runs by now: QEMU's copy of the image can go."""
+        self.plan.wall_clock_ns = time.time_ns()
+        self.plan.entropy = os.urandom(ENTROPY_BYTES).hex()
         self.send_to_guest(wire.encode(wire.PLAN, self.plan))
         self.vm.release_kernel_image(self.plan.boot)
 

@@ -1,12 +1,13 @@
-"""Command lines for QEMU and virtiofsd, built from the plan (pure functions)."""
+"""Command lines for QEMU and virtiofsd, built from the plan (pure functions): QEMU
+booting cold, or restoring from a template (its machine: boot.machine)."""
 from dkvm import kernel_args, paths
+from dkvm.boot.machine import (EVERY_VM_DEVICES, boot_options, machine_argv,
+                               template_boot_argv, template_devices)
 from dkvm.container.net.taps import tap_name
 
 # virtiofsd's descriptor limit below which it serves directories without readdirplus
 # (virtiofsd_argv); the kernel's default fs.nr_open (1M) is well above it
 READDIRPLUS_LEAST = 1 << 18
-# QEMU's own seccomp filter: none of the system calls it has no use for here
-SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 def kernel_append(plan):
@@ -29,42 +30,29 @@ def kernel_append(plan):
 
 
 def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, disk_fds=()):
-    """QEMU for one container. Without a terminal, the workload's stdout and stderr
-    leave through two virtio-serial ports written straight to the container's fds,
-    and stdin arrives on a third from a socket the entrypoint feeds and closes at EOF
-    (QEMU opens a pipe chardev read-write, so it would never see EOF itself). With a
-    terminal, the guest console is QEMU's stdio. The kernel's console goes to the
-    container's stderr only when DKVM_KERNEL_DEBUG asks for it. Each DKVM_DISKS disk
-    is an open file (`disk_fds`: read-write and read-only), a virtio-blk device the
-    guest finds by its serial."""
-    mem = plan.memory_mib
-    if plan.options.accel == "kvm":
-        accel, cpu = ["-accel", "kvm"], "host"
-    else:
-        cache = f",tb-size={plan.tcg_cache_mib}" if plan.tcg_cache_mib else ""
-        accel, cpu = ["-accel", f"tcg,thread=multi{cache}"], "max"
-    argv = paths.payload_program_argv(paths.payload_path("qemu", "qemu-system-x86_64"))
+    """QEMU for one container, booting cold. Without a terminal, the workload's stdout
+    and stderr leave through two virtio-serial ports written straight to the
+    container's fds, and stdin arrives on a third from a socket the entrypoint feeds
+    and closes at EOF (QEMU opens a pipe chardev read-write, so it would never see EOF
+    itself). With a terminal, the guest console is QEMU's stdio. The kernel's console
+    goes to the container's stderr only when DKVM_KERNEL_DEBUG asks for it. Each
+    DKVM_DISKS disk is an open file (`disk_fds`: read-write and read-only), a
+    virtio-blk device the guest finds by its serial."""
+    argv = machine_argv(plan.memory_mib, vcpus, plan.options.accel, plan.tcg_cache_mib,
+                        "memory-backend-memfd")
     argv += [
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-sandbox", SANDBOX,
-        "-L", paths.payload_path("qemu", "firmware"),
-        "-machine", "pc,memory-backend=mem", *accel, "-cpu", cpu,
-        "-smp", str(vcpus), "-m", f"{mem}M",
-        "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on",
         *boot_options(plan.boot),
         "-append", kernel_append(plan),
         "-chardev", f"socket,id=vfs,path={paths.VIRTIOFS_SOCKET}",
-        "-device", f"vhost-user-fs-pci,chardev=vfs,tag={paths.VIRTIOFS_TAG},queue-size=1024",
+        "-device", command_line_options(export_device(), "driver"),
         "-device", "virtio-serial-pci,id=ser0,max_ports=8",
         "-chardev", f"socket,id=ctl,path={paths.CONTROL_SOCKET}",
         "-device", f"virtserialport,bus=ser0.0,nr=1,chardev=ctl,name={paths.PORT_CONTROL}",
+        *EVERY_VM_DEVICES,
     ]
-    for number, (disk, (rw_fd, ro_fd)) in enumerate(zip(plan.disks, disk_fds)):
-        argv += ["-add-fd", f"fd={rw_fd},set={number + 1}",
-                 "-add-fd", f"fd={ro_fd},set={number + 1}",
-                 "-drive", f"file=/dev/fdset/{number + 1},if=none,id=disk{number},"
-                           "format=raw,aio=threads,discard=unmap",
-                 "-device", f"virtio-blk-pci,drive=disk{number},serial={disk.serial}"]
+    argv += disk_backends(disk_fds)
+    for number, disk in enumerate(plan.disks):
+        argv += ["-device", command_line_options(disk_device(number, disk), "driver")]
     for number, iface in enumerate(plan.interfaces):
         netdev, device = nic_options(number, iface.mac)
         argv += ["-netdev", command_line_options(netdev, "type"),
@@ -79,15 +67,68 @@ def qemu_argv(plan, vcpus, stdout_fd, stderr_fd, disk_fds=()):
                  "-device", f"virtserialport,bus=ser0.0,nr=3,chardev=err,name={paths.PORT_STDERR}",
                  "-chardev", f"socket,id=in,path={paths.STDIN_SOCKET}",
                  "-device", f"virtserialport,bus=ser0.0,nr=4,chardev=in,name={paths.PORT_STDIN}"]
-    console = f"/proc/self/fd/{stderr_fd}" if plan.options.kernel_debug else paths.CONSOLE_LOG
-    argv += ["-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
-             "-qmp", f"unix:{paths.QMP_SOCKET},server=on,wait=off"]
+    return argv + ["-serial", "chardev:console"] + console_and_monitor(plan, stderr_fd)
+
+
+def restore_argv(plan, vcpus, stdout_fd, stderr_fd, ram_fd, disk_fds=()):
+    """QEMU restoring the container's VM from its template (container.restore): the
+    template's machine, its RAM the container's own copy (`ram_fd`), waiting for its
+    devices' state (restore.resume); the chardevs are this container's, as for a cold
+    boot. The export's, the NICs' and the disks' backends are here; their devices are
+    hot-plugged once the VM runs (restore_devices)."""
+    argv = machine_argv(plan.memory_mib, vcpus, plan.options.accel, plan.tcg_cache_mib,
+                        f"memory-backend-file,mem-path=/proc/self/fd/{ram_fd}")
+    argv += template_boot_argv(plan.boot.kernel, plan.boot.append) + template_devices()
+    argv += ["-chardev", f"socket,id=vfs,path={paths.VIRTIOFS_SOCKET}",
+             "-chardev", f"socket,id=ctl,path={paths.CONTROL_SOCKET}"]
+    if plan.process.terminal:
+        argv += ["-chardev", "stdio,id=con,signal=off"]
+        argv += [arg for name in ("out", "err", "in") for arg in ("-chardev", f"null,id={name}")]
+    else:
+        argv += ["-chardev", "null,id=con",
+                 "-chardev", f"file,id=out,path=/proc/self/fd/{stdout_fd}",
+                 "-chardev", f"file,id=err,path=/proc/self/fd/{stderr_fd}",
+                 "-chardev", f"socket,id=in,path={paths.STDIN_SOCKET}"]
+    argv += disk_backends(disk_fds)
+    for number, iface in enumerate(plan.interfaces):
+        netdev, _ = nic_options(number, iface.mac)
+        argv += ["-netdev", command_line_options(netdev, "type")]
+    return argv + console_and_monitor(plan, stderr_fd) + ["-incoming", "defer"]
+
+
+def restore_devices(plan):
+    """What a restored VM gets hot-plugged (QMP device_add's arguments), in order: the
+    export first (the guest's init waits for it), the NICs, the disks."""
+    return ([export_device()]
+            + [nic_options(number, iface.mac)[1] for number, iface in enumerate(plan.interfaces)]
+            + [disk_device(number, disk) for number, disk in enumerate(plan.disks)])
+
+
+def export_device():
+    return {"driver": "vhost-user-fs-pci", "chardev": "vfs", "tag": paths.VIRTIOFS_TAG,
+            "queue-size": 1024, "id": "vfs0"}
+
+
+def disk_backends(disk_fds):
+    """The DKVM_DISKS files (read-write and read-only fds each) as drives `disk<N>`."""
+    argv = []
+    for number, (rw_fd, ro_fd) in enumerate(disk_fds):
+        argv += ["-add-fd", f"fd={rw_fd},set={number + 1}",
+                 "-add-fd", f"fd={ro_fd},set={number + 1}",
+                 "-drive", f"file=/dev/fdset/{number + 1},if=none,id=disk{number},"
+                           "format=raw,aio=threads,discard=unmap"]
     return argv
 
 
-def boot_options(boot):
-    """The kernel, and its initramfs if it has one, from the boot descriptor."""
-    return ["-kernel", boot.kernel] + (["-initrd", boot.initrd] if boot.initrd else [])
+def disk_device(number, disk):
+    return {"driver": "virtio-blk-pci", "drive": f"disk{number}", "serial": disk.serial,
+            "id": f"blk{number}"}
+
+
+def console_and_monitor(plan, stderr_fd):
+    console = f"/proc/self/fd/{stderr_fd}" if plan.options.kernel_debug else paths.CONSOLE_LOG
+    return ["-chardev", f"file,id=console,path={console}",
+            "-qmp", f"unix:{paths.QMP_SOCKET},server=on,wait=off"]
 
 
 def netdev_id(number):

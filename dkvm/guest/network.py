@@ -34,6 +34,14 @@ def links_by_mac():
     return found
 
 
+def wait_for_links(macs, timeout=NIC_WAIT):
+    """Until a NIC with each MAC is there (hot-plugged ones come through ACPI and the
+    driver's probe), bounded: a missing one is then the network steps' error."""
+    deadline = time.monotonic() + timeout
+    while not set(macs) <= set(links_by_mac()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def run_steps(steps, until_waiting=False):
     """Run the steps in order. A NIC not running yet is waited for (bounded) or, with
     `until_waiting`, left to the caller to finish: the steps left are returned."""

@@ -15,6 +15,9 @@ IGNORED_MOUNT_OPTIONS = {"rw", "suid", "dev", "exec", "async", "rprivate", "priv
                          "rslave", "slave", "rshared", "shared", "bind", "rbind", "tmpcopyup"}
 MS_REC, MS_PRIVATE, MS_BIND, MS_REMOUNT = 1 << 14, 1 << 18, 4096, 32
 MS_UNBINDABLE, MS_SLAVE, MS_SHARED = 1 << 17, 1 << 19, 1 << 20
+MS_MOVE = 8192
+CLOCK_REALTIME = 0
+RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207     # random(4)
 PROPAGATIONS = {"shared": MS_SHARED, "slave": MS_SLAVE, "private": MS_PRIVATE,
                 "unbindable": MS_UNBINDABLE}
 MNT_DETACH = 2
@@ -140,6 +143,26 @@ def set_uts_names(hostname, domainname):
         if raw and call(raw, len(raw)) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"setting host/domain name {name!r}: {os.strerror(err)}")
+
+
+def set_wall_clock(nanoseconds):
+    seconds, rest = divmod(nanoseconds, 1_000_000_000)
+    timespec = (ctypes.c_long * 2)(seconds, rest)
+    if _libc.clock_settime(CLOCK_REALTIME, timespec) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setting the clock: {os.strerror(err)}")
+
+
+def add_entropy(seed):
+    """Mix `seed` into the kernel's pool, credited, and reseed the generator with it
+    now (not at its next scheduled reseed): random(4)'s RNDADDENTROPY, RNDRESEEDCRNG."""
+    info = struct.pack("ii", len(seed) * 8, len(seed)) + seed
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, RNDADDENTROPY, info)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
 
 
 def write_sysctls(values):

@@ -16,6 +16,8 @@ from dkvm.errors import DkvmError
 from dkvm.guest import network, syscalls
 
 PORT_WAIT = 10
+EXPORT_WAIT = 10                  # a restored VM: its hot-plugged export showing up
+TEMPLATE_ROOT = "/.root"          # in a template's initramfs: init's root, a bind of it
 CONSOLE = "/dev/hvc0"             # the guest console: the workload's terminal with -t
 CGROUP_ROOT = "/sys/fs/cgroup"
 WORKLOAD_CGROUP = CGROUP_ROOT + "/workload"     # the root of the workload's cgroup namespace
@@ -41,6 +43,43 @@ def enter_own_root():
     for target in (paths.PAYLOAD_MOUNT, paths.DIRECT_PAYLOAD):
         syscalls.bind_mount(paths.SHARED_PAYLOAD, target, readonly=True)
     syscalls.unmount("/dev", syscalls.MNT_DETACH)
+
+
+def enter_template_root():
+    """A template's init runs from the initramfs (rootfs), which pivot_root cannot
+    leave, and the workload's namespace pivots into the image's root. So init's root
+    becomes a bind mount of the initramfs moved over it, which has a parent mount, as
+    switch_root would give a tmpfs, without a copy of the files."""
+    os.makedirs(TEMPLATE_ROOT, exist_ok=True)
+    syscalls.bind_mount("/", TEMPLATE_ROOT)
+    os.chdir(TEMPLATE_ROOT)
+    syscalls.mount(".", "/", "", syscalls.MS_MOVE)
+    os.chroot(".")
+    os.chdir("/")
+
+
+def resume_from_template(plan):
+    """A VM restored from a template (host.templates) shares the template's clock and
+    random state with every other one: it takes the host's time and fresh entropy from
+    its plan (QEMU's vmgenid has the kernel reseed too, where it has the driver). Then
+    the container's export, hot-plugged as the VM resumed, becomes /share, and its
+    payload (the same build's) /.dkvm, as the initramfs does for a cold boot; and the
+    container's NICs, hot-plugged too, are waited for."""
+    syscalls.set_wall_clock(plan.wall_clock_ns)
+    syscalls.add_entropy(bytes.fromhex(plan.entropy))
+    deadline = time.monotonic() + EXPORT_WAIT
+    while True:
+        try:
+            syscalls.mount(paths.VIRTIOFS_TAG, paths.SHARE_DIR, "virtiofs")
+            break
+        except OSError as err:          # its device not probed yet: no such tag
+            if time.monotonic() > deadline:
+                raise DkvmError(f"the container's export did not appear: {err}") from None
+            time.sleep(0.005)
+    syscalls.bind_mount(paths.SHARED_PAYLOAD, paths.PAYLOAD_MOUNT, readonly=True)
+    import sys
+    sys.path_importer_cache.clear()     # what the initramfs lacked, the payload has
+    network.wait_for_links([iface.mac for iface in plan.interfaces])
 
 
 def redirect_stdio(stdin_path, output_path):

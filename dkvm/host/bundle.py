@@ -52,6 +52,7 @@ def prepare_create(call):
     text), or None for a config runc runs as it is."""
     from dkvm.host.facts import gather_host_facts
     from dkvm.host.rewrite import rewrite_create_config
+    from dkvm.host.templates import template_for_create
     bundle = call.bundle
     config_path = os.path.join(bundle, "config.json")
     with open(config_path) as f:
@@ -60,8 +61,9 @@ def prepare_create(call):
     if is_pod_sandbox(config, bundle, call.container_id):
         return None
     layout = BundleLayout(bundle, config)
-    new, plan = rewrite_create_config(config, gather_host_facts(call.operator), layout,
-                                      call.container_id)
+    facts = gather_host_facts(call.operator)
+    new, plan = rewrite_create_config(config, facts, layout, call.container_id)
+    plan.template = template_for_create(plan, new, facts.payload_dir)
     layout.make_skeleton()
     handoff.write_plan(layout.skeleton, plan.to_json())
     if (config.get("root") or {}).get("readonly"):

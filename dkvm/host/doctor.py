@@ -68,8 +68,13 @@ def check_policy():
     return check_policy()
 
 
+def check_templates():
+    from dkvm.host.templates import check_templates
+    return check_templates()
+
+
 CHECKS = [check_runc, check_accel, check_tun, check_ip_forward, check_br_netfilter,
-          check_rp_filter, check_policy]
+          check_rp_filter, check_policy, check_templates]
 
 
 def run_doctor():

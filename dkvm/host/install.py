@@ -33,6 +33,8 @@ def install(bin_dir, runc, engines):
         print(f"dkvm: removed {len(removed)} unused payload(s) of other builds")
     from dkvm.host.policy import install_default
     print(f"dkvm: {install_default()}")
+    from dkvm.host.templates import make_default_template
+    print(f"dkvm: {make_default_template(payload)}")
     for engine in engines:
         print(f"dkvm: {engine.register(os.path.join(bin_dir, 'dkvm-runtime'), runc)}")
     return 0

@@ -1,5 +1,5 @@
 """The operator's policy file (paths.POLICY_FILE): which option values that weaken the
-boundary (options.PERMISSIONS) a container's environment may set on this host, for
+boundary (settings.PERMISSIONS) a container's environment may set on this host, for
 every engine; the way for Podman and containerd, which pass the runtime no arguments.
 
     {"container_may_set": ["DKVM_SYS_ADMIN"]}
@@ -59,7 +59,7 @@ def parse_policy(text, path):
     """The permissions in the policy's text, parsed strictly: a typo must not pass for a
     policy that allows less, or more, than the operator meant."""
     from dkvm import lightjson
-    from dkvm.options import PERMISSIONS
+    from dkvm.host.settings import PERMISSIONS
     accepted = (f'accepted: {{"{KEY}": [names]}}, names among {", ".join(PERMISSIONS)}')
     try:
         policy = lightjson.loads(text)
@@ -112,7 +112,7 @@ def remove_default(path=None):
 
 def check_policy(path=None):
     """`dkvm doctor`'s line: what the policy lets containers set."""
-    from dkvm.options import ALLOW_ARG, PERMISSIONS
+    from dkvm.host.settings import ALLOW_ARG, PERMISSIONS
     path = path or paths.POLICY_FILE
     try:
         text = policy_text(path)

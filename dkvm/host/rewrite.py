@@ -25,9 +25,10 @@ from dkvm.host.container_side import (CONTAINER_SIDE_CAPS, KVM, TUN, add_device,
                                       engine_nofile, in_kernel_trees, own_mounts,
                                       set_capabilities)
 from dkvm.host.devices import guest_devices
+from dkvm.host.settings import parse_settings, split_env
 from dkvm.host.vm_size import plan_memory, vcpus_for
 from dkvm.kernel_names import CAPABILITY_NUMBERS
-from dkvm.options import IMAGE_KERNEL, parse_settings, split_env
+from dkvm.options import IMAGE_KERNEL
 from dkvm.schema import (CAPABILITY_SETS, ROOT_PROPAGATIONS, Boot, Capabilities, ExecRequest,
                          IdMapping, Options, Plan, Process, Rlimit, Tmpfs)
 

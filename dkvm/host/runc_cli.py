@@ -18,7 +18,7 @@ class RuncCall:
     runc is given (`command_args` is changed at exec: handoff.request_descriptor);
     `runc` is --dkvm-runc's value ("": find it), `operator` the operator's other
     --dkvm-* values as text ({--dkvm-<option> or --dkvm-allow: text}, read at create:
-    options.parse_settings), `unknown_arg` a --dkvm-* flag DKVM does not know (check
+    settings.parse_settings), `unknown_arg` a --dkvm-* flag DKVM does not know (check
     raises for it, once `log` is known to report it in). `container_id` is the last
     argument (create, exec --process, update, state, delete...) or kill's first;
     `signal` kill's second ("" if none); `bundle` create's (--bundle, or the working
@@ -30,7 +30,7 @@ class RuncCall:
         """DkvmError for a --dkvm-* flag DKVM does not know: an operator's typo fails
         every operation, in runc's log, rather than being passed to runc."""
         if self.unknown_arg:
-            from dkvm.options import ALLOW_ARG, BY_RUNTIME_ARG, quoted_name
+            from dkvm.host.settings import ALLOW_ARG, BY_RUNTIME_ARG, quoted_name
             accepted = ", ".join(sorted([RUNC_ARG, ALLOW_ARG, *BY_RUNTIME_ARG]))
             raise DkvmError(f"unknown runtime argument {quoted_name(self.unknown_arg)}: DKVM "
                             f"accepts {accepted}")
@@ -98,7 +98,7 @@ def is_dkvm_arg(name):
     which Docker passes on every call)."""
     if name == RUNC_ARG:
         return True
-    from dkvm.options import ALLOW_ARG, BY_RUNTIME_ARG
+    from dkvm.host.settings import ALLOW_ARG, BY_RUNTIME_ARG
     return name == ALLOW_ARG or name in BY_RUNTIME_ARG
 
 
@@ -107,7 +107,7 @@ def take_dkvm_arg(call, name, value):
     if name == RUNC_ARG:
         call.runc = value
         return
-    from dkvm.options import ALLOW_ARG
+    from dkvm.host.settings import ALLOW_ARG
     if not is_dkvm_arg(name):
         call.unknown_arg = call.unknown_arg or name
     elif name == ALLOW_ARG and name in call.operator:

@@ -11,7 +11,7 @@ import os
 from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.host import runc_cli
-from dkvm.options import SIZE_UNITS
+from dkvm.host.settings import SIZE_UNITS
 
 MIB = SIZE_UNITS["m"]
 UNITS = {**SIZE_UNITS, "b": 1, "t": 1 << 40}

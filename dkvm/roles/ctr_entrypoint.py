@@ -4,8 +4,9 @@ It catches signals from the first moment (they wait for the guest), makes a tap 
 each of the container's network interfaces, makes the sockets QEMU and virtiofsd meet
 on (in its private /run), and starts virtiofsd on the export and QEMU together, with
 the DKVM_DISKS files and, for the image's own kernel, that kernel and an initramfs
-made from its modules. While the VM boots, it hands the interfaces' addresses and
-frames to the taps (and, from then on, follows `docker network connect`/`disconnect`
+made from its modules; or QEMU restores the VM from its template (restore), and the
+export, NICs and disks are hot-plugged once it runs. While the VM boots, it hands the
+interfaces' addresses and frames to the taps (and, from then on, follows `docker network connect`/`disconnect`
 with hot-plugged NICs) and completes the plan with what only the container can see.
 Then the supervisor serves the control channel (the guest asks it for the plan
 first) until the guest reports the workload's exit status, which becomes ours. A
@@ -21,14 +22,14 @@ from dkvm.container.net.follower import NetworkFollower
 from dkvm.container.net.plumbing import (give_back_interfaces, ipv6_sysctls,
                                          take_over_interfaces)
 from dkvm.container.net.steps import interface_steps, sysctl_step
-from dkvm.container.processes import VmProcesses
+from dkvm.container.processes import VmProcesses, vm_vcpus
+from dkvm.container.restore import Resumption, open_template
 from dkvm.container.signal_inbox import SignalInbox
 from dkvm.container.supervisor import Supervisor
 from dkvm.container.net.taps import create_tap, guest_nics, tap_name
+from dkvm.container.own_limits import own_rlimits
 from dkvm.errors import DkvmError
 from dkvm.handoff import own_plan
-from dkvm.kernel_names import RLIM_INFINITY, RLIMITS
-from dkvm.schema import Rlimit
 from dkvm.terminal import get_size
 
 CONNECT_TIMEOUT = 30        # QEMU connecting to the control and stdin sockets
@@ -48,16 +49,21 @@ def main(argv):
         exec_listener = listen(paths.EXEC_SOCKET, backlog=64)
         signal_listener = listen(paths.SIGNAL_SOCKET, backlog=8)
         stdin_listener = None if plan.process.terminal else listen(paths.STDIN_SOCKET)
+        template = open_template(plan, vm_vcpus(plan))
         vm.start_virtiofsd(listen(paths.VIRTIOFS_SOCKET), plan)
-        vm.start_qemu(plan, open_disks(plan.disks), open_boot_files(plan.boot))
+        vm.start_qemu(plan, open_disks(plan.disks), open_boot_files(plan.boot), template)
+        resuming = Resumption(plan, template, vm) if template else None
         complete_plan(plan, take_over_interfaces(nics, taps,
                                                  docker_dns=not plan.network_namespace_kept),
                       get_size(0) if plan.process.terminal else [])
-        follower.start(plan.interfaces, paths.QMP_SOCKET)
         control = accept_qemu(control_listener, vm)
         stdin_conn = accept_qemu(stdin_listener, vm) if stdin_listener else None
+        if resuming:
+            resuming.finish()
+        follower.start(plan.interfaces, paths.QMP_SOCKET)
         return Supervisor(control, exec_listener, follower.inbox, vm, signals, plan,
-                          stdin_conn=stdin_conn, signal_listener=signal_listener).run()
+                          stdin_conn=stdin_conn, signal_listener=signal_listener,
+                          restored=bool(template)).run()
     finally:
         vm.stop()
         if plan.network_namespace_kept:
@@ -83,22 +89,6 @@ def open_boot_files(boot):
         return []
     from dkvm.boot.image_kernel import prepare_boot
     return [prepare_boot(boot)]
-
-
-def own_rlimits(engine_nofile=()):
-    """Ours, but RLIMIT_NOFILE the engine's: ours is raised for virtiofsd (rewrite)."""
-    import resource
-
-    def unsigned(value):            # RLIM_INFINITY is -1 here, all ones in OCI
-        return RLIM_INFINITY if value == resource.RLIM_INFINITY else value
-    limits = []
-    for number, name in enumerate(RLIMITS):
-        soft, hard = resource.getrlimit(number)
-        soft, hard = unsigned(soft), unsigned(hard)
-        if name == "RLIMIT_NOFILE" and len(engine_nofile) == 2:
-            soft, hard = engine_nofile
-        limits.append(Rlimit(type=name, soft=soft, hard=hard))
-    return limits
 
 
 def listen(path, backlog=1):

@@ -1,5 +1,7 @@
 """dkvm-vm-init: PID 1 in the guest. Started by a kernel that booted straight from the
-export, it first builds the root the initramfs builds for the other kernels. It asks
+export, it first builds the root the initramfs builds for the other kernels; started
+by a template's initramfs, it is saved asking for its plan and restored into each
+container's VM (host.templates), to take the export from there. It asks
 the container side for the plan,
 rebuilds the container's world in the VM, runs the workload as the container would
 have, serves the control channel while it runs, reports its exit status to the
@@ -20,14 +22,19 @@ FATAL_STATUS = 125
 def main(argv):
     control = None
     try:
+        from_template = paths.FROM_TEMPLATE in argv[1:]
         if paths.ENTER_OWN_ROOT in argv[1:]:
             world.enter_own_root()
+        elif from_template:
+            world.enter_template_root()
         world.mount_init_filesystems()
         ports = world.find_ports(wanted=(paths.PORT_CONTROL,))
         control = os.open(ports[paths.PORT_CONTROL], os.O_RDWR | os.O_CLOEXEC)
         decoder = wire.Decoder()
         plan = receive_plan(control, decoder)
         log.set_container(plan.container_id)
+        if from_template:
+            world.resume_from_template(plan)
         if not plan.process.terminal:
             ports = world.find_ports(wanted=(paths.PORT_CONTROL, paths.PORT_STDIN,
                                              paths.PORT_STDOUT, paths.PORT_STDERR))

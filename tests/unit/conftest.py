@@ -36,9 +36,11 @@ def policy_file(tmp_path, monkeypatch):
 @pytest.fixture
 def fake_host(monkeypatch):
     """The runtime on a host of the tests' making: its payload, no KVM, the unit tests'
-    kernels, and runc not run: what it would have run (and, for `create`, the config it
-    would have read) is in the returned dict; an execv of runc raises Exec."""
-    from dkvm.host import facts, payload
+    kernels, no VM template made (the templates it would have made are in the returned
+    dict's "templates"), and runc not run: what it would have run (and, for `create`,
+    the config it would have read) is in the returned dict; an execv of runc raises
+    Exec."""
+    from dkvm.host import facts, payload, templates
     from dkvm.roles import runtime
     calls = {}
 
@@ -53,6 +55,8 @@ def fake_host(monkeypatch):
         return 0
 
     monkeypatch.setattr(payload, "ensure_payload", lambda: "/var/lib/dkvm/feedface")
+    monkeypatch.setattr(templates, "make_template", lambda payload_dir, spec, boot:
+                        calls.setdefault("templates", []).append(spec.name))
     monkeypatch.setattr(facts, "kvm_usable", lambda: False)
     monkeypatch.setattr(payload, "payload_kernels", lambda d: dict(KERNELS))
     monkeypatch.setattr(facts, "find_runc", lambda explicit="": explicit or "/usr/bin/runc")

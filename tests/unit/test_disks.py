@@ -8,7 +8,7 @@ import pytest
 from unitutil import load_config, rewrite, with_env
 from dkvm.boot.rooted import open_in_root
 from dkvm.errors import DkvmError
-from dkvm.options import Disks
+from dkvm.host.settings import Disks
 from dkvm.schema import Disk
 
 

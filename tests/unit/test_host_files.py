@@ -6,8 +6,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from opens import OpenWatch
 
+from unitutil import OpenWatch
 from dkvm import paths
 from dkvm.errors import DkvmError
 from dkvm.host import install, payload

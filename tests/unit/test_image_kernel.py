@@ -113,6 +113,21 @@ def test_the_initramfs_holds_the_images_boot_modules_uncompressed_in_order(image
     assert dict(mods)["lib/modules/03-virtio_console.ko"] == module("virtio_console")
 
 
+def test_the_balloon_driver_is_loaded_when_the_kernel_has_it_as_a_module(image):
+    mods = image / "usr" / "lib" / "modules" / "6.1.0-9-amd64"
+    with open(mods / "modules.dep", "a") as dep:
+        dep.write("kernel/drivers/virtio/virtio_balloon.ko: kernel/drivers/virtio/virtio_ring.ko\n")
+    balloon = module("virtio_balloon", "virtio_ring")
+    (mods / "kernel" / "drivers" / "virtio" / "virtio_balloon.ko").write_bytes(balloon)
+    archive = parse_newc(boot_initramfs(str(image), "6.1.0-9-amd64", b"BB", b"#!init"))
+    mods = {e["name"]: e["data"] for e in archive if e["name"].endswith(".ko")}
+    assert mods["lib/modules/06-virtio_balloon.ko"] == balloon
+    (image / "usr" / "lib" / "modules" / "6.1.0-9-amd64" / "modules.builtin").write_text(
+        "kernel/drivers/virtio/virtio_pci.ko\nkernel/drivers/virtio/virtio_balloon.ko\n")
+    archive = parse_newc(boot_initramfs(str(image), "6.1.0-9-amd64", b"BB", b"#!init"))
+    assert not [e for e in archive if "balloon" in e["name"]]
+
+
 def test_missing_boot_modules_or_index_fail_naming_what(image):
     mods = image / "usr" / "lib" / "modules" / "6.1.0-9-amd64"
     (mods / "modules.builtin").write_text("")
@@ -281,15 +296,3 @@ def test_the_default_kernel_is_dkvms_and_an_unknown_one_names_every_choice():
     assert "dkvm or dkvm/6.1.192-dkvm, debian or debian/6.1.0-28-amd64" in str(info.value) \
         or "debian or debian/6.1.0-28-amd64, dkvm or dkvm/6.1.192-dkvm" in str(info.value)
     assert "image (the image's own)" in str(info.value)
-
-
-def test_dkvm_kernels_shows_release_boot_and_source_and_marks_the_default():
-    from dkvm.roles.cli import kernel_table
-    from unitutil import KERNELS
-    lines = kernel_table(KERNELS)
-    assert lines[0].split() == ["NAME", "RELEASE", "BOOT", "SOURCE"]
-    rows = {line.split()[0]: line for line in lines[1:-1]}
-    assert set(rows) == {"debian", "dkvm*", "image"}
-    assert "6.1.192-dkvm" in rows["dkvm*"] and "the export as root" in rows["dkvm*"]
-    assert "initramfs" in rows["debian"]
-    assert lines[-1].startswith("* the default")

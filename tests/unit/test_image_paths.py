@@ -4,8 +4,8 @@ import os
 import stat
 
 import pytest
-from opens import OpenWatch
 
+from unitutil import OpenWatch
 from dkvm.errors import DkvmError
 from dkvm.host.image_paths import make_mount_point, real_destination
 

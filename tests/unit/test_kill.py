@@ -5,10 +5,11 @@ import os
 import socket
 
 import pytest
-from opens import OpenWatch
 
+from unitutil import OpenWatch
 from dkvm.host import kill
 from dkvm.host.runc_cli import parse
+from dkvm.kernel_names import SIGKILL, SIGSTOP
 
 
 @pytest.fixture
@@ -92,3 +93,13 @@ def test_a_container_whose_pid_changed_meanwhile_is_left_to_runc(monkeypatch):
     monkeypatch.setattr(kill, "connect_signal_socket",
                         lambda *args: pytest.fail("connected to a process not the container's"))
     assert kill.deliver_in_guest(parse(["kill", "ctr", "KILL"]), "runc") is True
+
+
+@pytest.mark.parametrize("args,target", [
+    (["id"], (15, "id")), (["id", "9"], (SIGKILL, "id")), (["--all", "id", "KILL"],
+                                                           (SIGKILL, "id")),
+    (["-a", "id", "STOP"], (SIGSTOP, "id")), ([], (None, "")),
+])
+def test_the_kill_command_line(args, target):
+    call = parse(["--root", "/r", "kill", *args])
+    assert (kill.kill_signal(call), call.container_id) == target

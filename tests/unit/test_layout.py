@@ -112,15 +112,47 @@ GUEST_FORBIDDEN = ["json", "re", "enum", "socket", "signal", "importlib", "typin
                    "dataclasses", "pyroute2", "subprocess", "threading"]
 
 
+def modules_loaded_by(modules):
+    """sys.modules after importing `modules` in a fresh interpreter, as the guest
+    starts one (no site, no environment)."""
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c",
+         f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+         f"for m in {modules!r}: __import__(m)\n"
+         "print(' '.join(sorted(sys.modules)))"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
 def test_the_guest_imports_nothing_that_costs_its_boot():
     """Every guest module and the shared ones, in a fresh interpreter as the guest
     starts it: none of these (each costs tenths of a second under TCG)."""
     guest = [m for m in all_modules() if side_of(m) in ("guest", "shared")
              and not m.startswith("dkvm.roles")] + ["dkvm.roles.vm_init", "dkvm.__main__"]
-    out = subprocess.run(
-        [sys.executable, "-I", "-S", "-c",
-         f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-         f"for m in {guest!r}: __import__(m)\n"
-         f"print(sorted(set({GUEST_FORBIDDEN!r}) & set(sys.modules)))"],
-        capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "[]", out.stderr
+    assert sorted(set(GUEST_FORBIDDEN) & modules_loaded_by(guest)) == []
+
+
+def test_the_guest_reads_the_options_table_not_the_hosts_reading_of_it():
+    """The guest's option defaults come from the table (dkvm.options: data, no imports);
+    reading a value (kinds, bounds, permissions: host.settings, and the kernel argument
+    rules it checks with) loads on the host only."""
+    loaded = modules_loaded_by(["dkvm.roles.vm_init", "dkvm.guest.world", "dkvm.guest.loop"])
+    assert "dkvm.options" in loaded
+    assert {"dkvm.host", "dkvm.host.settings", "dkvm.kernel_args"} & loaded == set()
+    table = ast.parse((PACKAGE / "options.py").read_text())
+    assert not [node for node in ast.walk(table)
+                if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
+def test_no_test_imports_another():
+    """Shared helpers are in the helper modules (unitutil, harness, conftest;
+    dockerutil for e2e), so a test file can be read, moved or deleted alone."""
+    found = []
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) \
+                else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(REPO)} imports {name}" for name in names
+                      if name.split(".")[-1].startswith("test_")]
+    assert found == []

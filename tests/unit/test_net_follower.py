@@ -9,7 +9,7 @@ import pytest
 
 from dkvm import wire
 from dkvm.container.net import follower as net_follower
-from dkvm.container.qmp import Qmp
+from dkvm.boot.qmp import Qmp
 from dkvm.container.vmm import command_line_options, nic_options
 from dkvm.errors import DkvmError
 from dkvm.guest import network

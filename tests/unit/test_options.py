@@ -2,15 +2,13 @@
 names the option and says what it accepts; the option table is the one source of
 names, defaults and the README's option table."""
 import re
-import subprocess
 
 import pytest
 
 from unitutil import REPO, facts, load_config, rewrite, with_env
 from dkvm.errors import DkvmError
-from dkvm.host.runc_cli import parse
-from dkvm.host.vm_size import MIB, MIN_GUEST_MIB
-from dkvm.options import BY_ENV, OPTIONS, Bool, Size, parse_settings, split_env
+from dkvm.host.settings import Bool, Size, kind_of, parse_settings, split_env
+from dkvm.options import BY_ENV, OPTIONS
 from dkvm.schema import Options, Plan
 
 
@@ -73,28 +71,6 @@ def test_boot_timeout(value, seconds):
     assert plan.options.boot_timeout == seconds
 
 
-def test_memory_below_minimum():
-    config = load_config("resources-tmpfs-volume")
-    config["linux"]["resources"]["memory"]["limit"] = 255 * MIB
-    with pytest.raises(DkvmError) as info:
-        rewrite(config)
-    msg = info.value.message
-    assert "--memory" in msg and "255MiB" in msg and "at least 256m" in msg
-    assert "QEMU, virtiofsd and 4 execs take 128MiB of it" in msg
-    assert f"the guest needs {MIN_GUEST_MIB}MiB" in msg
-
-
-def test_memory_at_minimum_boots():
-    config = load_config("resources-tmpfs-volume")
-    config["linux"]["resources"]["memory"]["limit"] = 256 * MIB
-    _, plan = rewrite(config)
-    assert plan.memory_mib == MIN_GUEST_MIB
-    # under KVM there is no translation cache to hold
-    config["linux"]["resources"]["memory"]["limit"] = 224 * MIB
-    _, plan = rewrite(config, kvm_usable=True)
-    assert plan.memory_mib == MIN_GUEST_MIB
-
-
 def test_kvm_required_but_unusable():
     msg = create_error("DKVM_ACCEL=kvm", kvm_usable=False)
     assert "DKVM_ACCEL=kvm" in msg and "tcg" in msg
@@ -154,11 +130,10 @@ def test_every_option_is_a_field_of_the_plan_with_its_default():
         {option.attr: plan[option.attr] for option in OPTIONS if option.plan_field}
     for option in OPTIONS:
         assert option.env.startswith("DKVM_") and BY_ENV[option.env] is option
-        assert isinstance(option.default, option.kind.type)
+        kind = kind_of(option)
         # what the README shows as the default parses back to it ("empty" text aside)
-        if option.kind.show(option.default) != "empty":
-            assert option.kind.parse(option.env, option.kind.show(option.default),
-                                     facts()) == option.default
+        if kind.show(option.default) != "empty":
+            assert kind.parse(option.env, kind.show(option.default), facts()) == option.default
 
 
 def readme_options():
@@ -174,7 +149,8 @@ def readme_options():
 
 
 def test_readme_option_table_matches_the_option_table():
-    assert readme_options() == {option.env: (option.kind.accepts, option.kind.show(option.default))
+    assert readme_options() == {option.env: (kind_of(option).accepts,
+                                             kind_of(option).show(option.default))
                                 for option in OPTIONS}
 
 
@@ -205,67 +181,6 @@ def test_split_env():
                                     "NOVALUE"])
     assert workload == ["A=1", "B=x=y", "NOVALUE"]
     assert settings == {"DKVM_ACCEL": "tcg", "DKVM_KERNEL_APPEND": "a=b"}
-
-
-# --- runtime arguments -------------------------------------------------------------
-
-RUNC_ARGS = ["--root", "/var/run/docker/runtime-runc/moby", "--log", "/run/log.json",
-             "--log-format", "json", "--systemd-cgroup", "create", "--bundle", "/b",
-             "--pid-file", "/p", "id"]
-
-
-def read_dkvm_flags(argv):
-    """(runc's argv, --dkvm-runc, the operator's values) as the runtime parses them."""
-    call = parse(argv)
-    call.check()
-    return call.runc_args(), call.runc, call.operator
-
-
-def test_dkvm_flags_are_taken_out_of_runcs_line():
-    argv = (["--dkvm-runc=/usr/sbin/runc.real"] + RUNC_ARGS[:4] + ["--dkvm-accel=tcg"]
-            + RUNC_ARGS[4:])
-    assert read_dkvm_flags(argv) == (RUNC_ARGS, "/usr/sbin/runc.real", {"--dkvm-accel": "tcg"})
-
-
-def test_a_dkvm_flags_value_may_be_the_next_word():
-    assert read_dkvm_flags(["--dkvm-runc", "/opt/runc"] + RUNC_ARGS) == \
-        (RUNC_ARGS, "/opt/runc", {})
-    assert read_dkvm_flags(["--dkvm-kernel-append", "-tsc"] + RUNC_ARGS)[2] == \
-        {"--dkvm-kernel-append": "-tsc"}
-
-
-def test_runcs_flags_are_left_alone():
-    argv = ["--log=/x", "--debug", "--root", "/r", "--criu", "criu", "state", "abc123"]
-    assert read_dkvm_flags(argv) == (argv, "", {})
-    argv = ["--root", "/r", "exec", "--process", "/p", "--dkvm-like-arg", "abc123"]
-    assert read_dkvm_flags(argv) == (argv, "", {})      # after the subcommand: runc's
-
-
-def test_an_unknown_dkvm_flag_is_refused_naming_those_accepted():
-    with pytest.raises(DkvmError) as info:
-        read_dkvm_flags(["--dkvm-acel=tcg"] + RUNC_ARGS)
-    msg = info.value.message
-    assert "--dkvm-acel" in msg and "--dkvm-accel" in msg and "--dkvm-runc" in msg
-
-
-def test_dkvm_flag_values_are_read_at_create_only():
-    """A bad value in daemon.json fails `docker run`, not every `docker rm`."""
-    assert read_dkvm_flags(["--dkvm-accel=fast"] + RUNC_ARGS)[2] == {"--dkvm-accel": "fast"}
-    msg = create_error(defaults={"--dkvm-accel": "fast"})
-    assert "--dkvm-accel" in msg and "tcg" in msg
-
-
-def test_every_option_has_a_runtime_argument_and_allow_adds_up():
-    argv = ["--dkvm-kernel-append", "loglevel=4", "--dkvm-sys-admin=1", "--dkvm-kernel=image",
-            "--dkvm-allow=DKVM_SYS_ADMIN", "--dkvm-allow", "DKVM_KERNEL_APPEND"] + RUNC_ARGS
-    rest, _, operator = read_dkvm_flags(argv)
-    assert rest == RUNC_ARGS
-    assert operator == {"--dkvm-kernel-append": "loglevel=4", "--dkvm-sys-admin": "1",
-                        "--dkvm-kernel": "image",
-                        "--dkvm-allow": "DKVM_SYS_ADMIN,DKVM_KERNEL_APPEND"}
-    for option in OPTIONS:
-        assert read_dkvm_flags([option.runtime_arg + "=x"])[2] == {option.runtime_arg: "x"}
-    assert BY_ENV["DKVM_KERNEL_APPEND"].runtime_arg == "--dkvm-kernel-append"
 
 
 # --- DKVM_KERNEL_APPEND: kernel parameters only --------------------------------------
@@ -309,33 +224,3 @@ def test_what_the_kernel_hands_to_init_is_refused(value, word, why):
     assert info.value.message == (
         f"DKVM_KERNEL_APPEND: {word} is not accepted: {why}; use kernel parameters "
         "(module.param=value, or the kernel's own such as loglevel=4, mitigations=off)")
-
-
-def test_compose_passes_no_refused_word_on():
-    """The container side composes the line from the plan: what create refuses never
-    reaches the kernel from there either."""
-    from dkvm.kernel_args import compose
-    line = compose([], False, "loglevel=4 init=/x LD_PRELOAD=/y -- /bin/sh")
-    assert line[-1] == "loglevel=4"
-    assert not [w for w in line if w.startswith(("init=", "LD_PRELOAD", "--", "/bin"))]
-
-
-def test_the_curated_parameters_are_the_kernels():
-    """Each name is in Linux 6.1's kernel-parameters.txt or a __setup() of its source,
-    where the build has unpacked it."""
-    from dkvm.kernel_args import BOOT_PARAMETERS, KERNEL_PARAMETERS
-    src = sorted((REPO / "build" / "kernel-src").glob("linux-source-6.1*"))
-    if not src:
-        pytest.skip("no unpacked linux-source-6.1 in build/")
-    doc = (src[-1] / "Documentation/admin-guide/kernel-parameters.txt").read_text()
-    documented = {m.group(1).replace("-", "_") for m in
-                  re.finditer(r"^\t([A-Za-z0-9_.-]+)(?=[=\[\s]|$)", doc, re.M)}
-    missing = [n for n in KERNEL_PARAMETERS | BOOT_PARAMETERS if n not in documented]
-    setups = set()
-    for name in missing:
-        out = subprocess.run(
-            ["grep", "-rqE", rf'(__setup|early_param)\("{name}=?"', str(src[-1] / "kernel"),
-             str(src[-1] / "mm"), str(src[-1] / "init"), str(src[-1] / "block")])
-        if out.returncode == 0:
-            setups.add(name)
-    assert sorted(set(missing) - setups) == []

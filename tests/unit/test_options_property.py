@@ -11,7 +11,8 @@ from unitutil import bundle_with, facts, load_config, rewrite, with_env
 from dkvm import kernel_args
 from dkvm.container.vmm import kernel_append
 from dkvm.errors import DkvmError, run_role
-from dkvm.options import MAX_DISK, OPTIONS, PERMISSIONS, parse_settings
+from dkvm.host.settings import MAX_DISK, PERMISSIONS, parse_settings
+from dkvm.options import OPTIONS
 from dkvm.roles import runtime
 from dkvm.schema import Plan
 
@@ -23,6 +24,7 @@ SAMPLES = {             # valid values, to mutate
     "DKVM_KERNEL": ["dkvm", "debian", "debian/6.1.0-28-amd64", "image", "image/6.1.0-9-amd64"],
     "DKVM_KERNEL_APPEND": ["loglevel=4", "-tsc mitigations=off", "ipv6.disable=1 quiet"],
     "DKVM_KERNEL_DEBUG": ["1", "0", "yes"],
+    "DKVM_TEMPLATE": ["1", "0", "yes"],
     "DKVM_KERNEL_MOUNT_LIB_MODULES": ["1", "false"],
     "DKVM_DEV_SHM_SIZE": ["64m", "1g", "512k", "4096"],
     "DKVM_SYS_ADMIN": ["1", "0"],
@@ -89,7 +91,7 @@ def one_line_naming(err, name):
 def check_accepted(option, values):
     """What create accepts, the container side and the guest kernel hold."""
     value = values[option.attr]
-    assert isinstance(value, option.kind.type)
+    assert type(value) is type(option.default)
     if option.env == "DKVM_KERNEL_APPEND":
         for debug in (False, True):
             for initrd in ("", "/k/initrd.img"):

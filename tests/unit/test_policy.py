@@ -9,7 +9,7 @@ import pytest
 from unitutil import load_config, rewrite, with_env
 from dkvm.errors import DkvmError
 from dkvm.host import install, policy
-from dkvm.options import PERMISSIONS, parse_settings
+from dkvm.host.settings import PERMISSIONS, parse_settings
 
 OPERATOR_ONLY = [("DKVM_KERNEL_APPEND=loglevel=4", "DKVM_KERNEL_APPEND"),
                  ("DKVM_SYS_ADMIN=1", "DKVM_SYS_ADMIN"),

@@ -6,9 +6,7 @@ import pytest
 
 from dkvm.guest.process import (become_and_exec, bounding_set, capability_masks,
                                 last_capability)
-from dkvm.kernel_names import CAPABILITIES, CAPABILITY_NUMBERS, SIGKILL, SIGSTOP, signal_number
-from dkvm.host.kill import kill_signal
-from dkvm.host.runc_cli import parse
+from dkvm.kernel_names import CAPABILITIES, CAPABILITY_NUMBERS
 from dkvm.schema import Capabilities, Process, Rlimit
 
 LAST_CAP = 40
@@ -109,21 +107,3 @@ def test_capabilities_beyond_the_bounding_set_held_are_refused_as_runc_refuses_t
     assert code == 126
     assert out == "dkvm: unable to start container process: unable to apply caps: " \
         "operation not permitted\n"
-
-
-@pytest.mark.parametrize("text,number", [("9", 9), ("KILL", 9), ("SIGKILL", 9),
-                                         ("sigstop", 19), ("RTMIN+3", 37), ("SIGRTMAX-1", 63),
-                                         ("RTMIN", 34), ("65", None), ("RTMIN+31", None),
-                                         ("NOPE", None)])
-def test_signal_names_as_runc_takes_them(text, number):
-    assert signal_number(text) == number
-
-
-@pytest.mark.parametrize("args,target", [
-    (["id"], (15, "id")), (["id", "9"], (SIGKILL, "id")), (["--all", "id", "KILL"],
-                                                           (SIGKILL, "id")),
-    (["-a", "id", "STOP"], (SIGSTOP, "id")), ([], (None, "")),
-])
-def test_the_kill_command_line(args, target):
-    call = parse(["--root", "/r", "kill", *args])
-    assert (kill_signal(call), call.container_id) == target

@@ -3,7 +3,8 @@ import pytest
 
 from unitutil import KERNELS
 from dkvm import paths
-from dkvm.container.vmm import kernel_append, qemu_argv, qemu_env, virtiofsd_argv
+from dkvm.container.vmm import (kernel_append, qemu_argv, qemu_env, restore_argv,
+                                restore_devices, virtiofsd_argv)
 from dkvm.schema import Boot, Disk, Interface, Options, Plan, Process
 
 
@@ -102,6 +103,15 @@ def test_virtiofs_and_control_port():
     assert chars["ctl"] == f"socket,id=ctl,path={paths.CONTROL_SOCKET}"
     assert any(d.startswith("vhost-user-fs-pci,chardev=vfs,tag=root") for d in devices(argv))
     assert "virtserialport,bus=ser0.0,nr=1,chardev=ctl,name=org.dkvm.control" in devices(argv)
+
+
+def test_every_vm_reports_free_pages_and_has_a_generation_id():
+    """Free page reporting gives the host back what the guest frees; vmgenid reseeds a
+    restored guest's RNG: on every kernel and accelerator."""
+    for plan in (make_plan(), make_plan(accel="kvm"), make_plan(boot=KERNELS["dkvm"])):
+        found = devices(qemu_argv(plan, 1, 10, 11))
+        assert "virtio-balloon-pci,id=balloon0,free-page-reporting=on" in found
+        assert "vmgenid,id=vmgenid0" in found
 
 
 def test_terminal_uses_a_console_on_stdio():
@@ -206,8 +216,8 @@ def test_each_disk_is_an_fd_set_of_its_open_files_and_a_virtio_blk_device():
     assert [d.split(",")[0] for d in values(argv, "-drive")] == ["file=/dev/fdset/1",
                                                                  "file=/dev/fdset/2"]
     assert [d for d in devices(argv) if d.startswith("virtio-blk-pci")] == [
-        "virtio-blk-pci,drive=disk0,serial=dkvm-disk0",
-        "virtio-blk-pci,drive=disk1,serial=dkvm-disk1"]
+        "virtio-blk-pci,drive=disk0,serial=dkvm-disk0,id=blk0",
+        "virtio-blk-pci,drive=disk1,serial=dkvm-disk1,id=blk1"]
     assert "-drive" not in qemu_argv(make_plan(), 1, 3, 4)
 
 
@@ -222,9 +232,46 @@ def test_a_minus_word_in_kernel_append_takes_dkvms_argument_away():
 
 def test_a_removal_that_names_nothing_is_refused_at_create():
     from dkvm.errors import DkvmError
-    from dkvm.options import parse_settings
+    from dkvm.host.settings import parse_settings
     assert parse_settings({"DKVM_KERNEL_APPEND": "-tsc=reliable dkvm.x=1"}, None,
                           policy_allows={"DKVM_KERNEL_APPEND"})["kernel_append"]
     for typo in ("-tsc=unstable", "-root", "-console", "-init"):
         with pytest.raises(DkvmError, match=f"DKVM_KERNEL_APPEND: {typo} removes none"):
             parse_settings({"DKVM_KERNEL_APPEND": typo}, None)
+
+
+def restored_plan(terminal=False):
+    return make_plan(terminal=terminal, boot=KERNELS["dkvm"], template="t",
+                     interfaces=[Interface(mac="02:42:ac:11:00:02")],
+                     disks=[Disk(file="/a.img", mount_point="/a", serial="dkvm-disk0")])
+
+
+def test_a_restore_runs_the_templates_kernel_on_the_vms_own_ram_and_waits_for_its_state():
+    argv = restore_argv(restored_plan(), 2, 10, 11, ram_fd=12, disk_fds=[(13, 14)])
+    assert value(argv, "-incoming") == "defer"
+    assert "memory-backend-file,mem-path=/proc/self/fd/12,id=mem,size=1024M,share=on" in \
+        values(argv, "-object")
+    assert value(argv, "-initrd") == "/.dkvm/kernels/dkvm/" + paths.TEMPLATE_INITRD
+    assert "rootfstype=virtiofs" not in value(argv, "-append")
+    chars = chardevs(argv)
+    assert chars["vfs"] == f"socket,id=vfs,path={paths.VIRTIOFS_SOCKET}"
+    assert chars["out"] == "file,id=out,path=/proc/self/fd/10"
+    assert chars["con"] == "null,id=con"
+    # the export, the NIC and the disk: backends here, their devices hot-plugged
+    assert values(argv, "-netdev")[0].startswith("tap,id=net0")
+    assert not [d for d in devices(argv) if d.startswith(("vhost-user-fs", "virtio-net",
+                                                          "virtio-blk"))]
+
+
+def test_a_restored_terminal_is_the_consoles_stdio():
+    chars = chardevs(restore_argv(restored_plan(terminal=True), 2, 10, 11, ram_fd=12))
+    assert chars["con"].startswith("stdio,id=con")
+    assert chars["out"] == "null,id=out"
+
+
+def test_a_restored_vm_gets_its_export_first_then_nics_then_disks():
+    plugged = restore_devices(restored_plan())
+    assert [device["driver"] for device in plugged] == ["vhost-user-fs-pci", "virtio-net-pci",
+                                                        "virtio-blk-pci"]
+    assert plugged[0]["tag"] == paths.VIRTIOFS_TAG
+    assert plugged[2]["serial"] == "dkvm-disk0"

@@ -1,8 +1,11 @@
 """Shared helpers for the unit tests: the captured dockerd configs, a rewrite wrapper
 that returns the new config together with its plan, the runtime's stand-ins (Exec,
-bundle_with; the `fake_host` fixture is in conftest) and a strict newc reader. The
-control channel's harnesses are in `harness`."""
+bundle_with; the `fake_host` fixture is in conftest), a strict newc reader and
+OpenWatch (whether anything opened a node). The control channel's harnesses are in
+`harness`."""
+import ctypes
 import json
+import os
 from pathlib import Path
 
 from dkvm.handoff import read_plan
@@ -25,6 +28,17 @@ KERNELS = {"debian": Boot(name="debian", release="6.1.0-28-amd64",
                         modules="/.dkvm/kernels/dkvm/lib/modules")}
 PAYLOAD_DIR = "/var/lib/dkvm/0123456789abcdef"
 CONTAINER_ID = "0123456789abcdef0123456789abcdef"
+# Debian's containerd config.toml, for what `dkvm install` adds to it and takes back
+CONTAINERD_CONFIG = """version = 2
+
+[plugins]
+  [plugins."io.containerd.grpc.v1.cri"]
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "/usr/lib/cni"
+      conf_dir = "/etc/cni/net.d"
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "/var/lib/containerd/opt"
+"""
 BUNDLE = "/run/containerd/io.containerd.runtime.v2.task/moby/" + CONTAINER_ID
 
 
@@ -100,3 +114,38 @@ def parse_newc(data):
         if entry["name"] == "TRAILER!!!":
             assert off == len(data)
             return entries
+
+
+# Whether anything opened a node: inotify's IN_OPEN, which every open(2) of the inode
+# raises (of a FIFO, a device, a file) and an O_PATH descriptor does not. A test that
+# makes the host's code face an image's FIFO or device asserts with it that the node was
+# never opened, without having to survive the open (a FIFO would block it forever).
+IN_OPEN = 0x20
+IN_NONBLOCK = 0o4000
+
+
+class OpenWatch:
+    def __init__(self, *paths):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(IN_NONBLOCK)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        for path in paths:
+            if self.libc.inotify_add_watch(self.fd, os.fsencode(path), IN_OPEN) < 0:
+                raise OSError(ctypes.get_errno(), "inotify_add_watch", path)
+
+    def opened(self):
+        """True if a watched node was opened since the last call."""
+        try:
+            return bool(os.read(self.fd, 4096))
+        except BlockingIOError:
+            return False
+
+    def close(self):
+        os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

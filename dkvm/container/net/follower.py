@@ -158,6 +158,6 @@ class NetworkFollower:
         """Connected for one change at a time: QEMU serves one QMP client, and a person
         debugging the VM may want it between changes."""
         if self.qmp is None:
-            from dkvm.container.qmp import Qmp
+            from dkvm.boot.qmp import Qmp
             self.qmp = Qmp(self.qmp_path)
         return self.qmp

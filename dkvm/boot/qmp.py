@@ -1,4 +1,5 @@
-"""A QMP client for the entrypoint's own QEMU: enough to hot-plug NICs.
+"""A QMP client for a QEMU of ours: hot-plugging NICs, the export and disks, saving
+and restoring templates.
 
 QMP is line-delimited JSON on the socket QEMU serves at /.dkvm/run/qmp.sock. Events
 may arrive between a command and its answer; they are kept for `wait_event`.
@@ -20,10 +21,15 @@ class Qmp:
         self.read_message()                 # the greeting
         self.execute("qmp_capabilities")
 
-    def execute(self, command, **arguments):
-        """Run one command; its result, or a DkvmError with QEMU's own description."""
+    def execute(self, command, fd=None, **arguments):
+        """Run one command; its result, or a DkvmError with QEMU's own description.
+        `fd` goes with the command (SCM_RIGHTS), for `getfd`."""
         request = {"execute": command, **({"arguments": arguments} if arguments else {})}
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        data = json.dumps(request).encode() + b"\n"
+        if fd is not None:
+            sent = socket.send_fds(self.sock, [data], [fd])
+            data = data[sent:]
+        self.sock.sendall(data)
         while True:
             message = self.read_message()
             if "return" in message:

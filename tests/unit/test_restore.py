@@ -1,0 +1,130 @@
+"""container.restore: a template's files checked and copied for one VM, and the
+restore driven over QMP."""
+import hashlib
+import os
+
+import pytest
+
+from dkvm import lightjson, paths
+from dkvm.container import restore
+from dkvm.boot.sparse import data_extents
+from dkvm.container.restore import copy_ram, open_template, plug_devices
+from dkvm.errors import DkvmError
+from dkvm.schema import Options, Plan
+
+MIB = 1 << 20
+
+
+def sparse_file(path, size, chunks):
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in chunks:
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+def test_only_the_data_of_the_templates_ram_is_copied_its_holes_stay_holes(tmp_path):
+    size = 64 * MIB
+    ram = sparse_file(tmp_path / "ram", size, [(0, b"a" * 8192), (40 * MIB, b"b" * 4096)])
+    fd = copy_ram(str(ram), size)
+    try:
+        assert os.fstat(fd).st_size == size
+        assert os.pread(fd, 8192, 0) == b"a" * 8192
+        assert os.pread(fd, 4096, 40 * MIB) == b"b" * 4096
+        assert os.pread(fd, 4096, 20 * MIB) == b"\0" * 4096
+        assert os.fstat(fd).st_blocks * 512 < 4 * MIB    # not 64 MiB of zeros
+    finally:
+        os.close(fd)
+    with os.fdopen(os.open(ram, os.O_RDONLY)) as f:
+        assert list(data_extents(f.fileno(), size))[0][0] == 0
+
+
+def test_a_ram_file_of_another_size_or_not_a_file_is_refused(tmp_path):
+    ram = sparse_file(tmp_path / "ram", 4 * MIB, [])
+    with pytest.raises(ValueError):
+        copy_ram(str(ram), 8 * MIB)
+    os.symlink(ram, tmp_path / "link")
+    with pytest.raises(OSError):
+        copy_ram(str(tmp_path / "link"), 4 * MIB)
+
+
+def payload_with_template(tmp_path, state=b"device state", **manifest):
+    directory = tmp_path / paths.TEMPLATES_DIR / "t"
+    directory.mkdir(parents=True)
+    sparse_file(directory / restore.RAM, 64 * MIB, [(0, b"x" * 4096)])
+    (directory / restore.STATE).write_bytes(state)
+    fields = {"vcpus": 2, "memory_mib": 64, "accel": "tcg",
+              "state_sha256": hashlib.sha256(b"device state").hexdigest()}
+    (directory / restore.MANIFEST).write_text(lightjson.dumps({**fields, **manifest}))
+    return str(tmp_path)
+
+
+def plan(**fields):
+    return Plan(template="t", memory_mib=64, options=Options(accel="tcg"), **fields)
+
+
+def test_a_fitting_template_gives_the_vms_ram_and_the_checked_state(tmp_path):
+    files = open_template(plan(), 2, root=payload_with_template(tmp_path))
+    try:
+        assert os.pread(files.ram_fd, 4096, 0) == b"x" * 4096
+        assert os.read(files.state_fd, 100) == b"device state"
+    finally:
+        files.close()
+
+
+@pytest.mark.parametrize("vcpus, manifest, state", [
+    (1, {}, b"device state"),                           # another machine: boots cold
+    (2, {"memory_mib": 128}, b"device state"),
+    (2, {"accel": "kvm"}, b"device state"),
+    (2, {}, b"device statf"),                           # not the state it was saved with
+])
+def test_a_template_that_does_not_fit_or_is_damaged_means_a_cold_boot(tmp_path, vcpus,
+                                                                     manifest, state):
+    root = payload_with_template(tmp_path, state=state, **manifest)
+    assert open_template(plan(), vcpus, root=root) is None
+
+
+def test_no_template_named_or_none_there_means_a_cold_boot(tmp_path):
+    assert open_template(Plan(), 2, root=str(tmp_path)) is None
+    assert open_template(plan(), 2, root=str(tmp_path)) is None
+
+
+class FakeQmp:
+    def __init__(self, statuses):
+        self.statuses = list(statuses)
+        self.calls = []
+
+    def execute(self, command, **arguments):
+        self.calls.append((command, arguments))
+        if command == "query-migrate":
+            return {"status": self.statuses.pop(0) if len(self.statuses) > 1
+                    else self.statuses[0]}
+        return {}
+
+
+def test_devices_are_plugged_once_the_state_is_loaded_then_the_vm_runs():
+    qmp = FakeQmp(["active", "active", "completed"])
+    plug_devices(qmp, [{"driver": "a", "id": "x"}, {"driver": "b", "id": "y"}], lambda: None)
+    commands = [command for command, _ in qmp.calls]
+    assert commands == ["query-migrate"] * 3 + ["device_add", "device_add", "cont"]
+    assert qmp.calls[3][1] == {"driver": "a", "id": "x"}
+
+
+def test_a_failed_restore_is_one_line():
+    with pytest.raises(DkvmError, match="could not restore the VM from its template"):
+        plug_devices(FakeQmp(["failed"]), [], lambda: None)
+
+
+def test_zero_pages_of_a_saved_ram_file_become_holes(tmp_path):
+    from dkvm.boot.sparse import punch_zero_pages
+    size = 8 * MIB
+    ram = sparse_file(tmp_path / "ram", size, [(0, b"a" * 4096 + b"\0" * (2 * MIB) + b"b")])
+    fd = os.open(ram, os.O_RDWR)
+    try:
+        punch_zero_pages(fd)
+        assert sum(end - start for start, end in data_extents(fd, size)) == 2 * 4096
+        assert os.pread(fd, 4097, 0) == b"a" * 4096 + b"\0"
+        assert os.pread(fd, 1, 4096 + 2 * MIB) == b"b"
+    finally:
+        os.close(fd)
