@@ -49,24 +49,30 @@ def open_template(plan, vcpus, root=paths.PAYLOAD_MOUNT):
     files that are not what its manifest says."""
     if not plan.template:
         return None
-    directory = paths.payload_path(paths.TEMPLATES_DIR, plan.template, root=root)
+    try:        # one directory, held: a template made again meanwhile is not mixed in
+        directory = os.open(paths.payload_path(paths.TEMPLATES_DIR, plan.template, root=root),
+                            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
     try:
-        manifest = lightjson.loads(read_regular(os.path.join(directory, MANIFEST),
-                                                MOST_MANIFEST).decode())
+        manifest = lightjson.loads(read_regular(MANIFEST, MOST_MANIFEST, directory).decode())
         if (manifest.get("vcpus"), manifest.get("memory_mib"), manifest.get("accel")) != \
                 (vcpus, plan.memory_mib, plan.options.accel):
             return None
-        state = read_regular(os.path.join(directory, STATE), MOST_STATE)
+        state = read_regular(STATE, MOST_STATE, directory)
         if state_digest(state) != manifest.get("state_sha256"):
             return None
-        ram_fd = copy_ram(os.path.join(directory, RAM), plan.memory_mib << 20)
+        ram_fd = copy_ram(RAM, plan.memory_mib << 20, directory)
     except (OSError, ValueError, AttributeError):
         return None
+    finally:
+        os.close(directory)
     return TemplateFiles(ram_fd, state_memfd(state))
 
 
-def read_regular(path, most):
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+def read_regular(path, most, dir_fd=None):
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                 dir_fd=dir_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > most:
@@ -86,9 +92,9 @@ def state_memfd(state):
     return fd
 
 
-def copy_ram(path, size):
+def copy_ram(path, size, dir_fd=None):
     """A memfd of `size` bytes holding the template RAM's data; its holes stay holes."""
-    source = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    source = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         info = os.fstat(source)
         if not stat.S_ISREG(info.st_mode) or info.st_size != size:

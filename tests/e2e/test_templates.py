@@ -102,6 +102,17 @@ def test_restored_containers_share_no_random_state_boot_id_or_clock(busybox_imag
     assert boot_id_a != boot_id_b
 
 
+def test_debians_kernel_restores_from_a_template_of_its_own(busybox_image):
+    """Its template's initramfs is its own (its modules) then DKVM's: a restored VM
+    says so in its kernel log, where vmgenid's change reseeded the RNG."""
+    args = ["-e", "DKVM_KERNEL=debian", *HOSTNAME, busybox_image]
+    docker_run("dkvm", *args, "true")               # its template made, if it was not
+    script = "dmesg | grep -c 'virtual machine fork' >&2; " + SCRIPT
+    code, out, err = run_reporting_boot("dkvm", *args, script=script)[1]
+    assert (code, out, err) == (3, "hi\ntmpl-host\n", "1\nerr\n")
+    assert run_reporting_boot("runc", *HOSTNAME, busybox_image)[1] == EXPECTED
+
+
 def test_template_0_boots_cold_with_the_same_output(busybox_image):
     args = [*HOSTNAME, busybox_image]
     assert run_reporting_boot("dkvm", "-e", "DKVM_TEMPLATE=0", *args) == ("cold", EXPECTED)

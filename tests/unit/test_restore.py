@@ -128,3 +128,12 @@ def test_zero_pages_of_a_saved_ram_file_become_holes(tmp_path):
         assert os.pread(fd, 1, 4096 + 2 * MIB) == b"b"
     finally:
         os.close(fd)
+
+
+def test_a_template_directory_that_is_a_link_is_not_followed(tmp_path):
+    root = payload_with_template(tmp_path / "real")
+    (tmp_path / "linked" / paths.TEMPLATES_DIR).mkdir(parents=True)
+    os.symlink(os.path.join(root, paths.TEMPLATES_DIR, "t"),
+               tmp_path / "linked" / paths.TEMPLATES_DIR / "t")
+    open_template(plan(), 2, root=root).close()
+    assert open_template(plan(), 2, root=str(tmp_path / "linked")) is None
