@@ -21,6 +21,9 @@ IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
 # reseeds its RNG (no two restored VMs share random state).
 EVERY_VM_DEVICES = ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
                     "-device", "vmgenid,id=vmgenid0"]
+# A template's files, in its directory (host.templates makes them, container.restore
+# reads them): its manifest, its guest RAM, its devices' saved state
+MANIFEST, RAM, STATE = "template.json", "ram", "state"
 # The template's virtio-serial ports, by number; the control port is paths.PORT_CONTROL
 TEMPLATE_PORTS = ((1, "ctl", paths.PORT_CONTROL), (2, "out", paths.PORT_STDOUT),
                   (3, "err", paths.PORT_STDERR), (4, "in", paths.PORT_STDIN))

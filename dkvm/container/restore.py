@@ -16,17 +16,17 @@ import stat
 import time
 
 from dkvm import lightjson, paths
-from dkvm.boot.machine import IGNORE_SHARED, state_digest
+from dkvm.boot.machine import IGNORE_SHARED, MANIFEST, RAM, STATE, state_digest
 from dkvm.boot.qmp import TIMEOUT as QMP_TIMEOUT, Qmp
 from dkvm.boot.sparse import data_extents
 from dkvm.container.vmm import restore_devices
 from dkvm.errors import DkvmError
 
-MANIFEST, RAM, STATE = "template.json", "ram", "state"
 MOST_MANIFEST = 64 << 10
 MOST_STATE = 64 << 20        # a device state is about 400 KB
 COPY_CHUNK = 64 << 20
 RESUME_WAIT = 30             # s: QEMU loading the device state and running the VM
+QEMU_END_GRACE = 1           # s: a QEMU whose monitor broke off ending (killed, crashed)
 
 
 class TemplateFiles:
@@ -149,15 +149,17 @@ def resume(plan, template, vm):
     virtiofsd dying meanwhile."""
     try:
         qmp = Qmp(paths.QMP_SOCKET)
-    except DkvmError:
-        vm.check()                      # QEMU's own story first, if it ended
-        raise
-    try:
-        qmp.execute("migrate-set-capabilities", capabilities=IGNORE_SHARED)
-        qmp.execute("migrate-incoming", uri=f"fd:{template.state_fd}")
-        plug_devices(qmp, restore_devices(plan), vm.check)
-    finally:
-        qmp.close()
+        try:
+            qmp.execute("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+            qmp.execute("migrate-incoming", uri=f"fd:{template.state_fd}")
+            plug_devices(qmp, restore_devices(plan), vm.check)
+        finally:
+            qmp.close()
+    except (OSError, DkvmError) as err:  # QEMU's own story first, if it ended (killed)
+        vm.qemu_ends_within(QEMU_END_GRACE)
+        vm.check()
+        raise DkvmError("cannot restore the VM from its template: "
+                        f"{getattr(err, 'message', None) or err}") from None
 
 
 def plug_devices(qmp, devices, check):

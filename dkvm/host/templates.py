@@ -19,9 +19,9 @@ import stat
 import time
 
 from dkvm import lightjson, paths, wire
+from dkvm.boot.machine import MANIFEST, RAM, STATE
 from dkvm.errors import DkvmError
 
-MANIFEST, RAM, STATE = "template.json", "ram", "state"     # container.restore reads them
 MOST_TEMPLATES = 8          # per build; each is a sparse RAM file (~70 MiB of data) + ~400 KB
 MOST_MANIFEST = 64 << 10
 BOOT_WAIT = 40              # s: the template's VM booting to its plan request (TCG, loaded host)

@@ -6,10 +6,11 @@ on (in its private /run), and starts virtiofsd on the export and QEMU together, 
 the DKVM_DISKS files and, for the image's own kernel, that kernel and an initramfs
 made from its modules; or QEMU restores the VM from its template (restore), and the
 export, NICs and disks are hot-plugged once it runs. While the VM boots, it hands the
-interfaces' addresses and frames to the taps (and, from then on, follows `docker network connect`/`disconnect`
-with hot-plugged NICs) and completes the plan with what only the container can see.
-Then the supervisor serves the control channel (the guest asks it for the plan
-first) until the guest reports the workload's exit status, which becomes ours. A
+interfaces' addresses and frames to the taps (and, from then on, follows `docker
+network connect`/`disconnect` with hot-plugged NICs) and completes the plan with what
+only the container can see. Then the supervisor serves the control channel (the
+guest asks it for the plan first; a restored VM asked its template's maker, and is
+sent it) until the guest reports the workload's exit status, which becomes ours. A
 network namespace the engine keeps after the container gets its interfaces back.
 """
 import select
@@ -19,9 +20,8 @@ import time
 from dkvm import log, paths
 from dkvm.container.disks import open_disks
 from dkvm.container.net.follower import NetworkFollower
-from dkvm.container.net.plumbing import (give_back_interfaces, ipv6_sysctls,
-                                         take_over_interfaces)
-from dkvm.container.net.steps import interface_steps, sysctl_step
+from dkvm.container.net.handover import Handover
+from dkvm.container.net.plumbing import give_back_interfaces
 from dkvm.container.processes import VmProcesses, vm_vcpus
 from dkvm.container.restore import Resumption, open_template
 from dkvm.container.signal_inbox import SignalInbox
@@ -52,15 +52,17 @@ def main(argv):
         template = open_template(plan, vm_vcpus(plan))
         vm.start_virtiofsd(listen(paths.VIRTIOFS_SOCKET), plan)
         vm.start_qemu(plan, open_disks(plan.disks), open_boot_files(plan.boot), template)
+        handover = Handover(nics, taps, docker_dns=not plan.network_namespace_kept,
+                            monitor=follower.monitor)
         resuming = Resumption(plan, template, vm) if template else None
-        complete_plan(plan, take_over_interfaces(nics, taps,
-                                                 docker_dns=not plan.network_namespace_kept),
-                      get_size(0) if plan.process.terminal else [])
         control = accept_qemu(control_listener, vm)
         stdin_conn = accept_qemu(stdin_listener, vm) if stdin_listener else None
+        interfaces, network_setup, routes = handover.result()
+        complete_plan(plan, interfaces, network_setup,
+                      get_size(0) if plan.process.terminal else [])
         if resuming:
             resuming.finish()
-        follower.start(plan.interfaces, paths.QMP_SOCKET)
+        follower.start(plan.interfaces, paths.QMP_SOCKET, routes, taps)
         return Supervisor(control, exec_listener, follower.inbox, vm, signals, plan,
                           stdin_conn=stdin_conn, signal_listener=signal_listener,
                           restored=bool(template)).run()
@@ -70,13 +72,13 @@ def main(argv):
             give_back_interfaces(plan.interfaces, taps)
 
 
-def complete_plan(plan, interfaces, winsize):
+def complete_plan(plan, interfaces, network_setup, winsize):
     """The plan's fields only the container side can fill (schema: set_by entrypoint):
-    its interfaces and the guest's steps to rebuild them (after the IPv6 switches
-    Docker set in this namespace), the terminal's size, and our own resource limits
-    (the engine's: what runc's process would have had)."""
+    its interfaces and the guest's steps to rebuild them (net/handover), the terminal's
+    size, and our own resource limits (the engine's: what runc's process would have
+    had)."""
     plan.interfaces = interfaces
-    plan.network_setup = [sysctl_step(ipv6_sysctls())] + interface_steps(interfaces)
+    plan.network_setup = network_setup
     plan.winsize = winsize
     plan.default_rlimits = own_rlimits(plan.engine_nofile)
     return plan

@@ -276,3 +276,19 @@ def test_a_new_nic_not_yet_running_is_polled_for_not_waited_on(monkeypatch):
     running.add("eth1")
     assert pending.apply_ready() == []
     assert written == [{"a": "1"}, {"b": "2"}] and not pending.waiting
+
+
+def link_message(kind, index):
+    from dkvm.container.net.follower import IFI_INDEX, NLMSGHDR
+    body = bytes(4) + IFI_INDEX.pack(index) + bytes(8)
+    return NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, 0, 0, 0) + body
+
+
+def test_our_taps_changing_need_no_look_anything_else_does():
+    from dkvm.container.net.follower import RTM_DELLINK, RTM_NEWLINK, only_about
+    taps = {7, 8}
+    assert only_about(link_message(RTM_NEWLINK, 7) + link_message(RTM_NEWLINK, 8), taps)
+    assert only_about(link_message(RTM_DELLINK, 7), taps)
+    assert not only_about(link_message(RTM_NEWLINK, 3), taps)       # Docker's veth
+    assert not only_about(link_message(RTM_NEWLINK, 7) + link_message(20, 7), taps)  # an address
+    assert not only_about(b"", taps)                                 # lost events: look

@@ -137,3 +137,37 @@ def test_a_template_directory_that_is_a_link_is_not_followed(tmp_path):
                tmp_path / "linked" / paths.TEMPLATES_DIR / "t")
     open_template(plan(), 2, root=root).close()
     assert open_template(plan(), 2, root=str(tmp_path / "linked")) is None
+
+
+class EndedVm:
+    """A VM whose QEMU died (killed as it restored): check() tells its story."""
+
+    def __init__(self):
+        self.waited = 0
+
+    def qemu_ends_within(self, timeout):
+        self.waited = timeout
+        return True
+
+    def check(self):
+        raise DkvmError("QEMU exited unexpectedly (QEMU killed by signal 9)")
+
+
+def test_a_qemu_killed_while_it_restores_is_its_own_one_line(monkeypatch):
+    def broken(path):
+        raise ConnectionResetError(104, "Connection reset by peer")
+    monkeypatch.setattr(restore, "Qmp", broken)
+    vm = EndedVm()
+    with pytest.raises(DkvmError, match="QEMU killed by signal 9"):
+        restore.resume(plan(), None, vm)
+    assert vm.waited > 0
+
+
+def test_a_monitor_that_breaks_off_while_qemu_runs_is_one_line(monkeypatch):
+    def broken(path):
+        raise ConnectionResetError(104, "Connection reset by peer")
+    monkeypatch.setattr(restore, "Qmp", broken)
+    running = EndedVm()
+    running.check = lambda: None
+    with pytest.raises(DkvmError, match="cannot restore the VM from its template: .*reset"):
+        restore.resume(plan(), None, running)

@@ -11,6 +11,7 @@ virtiofs, like any file changed from outside: virtiofsd_argv.)
 """
 import select
 import socket
+import struct
 import threading
 
 from dkvm import wire
@@ -27,6 +28,23 @@ UNPLUG_WAIT = 15        # the guest acknowledging a NIC's removal (ACPI eject)
 # rtnetlink multicast groups: links, IPv4 and IPv6 addresses and routes
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+NLMSGHDR = struct.Struct("IHHII")       # length, type, flags, sequence, port
+IFI_INDEX = struct.Struct("i")          # in an ifinfomsg, after family, pad and type
+
+
+def only_about(datagram, indexes):
+    """Whether a netlink datagram holds link messages of `indexes` alone: our taps going
+    up and down as QEMU opens them and the guest runs, which need no look (and no
+    pyroute2 loaded for one)."""
+    offset = 0
+    while offset + NLMSGHDR.size + 8 <= len(datagram):
+        length, kind, _, _, _ = NLMSGHDR.unpack_from(datagram, offset)
+        if kind not in (RTM_NEWLINK, RTM_DELLINK) or length < NLMSGHDR.size + 8 or \
+                IFI_INDEX.unpack_from(datagram, offset + NLMSGHDR.size + 4)[0] not in indexes:
+            return False
+        offset += (length + 3) & ~3
+    return offset > 0
 
 
 def route_changes(before, after):
@@ -47,17 +65,19 @@ class NetworkFollower:
         self.refused = set()            # ifindexes that could not be plugged: not retried,
                                         # or each failure's clean-up would trigger the next
         self.routes = []
+        self.taps = set()               # our taps' ifindexes: their own changes need no look
         self.sysctl = ipv6_sysctls()
         self.next_number = 0
         self.qmp_path, self.qmp = None, None
 
-    def start(self, interfaces, qmp_path):
-        """Follow from the boot-time interfaces (tapped in this order) on."""
+    def start(self, interfaces, qmp_path, routes, taps=()):
+        """Follow from the boot-time interfaces (tapped in this order: `taps`, their
+        taps' ifindexes) and Docker's routes through them (net/handover) on."""
         self.nics = {iface.index: number for number, iface in enumerate(interfaces)}
+        self.taps = set(taps)
         self.next_number = len(interfaces)
         self.qmp_path = qmp_path
-        with open_iproute() as ip:
-            self.routes = self.current_routes(ip)
+        self.routes = list(routes)
         threading.Thread(target=self.run, name="network-follower", daemon=True).start()
 
     def run(self):
@@ -66,10 +86,10 @@ class NetworkFollower:
             ready, _, _ = select.select([self.monitor], [], [], SETTLE if dirty else None)
             if ready:
                 try:
-                    self.monitor.recv(1 << 16)
+                    datagram = self.monitor.recv(1 << 16)
                 except OSError:         # ENOBUFS: events were lost; a full look follows
-                    pass
-                dirty = True
+                    datagram = b""
+                dirty = dirty or not only_about(datagram, self.taps)
                 continue
             dirty = False
             try:
@@ -121,6 +141,7 @@ class NetworkFollower:
         iface = describe(ip, link)
         iface.routes = []               # they come with the route changes
         tap_index = create_tap(tap_name(number), iface.mtu)
+        self.taps.add(tap_index)
         try:
             netdev, device = nic_options(number, iface.mac)
             self.monitor_qmp().execute("netdev_add", **netdev)
