@@ -21,7 +21,7 @@ from dkvm import log, paths
 from dkvm.container.disks import open_disks
 from dkvm.container.net.follower import NetworkFollower
 from dkvm.container.net.handover import Handover
-from dkvm.container.net.plumbing import give_back_interfaces
+from dkvm.container.net.plumbing import give_back_interfaces, ready_to_give_back
 from dkvm.container.processes import VmProcesses, vm_vcpus
 from dkvm.container.restore import Resumption, open_template
 from dkvm.container.signal_inbox import SignalInbox
@@ -63,6 +63,8 @@ def main(argv):
         if resuming:
             resuming.finish()
         follower.start(plan.interfaces, paths.QMP_SOCKET, routes, taps)
+        if plan.network_namespace_kept:
+            ready_to_give_back()
         return Supervisor(control, exec_listener, follower.inbox, vm, signals, plan,
                           stdin_conn=stdin_conn, signal_listener=signal_listener,
                           restored=bool(template)).run()

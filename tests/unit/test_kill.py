@@ -103,3 +103,19 @@ def test_a_container_whose_pid_changed_meanwhile_is_left_to_runc(monkeypatch):
 def test_the_kill_command_line(args, target):
     call = parse(["--root", "/r", "kill", *args])
     assert (kill.kill_signal(call), call.container_id) == target
+
+
+def test_a_container_that_stopped_with_its_workload_needs_no_runc_kill(monkeypatch):
+    """The guest's SIGKILL ended the workload, the entrypoint with it: runc would only
+    fail (no running container) where the signal was delivered."""
+    states = {"state": "stopped"}
+
+    def container_pid(runc, call, statuses=("running",)):
+        return 42 if states["state"] in statuses else 0
+    monkeypatch.setattr(kill, "container_pid", container_pid)
+    call = parse(["kill", "c1", "KILL"])
+    assert kill.still_to_kill(call, "runc", 42) is False
+    states["state"] = "running"
+    assert kill.still_to_kill(call, "runc", 42) is True
+    states["state"] = "stopped"
+    assert kill.still_to_kill(parse(["kill", "--all", "c1", "KILL"]), "runc", 42) is True
