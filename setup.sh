@@ -9,7 +9,8 @@ cd "$(dirname "$0")"
 APT_PACKAGES=(docker.io runc containerd qemu-system-x86 qemu-system-common seabios
               busybox-static debootstrap python3 python3-venv python3-pip gcc libc6-dev
               ca-certificates procps podman
-              golang-go make)     # the last two build the OCI validation suite the tests run
+              golang-go make      # these two build the OCI validation suite the tests run
+              containernetworking-plugins)   # CNI (bridge, portmap) for the CRI tests' pods
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -57,20 +57,22 @@ class VmProcesses:
         """QEMU gets the container's stdio as extra fds for the stdio ports, the
         disks' open files and the files it boots that are not the payload's (named in
         the plan's boot descriptor), or, restoring from a template
-        (restore.TemplateFiles), the VM's RAM and the template's state; its own fd 2
+        (restore.TemplateFiles), the VM's RAM and the template's state (kept open: the
+        RAM is filled while QEMU starts, restore.Resumption); its own fd 2
         goes to a log so that its warnings never mix with the workload's output."""
         out_fd, err_fd = dup_or_null(1), dup_or_null(2)
         vcpus = vm_vcpus(plan)
         if template:                    # the payload's kernel: no boot files
             argv = restore_argv(plan, vcpus, out_fd, err_fd, template.ram_fd, disk_fds)
-            boot_fds = template.fds()
+            boot_fds = ()
         else:
             argv = qemu_argv(plan, vcpus, out_fd, err_fd, disk_fds)
         inherited = [fd for pair in disk_fds for fd in pair] + list(boot_fds)
         log = open(paths.QEMU_LOG, "wb")
         stdio = {} if plan.process.terminal else {"stdin": subprocess.DEVNULL, "stdout": log}
         proc = subprocess.Popen(argv, env=dict(os.environ, **qemu_env()), stderr=log,
-                                pass_fds=(out_fd, err_fd, *inherited),
+                                pass_fds=(out_fd, err_fd, *inherited,
+                                          *(template.fds() if template else ())),
                                 preexec_fn=start_qemu_child,
                                 **stdio)
         for fd in (out_fd, err_fd, *inherited):

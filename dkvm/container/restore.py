@@ -30,16 +30,21 @@ QEMU_END_GRACE = 1           # s: a QEMU whose monitor broke off ending (killed,
 
 
 class TemplateFiles:
-    """The open files of one template: `ram_fd` (this VM's own copy) and `state_fd`."""
+    """The open files of one template: `ram_fd` (this VM's own memory, which QEMU maps
+    as it starts), `state_fd`, and the template's RAM file, copied into `ram_fd` by
+    fill_ram while QEMU starts (its RAM is read only when the state is loaded)."""
 
-    def __init__(self, ram_fd, state_fd):
-        self.ram_fd, self.state_fd = ram_fd, state_fd
+    def __init__(self, ram_fd, state_fd, ram_source):
+        self.ram_fd, self.state_fd, self.ram_source = ram_fd, state_fd, ram_source
 
     def fds(self):
         return self.ram_fd, self.state_fd
 
+    def fill_ram(self):
+        copy_data(self.ram_source, self.ram_fd, os.fstat(self.ram_fd).st_size)
+
     def close(self):
-        for fd in self.fds():
+        for fd in (self.ram_fd, self.state_fd, self.ram_source):
             os.close(fd)
 
 
@@ -62,12 +67,12 @@ def open_template(plan, vcpus, root=paths.PAYLOAD_MOUNT):
         state = read_regular(STATE, MOST_STATE, directory)
         if state_digest(state) != manifest.get("state_sha256"):
             return None
-        ram_fd = copy_ram(RAM, plan.memory_mib << 20, directory)
+        ram_source = open_ram(RAM, plan.memory_mib << 20, directory)
     except (OSError, ValueError, AttributeError):
         return None
     finally:
         os.close(directory)
-    return TemplateFiles(ram_fd, state_memfd(state))
+    return TemplateFiles(sized_memfd(plan.memory_mib << 20), state_memfd(state), ram_source)
 
 
 def read_regular(path, most, dir_fd=None):
@@ -92,34 +97,37 @@ def state_memfd(state):
     return fd
 
 
-def copy_ram(path, size, dir_fd=None):
-    """A memfd of `size` bytes holding the template RAM's data; its holes stay holes."""
+def open_ram(path, size, dir_fd=None):
+    """The template's RAM file, if it is a regular file of the VM's RAM size."""
     source = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        info = os.fstat(source)
-        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
-            raise ValueError(f"{path}: not a regular file of {size} bytes")
-        target = os.memfd_create("dkvm-guest-ram", 0)
-        try:
-            os.ftruncate(target, size)
-            for start, end in data_extents(source, size):
-                os.lseek(target, start, os.SEEK_SET)
-                while start < end:
-                    sent = os.sendfile(target, source, start, min(end - start, COPY_CHUNK))
-                    if sent == 0:
-                        raise ValueError(f"{path}: shorter than it said")
-                    start += sent
-        except BaseException:
-            os.close(target)
-            raise
-        return target
-    finally:
+    info = os.fstat(source)
+    if not stat.S_ISREG(info.st_mode) or info.st_size != size:
         os.close(source)
+        raise ValueError(f"{path}: not a regular file of {size} bytes")
+    return source
+
+
+def sized_memfd(size):
+    fd = os.memfd_create("dkvm-guest-ram", 0)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def copy_data(source, target, size):
+    """The data of `source` into `target` at the same offsets: its holes stay holes."""
+    for start, end in data_extents(source, size):
+        os.lseek(target, start, os.SEEK_SET)
+        while start < end:
+            sent = os.sendfile(target, source, start, min(end - start, COPY_CHUNK))
+            if sent == 0:
+                raise DkvmError("the template's RAM file is shorter than it was")
+            start += sent
 
 
 class Resumption:
-    """resume() in a thread, while the entrypoint takes over the interfaces (a tenth
-    of a second under load): the guest probes its hot-plugged devices meanwhile."""
+    """The template's RAM copied and resume() run in a thread, while QEMU starts and
+    the entrypoint takes over the interfaces (a tenth of a second under load): the
+    guest probes its hot-plugged devices meanwhile."""
 
     def __init__(self, plan, template, vm):
         import threading
@@ -130,9 +138,12 @@ class Resumption:
 
     def run(self, plan, template, vm):
         try:
+            template.fill_ram()
             resume(plan, template, vm)
         except BaseException as err:    # the entrypoint's to report: finish()
             self.error = err
+        finally:
+            template.close()
 
     def finish(self):
         self.thread.join(RESUME_WAIT + QMP_TIMEOUT)

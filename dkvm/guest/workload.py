@@ -11,6 +11,7 @@ from dkvm.guest.process import become_and_exec
 
 SETUP_FAILED = 125          # the VM could not give the workload its container
 SETUP_WAIT = 60             # the workload's namespaces and mounts being made
+GO = b"g"
 
 
 def open_console(winsize):
@@ -30,20 +31,22 @@ def spawn(plan, stdio, disks=None):
     stays reachable) with a container's filesystems mounted in it. With a terminal,
     the console is its controlling terminal and stdio; `disks`: DKVM_DISKS' device
     nodes by serial (world.attach_disks), mounted in its root. (After this, init may not
-    start threads: the kernel refuses them once it has unshared its PID namespace.)
-    Returns once the workload has exec'd (or failed): an exec joins its namespaces,
-    which must hold its world by then."""
+    start threads or other processes: the kernel refuses threads once it has unshared
+    its PID namespace, and a child would be the workload's.)
+    The child builds its world at once, while init names the VM and brings its network
+    up (each on a vCPU of its own), then waits: as under runc, the workload runs only
+    once the container's network is up (StartingWorkload.start)."""
     syscalls.unshare(syscalls.CLONE_NEWPID)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
     user_ns = UserNamespaceHandshake(plan) if plan.uid_mappings else None
     pid = os.fork()
     if pid:
         os.close(ready_w)
-        if user_ns:
-            user_ns.write_mappings(pid, ready_r)
-        wait_for_exec(ready_r)
-        return pid
+        os.close(go_r)
+        return StartingWorkload(pid, ready_r, go_w, user_ns)
     os.close(ready_r)
+    os.close(go_w)
     try:
         if plan.process.terminal:
             tty = os.open(world.CONSOLE, os.O_RDWR)
@@ -72,8 +75,31 @@ def spawn(plan, stdio, disks=None):
                      f"dkvm: cannot set up the container in the VM: {err}\n".encode())
         finally:
             os._exit(SETUP_FAILED)
+    if os.read(go_r, 1) != GO:          # init failed meanwhile: it reports why
+        os._exit(SETUP_FAILED)
     plan.process.rlimits = plan.default_rlimits + plan.process.rlimits
     become_and_exec(stdio, plan.process, enter_user_namespace=user_ns and user_ns.enter)
+
+
+class StartingWorkload:
+    """The workload's child, its world built or being built, waiting to exec."""
+
+    def __init__(self, pid, ready_r, go_w, user_ns):
+        self.pid, self.ready_r, self.go_w, self.user_ns = pid, ready_r, go_w, user_ns
+
+    def start(self):
+        """Returns the workload's pid once it has exec'd (or failed: its exit status
+        tells): an exec joins its namespaces, which must hold its world by then."""
+        try:
+            os.write(self.go_w, GO)
+        except BrokenPipeError:         # its setup failed: it said so and exited
+            pass
+        finally:
+            os.close(self.go_w)
+        if self.user_ns:
+            self.user_ns.write_mappings(self.pid, self.ready_r)
+        wait_for_exec(self.ready_r)
+        return self.pid
 
 
 class UserNamespaceHandshake:

@@ -45,6 +45,8 @@ def main(argv):
     plan.interfaces = nics              # their MACs, for QEMU's NICs
     vm = VmProcesses()
     try:
+        handover = Handover(nics, taps, docker_dns=not plan.network_namespace_kept,
+                            monitor=follower.monitor)   # first: the longest to take
         control_listener = listen(paths.CONTROL_SOCKET)
         exec_listener = listen(paths.EXEC_SOCKET, backlog=64)
         signal_listener = listen(paths.SIGNAL_SOCKET, backlog=8)
@@ -52,8 +54,6 @@ def main(argv):
         template = open_template(plan, vm_vcpus(plan))
         vm.start_virtiofsd(listen(paths.VIRTIOFS_SOCKET), plan)
         vm.start_qemu(plan, open_disks(plan.disks), open_boot_files(plan.boot), template)
-        handover = Handover(nics, taps, docker_dns=not plan.network_namespace_kept,
-                            monitor=follower.monitor)
         resuming = Resumption(plan, template, vm) if template else None
         control = accept_qemu(control_listener, vm)
         stdin_conn = accept_qemu(stdin_listener, vm) if stdin_listener else None

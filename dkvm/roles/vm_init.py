@@ -38,12 +38,11 @@ def main(argv):
         if not plan.process.terminal:
             ports = world.find_ports(wanted=(paths.PORT_CONTROL, paths.PORT_STDIN,
                                              paths.PORT_STDOUT, paths.PORT_STDERR))
-        network_left = world.apply_identity(plan)
         world.serve_module_requests(plan)
         world.make_workload_cgroup(plan)
-        disks = world.attach_disks(plan)
-        world.finish_network(network_left)
-        status = run_workload(plan, ports, control, decoder, disks)
+        console, starting = build_workload(plan, ports, world.attach_disks(plan))
+        world.finish_network(world.apply_identity(plan))
+        status = run_workload(plan, control, decoder, console, starting)
     except Exception as err:  # PID 1 must never die with a traceback: report and stop
         message = getattr(err, "message", None) or repr(err)   # a DkvmError's, or a bug's
         log.warn(message)
@@ -54,17 +53,24 @@ def main(argv):
     finish(control, status)
 
 
-def run_workload(plan, ports, control, decoder, disks):
-    """Start the workload, say hello (the container side holds stdin and execs back
-    until then: this guest kernel drops what arrives on a port nobody has open), then
-    serve the control channel until the workload exits; its exit status."""
+def build_workload(plan, ports, disks):
+    """The workload's child, building its world meanwhile (workload.spawn), and the
+    console when it has a terminal."""
     if plan.process.terminal:
         console, stdio = workload.open_console(plan.winsize), None
     else:
         console, stdio = None, world.open_stdio_ports(ports)
-    pid = workload.spawn(plan, stdio, disks)
+    starting = workload.spawn(plan, stdio, disks)
     for fd in stdio or ():
         os.close(fd)
+    return console, starting
+
+
+def run_workload(plan, control, decoder, console, starting):
+    """Start the workload, say hello (the container side holds stdin and execs back
+    until then: this guest kernel drops what arrives on a port nobody has open), then
+    serve the control channel until the workload exits; its exit status."""
+    pid = starting.start()
     forwarder = None
     if plan.interfaces and dns.uses_embedded_dns(paths.SHARED_ROOTFS + "/etc/resolv.conf"):
         forwarder = dns.GuestForwarder(plan.dns_upstream)

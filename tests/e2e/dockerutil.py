@@ -124,7 +124,9 @@ def http_get(ip, timeout, port=8080):
                 data = b""
                 while chunk := conn.recv(4096):
                     data += chunk
-                return data.decode().rsplit("\n", 2)[-2]
+            if not data:    # docker-proxy took the connection before the server listened
+                return ConnectionResetError("an empty reply")
+            return data.decode().rsplit("\n", 2)[-2]
         except OSError as err:
             return err
     page = poll(fetch, lambda value: not isinstance(value, OSError), timeout, interval=0.5)

@@ -1,10 +1,11 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from harness import guest, mux  # noqa: F401 (fixtures, shared by the control channel's tests)
-from unitutil import FIXTURE_NAMES, KERNELS, Exec, load_config
+from unitutil import FIXTURE_NAMES, KERNELS, Exec, hostile_tree, load_config
 
 
 @pytest.fixture(params=FIXTURE_NAMES)
@@ -63,3 +64,14 @@ def fake_host(monkeypatch):
     monkeypatch.setattr(runtime.os, "execv", execv)
     monkeypatch.setattr(runtime, "run_runc", run_runc)
     return calls
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """An image tree of nodes that must never be opened (unitutil.hostile_tree), with a
+    reader on its FIFO: (root, the nodes)."""
+    root = tmp_path / "image"
+    nodes = hostile_tree(root)
+    reader = os.open(root / "vmlinuz", os.O_RDONLY | os.O_NONBLOCK)
+    yield root, nodes
+    os.close(reader)

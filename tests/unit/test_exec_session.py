@@ -3,6 +3,7 @@ over a socketpair: flow control, stdout and stderr apart, the exit status after 
 last byte, stdin and its EOF, terminals, CLOSE."""
 import hashlib
 import os
+import select
 import signal
 
 import pytest
@@ -50,13 +51,17 @@ def test_an_output_ready_when_the_window_is_spent_stays_open(guest):
     """Both outputs poll readable, reading the first spends the window: the second
     must wait for a grant, not read 0 bytes, take that for its end and close (the
     process would die of EPIPE on its next write)."""
-    g = guest(py("import sys, time; sys.stdout.write('o'); sys.stderr.write('e'); "
-                 "sys.stdout.flush(); sys.stderr.flush(); time.sleep(0.5)"))
+    g = guest(py("import sys; sys.stdout.write('o'); sys.stderr.write('e'); "
+                 "sys.stdout.flush(); sys.stderr.flush(); sys.stdin.read()"))  # alive till EOF
+    fds = set(g.session.outputs)
+    wait_until(lambda: set(select.select(list(fds), [], [], 0)[0]) == fds,
+               "both outputs to be readable", timeout=WAIT, interval=0.01)
     g.session.credit = 0
     for fd in list(g.session.outputs):
         assert g.session.read_output(fd) is False
     assert sorted(g.session.outputs.values()) == sorted([STDOUT, STDERR])
     g.session.credit = STREAM_WINDOW
+    g.send(STDIN, b"")
     assert g.finish() == 0
     assert (g.payload(STDOUT), g.payload(STDERR)) == (b"o", b"e")
 
@@ -105,11 +110,24 @@ class FakeRelayStdin:
             self.eof_sent = True
 
 
-def test_stdin_reaches_the_process_within_the_window_and_eof_ends_it(guest):
+def held_until(go):
+    """A shell line that holds the process until the test creates the file `go`: a
+    handshake where a sleep would race the test."""
+    return f'while [ ! -e "{go}" ]; do sleep 0.01; done'
+
+
+def test_stdin_reaches_the_process_within_the_window_and_eof_ends_it(guest, tmp_path):
     data = os.urandom(4 * STREAM_WINDOW + 777)
-    g = guest(["sh", "-c", "sleep 0.1; sha256sum"])     # starts late: the pipe fills
+    go = tmp_path / "go"
+    g = guest(["sh", "-c", f"{held_until(go)}; sha256sum"])     # reads late: the pipe fills
+
     relay = FakeRelayStdin(g, data)
-    g.run_until(lambda: g.ended() and g.exits(), auto_ack=True, each=relay)
+
+    def relay_then_read():
+        relay()
+        if relay.stalled:                   # the window is spent: now the process reads
+            go.touch()
+    g.run_until(lambda: g.ended() and g.exits(), auto_ack=True, each=relay_then_read)
     assert g.exits() == [0]
     assert g.payload(STDOUT) == hashlib.sha256(data).hexdigest().encode() + b"  -\n"
     assert relay.eof_sent and relay.stalled
@@ -157,14 +175,16 @@ def test_terminal_eof_is_ctrl_d(guest):
     assert g.payload(STDOUT).count(b"abc") == 2     # the echo and cat's copy
 
 
-def test_terminal_closed_by_a_live_process_does_not_hang_it_up(guest):
+def test_terminal_closed_by_a_live_process_does_not_hang_it_up(guest, tmp_path):
     """A process may close its terminal and go on (GNU cat closes all of its stdio
     before it exits): the session must not hang it up (SIGHUP, 129) meanwhile."""
-    g = guest(["sh", "-c", "echo bye; exec </dev/null >/dev/null 2>&1; sleep 0.3; exit 3"],
-              terminal=True)
+    go = tmp_path / "go"
+    g = guest(["sh", "-c", f"echo bye; exec </dev/null >/dev/null 2>&1; {held_until(go)}; "
+                           "exit 3"], terminal=True)
     g.run_until(lambda: g.session.hung_up)
     g.idle(0.1)                     # and no busy loop on the dead master meanwhile
     assert not g.exited
+    go.touch()
     assert g.finish() == 3
     assert g.payload(STDOUT) == b"bye\r\n"
 

@@ -1,4 +1,6 @@
-"""Random and malformed frames, in bounded time, at the decoder, the container side's
+"""An integration test of every reader of the control channel (wire, the supervisor,
+the guest's loop) under the same fuzzed input, so that the three hold one rule.
+Random and malformed frames, in bounded time, at the decoder, the container side's
 supervisor and the guest's loop: nothing escapes but the documented error. The
 supervisor either goes on or ends the container with one line (GuestMisbehaved, a
 DkvmError); the guest's loop logs and goes on; the decoder raises ProtocolError and

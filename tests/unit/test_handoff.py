@@ -1,4 +1,6 @@
-"""The plan and each exec's request reach the container side whole, however big the
+"""An integration test of handoff.py with its two ends (host/rewrite writing an exec's
+request, roles/exec_relay reading it), since the bounds only hold end to end.
+The plan and each exec's request reach the container side whole, however big the
 workload's environment (an environment string stops at 128 KiB): the plan as a file
 in the container's root, an exec's request as a descriptor runc preserves. Neither is
 read through a link, from something that is not a regular file, or past its bound."""

@@ -7,12 +7,10 @@ import os
 
 import pytest
 
-from unitutil import load_config, parse_newc, rewrite, with_env
-from dkvm.container.vmm import kernel_append
+from unitutil import OpenWatch, load_config, parse_newc, rewrite, with_env
 from dkvm.errors import DkvmError
 from dkvm.boot.image_kernel import (boot_initramfs, bzimage_release, find_kernel, kernels_in,
                                     module_bytes, modules_dir, open_kernel)
-from dkvm.schema import Plan
 
 
 def bzimage(release, size=4096):
@@ -272,27 +270,11 @@ def test_create_records_the_images_kernel(image, monkeypatch):
     assert plan.boot.release == "6.1.0-10-amd64"
 
 
-def test_a_kernel_without_initramfs_boots_the_export_with_dkvms_init_from_the_payload():
-    plan = Plan()
-    plan.boot.kernel = "/.dkvm/kernels/dkvm/vmlinux"
-    plan.options.kernel_append = "mitigations=off"
-    append = kernel_append(plan).split()
-    assert {"root=root", "rootfstype=virtiofs", "rw",
-            "init=/dkvm/lib/ld-linux-x86-64.so.2"} <= set(append)
-    # the init's arguments come last, after the user's, where the kernel passes them on
-    assert append[append.index("mitigations=off"):] == [
-        "mitigations=off", "--", "--library-path", "/dkvm/lib", "/dkvm/python/bin/python3",
-        "-I", "-S", "/dkvm/entry/dkvm-vm-init", "--enter-own-root"]
-    plan.boot.initrd = "/.dkvm/kernels/debian/initrd.img"
-    assert not [arg for arg in kernel_append(plan).split() if arg.startswith(("root=", "init="))]
-
-
-def test_the_default_kernel_is_dkvms_and_an_unknown_one_names_every_choice():
-    _, plan = rewrite(load_config("plain"))
-    assert (plan.options.kernel, plan.boot.name) == ("dkvm", "dkvm")
-    assert plan.boot.initrd == ""
-    with pytest.raises(DkvmError) as info:
-        rewrite(with_env(load_config("plain"), "DKVM_KERNEL=fedora"))
-    assert "dkvm or dkvm/6.1.192-dkvm, debian or debian/6.1.0-28-amd64" in str(info.value) \
-        or "debian or debian/6.1.0-28-amd64, dkvm or dkvm/6.1.192-dkvm" in str(info.value)
-    assert "image (the image's own)" in str(info.value)
+def test_the_image_kernel_search_opens_no_fifo_device_or_file_outside(hostile):
+    root, nodes = hostile
+    with OpenWatch(*nodes) as watch:
+        with pytest.raises(DkvmError, match="the image has no kernel"):
+            find_kernel(str(root))
+        with pytest.raises(DkvmError, match="cannot open the image's /vmlinuz: not a regular"):
+            open_kernel(str(root), "/vmlinuz", "6.1.0")
+        assert not watch.opened()

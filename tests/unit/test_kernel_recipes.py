@@ -1,5 +1,6 @@
-"""kernels/: the recipes build.py reads, the fragment check, and the ELF taken out of
-Debian's bzImage."""
+"""kernels/make.py: the recipes build.py reads, the fragment check, the ELF taken out of
+Debian's bzImage, and modules.devname moved aside (read back with the guest's reader,
+guest/world.static_nodes, as the contract between the build and the guest's init)."""
 import lzma
 
 import pytest
@@ -84,10 +85,3 @@ def test_the_payloads_module_trees_have_no_modules_devname(tmp_path):
     assert static_nodes(str(modules))[1] == "tun net/tun c10:200"
     rename_static_nodes(modules)                # a tree without one is left as it is
     assert (modules / STATIC_NODES).read_text() == DEVNAME
-
-
-def test_an_image_kernels_own_modules_devname_is_read_as_it_is(tmp_path):
-    from dkvm.guest.world import static_nodes
-    (tmp_path / "modules.devname").write_text(DEVNAME)
-    assert static_nodes(str(tmp_path)) == DEVNAME.splitlines()
-    assert static_nodes(str(tmp_path / "none")) == []

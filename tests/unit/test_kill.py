@@ -2,14 +2,20 @@
 signal socket in a /run the container side can write, so it follows no link there,
 connects only to a socket, and only to the one the entrypoint itself listens on."""
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
 from unitutil import OpenWatch
 from dkvm.host import kill
 from dkvm.host.runc_cli import parse
-from dkvm.kernel_names import SIGKILL, SIGSTOP
+from dkvm.kernel_names import SIGKILL, SIGSTOP, handles_signal
+from waiting import wait_until
 
 
 @pytest.fixture
@@ -119,3 +125,58 @@ def test_a_container_that_stopped_with_its_workload_needs_no_runc_kill(monkeypat
     assert kill.still_to_kill(call, "runc", 42) is True
     states["state"] = "stopped"
     assert kill.still_to_kill(parse(["kill", "--all", "c1", "KILL"]), "runc", 42) is True
+
+
+# --- a signal sent while the VM boots: the runtime waits until the entrypoint blocks it
+
+# a stand-in entrypoint (its command line ends as DKVM's does) that blocks SIGTERM only
+# when told to, on its stdin
+BLOCKS_WHEN_TOLD = ("import signal, sys; sys.stdin.readline(); "
+                    "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM]); "
+                    "print('blocked', flush=True); sys.stdin.readline()")
+
+
+def test_the_runtime_waits_until_dkvms_entrypoint_blocks_the_signal(monkeypatch):
+    looks = []
+    monkeypatch.setattr(kill, "handles_signal",
+                        lambda status, signum: looks.append(signum) or handles_signal(status,
+                                                                                      signum))
+    child = subprocess.Popen([sys.executable, "-c", BLOCKS_WHEN_TOLD,
+                              "/.dkvm/entry/dkvm-ctr-entrypoint"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    returned = []
+    waiter = threading.Thread(target=lambda: returned.append(
+        kill.wait_until_blocked(child.pid, signal.SIGTERM, timeout=10)), daemon=True)
+    try:
+        wait_until(lambda: b"dkvm-ctr-entrypoint" in open(f"/proc/{child.pid}/cmdline",
+                                                            "rb").read(),
+                   "the stand-in to start", timeout=10, interval=0.005)
+        waiter.start()
+        wait_until(lambda: len(looks) >= 3, "the runtime to look at it", timeout=10,
+                   interval=0.005)
+        assert waiter.is_alive() and not returned          # not blocked yet: still waiting
+        started = time.monotonic()
+        child.stdin.write("block\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "blocked\n"
+        waiter.join(timeout=10)
+        assert not waiter.is_alive() and returned == [None]
+        assert time.monotonic() - started < 5              # on the block, not the timeout
+        with open(f"/proc/{child.pid}/status", "rb") as f:
+            assert handles_signal(f.read(), signal.SIGTERM)
+    finally:
+        child.kill()
+        child.wait()
+        if waiter.ident:
+            waiter.join(timeout=10)
+
+
+def test_the_runtime_does_not_wait_for_a_process_not_dkvms():
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        started = time.monotonic()
+        kill.wait_until_blocked(child.pid, signal.SIGTERM, timeout=5)
+        assert time.monotonic() - started < 0.5
+    finally:
+        child.kill()
+        child.wait()

@@ -3,7 +3,8 @@ apart holds: host code (dkvm/host) runs on the host, container code (dkvm/contai
 in the container on the host's kernel, guest code (dkvm/guest) in the VM; each
 imports only its own side and the shared modules at dkvm's top, which import only
 each other; host and container code may also import dkvm/boot (the image's kernel,
-initramfs, files in the image's tree), which the guest never does. The five roles are thin mains, each on one side."""
+initramfs, files in the image's tree), which the guest never does. The five roles are
+thin mains, each on one side. And the README's flag table names only tests that exist."""
 import ast
 import subprocess
 import sys
@@ -156,3 +157,17 @@ def test_no_test_imports_another():
             found += [f"{path.relative_to(REPO)} imports {name}" for name in names
                       if name.split(".")[-1].startswith("test_")]
     assert found == []
+
+
+def test_every_test_the_readmes_flag_table_names_exists():
+    """The flag table says how each row is tested: each test it names is real."""
+    import re
+    repo = REPO
+    table = (repo / "README.md").read_text().split("## docker run flags and signals", 1)[1]
+    table = table.split("\n## ", 1)[0]
+    named = set(re.findall(r"`(?:[\w.]+::)?(test_\w+)`", table))
+    defined = set()
+    for path in (repo / "tests").rglob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+    assert len(named) >= 12
+    assert named <= defined, sorted(named - defined)

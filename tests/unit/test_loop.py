@@ -1,15 +1,21 @@
 """guest.loop.GuestLoop's own frames: signals and resizes for the workload, bad frames
-logged and survived, an exec that cannot start, RELEASE."""
+logged and survived, an exec that cannot start, RELEASE; a signal sent while the VM
+boots held until the new workload has set up its handler (or the grace is over)."""
 import os
 import select
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from harness import CHANNEL, WAIT, GuestHarness
 from dkvm import wire
+from dkvm.guest.loop import EarlySignals
 from dkvm.schema import ExecStart, Process
 from dkvm.wire import EXEC_START, RESIZE, SIGNAL, STDERR, STDIN, STDOUT, WINDOW, Frame
+from waiting import wait_until
 
 
 def control_frames(harness, ftype, **kw):
@@ -17,7 +23,8 @@ def control_frames(harness, ftype, **kw):
 
 
 def test_a_signal_frame_reaches_the_workload_and_its_exit_ends_the_loop():
-    harness = GuestHarness(["sh", "-c", 'trap "exit 3" USR1; echo up; while :; do sleep 0.05; done'])
+    harness = GuestHarness(["sh", "-c",
+                            'trap "exit 3" USR1; echo up; while :; do sleep 0.05; done'])
     try:
         assert select.select([harness.workload.stdout], [], [], WAIT)[0]     # trap set
         assert harness.workload.stdout.readline() == b"up\n"
@@ -92,3 +99,51 @@ def test_the_guest_lets_go_of_unused_inodes_when_asked(monkeypatch, tmp_path):
     finally:
         harness.close()
     assert drop.read_text() == "2"
+
+
+# --- early signals -------------------------------------------------------------------
+
+# a workload that sets its handler for USR1 only when told to, on its stdin, then reports
+LATE_HANDLER = """
+import signal, sys
+sys.stdin.readline()
+signal.signal(signal.SIGUSR1, lambda *a: (print("got USR1", flush=True), sys.exit(3)))
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def delivered(early):
+    """One turn of the guest loop's early signals: True once none waits."""
+    early.deliver_ready()
+    return not early.waiting
+
+
+def test_a_signal_waits_for_the_workloads_handler():
+    child = subprocess.Popen([sys.executable, "-c", LATE_HANDLER], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        early = EarlySignals(child.pid, grace=10)
+        early.deliver(signal.SIGUSR1)               # at once it would kill the child
+        assert early.waiting == [signal.SIGUSR1]
+        assert not delivered(early)                 # no handler yet: still held
+        child.stdin.write("handle\n")
+        child.stdin.flush()
+        wait_until(lambda: delivered(early), "the handler, then the signal", timeout=10,
+                   interval=early.timeout(1))
+        assert child.wait(timeout=10) == 3
+        assert child.stdout.read() == "ready\ngot USR1\n"
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_after_the_grace_a_signal_takes_its_default_action():
+    child = subprocess.Popen(["sleep", "30"])
+    early = EarlySignals(child.pid, grace=0.2)
+    started = time.monotonic()
+    early.deliver(signal.SIGTERM)
+    assert early.waiting == [signal.SIGTERM]
+    wait_until(lambda: delivered(early), "the grace to run out", timeout=5, interval=0.01)
+    assert time.monotonic() - started >= 0.2
+    assert child.wait(timeout=10) == -signal.SIGTERM

@@ -1,93 +1,12 @@
-"""Following Docker's network changes: the QMP client, the change diffs, and the
-guest's queue of changes waiting for their NICs."""
-import json
-import socket
-import threading
-import time
-
+"""Following Docker's network changes (container/net/follower.py): the change diffs,
+NICs hot-plugged and unplugged, a refused hot-plug reported once. The QMP client is in
+test_qmp.py, the guest's side of a change in test_guest_network.py."""
 import pytest
 
 from dkvm import wire
 from dkvm.container.net import follower as net_follower
-from dkvm.boot.qmp import Qmp
-from dkvm.container.vmm import command_line_options, nic_options
 from dkvm.errors import DkvmError
-from dkvm.guest import network
-from dkvm.schema import Interface, NetChange, NetStep, Route
-
-
-class FakeQemuMonitor:
-    """A QMP server on a unix socket, answering from a script: {command: reply}, where
-    a reply is a list of messages (events first, then the answer)."""
-
-    def __init__(self, path, script):
-        self.requests = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(1)
-        self.thread = threading.Thread(target=self.serve, args=(script,), daemon=True)
-        self.thread.start()
-
-    def serve(self, script):
-        conn, _ = self.listener.accept()
-        with conn, conn.makefile("rw") as f:
-            f.write(json.dumps({"QMP": {"version": {}, "capabilities": []}}) + "\n")
-            f.flush()
-            for line in f:
-                request = json.loads(line)
-                self.requests.append(request)
-                for message in script.get(request["execute"], [{"return": {}}]):
-                    f.write(json.dumps(message) + "\n")
-                f.flush()
-
-
-def deleted(device):
-    return {"event": "DEVICE_DELETED", "data": {"device": device, "path": "/x"}}
-
-
-def test_qmp_negotiates_then_runs_commands(tmp_path):
-    path = str(tmp_path / "qmp.sock")
-    monitor = FakeQemuMonitor(path, {"query-status": [{"return": {"status": "running"}}]})
-    qmp = Qmp(path)
-    assert qmp.execute("query-status") == {"status": "running"}
-    qmp.execute("device_add", driver="virtio-net-pci", id="nic1")
-    assert monitor.requests == [
-        {"execute": "qmp_capabilities"}, {"execute": "query-status"},
-        {"execute": "device_add", "arguments": {"driver": "virtio-net-pci", "id": "nic1"}}]
-    qmp.close()
-
-
-def test_qmp_error_names_the_command_and_qemus_reason(tmp_path):
-    path = str(tmp_path / "qmp.sock")
-    FakeQemuMonitor(path, {"device_add": [{"error": {"class": "GenericError",
-                                                     "desc": "Duplicate ID 'nic1'"}}]})
-    with pytest.raises(DkvmError, match="QEMU refused device_add: Duplicate ID 'nic1'"):
-        Qmp(path).execute("device_add", id="nic1")
-
-
-def test_qmp_keeps_events_that_come_before_an_answer(tmp_path):
-    path = str(tmp_path / "qmp.sock")
-    FakeQemuMonitor(path, {"device_del": [deleted("nic0"), {"return": {}}, deleted("nic2")]})
-    qmp = Qmp(path)
-    qmp.execute("device_del", id="nic2")
-    assert qmp.wait_event("DEVICE_DELETED", lambda d: d["device"] == "nic2", 5)["data"][
-        "device"] == "nic2"
-    assert qmp.wait_event("DEVICE_DELETED", lambda d: d["device"] == "nic0", 5)
-    assert qmp.wait_event("DEVICE_DELETED", lambda d: True, 0.2) is None
-
-
-def test_qmp_socket_missing_is_a_clear_error(tmp_path):
-    with pytest.raises(DkvmError, match="cannot reach QEMU's monitor"):
-        Qmp(str(tmp_path / "absent.sock"), timeout=0.3)
-
-
-def test_hot_plugged_nic_options_match_the_boot_command_line():
-    netdev, device = nic_options(3, "02:42:0a:00:00:05")
-    assert netdev == {"type": "tap", "id": "net3", "ifname": "dkvm-tap3", "script": "no",
-                      "downscript": "no"}
-    assert device["id"] == "nic3" and device["netdev"] == "net3"
-    assert command_line_options(device, "driver") == (
-        "virtio-net-pci,netdev=net3,id=nic3,mac=02:42:0a:00:00:05,romfile=,status=off")
+from dkvm.schema import Interface, Route
 
 
 def test_route_changes_move_the_default_gateway():
@@ -97,42 +16,6 @@ def test_route_changes_move_the_default_gateway():
     assert net_follower.route_changes([old_default, static], [static, new_default]) == (
         [old_default], [new_default])
     assert net_follower.route_changes([static], [static]) == ([], [])
-
-
-def change(*macs):
-    return NetChange(wait_for=list(macs),
-                     steps=[NetStep(kind="sysctl", sysctl={"for": ",".join(macs)})])
-
-
-def test_pending_changes_wait_in_order_for_their_nics(monkeypatch):
-    present, applied = set(), []
-    monkeypatch.setattr(network, "links_by_mac", lambda: {mac: 1 for mac in present})
-    monkeypatch.setattr(network, "run_steps",
-                        lambda steps, until_waiting: applied.append(steps) or [])
-    pending = network.PendingChanges()
-    assert pending.timeout(1.0) == 1.0
-    first, second = change("02:00:00:00:00:01"), change()
-    pending.add(first)
-    pending.add(second)                     # needs no NIC, but comes after the first
-    assert pending.apply_ready() == [] and applied == []
-    assert pending.timeout(1.0) == pending.POLL
-    present.add("02:00:00:00:00:01")
-    assert pending.apply_ready() == [] and applied == [first.steps, second.steps]
-    assert pending.timeout(1.0) == 1.0
-
-
-def test_a_nic_that_never_shows_up_is_reported_and_skipped(monkeypatch):
-    applied = []
-    monkeypatch.setattr(network, "links_by_mac", lambda: {})
-    monkeypatch.setattr(network, "run_steps",
-                        lambda steps, until_waiting: applied.append(steps) or [])
-    monkeypatch.setattr(network, "NIC_WAIT", 0)
-    pending = network.PendingChanges()
-    pending.add(change("02:00:00:00:00:07"))
-    pending.add(change())
-    errors = pending.apply_ready()
-    assert len(errors) == 1 and "02:00:00:00:00:07" in errors[0] and "within 0s" in errors[0]
-    assert applied == [change().steps]
 
 
 def route(gateway):
@@ -255,27 +138,6 @@ def test_follow_unplugs_a_vanished_interface(follower, monkeypatch):
     follower.follow(follower.ip)
     assert unplugged == [0] and follower.nics == {}
     assert sent(follower).steps[0].what == "removing route default via 172.17.0.1"
-
-
-def test_a_new_nic_not_yet_running_is_polled_for_not_waited_on(monkeypatch):
-    running = set()
-    monkeypatch.setattr(network, "links_by_mac", lambda: {"02:00:00:00:00:01": 3})
-    monkeypatch.setattr(network, "is_running", lambda name, ipv6: name in running)
-    written = []
-    monkeypatch.setattr(network.syscalls, "write_sysctls", written.append)
-    pending = network.PendingChanges()
-    pending.add(NetChange(wait_for=["02:00:00:00:00:01"],
-                          steps=[NetStep(kind="sysctl", sysctl={"a": "1"}),
-                                 NetStep(kind="running", name="eth1", ipv6=True),
-                                 NetStep(kind="sysctl", sysctl={"b": "2"})]))
-    start = time.monotonic()
-    assert pending.apply_ready() == []
-    assert time.monotonic() - start < 0.5                   # did not wait
-    assert written == [{"a": "1"}] and pending.waiting
-    assert pending.apply_ready() == [] and written == [{"a": "1"}]
-    running.add("eth1")
-    assert pending.apply_ready() == []
-    assert written == [{"a": "1"}, {"b": "2"}] and not pending.waiting
 
 
 def link_message(kind, index):

@@ -1,4 +1,6 @@
-"""The options table under random, huge and malformed values: whatever a container's
+"""An integration test of the options table, host/settings and the runtime's main:
+what a user sees at create is the property, whichever layer refuses the value.
+The options table under random, huge and malformed values: whatever a container's
 environment or the operator's runtime arguments hold, create gives a value the plan
 and the guest kernel hold, or one printable line naming the option (exit 125 from
 `docker run`) -- never another exception, never a traceback."""

@@ -8,27 +8,20 @@ import pytest
 from dkvm import lightjson, paths
 from dkvm.container import restore
 from dkvm.boot.sparse import data_extents
-from dkvm.container.restore import copy_ram, open_template, plug_devices
+from dkvm.container.restore import copy_data, open_ram, open_template, plug_devices, sized_memfd
 from dkvm.errors import DkvmError
 from dkvm.schema import Options, Plan
+from unitutil import sparse_file
 
 MIB = 1 << 20
-
-
-def sparse_file(path, size, chunks):
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, data in chunks:
-            f.seek(offset)
-            f.write(data)
-    return path
 
 
 def test_only_the_data_of_the_templates_ram_is_copied_its_holes_stay_holes(tmp_path):
     size = 64 * MIB
     ram = sparse_file(tmp_path / "ram", size, [(0, b"a" * 8192), (40 * MIB, b"b" * 4096)])
-    fd = copy_ram(str(ram), size)
+    source, fd = open_ram(str(ram), size), sized_memfd(size)
     try:
+        copy_data(source, fd, size)
         assert os.fstat(fd).st_size == size
         assert os.pread(fd, 8192, 0) == b"a" * 8192
         assert os.pread(fd, 4096, 40 * MIB) == b"b" * 4096
@@ -36,6 +29,7 @@ def test_only_the_data_of_the_templates_ram_is_copied_its_holes_stay_holes(tmp_p
         assert os.fstat(fd).st_blocks * 512 < 4 * MIB    # not 64 MiB of zeros
     finally:
         os.close(fd)
+        os.close(source)
     with os.fdopen(os.open(ram, os.O_RDONLY)) as f:
         assert list(data_extents(f.fileno(), size))[0][0] == 0
 
@@ -43,10 +37,10 @@ def test_only_the_data_of_the_templates_ram_is_copied_its_holes_stay_holes(tmp_p
 def test_a_ram_file_of_another_size_or_not_a_file_is_refused(tmp_path):
     ram = sparse_file(tmp_path / "ram", 4 * MIB, [])
     with pytest.raises(ValueError):
-        copy_ram(str(ram), 8 * MIB)
+        open_ram(str(ram), 8 * MIB)
     os.symlink(ram, tmp_path / "link")
     with pytest.raises(OSError):
-        copy_ram(str(tmp_path / "link"), 4 * MIB)
+        open_ram(str(tmp_path / "link"), 4 * MIB)
 
 
 def payload_with_template(tmp_path, state=b"device state", **manifest):
@@ -67,6 +61,8 @@ def plan(**fields):
 def test_a_fitting_template_gives_the_vms_ram_and_the_checked_state(tmp_path):
     files = open_template(plan(), 2, root=payload_with_template(tmp_path))
     try:
+        assert os.pread(files.ram_fd, 4096, 0) == b"\0" * 4096     # filled as QEMU starts
+        files.fill_ram()
         assert os.pread(files.ram_fd, 4096, 0) == b"x" * 4096
         assert os.read(files.state_fd, 100) == b"device state"
     finally:
@@ -114,20 +110,6 @@ def test_devices_are_plugged_once_the_state_is_loaded_then_the_vm_runs():
 def test_a_failed_restore_is_one_line():
     with pytest.raises(DkvmError, match="could not restore the VM from its template"):
         plug_devices(FakeQmp(["failed"]), [], lambda: None)
-
-
-def test_zero_pages_of_a_saved_ram_file_become_holes(tmp_path):
-    from dkvm.boot.sparse import punch_zero_pages
-    size = 8 * MIB
-    ram = sparse_file(tmp_path / "ram", size, [(0, b"a" * 4096 + b"\0" * (2 * MIB) + b"b")])
-    fd = os.open(ram, os.O_RDWR)
-    try:
-        punch_zero_pages(fd)
-        assert sum(end - start for start, end in data_extents(fd, size)) == 2 * 4096
-        assert os.pread(fd, 4097, 0) == b"a" * 4096 + b"\0"
-        assert os.pread(fd, 1, 4096 + 2 * MIB) == b"b"
-    finally:
-        os.close(fd)
 
 
 def test_a_template_directory_that_is_a_link_is_not_followed(tmp_path):

@@ -16,7 +16,8 @@ from dkvm.host.container_side import (CONTAINER_SIDE_CAPS, CONTAINER_SIDE_DEVICE
 from dkvm.host.rewrite import (CONTAINER_PATH, inert, rewrite_create_config,
                                rewrite_exec_process, workload_capabilities)
 from dkvm.host.vm_size import DEFAULT_GUEST_MIB, MIB, vm_footprint_mib
-from dkvm.schema import ENTRYPOINT, MOST_EXECS, Capabilities, ExecRequest, Plan, Rlimit, Tmpfs
+from dkvm.schema import (ENTRYPOINT, MOST_EXECS, Capabilities, Disk, ExecRequest, Plan, Rlimit,
+                         Tmpfs)
 
 DOCKER_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Docker's default capabilities: full root in the VM, less what it holds back
@@ -645,3 +646,48 @@ def test_a_user_namespace_dkvm_cannot_make_is_refused(namespace, maps, message):
     config["linux"].update(maps)
     with pytest.raises(DkvmError, match=message):
         rewrite(config)
+
+
+# --- DKVM_DISKS: the plan's disks (plan_disks) --------------------------------------
+
+def test_disks_go_to_the_plan_with_a_serial_each():
+    config = with_env(load_config("plain"), "DKVM_DISKS=/d/a.img,/var/lib/docker,ext4,1g; "
+                      "/b.img,/srv/,ext2,64m")
+    _, plan = rewrite(config)
+    assert plan.disks == [
+        Disk(file="/d/a.img", mount_point="/var/lib/docker", filesystem="ext4", size=1 << 30,
+             serial="dkvm-disk0"),
+        Disk(file="/b.img", mount_point="/srv", filesystem="ext2", size=64 << 20,
+             serial="dkvm-disk1")]
+    assert rewrite(load_config("plain"))[1].disks == []
+
+
+def test_the_plan_carries_each_disk_once_as_a_record():
+    """DKVM_DISKS is read once, into the records the plan carries: not also as text in
+    the plan's options."""
+    config = with_env(load_config("plain"), "DKVM_DISKS=/a.img,/data,ext4,64m")
+    _, plan = rewrite(config)
+    assert plan.to_json().count("/a.img") == 1
+    assert not [name for name in plan.options.as_dict() if "disk" in name]
+
+
+@pytest.mark.parametrize("where,mount,readonly,error", [
+    ("/d.img", None, True, "on a read-only path"),
+    ("/vol/d.img", {"destination": "/vol", "type": "bind", "source": "/x",
+                    "options": ["rbind", "ro"]}, False, "on a read-only path"),
+    ("/vol/d.img", {"destination": "/vol", "type": "bind", "source": "/x",
+                    "options": ["rbind", "rw"]}, True, None),
+    ("/scratch/d.img", {"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
+                        "options": []}, False, "on a --tmpfs"),
+])
+def test_a_backing_file_must_be_where_the_container_side_can_write(where, mount, readonly,
+                                                                    error):
+    config = with_env(load_config("plain"), f"DKVM_DISKS={where},/data,ext4,64m")
+    config["root"]["readonly"] = readonly
+    if mount:
+        config["mounts"].append(mount)
+    if error:
+        with pytest.raises(DkvmError, match=f"DKVM_DISKS: the file {where} is {error}"):
+            rewrite(config)
+    else:
+        assert [d.file for d in rewrite(config)[1].disks] == [where]

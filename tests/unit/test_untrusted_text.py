@@ -1,4 +1,6 @@
-"""What the guest, QEMU's and virtiofsd's logs or the image say reaches the user's
+"""An integration test of one rule across log, container/processes and guest/process
+(every place untrusted text is turned into an error line), so that none is missed.
+What the guest, QEMU's and virtiofsd's logs or the image say reaches the user's
 terminal and `docker logs` only as visible text: an escape sequence quoted in an
 error line would retitle the terminal, erase the line or draw over it."""
 import subprocess

@@ -1,5 +1,5 @@
 """guest.world: a VM restored from its template takes its own clock, entropy and
-export before anything else."""
+export before anything else; the static device nodes a kernel's modules.devname lists."""
 import sys
 
 from dkvm import paths
@@ -48,3 +48,12 @@ def test_an_export_that_never_comes_is_one_line(monkeypatch):
         assert "the container's export did not appear" in err.message
     else:
         raise AssertionError("no error")
+
+
+DEVNAME = "# Device nodes to trigger on-demand module loading.\ntun net/tun c10:200\n"
+
+
+def test_an_image_kernels_own_modules_devname_is_read_as_it_is(tmp_path):
+    (tmp_path / "modules.devname").write_text(DEVNAME)
+    assert world.static_nodes(str(tmp_path)) == DEVNAME.splitlines()
+    assert world.static_nodes(str(tmp_path / "none")) == []

@@ -6,6 +6,7 @@ OpenWatch (whether anything opened a node). The control channel's harnesses are 
 import ctypes
 import json
 import os
+import stat
 from pathlib import Path
 
 from dkvm.handoff import read_plan
@@ -149,3 +150,29 @@ class OpenWatch:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# A tree that is not ours (dkvm.boot.rooted's readers, the image kernel's search): nothing
+# but a regular file is ever opened, and a node's type is known before anything opens it.
+
+def hostile_tree(root):
+    """/vmlinuz a FIFO, /boot/vmlinuz a device node, /boot/vmlinuz-9 a link out of the
+    tree to a real kernel-like file on the host; each FIFO has a reader ready, so that
+    an open would return, not hang, and be seen."""
+    (root / "boot").mkdir(parents=True)
+    os.mkfifo(root / "vmlinuz")
+    os.mknod(root / "boot/vmlinuz", stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    host_file = root.parent / "host-kernel"
+    host_file.write_bytes(b"HdrS" * 1024)
+    os.symlink(host_file, root / "boot/vmlinuz-9")
+    return [root / "vmlinuz", root / "boot/vmlinuz", host_file]
+
+
+def sparse_file(path, size, chunks):
+    """A file of `size` bytes holding only `chunks` ((offset, data)): the rest holes."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in chunks:
+            f.seek(offset)
+            f.write(data)
+    return path

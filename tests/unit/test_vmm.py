@@ -1,10 +1,11 @@
-"""QEMU and virtiofsd command lines built from the plan."""
+"""QEMU's and virtiofsd's command lines built from the plan (container/vmm.py): the
+kernel's command line, the devices, a hot-plugged NIC's options as the boot's."""
 import pytest
 
 from unitutil import KERNELS
 from dkvm import paths
-from dkvm.container.vmm import (kernel_append, qemu_argv, qemu_env, restore_argv,
-                                restore_devices, virtiofsd_argv)
+from dkvm.container.vmm import (command_line_options, kernel_append, nic_options, qemu_argv,
+                                qemu_env, restore_argv, restore_devices, virtiofsd_argv)
 from dkvm.schema import Boot, Disk, Interface, Options, Plan, Process
 
 
@@ -181,15 +182,6 @@ def test_qemu_env_and_virtiofsd():
     assert "--rlimit-nofile=20000" in virtiofsd_argv(5, nofile=20000)
 
 
-def test_virtiofsd_may_have_as_many_descriptors_as_the_container():
-    """One per inode the guest holds: its soft limit is raised to the hard one (no
-    capability needed; above it would need CAP_SYS_RESOURCE)."""
-    import resource
-    from dkvm.container.processes import most_descriptors
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    assert most_descriptors() == (1 << 20 if hard == resource.RLIM_INFINITY else hard)
-
-
 def test_sys_admin_reaches_virtiofsd():
     """virtiofsd drops CAP_SYS_ADMIN unless told to keep it."""
     assert "modcaps=+sys_admin" in values(virtiofsd_argv(5, sys_admin=True), "-o")
@@ -230,14 +222,28 @@ def test_a_minus_word_in_kernel_append_takes_dkvms_argument_away():
     assert not [word for word in append if word.startswith("-")]
 
 
-def test_a_removal_that_names_nothing_is_refused_at_create():
-    from dkvm.errors import DkvmError
-    from dkvm.host.settings import parse_settings
-    assert parse_settings({"DKVM_KERNEL_APPEND": "-tsc=reliable dkvm.x=1"}, None,
-                          policy_allows={"DKVM_KERNEL_APPEND"})["kernel_append"]
-    for typo in ("-tsc=unstable", "-root", "-console", "-init"):
-        with pytest.raises(DkvmError, match=f"DKVM_KERNEL_APPEND: {typo} removes none"):
-            parse_settings({"DKVM_KERNEL_APPEND": typo}, None)
+def test_a_kernel_without_initramfs_boots_the_export_with_dkvms_init_from_the_payload():
+    plan = Plan()
+    plan.boot.kernel = "/.dkvm/kernels/dkvm/vmlinux"
+    plan.options.kernel_append = "mitigations=off"
+    append = kernel_append(plan).split()
+    assert {"root=root", "rootfstype=virtiofs", "rw",
+            "init=/dkvm/lib/ld-linux-x86-64.so.2"} <= set(append)
+    # the init's arguments come last, after the user's, where the kernel passes them on
+    assert append[append.index("mitigations=off"):] == [
+        "mitigations=off", "--", "--library-path", "/dkvm/lib", "/dkvm/python/bin/python3",
+        "-I", "-S", "/dkvm/entry/dkvm-vm-init", "--enter-own-root"]
+    plan.boot.initrd = "/.dkvm/kernels/debian/initrd.img"
+    assert not [arg for arg in kernel_append(plan).split() if arg.startswith(("root=", "init="))]
+
+
+def test_hot_plugged_nic_options_match_the_boot_command_line():
+    netdev, device = nic_options(3, "02:42:0a:00:00:05")
+    assert netdev == {"type": "tap", "id": "net3", "ifname": "dkvm-tap3", "script": "no",
+                      "downscript": "no"}
+    assert device["id"] == "nic3" and device["netdev"] == "net3"
+    assert command_line_options(device, "driver") == (
+        "virtio-net-pci,netdev=net3,id=nic3,mac=02:42:0a:00:00:05,romfile=,status=off")
 
 
 def restored_plan(terminal=False):
