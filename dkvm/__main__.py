@@ -5,7 +5,7 @@ import sys
 # Each role is one name: the program `dkvm-<role>` runs the module dkvm.roles.<role>
 # (dashes as underscores), and log lines say `dkvm[<role> <container>]`. Any other
 # program name is the host CLI.
-ROLES = ("runtime", "ctr-entrypoint", "vm-init", "exec-relay")
+ROLES = ("runtime", "ctr-entrypoint", "vm-init", "exec-relay", "pod-member")
 PROGRAM_PREFIX = "dkvm-"
 CLI = ("", "dkvm.roles.cli")
 

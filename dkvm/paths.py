@@ -57,6 +57,15 @@ ENTER_OWN_ROOT = "--enter-own-root"
 TEMPLATE_INITRD = "template.img"
 FROM_TEMPLATE = "--from-template"
 TEMPLATES_DIR = "templates"
+# A Kubernetes pod is one VM (host.pods): its sandbox's container side runs it, and
+# each other container of the pod is a member whose container side (dkvm-pod-member)
+# exports its own root and has the pod's VM run its process. They meet in the pod's
+# directory, made by the host at the sandbox's create (HOST_PODS_DIR/<sandbox id>) and
+# mounted at POD_DIR in each: the sandbox's container side listens on POD_SOCKET.
+HOST_PODS_DIR = "/run/dkvm/pods"
+POD_DIR = "/pod"
+POD_SOCKET = POD_DIR + "/members.sock"
+MEMBERS_DIR = "/members"                  # in the guest: each member's export, by its tag
 EMBEDDED_DNS = ("127.0.0.11", 53)         # Docker's DNS server in the container's namespace
 
 PLAN_FILE = "plan.json"                   # in the container's root: the entrypoint's plan

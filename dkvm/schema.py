@@ -190,14 +190,23 @@ class Process(Record):
     }
 
 
+# a pod member's container id as the guest knows it ("" in ExecStart: the workload)
+def container_id_text(text):
+    return len(text) <= 128 and all(c.isascii() and (c.isalnum() or c in "-_.") for c in text)
+
+
 class ExecStart(Record):
-    """EXEC_START: one `docker exec`, and its terminal's size at start (with -t)."""
-    FIELDS = {"process": Field(Process, Process), "winsize": Field(ListOf(int), [])}
+    """EXEC_START: one `docker exec`, and its terminal's size at start (with -t);
+    `member`: into that member of the pod (host.pods), not the VM's workload."""
+    FIELDS = {"process": Field(Process, Process), "winsize": Field(ListOf(int), []),
+              "member": Field(str, "", container_id_text)}
 
 
 class ExecRequest(Record):
-    """What the runtime hands the exec relay (as a descriptor: handoff) at `runc exec`."""
-    FIELDS = {"container_id": Field(str, ""), "process": Field(Process, Process)}
+    """What the runtime hands the exec relay (as a descriptor: handoff) at `runc exec`;
+    `member`: the container is a pod's member, whose VM is the sandbox's."""
+    FIELDS = {"container_id": Field(str, ""), "process": Field(Process, Process),
+              "member": Field(bool, False)}
 
 
 # --- the guest kernel ------------------------------------------------------------------
@@ -307,6 +316,7 @@ class Device(Record):
 # `docker exec`s running at once in one container, at most; a plan's own cap
 # (max_execs) is what its memory limit has room for (host.vm_size.exec_slots).
 MOST_EXECS = 24
+POD_SANDBOX, POD_MEMBER = "sandbox", "member"
 
 
 class Plan(Record):
@@ -355,8 +365,20 @@ class Plan(Record):
         # a restored VM's clock and fresh entropy (the template's are every VM's)
         "wall_clock_ns": Field(int, 0, in_range(0, 1 << 63), set_by=ENTRYPOINT),
         "entropy": Field(str, "", hex_text(128), set_by=ENTRYPOINT),
+        # a Kubernetes pod's (host.pods): its sandbox runs the pod's VM; a member's
+        # process runs in it, in the member's own root
+        "pod": Field(str, "", one_of("", POD_SANDBOX, POD_MEMBER)),
     }
 
     @classmethod
     def fields_set_by(cls, who):
         return [name for name, field in cls.FIELDS.items() if field.set_by == who]
+
+
+class MemberStart(Record):
+    """MEMBER_START: a pod member's process and what the guest makes its container of
+    (its plan: process, root's flags, masks, tmpfs, devices, user namespace), its
+    terminal's size, and the tag of its hot-plugged export (the supervisor's to set)."""
+    FIELDS = {"container_id": Field(str, "", container_id_text),
+              "plan": Field(Plan, Plan), "winsize": Field(ListOf(int), []),
+              "tag": Field(str, "", container_id_text)}

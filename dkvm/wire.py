@@ -8,7 +8,7 @@ and several frames in one read are the normal case, not an edge case.
 import struct
 
 from dkvm import lightjson
-from dkvm.schema import ExecStart, Field, NetChange, Plan, Record, in_range
+from dkvm.schema import ExecStart, Field, MemberStart, NetChange, Plan, Record, in_range
 
 MAGIC = 0xD7
 HEADER = struct.Struct("!BBHI")
@@ -39,8 +39,15 @@ HEARTBEAT = 18  # guest -> host: init's loop turns (every HEARTBEAT_INTERVAL): t
 HEARTBEAT_INTERVAL = 5
 RELEASE = 19    # host -> guest: virtiofsd nears its descriptor limit (one per inode the
                 #   guest knows): let go of the inodes nothing uses
+# A pod's member (paths.POD_SOCKET): its relay (dkvm-pod-member) sends MEMBER_START on
+# its channel with its export's vhost-user socket as a descriptor (SCM_RIGHTS, in the
+# same sendmsg); the sandbox's supervisor hot-plugs the export, fills in its tag and
+# passes the frame on; the guest runs the member's process in the member's own root and
+# namespaces, and the channel goes on as an exec's (STDIN, STDOUT, STDERR, WINDOW,
+# RESIZE, CLOSE, EXEC_EXIT), plus SIGNAL on the channel: for the member's PID 1.
+MEMBER_START = 20
 TYPES = {HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR, RESIZE, EXEC_START, STDIN, STDOUT, STDERR,
-         EXEC_EXIT, WINDOW, CLOSE, DNS, NET, INIT, PLAN, HEARTBEAT, RELEASE}
+         EXEC_EXIT, WINDOW, CLOSE, DNS, NET, INIT, PLAN, HEARTBEAT, RELEASE, MEMBER_START}
 # Flow control for exec streams: a sender may have this many data bytes unconsumed
 # by the far end; data frames carry at most MAX_DATA bytes.
 STREAM_WINDOW = 256 << 10
@@ -77,7 +84,7 @@ class Credit(Record):
 # the payload each JSON frame type carries
 PAYLOADS = {EXIT: Status, SIGNAL: SignalNumber, ERROR: Message, RESIZE: WindowSize,
             EXEC_START: ExecStart, EXEC_EXIT: Status, WINDOW: Credit, NET: NetChange,
-            PLAN: Plan}
+            PLAN: Plan, MEMBER_START: MemberStart}
 
 
 class ProtocolError(Exception):

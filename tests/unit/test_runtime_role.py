@@ -129,7 +129,8 @@ def test_main_exec_rewrites_the_process_and_execs_runc(fake_host, tmp_path, monk
         "args": ["sh", "-c", "id"], "env": ["PATH=/usr/bin:/bin", "FOO=bar"], "cwd": "/srv",
         "uid": 1000, "gid": 1000, "additional_gids": [2000], "terminal": True,
         "rlimits": [], "no_new_privileges": False, "oom_score_adj": 0,
-        "capabilities": Capabilities(exact=True, bounding=["CAP_CHOWN"]).as_dict()}}
+        "capabilities": Capabilities(exact=True, bounding=["CAP_CHOWN"]).as_dict()},
+        "member": False}
 
 
 def test_an_unexpected_error_is_one_line_with_one_prefix(fake_host, tmp_path, monkeypatch):

@@ -146,7 +146,7 @@ def test_garbage_after_partial_header_is_detected_once_header_complete():
 def test_types_are_distinct():
     named = [HELLO, EXIT, EXIT_ACK, SIGNAL, ERROR, wire.RESIZE, wire.EXEC_START, wire.STDIN,
              wire.STDOUT, wire.STDERR, wire.EXEC_EXIT, wire.WINDOW, wire.CLOSE, wire.DNS, wire.NET,
-             wire.INIT, wire.PLAN, wire.HEARTBEAT, wire.RELEASE]
+             wire.INIT, wire.PLAN, wire.HEARTBEAT, wire.RELEASE, wire.MEMBER_START]
     assert len(set(named)) == len(named)
     assert wire.TYPES == set(named)
 
