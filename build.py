@@ -55,7 +55,7 @@ QEMU_FIRMWARE = ["/usr/share/seabios/bios-256k.bin", "/usr/share/qemu/pvh.bin",
 QEMU_MODULES = ["accel-tcg-x86_64.so"]
 # In-container and in-guest roles start as `python3 <payload>/entry/<role>`: the
 # script's name is argv[0], which picks the role as it does on the host.
-PAYLOAD_ROLE_NAMES = ["ctr-entrypoint", "vm-init", "exec-relay"]
+PAYLOAD_ROLE_NAMES = ["ctr-entrypoint", "vm-init", "exec-relay", "pod-member"]
 ROLE_ENTRIES = [program(role) for role in PAYLOAD_ROLE_NAMES]
 # Each role reads as few zip directories as it can (zipimport parses one in Python,
 # a few milliseconds per hundred entries under TCG): the standard library its roles

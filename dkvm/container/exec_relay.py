@@ -1,6 +1,7 @@
 """One `docker exec`, relayed into the guest over the entrypoint's multiplexer: the
 request, stdin (within the window the guest grants), stdout and stderr apart,
-terminal resizes, and the guest process's exit status.
+terminal resizes, and the guest process's exit status. A pod member's relay
+(pod_member) is this one with another first frame and its signals passed on.
 
 The loop is an object so that a test drives it with a socketpair. It starts for
 every exec, so it imports what it needs: `_socket` and `_signal` (the modules around
@@ -36,7 +37,7 @@ def yield_to_the_vm():
         pass
 
 
-def connect(path, timeout):
+def connect(path, timeout, what="exec"):
     """The multiplexer's socket; a VM still booting has none yet: wait, bounded."""
     deadline = time.monotonic() + timeout
     while True:
@@ -47,24 +48,26 @@ def connect(path, timeout):
         except OSError:
             sock.close()
             if time.monotonic() > deadline:
-                raise DkvmError(f"the VM was not ready for exec within {timeout}s", 126)
+                raise DkvmError(f"the VM was not ready for {what} within {timeout}s", 126)
             time.sleep(0.1)
 
 
 class ExecRelay:
-    def __init__(self, sock, process, winsize=()):
+    def __init__(self, sock, process, winsize=(), member=""):
+        """`member`: the pod member's container id the exec is into ("": the VM's
+        workload)."""
         self.sock = sock
-        self.start = ExecStart(process=process, winsize=list(winsize))
+        self.start = ExecStart(process=process, winsize=list(winsize), member=member)
         self.decoder = wire.Decoder()
         self.credit = wire.STREAM_WINDOW        # stdin bytes the guest will take now
         self.stdin_open = True
         self.status = None
-        self.resizes = None                     # a SignalInbox for SIGWINCH, with -t
+        self.signals = None                     # a SignalInbox: SIGWINCH, with -t
 
     def run(self):
         """The guest process's exit status; 137 if the VM goes first."""
         try:
-            self.send(wire.EXEC_START, self.start)
+            self.send_start()
             while self.status is None:
                 self.step()
             return self.status
@@ -72,25 +75,33 @@ class ExecRelay:
             self.read_refusal()
             return vm_gone()
         finally:
-            self.stop_watching_resizes()
+            self.stop_watching_signals()
+
+    def send_start(self):
+        self.send(wire.EXEC_START, self.start)
 
     def watch_resizes(self):
         """A terminal's resizes (SIGWINCH) wake the loop at once."""
         from dkvm.container.signal_inbox import SignalInbox
-        self.resizes = SignalInbox([_signal.SIGWINCH])
+        self.signals = SignalInbox([_signal.SIGWINCH])
 
-    def stop_watching_resizes(self):
-        if self.resizes is not None:
-            self.resizes.close()
-            self.resizes = None
+    def stop_watching_signals(self):
+        if self.signals is not None:
+            self.signals.close()
+            self.signals = None
+
+    def on_signals(self, taken):
+        """Signals the inbox took, as (number, sender): here only SIGWINCH."""
+        if taken:
+            self.send_size()
 
     def step(self, timeout=1.0):
         watch = [self.sock] + ([0] if self.stdin_open and self.credit > 0 else [])
-        if self.resizes is not None:
-            watch.append(self.resizes)
+        if self.signals is not None:
+            watch.append(self.signals)
         ready, _, _ = select.select(watch, [], [], timeout)
-        if self.resizes in ready and self.resizes.take():
-            self.send_size()
+        if self.signals is not None and self.signals in ready:
+            self.on_signals(self.signals.take())
         if 0 in ready:
             data = read_stdin(min(self.credit, wire.MAX_DATA))
             self.send(wire.STDIN, data)
@@ -165,3 +176,21 @@ def write_all(fd, data):
 
 def warn(message):
     log.warn(f"exec channel: {message}")
+
+
+def make_raw(fd):
+    """The guest's terminal does the line discipline; ours must pass bytes as they are.
+    The terminal's settings before, to restore (restore_terminal), or None."""
+    if not os.isatty(fd):
+        return None
+    import termios
+    import tty
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    return saved
+
+
+def restore_terminal(fd, saved):
+    if saved is not None:
+        import termios
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)

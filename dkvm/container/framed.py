@@ -1,8 +1,15 @@
 """A non-blocking socket that carries control-channel frames: decoded on the way
 in, buffered on the way out, so one slow peer never stalls the others. The buffer
 has a bound: a peer that makes it overflow is misbehaving (flow control keeps an
-honest one far below it)."""
+honest one far below it). One that `takes_fds` keeps the descriptors that came with
+its data (SCM_RIGHTS: a pod member's export, with its first frame) until they are
+taken; any other socket's are closed by the kernel as they are read."""
+import os
+import socket
+
 from dkvm import wire
+
+MOST_FDS = 3                # two are expected (a member's export): a third shows an error
 
 
 class QueueFull(Exception):
@@ -10,13 +17,15 @@ class QueueFull(Exception):
 
 
 class FramedSocket:
-    def __init__(self, sock, limit):
+    def __init__(self, sock, limit, takes_fds=False):
         sock.setblocking(False)
         self.sock = sock
         self.decoder = wire.Decoder()
         self.out = bytearray()
         self.limit = limit
         self.closed = False
+        self.takes_fds = takes_fds
+        self.fds = []
 
     def fileno(self):
         return self.sock.fileno()
@@ -41,7 +50,11 @@ class FramedSocket:
     def receive(self, on_error):
         """The frames that arrived now; none, and `closed` set, at end of stream."""
         try:
-            data = self.sock.recv(1 << 16)
+            if self.takes_fds:
+                data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, MOST_FDS)
+                self.fds += fds
+            else:
+                data = self.sock.recv(1 << 16)
         except BlockingIOError:
             return []
         except OSError:
@@ -51,6 +64,13 @@ class FramedSocket:
             return []
         return wire.feed_tolerant(self.decoder, data, on_error)
 
+    def take_fds(self):
+        """The descriptors received so far, now the caller's; no more are taken."""
+        fds, self.fds, self.takes_fds = self.fds, [], False
+        return fds
+
     def close(self):
         self.closed = True
         self.sock.close()
+        for fd in self.take_fds():
+            os.close(fd)

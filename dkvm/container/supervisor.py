@@ -3,7 +3,10 @@
 It relays signals, terminal resizes and network changes to the guest, multiplexes
 `docker exec` relays onto channels, asks Docker's embedded DNS for the guest, starts
 stdin when the guest says hello, and returns the workload's exit status. Frames for
-the guest wait until it says hello (it could not take them before).
+the guest wait until it says hello (it could not take them before). A pod's sandbox
+(host.pods) also takes the pod's members on POD_SOCKET, a channel each like an exec:
+each member's export is hot-plugged (member_exports) before its MEMBER_START, with
+the export's tag, reaches the guest, and unplugged once the member has gone.
 
 The guest is not trusted: every frame it sends is checked before use, the data it
 sends an exec is held to that exec's flow-control window, and every queue has a
@@ -24,6 +27,7 @@ import time
 from dkvm import log, signal_request, wire
 from dkvm.container.net.dns_relay import EmbeddedDnsRelay
 from dkvm.container.framed import FramedSocket, QueueFull
+from dkvm.container.member_exports import member_tag
 from dkvm.errors import DkvmError
 from dkvm.schema import MOST_EXECS
 from dkvm.terminal import get_size
@@ -41,6 +45,9 @@ MAX_KILLERS = 16            # runtimes waiting at once for the workload to die
 DESCRIPTOR_CHECK = 0.25
 DESCRIPTOR_HIGH_WATER = 0.6
 RELEASE_INTERVAL = 1
+# A member whose relay left is unplugged once the guest reports its end (EXEC_EXIT: it
+# has let go of the export), or after this long without that word.
+MEMBER_END_WAIT = 5
 ENTROPY_BYTES = 32          # the guest's reseed: a restored VM's random state is its template's
 # What may wait to be sent: to a relay, its window of output and the guest's small
 # frames; to the guest, each relay's window of stdin and the rest (signals, DNS
@@ -60,12 +67,15 @@ class GuestMisbehaved(DkvmError):
 
 class Supervisor:
     def __init__(self, control, exec_listener, network_inbox, vm, signals, plan,
-                 stdin_conn=None, signal_listener=None, restored=False):
+                 stdin_conn=None, signal_listener=None, restored=False, pod_listener=None,
+                 exports=None):
         """`vm`: the VM's processes (processes.VmProcesses); `signals`: a
         SignalInbox; `plan`: what the guest asks for first; `stdin_conn`: QEMU's stdin
         socket, fed from fd 0 after hello; `signal_listener`: where the runtime asks
         for the signals it cannot send us (signal_request); `restored`: the VM resumed
-        from its template, whose init asked for a plan before it was saved."""
+        from its template, whose init asked for a plan before it was saved;
+        `pod_listener`, `exports`: a pod's sandbox, where the members connect, and
+        what hot-plugs their exports (member_exports.MemberExports)."""
         self.guest = FramedSocket(control, GUEST_QUEUE_LIMIT)
         self.exec_listener = exec_listener
         self.signal_listener = signal_listener
@@ -79,6 +89,12 @@ class Supervisor:
         self.stdin_conn = stdin_conn
         self.dns = EmbeddedDnsRelay()
         self.relays = {}                    # channel -> FramedSocket of an exec relay
+        self.pod_listener = pod_listener
+        self.exports = exports
+        self.members = {}                   # channel -> Member (a pod's, until unplugged)
+        self.unstarted = set()              # pod channels before their first frame
+        self.unheard = set()                # channels the guest has not heard of yet
+        self.members_started = 0            # for each export's tag: never one reused
         self.unacked = {}                   # channel -> output bytes the relay has not granted
         self.last_channel = 0
         self.held = []                      # frames for the guest until it says hello
@@ -124,13 +140,16 @@ class Supervisor:
         written, then handle it."""
         self.check_watchdog()
         self.check_descriptors()
+        self.check_members()
         peers = [self.guest, *self.relays.values()]
         poller = select.poll()
         for source in (self.guest, self.exec_listener, self.network_inbox, self.signals,
-                       *self.relays.values(), *self.dns.sockets()):
+                       *self.heard_relays(), *self.dns.sockets()):
             poller.register(source, POLL_IN)
-        if self.signal_listener is not None:
-            poller.register(self.signal_listener, POLL_IN)
+        for source in (self.signal_listener, self.pod_listener,
+                       self.exports and self.exports.inbox):
+            if source is not None:
+                poller.register(source, POLL_IN)
         for peer in peers:
             if peer.out:
                 poller.register(peer, POLL_IN | POLL_OUT)
@@ -154,6 +173,11 @@ class Supervisor:
             self.to_guest(self.network_inbox.recv(wire.MAX_PAYLOAD))
         if ready(self.exec_listener):
             self.accept_relay()
+        if self.pod_listener is not None and ready(self.pod_listener):
+            self.accept_pod_relay()
+        if self.exports is not None and ready(self.exports.inbox):
+            for channel, tag, error in self.exports.outcomes():
+                self.on_plugged(channel, tag, error)
         for sock in list(self.dns.pending):
             if ready(sock):
                 answer = self.dns.answer(sock)
@@ -268,27 +292,176 @@ class Supervisor:
 
     def accept_relay(self):
         conn = self.exec_listener.accept()[0]
-        if len(self.relays) >= self.plan.max_execs:     # what the memory limit has room for
+        if self.exec_count() >= self.plan.max_execs:    # what the memory limit has room for
             refuse_relay(conn, f"too many concurrent execs in this container (at most "
                                f"{self.plan.max_execs}); this one was not started")
             return
-        self.last_channel = free_channel(self.relays, self.last_channel)
-        self.relays[self.last_channel] = FramedSocket(conn, RELAY_QUEUE_LIMIT)
+        self.add_relay(FramedSocket(conn, RELAY_QUEUE_LIMIT))
+
+    def add_relay(self, relay):
+        self.last_channel = free_channel(self.relays.keys() | self.members.keys(),
+                                         self.last_channel)
+        self.relays[self.last_channel] = relay
         self.unacked[self.last_channel] = 0
+        return self.last_channel
+
+    def exec_count(self):
+        return sum(1 for channel in self.relays
+                   if channel not in self.members and channel not in self.unstarted)
+
+    def heard_relays(self):
+        """The relays to read: a member's waits for its export (its frames would
+        reach the guest before its MEMBER_START)."""
+        return [relay for channel, relay in self.relays.items()
+                if channel not in self.members or self.members[channel].plugged]
 
     def on_relay_frame(self, channel, frame):
+        if self.relays[channel].closed:         # refused: the rest of its frames too
+            return
+        if channel in self.unstarted:
+            self.start_pod_channel(channel, frame)
+            return
+        if frame.type == wire.MEMBER_START:
+            self.refuse_channel(channel, "MEMBER_START begins a pod's channel, once")
+            return
         if frame.type == wire.WINDOW:
             try:
                 self.unacked[channel] = max(0, self.unacked[channel] - frame.record().bytes)
             except wire.ProtocolError as err:
                 self.warn(str(err))
                 return
-        self.to_guest(wire.encode(frame.type, frame.payload, channel))
+        data = wire.encode(frame.type, frame.payload, channel)
+        member = self.members.get(channel)
+        if member is not None and not member.plugged:
+            member.held.append(data)            # what came in one read with its start
+        else:
+            self.to_guest(data)
 
     def drop_relay(self, channel):
         self.relays.pop(channel).close()
         del self.unacked[channel]
-        self.to_guest(wire.encode(wire.CLOSE, channel=channel))
+        self.unstarted.discard(channel)
+        if channel in self.unheard:
+            self.unheard.discard(channel)
+        else:
+            self.to_guest(wire.encode(wire.CLOSE, channel=channel))
+        member = self.members.get(channel)
+        if member is not None:
+            member.gone_at = time.monotonic()
+            if not member.submitted:            # never plugged: nothing to undo
+                del self.members[channel]
+                member.close()
+            else:
+                self.unplug_when_done(channel)
+
+    def refuse_channel(self, channel, message):
+        """A relay's one line and its end (drop_relay follows in this turn)."""
+        relay = self.relays[channel]
+        refuse_relay(relay.sock, message)
+        relay.closed = True
+
+    # --- a pod's members (a sandbox's supervisor)
+    def accept_pod_relay(self):
+        conn = self.pod_listener.accept()[0]
+        if len(self.relays) >= MOST_EXECS + self.plan.max_execs:
+            refuse_relay(conn, "too many containers and execs in this pod at once")
+            return
+        channel = self.add_relay(FramedSocket(conn, RELAY_QUEUE_LIMIT, takes_fds=True))
+        self.unstarted.add(channel)
+        self.unheard.add(channel)
+
+    def start_pod_channel(self, channel, frame):
+        """A pod channel's first frame: an exec into a member (EXEC_START, passed on as
+        it is) or a member's start, with its export."""
+        fds = self.relays[channel].take_fds()
+        self.unstarted.discard(channel)
+        if frame.type == wire.EXEC_START and not fds:
+            if self.exec_count() > self.plan.max_execs:
+                self.refuse_channel(channel, f"too many concurrent execs in this pod (at most "
+                                             f"{self.plan.max_execs}); this one was not started")
+                return
+            self.unheard.discard(channel)
+            self.on_relay_frame(channel, frame)
+            return
+        try:
+            start = self.member_start(frame, fds)
+        except DkvmError as err:
+            for fd in fds:
+                os.close(fd)
+            self.refuse_channel(channel, err.message)
+            return
+        start.tag = member_tag(self.members_started)
+        self.members_started += 1
+        member = self.members[channel] = Member(
+            start.container_id, start.tag, wire.encode(wire.MEMBER_START, start, channel), fds)
+        if self.held is None:                   # else at hello: no device before the guest runs
+            self.plug(channel, member)
+
+    def member_start(self, frame, fds):
+        """The MEMBER_START a channel begins with, checked; DkvmError saying what is wrong."""
+        if frame.type == wire.EXEC_START:
+            raise DkvmError("an exec into a member carries no descriptor")
+        if frame.type != wire.MEMBER_START:
+            raise DkvmError(f"a pod's channel starts with MEMBER_START or EXEC_START, not "
+                            f"frame type {frame.type}")
+        if len(fds) != 2 or not is_export(*fds):
+            raise DkvmError(f"a member's start comes with its export: its directory and "
+                            f"its mount namespace ({len(fds)} descriptors came)")
+        try:
+            start = frame.record()
+        except wire.ProtocolError as err:
+            raise DkvmError(f"a member's start: {err}") from None
+        if not start.container_id:
+            raise DkvmError("a member's start names no container")
+        running = [m for m in self.members.values() if m.gone_at is None]
+        if any(m.container_id == start.container_id for m in running):
+            raise DkvmError(f"container {start.container_id} runs in this pod already")
+        if len(running) >= MOST_EXECS:
+            raise DkvmError(f"too many containers in this pod (at most {MOST_EXECS}); "
+                            "this one was not started")
+        return start
+
+    def plug(self, channel, member):
+        member.submitted = True
+        export, member.export = member.export, []
+        self.exports.plug(channel, member.tag, export)
+
+    def on_plugged(self, channel, tag, error):
+        """A member's export plugged (or not): its start goes to the guest, with what
+        its relay sent after it."""
+        member = self.members.get(channel)
+        if member is None or member.tag != tag:
+            return
+        if member.gone_at is not None:          # its relay left meanwhile
+            del self.members[channel]
+            if not error:
+                self.exports.unplug(tag)
+            return
+        if error:
+            del self.members[channel]
+            self.refuse_channel(channel, f"the pod's VM cannot take this container's files: "
+                                         f"{error}")
+            self.drop_relay(channel)
+            return
+        member.plugged = True
+        self.unheard.discard(channel)
+        self.to_guest(member.start)
+        for data in member.held:
+            self.to_guest(data)
+        member.held = []
+
+    def unplug_when_done(self, channel):
+        """Once its relay has gone and the guest is done with it (or has had time)."""
+        member = self.members[channel]
+        if not member.plugged or member.gone_at is None:
+            return
+        if member.exited or time.monotonic() - member.gone_at > MEMBER_END_WAIT:
+            del self.members[channel]
+            self.exports.unplug(member.tag)
+
+    def check_members(self):
+        for channel in [c for c, m in self.members.items() if m.gone_at is not None]:
+            self.unplug_when_done(channel)
 
     # --- frames from the guest
     def on_guest_frame(self, frame):
@@ -315,6 +488,10 @@ class Supervisor:
                 frame.record()
             except wire.ProtocolError as err:
                 raise GuestMisbehaved(str(err)) from None
+        member = self.members.get(frame.channel)
+        if frame.type == wire.EXEC_EXIT and member is not None and member.plugged:
+            member.exited = True                # it has let go of its export
+            self.unplug_when_done(frame.channel)
         relay = self.relays.get(frame.channel)
         if relay is None:
             return
@@ -352,6 +529,9 @@ class Supervisor:
         held, self.held = self.held, None
         for data in held:
             self.to_guest(data)
+        for channel, member in self.members.items():
+            if not member.submitted:
+                self.plug(channel, member)
         if self.stdin_conn is not None:
             start_stdin_relay(self.stdin_conn)
 
@@ -390,6 +570,42 @@ def refuse_relay(conn, message):
     except OSError:
         pass
     conn.close()
+
+
+class Member:
+    """A pod member's channel as the supervisor follows it: its export's tag, the
+    MEMBER_START for the guest (sent once the export is plugged), the relay's frames
+    that came in the same read (held until then); `export` its export's descriptors
+    (directory, mount namespace) until the plug is asked for (`submitted`); `exited`:
+    the guest reported its end; `gone_at`: its relay left."""
+
+    def __init__(self, container_id, tag, start, export):
+        self.container_id, self.tag, self.start = container_id, tag, start
+        self.export = export
+        self.held = []
+        self.submitted = self.plugged = self.exited = False
+        self.gone_at = None
+
+    def close(self):
+        for fd in self.export:
+            os.close(fd)
+        self.export = []
+
+
+NS_GET_NSTYPE = 0xB703      # ioctl: a namespace descriptor's kind (linux/nsfs.h)
+CLONE_NEWNS = 0x20000       # that kind for a mount namespace (os has it from Python 3.12)
+
+
+def is_export(directory, namespace):
+    """Whether two descriptors are a directory and a mount namespace, as a member's
+    relay sends its export (pod_member.export_fds)."""
+    import fcntl
+    import stat
+    try:
+        return stat.S_ISDIR(os.fstat(directory).st_mode) and \
+            fcntl.ioctl(namespace, NS_GET_NSTYPE) == CLONE_NEWNS
+    except OSError:
+        return False
 
 
 def free_channel(relays, last=0):

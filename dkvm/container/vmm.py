@@ -104,9 +104,11 @@ def restore_devices(plan):
             + [disk_device(number, disk) for number, disk in enumerate(plan.disks)])
 
 
-def export_device():
-    return {"driver": "vhost-user-fs-pci", "chardev": "vfs", "tag": paths.VIRTIOFS_TAG,
-            "queue-size": 1024, "id": "vfs0"}
+def export_device(chardev="vfs", tag=paths.VIRTIOFS_TAG, device_id="vfs0"):
+    """The export's virtiofs device: the container's own, or a pod member's hot-plugged
+    into the pod's VM (container.member_exports), with the same options."""
+    return {"driver": "vhost-user-fs-pci", "chardev": chardev, "tag": tag,
+            "queue-size": 1024, "id": device_id}
 
 
 def disk_backends(disk_fds):

@@ -32,18 +32,18 @@ def open_pty(workload_pid):
         raise
 
 
-def spawn_in_workload(process, workload_pid, stdio):
+def spawn_in_workload(process, workload_pid, stdio, fork=os.fork):
     """Fork the exec'd process into the workload's cgroup and its cgroup and mount
-    namespaces (the PID namespace is already PID 1's for its children) as a session
-    leader, within the workload's bounding set, as runc's exec is within its
-    container's."""
+    namespaces (the PID namespace is already PID 1's for its children; `fork` forks
+    into a pod member's: guest.members) as a session leader, within the workload's
+    bounding set, as runc's exec is within its container's."""
     namespaces = [(os.open(f"/proc/{workload_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC),
                    flag) for name, flag in (("cgroup", syscalls.CLONE_NEWCGROUP),
                                             ("mnt", syscalls.CLONE_NEWNS))]
     user_ns = None          # the workload's, if it has one: joined last, as it was made
     if os.stat(f"/proc/{workload_pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino:
         user_ns = os.open(f"/proc/{workload_pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    pid = os.fork()
+    pid = fork()
     if pid:
         for fd in [fd for fd, _ in namespaces] + ([user_ns] if user_ns is not None else []):
             os.close(fd)
@@ -65,6 +65,9 @@ def spawn_in_workload(process, workload_pid, stdio):
 
 
 class ExecSession:
+    member = None       # a pod member's session: its MemberStart (guest.members)
+    on_end = None       # what to do once the process is gone, before its status is sent
+
     def __init__(self, channel, start, workload_pid, send, spawn=spawn_in_workload):
         """`start`: the schema.ExecStart; `send`: writes frames to the container side;
         `spawn`: how the process is started (a test starts it without namespaces)."""
@@ -203,6 +206,8 @@ class ExecSession:
                 os.close(self.stdin_fd)
             self.stdin_fd = None
             self.ended = True
+            if self.on_end is not None:
+                self.on_end()
             if not self.abandoned:
                 self.send(wire.encode(wire.EXEC_EXIT, {"status": self.status}, self.channel))
 

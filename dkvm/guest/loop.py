@@ -18,8 +18,10 @@ import time
 from dkvm import log, terminal, wire
 from dkvm.errors import DkvmError
 from dkvm.kernel_names import handles_signal
+from dkvm.guest import members
 from dkvm.guest.exec_session import EXEC_START_FAILED, ExecSession, spawn_in_workload
 from dkvm.guest.network import PendingChanges
+from dkvm.schema import ExecStart
 
 IDLE = 1.0
 ACK_WAIT = 5
@@ -28,6 +30,8 @@ POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 CONTROL_BATCH = 512 << 10   # read from the control port in one turn of the loop, at most
 START_GRACE = 0.5           # a new workload's time to set up its signal handlers
 DROP_CACHES = "/proc/sys/vm/drop_caches"    # "2": unused dentries and inodes
+MEMBER_WAIT = 30            # an exec into a pod member whose start is still on its way
+MOST_WAITING_EXECS = 24     # such execs at once (schema.MOST_EXECS)
 
 
 def reap():
@@ -71,11 +75,13 @@ def write_all(fd, data):
 
 class GuestLoop:
     def __init__(self, control, workload_pid, console=None, forwarder=None, reap=reap,
-                 spawn_exec=spawn_in_workload, decoder=None, default_rlimits=()):
+                 spawn_exec=spawn_in_workload, decoder=None, default_rlimits=(),
+                 pod_members=members):
         """`control`: the control port's fd; `console`: the terminal's fd (with -t);
         `forwarder`: the guest's DNS forwarder, if the workload uses Docker's DNS;
-        `reap` and `spawn_exec`: how children are reaped and execs started (a test
-        passes its own); `default_rlimits`: every exec's, before its own."""
+        `reap` and `spawn_exec`: how children are reaped and execs started, and
+        `pod_members` how a pod's members are (guest.members; a test passes its own);
+        `default_rlimits`: every exec's, before its own."""
         self.control = control
         self.workload_pid = workload_pid
         self.console = console
@@ -84,7 +90,10 @@ class GuestLoop:
         self.spawn_exec = spawn_exec
         self.decoder = decoder or wire.Decoder()
         self.default_rlimits = list(default_rlimits)
+        self.pod_members = pod_members
         self.sessions = {}                  # channel -> ExecSession
+        self.members = {}                   # a pod member's container id -> its ExecSession
+        self.execs_waiting = {}             # member -> [(deadline, EXEC_START)]: not started yet
         self.network_changes = PendingChanges()
         self.status = None                  # the workload's, once it is reaped
         self.control_ready = select.poll()
@@ -127,6 +136,8 @@ class GuestLoop:
         for fd, mask in masks.items():
             poller.register(fd, mask)
         timeout = self.early_signals.timeout(self.network_changes.timeout(timeout))
+        if self.execs_waiting:
+            timeout = min(timeout, IDLE)
         events = poller.poll(timeout * 1000)
         ready_r = [fd for fd, mask in events if mask & POLL_IN]
         # a pipe whose reader is gone polls as POLLERR only: writing says so (EPIPE)
@@ -152,6 +163,8 @@ class GuestLoop:
         for error in self.network_changes.apply_ready():
             self.report_error(f"network change in the guest failed: {error}")
         self.early_signals.deliver_ready()
+        if self.execs_waiting:
+            self.start_waiting_execs()
         if time.monotonic() - self.last_heartbeat >= wire.HEARTBEAT_INTERVAL:
             self.send(wire.encode(wire.HEARTBEAT))
             self.last_heartbeat = time.monotonic()
@@ -177,6 +190,8 @@ class GuestLoop:
                 session.on_exit(statuses[session.pid])
             if session.ended:
                 del self.sessions[session.channel]
+                if session.member is not None:
+                    del self.members[session.member.container_id]
 
     def report_error(self, message):
         log.warn(message)
@@ -223,22 +238,104 @@ class GuestLoop:
     def on_exec_frame(self, frame):
         if frame.type == wire.EXEC_START:
             self.start_exec(frame)
+        elif frame.type == wire.MEMBER_START:
+            self.start_member(frame)
         elif frame.channel in self.sessions:
-            self.sessions[frame.channel].on_frame(frame)
+            session = self.sessions[frame.channel]
+            if frame.type == wire.SIGNAL and session.member is not None:
+                try:            # a member's runtime signals its PID 1, as runc would
+                    os.kill(session.pid, frame.record().signal)
+                except ProcessLookupError:
+                    pass
+            else:
+                session.on_frame(frame)
 
     def start_exec(self, frame):
         try:
             start = frame.record()
             start.process.rlimits = self.default_rlimits + start.process.rlimits
-            self.sessions[frame.channel] = ExecSession(frame.channel, start,
-                                                       self.workload_pid, self.send,
-                                                       spawn=self.spawn_exec)
+            target, spawn = self.workload_pid, self.spawn_exec
+            if start.member:
+                if start.member not in self.members:
+                    self.wait_for_member(start.member, frame)
+                    return
+                target = self.members[start.member].pid
+                spawn = self.spawn_in_member(target)
+            self.sessions[frame.channel] = ExecSession(frame.channel, start, target, self.send,
+                                                       spawn=spawn)
         except Exception as err:
-            log.warn(f"exec failed: {err!r}")
-            self.send(wire.encode(wire.STDERR, f"dkvm: exec failed in the guest: {err}\n"
-                                  .encode(), frame.channel))
-            self.send(wire.encode(wire.EXEC_EXIT, {"status": EXEC_START_FAILED},
-                                  frame.channel))
+            self.refuse_session(frame.channel, "exec", err)
+
+    def wait_for_member(self, member, frame):
+        """An exec into a member whose start has not come yet (its runtime saw it
+        running once its relay ran): it waits, bounded, as runc's exec would have
+        found the container's process there."""
+        waiting = sum(len(frames) for frames in self.execs_waiting.values())
+        if waiting >= MOST_WAITING_EXECS:
+            raise DkvmError(f"no container {member} runs in this pod")
+        self.execs_waiting.setdefault(member, []).append(
+            (time.monotonic() + MEMBER_WAIT, frame))
+
+    def start_waiting_execs(self, member=None):
+        """The execs waiting for `member`, now that it runs; those past MEMBER_WAIT,
+        refused."""
+        now = time.monotonic()
+        for name in list(self.execs_waiting):
+            frames = self.execs_waiting[name]
+            if name == member:
+                del self.execs_waiting[name]
+                for _, frame in frames:
+                    self.start_exec(frame)
+                continue
+            for deadline, frame in [entry for entry in frames if entry[0] <= now]:
+                frames.remove((deadline, frame))
+                self.refuse_session(frame.channel, "exec",
+                                    DkvmError(f"no container {name} runs in this pod"))
+            if not frames:
+                del self.execs_waiting[name]
+
+    def spawn_in_member(self, member_pid):
+        def spawn(process, target_pid, stdio):
+            return self.spawn_exec(process, target_pid, stdio, fork=lambda:
+                                   self.pod_members.fork_in(member_pid, self.workload_pid))
+        return spawn
+
+    def start_member(self, frame):
+        """A pod member (guest.members): its session is an exec's, its process the
+        member's PID 1 in its own root."""
+        tag = None
+        try:
+            start = frame.record()
+            if start.container_id in self.members or not start.tag or \
+                    frame.channel in self.sessions:
+                raise DkvmError(f"container {start.container_id} runs already, or has no "
+                                "export")
+            tag = start.tag
+            root = self.pod_members.export_root(tag)
+            plan = start.plan
+            plan.process.rlimits = self.default_rlimits + plan.process.rlimits
+            session = ExecSession(
+                frame.channel, ExecStart(process=plan.process, winsize=start.winsize),
+                self.workload_pid, self.send, spawn=lambda process, _pid, stdio:
+                self.pod_members.spawn_member(plan, root, stdio, self.workload_pid))
+        except Exception as err:
+            if tag is not None:
+                self.pod_members.remove_export(tag)
+            self.refuse_session(frame.channel, "the container", err)
+            return
+        session.member = start
+        # its export goes before its status: the container side unplugs it then
+        session.on_end = lambda: self.pod_members.remove_export(tag)
+        self.sessions[frame.channel] = session
+        self.members[start.container_id] = session
+        self.start_waiting_execs(start.container_id)
+
+    def refuse_session(self, channel, what, err):
+        log.warn(f"{what} failed: {err!r}")
+        message = getattr(err, "message", None) or err
+        self.send(wire.encode(wire.STDERR, f"dkvm: {what} failed in the guest: {message}\n"
+                              .encode(), channel))
+        self.send(wire.encode(wire.EXEC_EXIT, {"status": EXEC_START_FAILED}, channel))
 
     def close(self):
         _signal.set_wakeup_fd(self.previous_wakeup)

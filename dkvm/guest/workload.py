@@ -47,17 +47,34 @@ def spawn(plan, stdio, disks=None):
         return StartingWorkload(pid, ready_r, go_w, user_ns)
     os.close(ready_r)
     os.close(go_w)
-    try:
-        if plan.process.terminal:
+    if plan.process.terminal:
+        try:
             tty = os.open(world.CONSOLE, os.O_RDWR)
-            stdio = (tty, tty, tty)
+        except OSError as err:
+            report_setup_failure(2, err)
+        stdio = (tty, tty, tty)
+    enter_container(plan, paths.SHARED_ROOTFS, stdio, disks, console=plan.process.terminal)
+    if os.read(go_r, 1) != GO:          # init failed meanwhile: it reports why
+        os._exit(SETUP_FAILED)
+    plan.process.rlimits = plan.default_rlimits + plan.process.rlimits
+    become_and_exec(stdio, plan.process, enter_user_namespace=user_ns and user_ns.enter)
+
+
+def enter_container(plan, root, stdio, disks=None, console=False):
+    """In a forked child: the container's world from `plan`, rooted at `root` (the
+    workload's, or a pod member's export): its cgroup and cgroup and mount namespaces,
+    runc's mounts, masks and root flags, a session of its own with its terminal
+    (stdio[0]) as the controlling one; `console`: the VM's console is that terminal,
+    bound at /dev/console as runc binds its own. A failure is told on its stderr and
+    ends the child."""
+    try:
         world.join_workload_cgroup()
         syscalls.unshare(syscalls.CLONE_NEWCGROUP | syscalls.CLONE_NEWNS)
         syscalls.make_mounts_private()
-        world.mount_workload_modules(plan, paths.SHARED_ROOTFS)
-        world.mount_disks(plan, disks or {}, paths.SHARED_ROOTFS)
-        syscalls.pivot_to(paths.SHARED_ROOTFS)
-        world.mount_container_filesystems(plan)
+        world.mount_workload_modules(plan, root)
+        world.mount_disks(plan, disks or {}, root)
+        syscalls.pivot_to(root)
+        world.mount_container_filesystems(plan, console=console)
         syscalls.mount("proc", "/proc", "proc",
                        *syscalls.mount_options(["nosuid", "nodev", "noexec"]))
         world.mask_and_protect_paths(plan)
@@ -68,17 +85,16 @@ def spawn(plan, stdio, disks=None):
                            | syscalls.MS_RDONLY)
         os.setsid()
         if plan.process.terminal:
-            fcntl.ioctl(tty, syscalls.TIOCSCTTY, 0)
+            fcntl.ioctl(stdio[0], syscalls.TIOCSCTTY, 0)
     except BaseException as err:
-        try:
-            os.write(stdio[2] if stdio else 2,
-                     f"dkvm: cannot set up the container in the VM: {err}\n".encode())
-        finally:
-            os._exit(SETUP_FAILED)
-    if os.read(go_r, 1) != GO:          # init failed meanwhile: it reports why
+        report_setup_failure(stdio[2] if stdio else 2, err)
+
+
+def report_setup_failure(fd, err):
+    try:
+        os.write(fd, f"dkvm: cannot set up the container in the VM: {err}\n".encode())
+    finally:
         os._exit(SETUP_FAILED)
-    plan.process.rlimits = plan.default_rlimits + plan.process.rlimits
-    become_and_exec(stdio, plan.process, enter_user_namespace=user_ns and user_ns.enter)
 
 
 class StartingWorkload:

@@ -67,19 +67,25 @@ def resume_from_template(plan):
     container's NICs, hot-plugged too, are waited for."""
     syscalls.set_wall_clock(plan.wall_clock_ns)
     syscalls.add_entropy(bytes.fromhex(plan.entropy))
-    deadline = time.monotonic() + EXPORT_WAIT
-    while True:
-        try:
-            syscalls.mount(paths.VIRTIOFS_TAG, paths.SHARE_DIR, "virtiofs")
-            break
-        except OSError as err:          # its device not probed yet: no such tag
-            if time.monotonic() > deadline:
-                raise DkvmError(f"the container's export did not appear: {err}") from None
-            time.sleep(0.005)
+    mount_export(paths.VIRTIOFS_TAG, paths.SHARE_DIR)
     syscalls.bind_mount(paths.SHARED_PAYLOAD, paths.PAYLOAD_MOUNT, readonly=True)
     import sys
     sys.path_importer_cache.clear()     # what the initramfs lacked, the payload has
     network.wait_for_links([iface.mac for iface in plan.interfaces])
+
+
+def mount_export(tag, target):
+    """A hot-plugged export (virtiofs `tag`) at `target`, once its device is probed
+    (bounded)."""
+    deadline = time.monotonic() + EXPORT_WAIT
+    while True:
+        try:
+            syscalls.mount(tag, target, "virtiofs")
+            return
+        except OSError as err:          # its device not probed yet: no such tag
+            if time.monotonic() > deadline:
+                raise DkvmError(f"the container's export did not appear: {err}") from None
+            time.sleep(0.005)
 
 
 def redirect_stdio(stdin_path, output_path):
@@ -151,10 +157,11 @@ def make_devices(devices):
         os.chmod(dev.path, dev.file_mode)
 
 
-def mount_container_filesystems(plan):
+def mount_container_filesystems(plan, console=False):
     """In the workload's new root (paths resolve inside the image, its symlinks
     included): the kernel filesystems a container gets from runc, /dev/shm of the size
-    asked for, the `--tmpfs` mounts; /proc comes after, with the PID namespace."""
+    asked for, the `--tmpfs` mounts; /proc comes after, with the PID namespace.
+    `console`: the VM's console is the container's terminal."""
     mounts = [
         ("sysfs", "/sys", "sysfs", ["nosuid", "nodev", "noexec"]),
         ("devtmpfs", "/dev", "devtmpfs", ["nosuid", "mode=755"]),
@@ -174,7 +181,7 @@ def mount_container_filesystems(plan):
         if not os.path.lexists(f"/dev/{name}"):
             os.symlink(target, f"/dev/{name}")
     make_devices(plan.devices)
-    if plan.process.terminal:       # as runc binds its terminal there: systemd's status
+    if console:                     # as runc binds its terminal there: systemd's status
         syscalls.bind_mount(CONSOLE, "/dev/console")
 
 

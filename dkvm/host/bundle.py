@@ -6,17 +6,10 @@ import os
 from dkvm import handoff, lightjson, paths
 from dkvm.errors import DkvmError
 
-# What containerd's CRI annotates a pod's sandbox (pause) container with: its type,
-# and the sandbox's id, which for the sandbox itself is its own container id.
-CRI_CONTAINER_TYPE, CRI_SANDBOX_ID = ("io.kubernetes.cri.container-type",
-                                      "io.kubernetes.cri.sandbox-id")
-# Where containerd's shim v2 keeps a task's bundle: <state dir>/TASK_DIR/<namespace>/<id>
-# (/run/containerd by default, /run/k3s/containerd under k3s); CRI's namespace is k8s.io.
-# Docker's are in the moby namespace, Podman's and CRI-O's under containers/storage.
-CONTAINERD_TASK_DIR, CRI_NAMESPACE = "io.containerd.runtime.v2.task", "k8s.io"
-# the container's root: a mount point for each of its mounts (paths.SKELETON)
+# the container's root: a mount point for each of its mounts (paths.SKELETON), a pod's
+# directory's too (host.pods)
 SKELETON_DIRS = ("proc", "dev", "sys", "run", "tmp", "etc", paths.PAYLOAD_MOUNT[1:],
-                 paths.SHARED_ROOTFS[1:], paths.SHARED_PAYLOAD[1:])
+                 paths.SHARED_ROOTFS[1:], paths.SHARED_PAYLOAD[1:], paths.POD_DIR[1:])
 
 
 class BundleLayout:
@@ -49,21 +42,29 @@ class BundleLayout:
 def prepare_create(call):
     """Rewrite the bundle's config.json for `runc create` (`call`, a runc_cli.RuncCall);
     what to put back once runc has read it (restore_config): (path, the engine's
-    text), or None for a config runc runs as it is."""
+    text). Every container gets a VM, or for a Kubernetes pod's member, its pod's
+    (host.pods)."""
+    from dkvm.host import pods
     from dkvm.host.facts import gather_host_facts
-    from dkvm.host.rewrite import rewrite_create_config
-    from dkvm.host.templates import template_for_create
+    from dkvm.host.rewrite import rewrite_create_config, rewrite_member_config
     bundle = call.bundle
     config_path = os.path.join(bundle, "config.json")
     with open(config_path) as f:
         original = f.read()
     config = lightjson.loads(original)
-    if is_pod_sandbox(config, bundle, call.container_id):
-        return None
+    pod, sandbox_id = pods.pod_role(config, bundle, call.container_id)
     layout = BundleLayout(bundle, config)
     facts = gather_host_facts(call.operator)
-    new, plan = rewrite_create_config(config, facts, layout, call.container_id)
-    plan.template = template_for_create(plan, new, facts.payload_dir)
+    if pod == pods.POD_MEMBER:
+        new, plan = rewrite_member_config(config, facts, layout, call.container_id)
+        new = pods.with_pod_dir(new, pods.find_pod_dir(sandbox_id))
+    else:
+        from dkvm.host.templates import template_for_create
+        new, plan = rewrite_create_config(config, facts, layout, call.container_id)
+        plan.template = template_for_create(plan, new, facts.payload_dir)
+        if pod == pods.POD_SANDBOX:
+            new = pods.with_pod_dir(new, pods.make_pod_dir(sandbox_id))
+    plan.pod = pod
     layout.make_skeleton()
     handoff.write_plan(layout.skeleton, plan.to_json())
     if (config.get("root") or {}).get("readonly"):
@@ -78,27 +79,17 @@ def restore_config(config_path, original):
     replace_file_text(config_path, original)
 
 
-def is_pod_sandbox(config, bundle, container_id):
-    """A Kubernetes pod's sandbox (its pause container) that containerd's CRI runs with
-    the pod's runtime class too: it only holds the pod's namespaces, and runc runs it
-    as it is (the pod's DKVM container then takes the network namespace's interfaces).
-    The only container without a VM, so it must be proven to be CRI's by what an
-    image cannot choose: engines copy an image's annotations into the config (Podman
-    does), so the annotations alone prove nothing. CRI's sandbox is the container its
-    sandbox-id names, and its bundle is in containerd's task state for the k8s.io
-    namespace, where no other engine puts one. CRI-O's sandbox gets a VM."""
-    annotations = config.get("annotations") or {}
-    if annotations.get(CRI_CONTAINER_TYPE) != "sandbox" or not container_id or \
-            annotations.get(CRI_SANDBOX_ID) != container_id:
-        return False
-    parts = os.path.realpath(bundle).split(os.sep)
-    return parts[-3:] == [CONTAINERD_TASK_DIR, CRI_NAMESPACE, container_id]
+# where the guest mounts a container's kernel filesystems in its root (the rest of
+# runc's, /dev/pts, /sys/fs/cgroup, ..., are inside these): runc makes these mount
+# points in an image that lacks them (a pause image has nothing but its program)
+KERNEL_MOUNT_POINTS = ("/proc", "/sys", "/dev")
 
 
 def make_mount_points(layout, config, plan):
     """`--read-only`: the image is mounted read-only in the container, where runc
-    cannot make the mount points of the mounts inside it, nor the guest those of its
-    `--tmpfs`, disks and modules: make them first, as runc would have."""
+    cannot make the mount points of the mounts inside it, nor the guest those of the
+    kernel's filesystems, its `--tmpfs`, disks and modules: make them first, as runc
+    would have."""
     from dkvm.host.image_paths import make_mount_point
     binds = []
     for mount in config["mounts"]:
@@ -110,8 +101,8 @@ def make_mount_points(layout, config, plan):
                          directory=mount.get("type") != "bind" or os.path.isdir(source))
         if mount.get("type") == "bind":
             binds.append((path, source))
-    in_guest = [tmpfs.destination for tmpfs in plan.tmpfs] + [disk.mount_point
-                                                              for disk in plan.disks]
+    in_guest = [*KERNEL_MOUNT_POINTS, *(tmpfs.destination for tmpfs in plan.tmpfs),
+                *(disk.mount_point for disk in plan.disks)]
     if plan.options.kernel_lib_modules:
         in_guest.append("/lib/modules")
     for path in in_guest:
@@ -121,8 +112,10 @@ def make_mount_points(layout, config, plan):
 def prepare_exec(call):
     """`runc exec --process FILE` (`call`, a runc_cli.RuncCall): the process becomes the
     exec relay (dkvm-exec-relay), which gets its request as one more descriptor (handoff). Returns
-    runc's exec arguments (after the subcommand)."""
+    runc's exec arguments (after the subcommand). Into a pod's member (host.pods), the
+    relay asks the pod's sandbox."""
     from dkvm.host.engines import DOCKER
+    from dkvm.host.pods import is_member_exec
     from dkvm.host.rewrite import rewrite_exec_process
     path = call.process_file
     if not path:
@@ -131,7 +124,8 @@ def prepare_exec(call):
         process = lightjson.loads(f.read())
     exec_args, request_fd = handoff.request_descriptor(call.command_args)
     relay, request = rewrite_exec_process(process, call.container_id,
-                                          DOCKER.default_capabilities, request_fd)
+                                          DOCKER.default_capabilities, request_fd,
+                                          member=is_member_exec(call.container_id, call.log))
     handoff.pass_request(request_fd, request.to_json())
     replace_json(path, relay)
     return exec_args

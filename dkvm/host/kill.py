@@ -11,6 +11,11 @@ ignores a signal it neither catches nor blocks, and the entrypoint blocks them a
 only once its interpreter runs (its first tens of milliseconds after `start`). A
 signal sent then would be lost, so the runtime waits (bounded) until it is blocked.
 
+A Kubernetes pod's member (host.pods) has no VM: its process is a relay
+(dkvm-pod-member) that forwards the catchable signals to the member's process in the
+pod's VM, so the runtime waits until it blocks them too; SIGKILL and SIGSTOP go to
+runc as they are (a killed relay's channel closes, and the guest kills the member).
+
 A container that is not running, or not DKVM's, is runc's to answer. (Every `docker
 stop` comes through here: beyond the signal's name, nothing is imported until a signal
 needs it.)"""
@@ -23,6 +28,7 @@ KILL_GRACE = 0.8            # the guest killing the workload and powering off
 STOP_WAIT = 1               # the entrypoint passing SIGSTOP on
 BLOCK_WAIT = 2              # the entrypoint's interpreter starting, on a loaded host
 ENTRYPOINT = b"dkvm-ctr-entrypoint"
+POD_MEMBER = b"dkvm-pod-member"            # a pod member's relay
 
 
 def deliver_in_guest(call, runc):
@@ -36,6 +42,8 @@ def deliver_in_guest(call, runc):
         return True
     if signum not in (SIGKILL, SIGSTOP):
         wait_until_blocked(pid, signum)
+        return True
+    if runs(pid, POD_MEMBER):
         return True
     from dkvm import signal_request
     try:
@@ -120,10 +128,20 @@ def kill_signal(call):
     return signal_number(call.signal or "TERM")
 
 
+def runs(pid, program):
+    """Whether process `pid`'s command line runs DKVM's `program` (a role's name)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(arg.endswith(program) for arg in argv)
+
+
 def wait_until_blocked(pid, signum, timeout=BLOCK_WAIT):
-    """Until DKVM's entrypoint (pid) blocks `signum`; at once for any other process,
-    and for one that runc has yet to exec (its command line is runc's) only as long
-    as that lasts."""
+    """Until DKVM's entrypoint or a pod member's relay (pid) blocks `signum`; at once
+    for any other process, and for one that runc has yet to exec (its command line is
+    runc's) only as long as that lasts."""
     import time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -134,7 +152,7 @@ def wait_until_blocked(pid, signum, timeout=BLOCK_WAIT):
                 status = f.read()
         except OSError:
             return
-        ours = any(arg.endswith(ENTRYPOINT) for arg in argv)
+        ours = any(arg.endswith((ENTRYPOINT, POD_MEMBER)) for arg in argv)
         if not ours and not os.path.basename(argv[0]).startswith(b"runc"):
             return
         if ours and handles_signal(status, signum):

@@ -29,8 +29,8 @@ from dkvm.host.settings import parse_settings, split_env
 from dkvm.host.vm_size import plan_memory, vcpus_for
 from dkvm.kernel_names import CAPABILITY_NUMBERS
 from dkvm.options import IMAGE_KERNEL
-from dkvm.schema import (CAPABILITY_SETS, ROOT_PROPAGATIONS, Boot, Capabilities, ExecRequest,
-                         IdMapping, Options, Plan, Process, Rlimit, Tmpfs)
+from dkvm.schema import (CAPABILITY_SETS, POD_MEMBER, ROOT_PROPAGATIONS, Boot, Capabilities,
+                         ExecRequest, IdMapping, Options, Plan, Process, Rlimit, Tmpfs)
 
 # What the VM keeps from the workload's full root unless the config grants it:
 # reboot() from the workload ends the container (the guest kernel kills its PID
@@ -42,6 +42,10 @@ SYSTEM_TMPFS = {"/dev", "/dev/shm", "/run/secrets", "/dev/pts", "/dev/mqueue", "
 CONTAINER_SIDE_MOUNTS = {"/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys",
                          "/sys/fs/cgroup"}
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# A pod member's container side: virtiofsd's capabilities, without the VM's (NET_ADMIN
+# for the taps, SYS_NICE to page QEMU's kernel out): it has no VM
+MEMBER_SIDE_CAPS = [cap for cap in CONTAINER_SIDE_CAPS
+                    if cap not in ("CAP_NET_ADMIN", "CAP_SYS_NICE")]
 
 
 def rewrite_create_config(config, host, bundle, container_id=""):
@@ -50,7 +54,7 @@ def rewrite_create_config(config, host, bundle, container_id=""):
     a host.facts.HostFacts, `bundle` a host.bundle.BundleLayout (where the container's
     own root is, and how a path resolves in the image)."""
     config = copy.deepcopy(config)
-    process = config.get("process") or {}
+    process = config["process"] = config.get("process") or {}
     linux = config.setdefault("linux", {})
     workload_env, settings = split_env(process.get("env") or [])
     values = parse_settings(settings, host, host.defaults, host.policy_allows)
@@ -58,19 +62,57 @@ def rewrite_create_config(config, host, bundle, container_id=""):
     options.accel = choose_accel(options.accel, host.kvm_usable)
     netns_path = host.engine.check_network_namespace(linux)
     resources = linux.setdefault("resources", {})
-    uid_mappings, gid_mappings = take_user_namespace(linux)
+    plan = workload_plan(config, workload_env, host.engine, container_id)
+    plan.options = options
+    plan.cpus = vcpus_for(resources.get("cpu") or {})
+    plan.boot = choose_boot(options.kernel, host.kernels, bundle)
+    plan.network_namespace_kept = bool(netns_path)
+    plan.dns_upstream = list(host.dns_upstream)
+    plan.memory_mib, plan.tcg_cache_mib, plan.max_execs = plan_memory(resources,
+                                                                       options.accel)
+    plan.disks = plan_disks(values["disks"], config.get("mounts") or [], plan.readonly_root)
+    become_container_side(config, plan, bundle, host.payload_dir, "dkvm-ctr-entrypoint")
+    set_capabilities(process, CONTAINER_SIDE_CAPS + (["CAP_SYS_ADMIN"] if options.sys_admin
+                                                     else []))
+    add_device(linux, TUN)
+    if options.accel == "kvm":
+        add_device(linux, KVM)
+    return config, plan
 
-    plan = Plan(
+
+def rewrite_member_config(config, host, bundle, container_id=""):
+    """A Kubernetes pod's member (host.pods): its process runs in the pod's VM, which
+    its sandbox's container side runs, so its own container side only exports its root
+    (virtiofsd) and relays (dkvm-pod-member): no VM, no TUN, no KVM, no template. Its
+    DKVM_* settings size and shape a VM, the sandbox's to have: they are left out of
+    its environment, and not read. It joins the sandbox's network namespace
+    (/proc/PID/ns/net), where it touches no interface. Returns (config, plan) as
+    rewrite_create_config does."""
+    config = copy.deepcopy(config)
+    process = config["process"] = config.get("process") or {}
+    linux = config.setdefault("linux", {})
+    workload_env, _ = split_env(process.get("env") or [])
+    host.engine.check_network_namespace(linux, joins_pod=True)
+    linux.setdefault("resources", {})
+    plan = workload_plan(config, workload_env, host.engine, container_id)
+    plan.pod = POD_MEMBER
+    become_container_side(config, plan, bundle, host.payload_dir, "dkvm-pod-member")
+    set_capabilities(process, MEMBER_SIDE_CAPS)
+    return config, plan
+
+
+def workload_plan(config, env, engine, container_id):
+    """The plan's fields for the workload's process and the world it sees in the guest,
+    a VM's or a pod member's; what is the guest's takes it out of the config (a user
+    namespace, the pids limit)."""
+    process, linux = config["process"], config["linux"]
+    uid_mappings, gid_mappings = take_user_namespace(linux)
+    return Plan(
         container_id=container_id,
-        process=process_spec(process, workload_env, host.engine.default_capabilities),
-        options=options,
-        cpus=vcpus_for(resources.get("cpu") or {}),
-        boot=choose_boot(options.kernel, host.kernels, bundle),
+        process=process_spec(process, env, engine.default_capabilities),
         hostname=config.get("hostname", ""),
         domainname=config.get("domainname", ""),
-        network_namespace_kept=bool(netns_path),
         sysctl=dict(linux.get("sysctl") or {}),
-        dns_upstream=list(host.dns_upstream),
         readonly_root=bool((config.get("root") or {}).get("readonly")),
         masked_paths=guest_paths(linux.get("maskedPaths")),
         readonly_paths=guest_paths(linux.get("readonlyPaths")),
@@ -78,47 +120,47 @@ def rewrite_create_config(config, host, bundle, container_id=""):
         uid_mappings=uid_mappings,
         gid_mappings=gid_mappings,
         devices=guest_devices(linux),
-        pids_limit=take_pids_limit(resources),
+        pids_limit=take_pids_limit(linux.setdefault("resources", {})),
     )
-    plan.memory_mib, plan.tcg_cache_mib, plan.max_execs = plan_memory(resources,
-                                                                       options.accel)
-    plan.disks = plan_disks(values["disks"], config.get("mounts") or [], plan.readonly_root)
+
+
+def become_container_side(config, plan, bundle, payload_dir, role):
+    """The container becomes DKVM's container side running `role`: its root the
+    skeleton, the image's and the workload's mounts in the export, DKVM's after them,
+    `--tmpfs` moved to the plan, root with no new privileges, confined whatever the
+    engine granted the workload (host.container_side). Its capabilities and devices
+    are the caller's to give."""
+    process, linux = config["process"], config["linux"]
     mounts, plan.tmpfs = split_user_tmpfs(config.get("mounts") or [])
     config["mounts"] = lay_out_mounts(mounts, bundle.image_root, plan.readonly_root,
-                                      host.payload_dir, bundle.resolve)
+                                      payload_dir, bundle.resolve)
     config["root"] = {"path": bundle.skeleton, "readonly": True}
-
-    process["args"] = paths.role_argv("dkvm-ctr-entrypoint")
+    process["args"] = paths.role_argv(role)
     process["cwd"] = "/"
     process["env"] = [f"PATH={CONTAINER_PATH}"]     # the plan is a file: handoff
     process["user"] = {"uid": 0, "gid": 0}
     process["noNewPrivileges"] = True
     process["rlimits"] = container_side_nofile()
     plan.engine_nofile = engine_nofile()
-    set_capabilities(process, CONTAINER_SIDE_CAPS + (["CAP_SYS_ADMIN"] if options.sys_admin
-                                                     else []))
     linux["devices"] = []               # the workload's are made in the guest
     confine_container_side(config)
     allow_container_side_syscalls(linux)
     if not linux.get("seccomp"):
         linux["seccomp"] = container_side_seccomp()
-    add_device(linux, TUN)
-    if options.accel == "kvm":
-        add_device(linux, KVM)
-    config["process"] = process
-    return config, plan
 
 
-def rewrite_exec_process(process, container_id, engine_capabilities, request_fd):
+def rewrite_exec_process(process, container_id, engine_capabilities, request_fd,
+                         member=False):
     """Return the process.json for `runc exec` that relays `process` into the guest,
     and the relay's request, which it reads from descriptor `request_fd` (handoff).
     The relay runs as root in the container with no capability (it only talks to the
-    container side's control multiplexer, in root's /run); the user, env, cwd,
-    terminal and limits go to the guest."""
+    container side's control multiplexer, in root's /run, or for a pod's `member` to
+    the pod's sandbox); the user, env, cwd, terminal and limits go to the guest."""
     process = copy.deepcopy(process)
     env, _ = split_env(process.get("env") or [])
     request = ExecRequest(container_id=container_id,
-                          process=process_spec(process, env, engine_capabilities))
+                          process=process_spec(process, env, engine_capabilities),
+                          member=member)
     process["args"] = paths.role_argv("dkvm-exec-relay") + [paths.EXEC_REQUEST_FD,
                                                             str(request_fd)]
     process["env"] = [f"PATH={CONTAINER_PATH}"]

@@ -4,7 +4,8 @@ be accepted by the cgroup while the guest has not yet touched its RAM, and the
 host's OOM killer would end QEMU the first time it did. So a memory limit below
 what the VM was sized for is refused, naming that floor. A higher limit, none, and
 everything else `update` sets (CPU, pids, block I/O) are runc's, as is any
-container that is not DKVM's."""
+container that is not DKVM's, and a Kubernetes pod's member (host.pods: its process
+runs in the sandbox's VM)."""
 import json
 import os
 
@@ -67,11 +68,14 @@ def booted_vm_mib(runc, call):
         return 0                        # not DKVM's own root: the image's
     from dkvm.handoff import read_plan
     from dkvm.host.vm_size import vm_footprint_mib
-    from dkvm.schema import Plan
+    from dkvm.schema import POD_MEMBER, Plan
     try:
-        return vm_footprint_mib(Plan.from_json(read_plan(root)))
+        plan = Plan.from_json(read_plan(root))
     except (OSError, ValueError, DkvmError):     # not a plan DKVM wrote
         return 0
+    if plan.pod == POD_MEMBER:
+        return 0                        # a pod's member: no VM, its limit is runc's
+    return vm_footprint_mib(plan)
 
 
 def parse_bytes(text):

@@ -11,7 +11,8 @@ network connect`/`disconnect` with hot-plugged NICs) and completes the plan with
 only the container can see. Then the supervisor serves the control channel (the
 guest asks it for the plan first; a restored VM asked its template's maker, and is
 sent it) until the guest reports the workload's exit status, which becomes ours. A
-network namespace the engine keeps after the container gets its interfaces back.
+network namespace the engine keeps after the container gets its interfaces back. A
+pod's sandbox also takes the pod's members (host.pods) on POD_SOCKET.
 """
 import select
 import socket
@@ -19,6 +20,7 @@ import time
 
 from dkvm import log, paths
 from dkvm.container.disks import open_disks
+from dkvm.container.member_exports import sandbox_exports
 from dkvm.container.net.follower import NetworkFollower
 from dkvm.container.net.handover import Handover
 from dkvm.container.net.plumbing import give_back_interfaces, ready_to_give_back
@@ -30,6 +32,7 @@ from dkvm.container.net.taps import create_tap, guest_nics, tap_name
 from dkvm.container.own_limits import own_rlimits
 from dkvm.errors import DkvmError
 from dkvm.handoff import own_plan
+from dkvm.schema import POD_SANDBOX
 from dkvm.terminal import get_size
 
 CONNECT_TIMEOUT = 30        # QEMU connecting to the control and stdin sockets
@@ -50,6 +53,7 @@ def main(argv):
         control_listener = listen(paths.CONTROL_SOCKET)
         exec_listener = listen(paths.EXEC_SOCKET, backlog=64)
         signal_listener = listen(paths.SIGNAL_SOCKET, backlog=8)
+        pod_listener = listen(paths.POD_SOCKET, backlog=64) if plan.pod == POD_SANDBOX else None
         stdin_listener = None if plan.process.terminal else listen(paths.STDIN_SOCKET)
         template = open_template(plan, vm_vcpus(plan))
         vm.start_virtiofsd(listen(paths.VIRTIOFS_SOCKET), plan)
@@ -67,7 +71,8 @@ def main(argv):
             ready_to_give_back()
         return Supervisor(control, exec_listener, follower.inbox, vm, signals, plan,
                           stdin_conn=stdin_conn, signal_listener=signal_listener,
-                          restored=bool(template)).run()
+                          restored=bool(template), pod_listener=pod_listener,
+                          exports=sandbox_exports(plan, follower.shared_monitor)).run()
     finally:
         vm.stop()
         if plan.network_namespace_kept:

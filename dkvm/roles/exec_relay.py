@@ -1,12 +1,13 @@
 """dkvm-exec-relay: what `runc exec` starts in the container for `docker exec`. It
 reads the request the runtime handed it as a descriptor (handoff: never its
-environment, which is DKVM's, not the workload's), waits for the VM's multiplexer,
-puts the terminal (with -t) in raw mode, and relays the exec into the guest; it
-leaves with the guest process's exit status."""
-import os
+environment, which is DKVM's, not the workload's), waits for the VM's multiplexer
+(a pod member's exec: the pod's, on POD_SOCKET, into that member), puts the terminal
+(with -t) in raw mode, and relays the exec into the guest; it leaves with the guest
+process's exit status."""
 
 from dkvm import log, paths, terminal
-from dkvm.container.exec_relay import ExecRelay, connect, yield_to_the_vm
+from dkvm.container.exec_relay import (ExecRelay, connect, make_raw, restore_terminal,
+                                       yield_to_the_vm)
 from dkvm.errors import DkvmError
 from dkvm.schema import ExecRequest
 
@@ -17,9 +18,10 @@ def main(argv):
     yield_to_the_vm()
     request = request_from(argv)
     log.set_container(request.container_id)
-    sock = connect(paths.EXEC_SOCKET, CONNECT_TIMEOUT)
+    sock = connect(paths.POD_SOCKET if request.member else paths.EXEC_SOCKET, CONNECT_TIMEOUT)
     tty = request.process.terminal
-    relay = ExecRelay(sock, request.process, terminal.get_size(0) if tty else [])
+    relay = ExecRelay(sock, request.process, terminal.get_size(0) if tty else [],
+                      member=request.container_id if request.member else "")
     saved = None
     if tty:
         relay.watch_resizes()
@@ -27,9 +29,7 @@ def main(argv):
     try:
         return relay.run()
     finally:
-        if saved is not None:
-            import termios
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        restore_terminal(0, saved)
 
 
 def request_from(argv):
@@ -43,14 +43,3 @@ def request_from(argv):
         return ExecRequest.from_json(read_request(int(words[1])))
     except (OSError, ValueError) as err:
         raise DkvmError(f"the exec's request cannot be read ({err})", 126) from None
-
-
-def make_raw(fd):
-    """The guest's terminal does the line discipline; ours must pass bytes as they are."""
-    if not os.isatty(fd):
-        return None
-    import termios
-    import tty
-    saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
-    return saved

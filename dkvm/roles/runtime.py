@@ -2,7 +2,9 @@
 are given, has SIGKILL and SIGSTOP delivered in the guest first (host.kill), refuses
 an `update` to a memory limit below the VM's size (host.update), and then becomes
 runc; every other subcommand reaches runc untouched. `create` waits for runc
-instead, and puts the engine's config.json back once runc has read it.
+instead, and puts the engine's config.json back once runc has read it; the `delete`
+of a Kubernetes pod's sandbox waits for runc too, then removes the pod's directory
+(host.pods).
 
 Imports stay inside functions: this runs on every docker operation.
 """
@@ -42,7 +44,31 @@ def main(argv):
         from dkvm.host import bundle
         bundle.restore_config(*created_from)
         return status
+    if call.command == "delete":
+        from dkvm.host import pods
+        if pods.has_pod_dir(call.container_id):
+            return delete_pod(call, runc)
     os.execv(runc, [runc] + call.runc_args())
+
+
+def delete_pod(call, runc):
+    """runc's delete of a pod's sandbox, then its pod's directory: once runc's delete
+    succeeds (`delete --force` of a container runc no longer has succeeds too, so the
+    shim's cleanup after a failed create removes it as well), not while the sandbox
+    may still run. Its members are gone by then (CRI removes them first)."""
+    status = run_runc(runc, call.runc_args())
+    if status == 0:
+        from dkvm.errors import DkvmError
+        from dkvm.host import pods
+        try:
+            pods.remove_pod_dir(call.container_id)
+        except DkvmError as err:
+            from dkvm import log
+            from dkvm.host import runc_cli
+            log.set_container(call.container_id)
+            runc_cli.report_to_runc_log(call, log.line(err.message))
+            raise
+    return status
 
 
 def run_runc(runc, args):

@@ -1,8 +1,9 @@
 """Where the boundary is, whatever the image or the flags say: an image's sandbox
-annotations do not take it out of the VM (only containerd's CRI sandbox, proven by
-its bundle, is runc's); `--privileged` is the workload's, in its VM, and the container
-side stays as unprivileged as without it; what the guest prints reaches the user's
-terminal only as visible text; systemd without kmod comes up `running`."""
+or pod annotations do not take it out of its VM nor into a pod's (containerd's CRI
+sandbox, proven by its bundle, is a pod's VM); `--privileged` is the workload's, in
+its VM, and the container side stays as unprivileged as without it; what the guest
+prints reaches the user's terminal only as visible text; systemd without kmod comes
+up `running`."""
 import os
 import shutil
 import subprocess
@@ -52,7 +53,8 @@ def annotated_image(base, annotations):
 @pytest.mark.parametrize("annotations", [
     {"io.kubernetes.cri-o.ContainerType": "sandbox"},
     {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": "0" * 64},
-], ids=["cri-o", "cri-forged-id"])
+    {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "0" * 64},
+], ids=["cri-o", "cri-forged-id", "cri-forged-member"])
 def test_an_images_sandbox_annotation_does_not_take_it_out_of_the_vm(podman_image,
                                                                      guest_release,
                                                                      annotations):
@@ -86,9 +88,10 @@ def cri_image(busybox_image):
 
 
 @pytest.mark.parametrize("own_id", [True, False], ids=["sandbox", "forged-id"])
-def test_only_cris_own_sandbox_is_runcs(cri_image, guest_release, own_id):
+def test_cris_own_sandbox_is_a_vm_too(cri_image, guest_release, own_id):
     """What containerd's CRI starts for a pod (k8s.io namespace, annotated with its own
-    id) runs as runc runs it; the same annotations on another container do not."""
+    id) is the pod's VM, whose directory on the host goes with it; the same annotations
+    on another container make a VM of its own. No container runs as runc runs it."""
     name = f"dkvm-test-cri-{uuid.uuid4().hex[:8]}"
     sandbox_id = name if own_id else "another-sandbox"
     out = ctr("run", "--rm", "--runc-binary", "/usr/local/bin/dkvm-runtime",
@@ -96,8 +99,9 @@ def test_only_cris_own_sandbox_is_runcs(cri_image, guest_release, own_id):
               "--annotation", f"io.kubernetes.cri.sandbox-id={sandbox_id}",
               cri_image, name, "uname", "-r")
     try:
-        expected = host_release() if own_id else guest_release
-        assert (out.returncode, out.stdout.strip()) == (0, expected), out.stderr
+        assert (out.returncode, out.stdout.strip()) == (0, guest_release), out.stderr
+        assert guest_release != host_release()
+        assert not os.path.lexists(f"/run/dkvm/pods/{name}")   # deleted with the sandbox
     finally:
         ctr("tasks", "kill", "--signal", "SIGKILL", name)
         ctr("containers", "delete", name)

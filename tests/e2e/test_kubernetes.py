@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 
 import cri
-import idle                 # bench/idle.py: a process's memory as the benchmarks read it
 from dockerutil import http_get
-from waiting import wait_until, wait_until_steady
+from waiting import wait_until
 
 # the runtime handlers (RuntimeClass handlers) every test runs with; runc is the oracle
-HANDLERS = ["runc"]
+HANDLERS = ["runc", "dkvm"]
 # a hostPort per handler: a handler's web pod may outlive the switch to the next one
 HOST_PORTS = {handler: 31080 + number for number, handler in enumerate(HANDLERS)}
 HTTP_REQUEST = b"GET / HTTP/1.0\r\n\r\n"
@@ -115,11 +114,20 @@ def test_exec_sync_gives_stdout_stderr_and_the_exit_code(node, web):
 
 
 def test_exec_sync_of_a_missing_command_fails_as_with_runc(node, web):
+    """runc fails the exec itself (an RPC error); DKVM's relay starts, and the guest
+    fails it with runc's words and runc's exit code for an exec that cannot start
+    (README: Limitations)."""
     import grpc
-    with pytest.raises(grpc.RpcError) as failure:
-        node.exec_sync(web.container, ["/no/such/command"])
-    assert "/no/such/command" in failure.value.details()
-    assert "no such file or directory" in failure.value.details()
+    if web.handler == "runc":
+        with pytest.raises(grpc.RpcError) as failure:
+            node.exec_sync(web.container, ["/no/such/command"])
+        said = failure.value.details()
+    else:
+        code, out, err = node.exec_sync(web.container, ["/no/such/command"])
+        assert code == 126
+        said = out + err        # where `docker exec` shows runc's words under DKVM
+    assert "/no/such/command" in said
+    assert "no such file or directory" in said
 
 
 def test_streaming_exec_carries_stdin_stdout_stderr_and_the_exit_code(node, web):
@@ -133,6 +141,8 @@ def test_streaming_exec_carries_stdin_stdout_stderr_and_the_exit_code(node, web)
 
 def test_streaming_exec_with_a_tty_is_a_terminal_that_follows_resizes(node, web):
     session = cri.ExecSession(node.exec_url(web.container, ["sh"], stdin=True, tty=True))
+    session.resize(24, 80)              # as kubectl sends its terminal's size at once
+    session.read_until(lambda out: "# " in out, "the shell's prompt")
     session.send("tty\n")
     session.read_until(lambda out: "/dev/pts/" in out, "tty's answer")
     for rows, cols in ((30, 100), (45, 132)):
@@ -152,7 +162,11 @@ def test_streaming_exec_with_a_tty_is_a_terminal_that_follows_resizes(node, web)
     assert session.stderr == ""          # a tty has one stream
 
 
-def test_port_forward_reaches_the_pods_port(node, web):
+def test_port_forward_reaches_the_pods_port(node, web, request):
+    if web.handler == "dkvm":           # README: Limitations
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "containerd dials localhost:PORT in the pod's network namespace, whose "
+            "addresses the pod's VM holds")))
     answer = cri.port_forward(node.port_forward_url(web.id, 8080), 8080, HTTP_REQUEST)
     assert answer.startswith(b"HTTP/1.") and answer.rstrip().endswith(web.text.encode())
 
@@ -179,40 +193,6 @@ def test_the_log_file_has_both_streams_and_follows_reopen(node, web):
                    and t.startswith("tick-"))
     first_new = min(int(t.split("-")[1]) for t in fresh if t.startswith("tick-"))
     assert first_new > last_old
-
-
-def pod_pss_mib(pod):
-    """The host memory (PSS) of every process in the pod's cgroup: for a VM runtime, the
-    VM's container side (QEMU, virtiofsd) included."""
-    total = 0.0
-    for proc in Path("/proc").iterdir():
-        try:
-            inside = proc.name.isdigit() and f"pod{pod.uid}" in (proc / "cgroup").read_text()
-        except OSError:
-            continue
-        if inside:
-            total += idle.rollup_mib(int(proc.name)).get("Pss", 0.0)
-    return round(total)
-
-
-def test_pod_start_time_and_idle_memory_are_measured(pods, node, capsys):
-    """Printed, not asserted: RunPodSandbox to the first container running, and the
-    host memory of the idle pod with one container and with two."""
-    for handler in HANDLERS:
-        started = time.monotonic()
-        pod = pods("start", handler)
-        first = pod.start("main", "exec sleep 1000")
-        node.wait_state(first, cri.CONTAINER_RUNNING)
-        elapsed = time.monotonic() - started
-        one = wait_until_steady(lambda: pod_pss_mib(pod), "the pod's memory to settle",
-                                settle=2, timeout=120)
-        node.wait_state(pod.start("sidecar", "exec sleep 1000"), cri.CONTAINER_RUNNING)
-        two = wait_until_steady(lambda: pod_pss_mib(pod), "the pod's memory to settle",
-                                settle=2, timeout=120)
-        with capsys.disabled():
-            print(f"\npod ({handler}): RunPodSandbox to the first container running "
-                  f"{elapsed:.2f} s; host memory (PSS) idle with one container {one} MiB, "
-                  f"with two {two} MiB")
 
 
 @pytest.mark.parametrize("handler", HANDLERS)
@@ -299,14 +279,18 @@ def test_two_containers_share_localhost_and_an_empty_dir_and_a_sidecar_is_recrea
     assert second != first
     node.wait_state(second, cri.CONTAINER_RUNNING)
     wait_until(lambda: (shared / "from-sidecar").exists(), "the new sidecar's fetch")
-    assert cri.read_log(pod.log_path("sidecar", attempt=1))[0] == \
-        ("stdout", "sidecar saw served-on-localhost")
+    log = pod.log_path("sidecar", attempt=1)
+    wait_until(lambda: os.path.exists(log) and cri.read_log(log)[:1] == [
+        ("stdout", "sidecar saw served-on-localhost")], "the new sidecar's log line")
     # the server ran on, untouched
     status = node.container_status(server).status
     assert (status.state, status.started_at) == (cri.CONTAINER_RUNNING, server_started)
     assert node.exec_sync(second, ["cat", "/shared/from-server"]) == (0, "server-page\n", "")
     assert node.exec_sync(server, ["hostname"]) == node.exec_sync(second, ["hostname"]) \
         == (0, pod.name + "\n", "")
+    kernels = {node.exec_sync(container, ["uname", "-r"]) for container in (server, second)}
+    assert len(kernels) == 1        # one kernel for the pod: the host's, or its VM's
+    assert (kernels.pop()[1].strip() == os.uname().release) == (handler == "runc")
     assert sorted((c.metadata.name, c.metadata.attempt, c.state)
                   for c in node.list_containers(pod.id)) == [
         ("server", 0, cri.CONTAINER_RUNNING), ("sidecar", 0, cri.CONTAINER_EXITED),

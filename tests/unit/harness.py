@@ -95,7 +95,7 @@ class GuestHarness:
     A writer thread sends the relay's frames, so that a full socket never blocks the
     thread that runs the loop."""
 
-    def __init__(self, workload_args=("sleep", "300")):
+    def __init__(self, workload_args=("sleep", "300"), pod_members=None):
         self.relay_end, self.guest_end = socket.socketpair()
         self.workload = subprocess.Popen(list(workload_args), stdout=subprocess.PIPE)
         self.children = {self.workload.pid}
@@ -105,14 +105,16 @@ class GuestHarness:
         self.exec_pid, self.exited, self.status = None, False, None   # the exec, as reaped
         self.most_buffered = 0      # the most stdin the session held at once
         self.session = None
+        self.other_channels, self.others = set(), []
         self.outbox = queue.Queue()
         self.reader = threading.Thread(target=self.read_frames, name="relay-reader", daemon=True)
         self.writer = threading.Thread(target=self.write_frames, name="relay-writer",
                                        daemon=True)
         self.reader.start()
         self.writer.start()
+        extra = {"pod_members": pod_members} if pod_members else {}
         self.loop = GuestLoop(self.guest_end.fileno(), self.workload.pid, reap=self.reap,
-                              spawn_exec=self.spawn)
+                              spawn_exec=self.spawn, **extra)
 
     def start_exec(self, args, terminal=False, winsize=()):
         self.send(EXEC_START, ExecStart(process=Process(args=args, terminal=terminal),
@@ -122,8 +124,10 @@ class GuestHarness:
         return self
 
     # --- the loop's side
-    def spawn(self, process, workload_pid, stdio):
+    def spawn(self, process, workload_pid, stdio, fork=None):
         self.exec_pid = fake_spawn(process, workload_pid, stdio)
+        self.exec_target = workload_pid     # whose namespaces it would have joined
+        self.exec_forked_in_member = fork is not None
         self.children.add(self.exec_pid)
         return self.exec_pid
 
@@ -153,6 +157,9 @@ class GuestHarness:
 
     def check(self, frame):
         with self.lock:
+            if frame.channel in self.other_channels:    # another session's: kept apart
+                self.others.append(frame)
+                return
             if frame.channel != CHANNEL:
                 self.problems.append(f"frame on channel {frame.channel}: {frame}")
             if frame.type in (STDOUT, STDERR):

@@ -52,3 +52,32 @@ def test_a_namespace_is_the_hosts_when_it_is_the_same_file(tmp_path):
     assert not is_own_namespace(str(first), own=str(second))
     assert not is_own_namespace(str(tmp_path / "missing"), own=str(first))
     assert is_own_namespace("/proc/self/ns/net")
+
+
+@pytest.mark.parametrize("path", ["/proc/4242/ns/net", "/proc/4242/ns/../ns/net"])
+def test_a_pods_member_may_join_its_sandboxs_namespace(path):
+    """CRI gives an app container its sandbox's namespace as /proc/PID/ns/net: a
+    member (no VM, no interface taken) may join it."""
+    linux = linux_with({"type": "network", "path": path})
+    assert DOCKER.check_network_namespace(linux, joins_pod=True) == "/proc/4242/ns/net"
+
+
+@pytest.mark.parametrize("linux", [
+    linux_with(),
+    linux_with({"type": "network", "path": "/var/run/docker/netns/default"}),
+    linux_with({"type": "network", "path": "/proc/self/ns/net"}),
+    linux_with({"type": "network", "path": "/proc/1/ns/../../1/root/x/ns/net"}),
+])
+def test_a_member_still_gets_no_host_namespace(linux, monkeypatch):
+    monkeypatch.setattr(engines, "is_own_namespace", lambda path: path == "/proc/1/ns/net"
+                        or path.startswith("/proc/self/"))
+    with pytest.raises(DkvmError, match="not supported"):
+        DOCKER.check_network_namespace(linux, joins_pod=True)
+
+
+@pytest.mark.parametrize("path, answer", [
+    ("/proc/4242/ns/net", True), ("/proc/self/ns/net", False), ("/proc/42/ns/ipc", False),
+    ("/proc/42/task/42/ns/net", False), ("/run/netns/cni-1", False), ("/proc/٤٢/ns/net", False),
+])
+def test_a_process_namespace_path(path, answer):
+    assert engines.is_process_namespace(path) is answer

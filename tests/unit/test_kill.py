@@ -180,3 +180,48 @@ def test_the_runtime_does_not_wait_for_a_process_not_dkvms():
     finally:
         child.kill()
         child.wait()
+
+
+# --- a pod's member: its relay forwards the catchable signals; KILL and STOP are runc's
+
+def test_a_members_sigkill_and_sigstop_go_to_runc_as_they_are(monkeypatch):
+    """The relay has no signal socket to ask: runc kills it, its channel closes, and
+    the guest kills the member."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()",
+                              "/.dkvm/entry/dkvm-pod-member"], stdin=subprocess.PIPE)
+    try:
+        wait_until(lambda: b"dkvm-pod-member" in open(f"/proc/{child.pid}/cmdline",
+                                                        "rb").read(),
+                   "the stand-in to start", timeout=10, interval=0.005)
+        monkeypatch.setattr(kill, "container_pid", lambda *args, **kw: child.pid)
+        monkeypatch.setattr(kill, "connect_signal_socket",
+                            lambda *args: pytest.fail("asked a member's relay"))
+        for signum in ("KILL", "STOP"):
+            assert kill.deliver_in_guest(parse(["kill", "ctr", signum]), "runc") is True
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_the_runtime_waits_until_a_members_relay_blocks_the_signal():
+    """Not blocked yet: the runtime keeps looking (here until its bound); once the
+    relay blocks the signal, at once."""
+    child = subprocess.Popen([sys.executable, "-c", BLOCKS_WHEN_TOLD,
+                              "/.dkvm/entry/dkvm-pod-member"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: b"dkvm-pod-member" in open(f"/proc/{child.pid}/cmdline",
+                                                        "rb").read(),
+                   "the stand-in to start", timeout=10, interval=0.005)
+        started = time.monotonic()
+        kill.wait_until_blocked(child.pid, signal.SIGTERM, timeout=0.3)
+        assert time.monotonic() - started >= 0.3
+        child.stdin.write("block\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "blocked\n"
+        started = time.monotonic()
+        kill.wait_until_blocked(child.pid, signal.SIGTERM, timeout=5)
+        assert time.monotonic() - started < 1
+    finally:
+        child.kill()
+        child.wait()

@@ -1,6 +1,7 @@
 """guest.loop.GuestLoop's own frames: signals and resizes for the workload, bad frames
 logged and survived, an exec that cannot start, RELEASE; a signal sent while the VM
-boots held until the new workload has set up its handler (or the grace is over)."""
+boots held until the new workload has set up its handler (or the grace is over); a
+pod's members (guest.members stood in for): their sessions, signals and execs."""
 import os
 import select
 import signal
@@ -13,7 +14,7 @@ import pytest
 from harness import CHANNEL, WAIT, GuestHarness
 from dkvm import wire
 from dkvm.guest.loop import EarlySignals
-from dkvm.schema import ExecStart, Process
+from dkvm.schema import ExecStart, Plan, Process
 from dkvm.wire import EXEC_START, RESIZE, SIGNAL, STDERR, STDIN, STDOUT, WINDOW, Frame
 from waiting import wait_until
 
@@ -147,3 +148,106 @@ def test_after_the_grace_a_signal_takes_its_default_action():
     wait_until(lambda: delivered(early), "the grace to run out", timeout=5, interval=0.01)
     assert time.monotonic() - started >= 0.2
     assert child.wait(timeout=10) == -signal.SIGTERM
+
+
+class FakePodMembers:
+    """guest.members without mounts or namespaces: an export is a directory, a member's
+    PID 1 a plain child of the test (the harness reaps it as an exec)."""
+
+    def __init__(self, harness_of, tmp_path):
+        self.harness_of, self.tmp_path = harness_of, tmp_path
+        self.mounted, self.removed, self.spawned = [], [], []
+
+    def export_root(self, tag):
+        self.mounted.append(tag)
+        return str(self.tmp_path / tag / "rootfs")
+
+    def remove_export(self, tag):
+        self.removed.append(tag)
+
+    def spawn_member(self, plan, root, stdio, workload_pid):
+        self.spawned.append((plan.process.args, root, workload_pid))
+        return self.harness_of().spawn(plan.process, workload_pid, stdio)
+
+    def fork_in(self, member_pid, workload_pid):
+        raise AssertionError("the harness's spawn forks by itself")
+
+
+def member_start(args, container_id="app", tag="m1"):
+    return wire.MemberStart(container_id=container_id, tag=tag,
+                            plan=Plan(process=Process(args=args)))
+
+
+@pytest.fixture
+def pod(tmp_path):
+    harnesses = []
+    members = FakePodMembers(lambda: harnesses[0], tmp_path)
+    harnesses.append(GuestHarness(pod_members=members))
+    yield harnesses[0], members
+    harnesses[0].close()
+
+
+def test_a_pod_member_runs_in_its_own_export_and_its_status_ends_its_session(pod):
+    harness, members = pod
+    harness.send(wire.MEMBER_START, member_start(["sh", "-c", "echo in-member; exit 3"]))
+    harness.run_until(lambda: CHANNEL in harness.loop.sessions)
+    harness.session = harness.loop.sessions[CHANNEL]
+    assert harness.finish() == 3
+    assert harness.payload(STDOUT) == b"in-member\n"
+    assert members.mounted == ["m1"] and members.removed == ["m1"]
+    assert members.spawned[0][1].endswith("m1/rootfs")
+    assert harness.loop.members == {}
+
+
+def test_a_signal_on_a_members_channel_reaches_its_pid_1(pod):
+    harness, _ = pod
+    harness.send(wire.MEMBER_START, member_start(
+        ["sh", "-c", "trap 'exit 42' TERM; echo ready; while :; do sleep 0.05; done"]))
+    harness.run_until(lambda: b"ready" in harness.payload(STDOUT), auto_ack=True)
+    harness.session = harness.loop.sessions[CHANNEL]
+    harness.send(SIGNAL, {"signal": signal.SIGTERM})
+    assert harness.finish() == 42
+
+
+def test_an_exec_names_a_member_and_runs_in_its_namespaces(pod):
+    harness, _ = pod
+    harness.send(wire.MEMBER_START, member_start(["sleep", "300"]))
+    harness.run_until(lambda: "app" in harness.loop.members)
+    member_pid = harness.loop.members["app"].pid
+    harness.other_channels.add(CHANNEL + 1)
+    harness.send(EXEC_START, ExecStart(process=Process(args=["true"]), member="app"),
+                 channel=CHANNEL + 1)
+    harness.run_until(lambda: any(f.type == wire.EXEC_EXIT for f in harness.others))
+    assert harness.exec_target == member_pid and harness.exec_forked_in_member
+    assert [f.record().status for f in harness.others if f.type == wire.EXEC_EXIT] == [0]
+
+
+def test_an_exec_waits_for_its_members_start(pod):
+    harness, _ = pod
+    harness.other_channels.add(CHANNEL + 1)
+    harness.send(EXEC_START, ExecStart(process=Process(args=["true"]), member="app"),
+                 channel=CHANNEL + 1)
+    harness.idle(0.1)
+    assert harness.others == [] and harness.exec_pid is None
+    harness.send(wire.MEMBER_START, member_start(["sleep", "300"]))
+    harness.run_until(lambda: any(f.type == wire.EXEC_EXIT for f in harness.others))
+    assert harness.exec_target == harness.loop.members["app"].pid
+
+
+def test_an_exec_into_no_such_member_or_a_member_started_twice_is_refused(pod, monkeypatch):
+    harness, members = pod
+    monkeypatch.setattr("dkvm.guest.loop.MEMBER_WAIT", 0.05)
+    harness.other_channels.add(CHANNEL + 1)
+    harness.send(EXEC_START, ExecStart(process=Process(args=["true"]), member="gone"),
+                 channel=CHANNEL + 1)
+    harness.run_until(lambda: any(f.type == wire.EXEC_EXIT for f in harness.others))
+    assert b"no container gone runs in this pod" in b"".join(
+        f.payload for f in harness.others if f.type == STDERR)
+    harness.send(wire.MEMBER_START, member_start(["sleep", "300"]))
+    harness.run_until(lambda: "app" in harness.loop.members)
+    harness.others.clear()
+    harness.send(wire.MEMBER_START, member_start(["sleep", "300"], tag="m2"),
+                 channel=CHANNEL + 1)
+    harness.run_until(lambda: any(f.type == wire.EXEC_EXIT for f in harness.others))
+    assert [f.record().status for f in harness.others if f.type == wire.EXEC_EXIT] == [126]
+    assert members.mounted == ["m1"]

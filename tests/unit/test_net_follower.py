@@ -154,3 +154,21 @@ def test_our_taps_changing_need_no_look_anything_else_does():
     assert not only_about(link_message(RTM_NEWLINK, 3), taps)       # Docker's veth
     assert not only_about(link_message(RTM_NEWLINK, 7) + link_message(20, 7), taps)  # an address
     assert not only_about(b"", taps)                                 # lost events: look
+
+
+def test_the_follower_holds_the_shared_monitor_for_one_change_only(follower):
+    """QEMU serves one QMP client: the follower takes the monitor it shares with a
+    pod's member exports (shared_monitor) for a change, and gives it back after."""
+    from dkvm.container.shared_monitor import SharedMonitor
+
+    class Monitor(SharedMonitor):
+        def connect(self, wait=0.1, connect=None):
+            return super().connect(wait, connect=lambda path: FakeQmp())
+
+    follower.shared_monitor = monitor = Monitor("/nonexistent/qmp.sock")
+    qmp = follower.monitor_qmp()
+    assert monitor.lock.locked() and follower.monitor_qmp() is qmp  # one client a change
+    with pytest.raises(DkvmError, match="stayed busy"):
+        monitor.connect()                                           # the other thread waits
+    qmp.close()
+    assert not monitor.lock.locked()

@@ -13,8 +13,9 @@ from dkvm.host.container_side import (CONTAINER_SIDE_CAPS, CONTAINER_SIDE_DEVICE
                                       CONTAINER_SIDE_MASKED_PATHS,
                                       CONTAINER_SIDE_READONLY_PATHS, container_side_nofile,
                                       container_side_seccomp)
-from dkvm.host.rewrite import (CONTAINER_PATH, inert, rewrite_create_config,
-                               rewrite_exec_process, workload_capabilities)
+from dkvm.host.rewrite import (CONTAINER_PATH, MEMBER_SIDE_CAPS, inert, rewrite_create_config,
+                               rewrite_exec_process, rewrite_member_config,
+                               workload_capabilities)
 from dkvm.host.vm_size import DEFAULT_GUEST_MIB, MIB, vm_footprint_mib
 from dkvm.schema import (ENTRYPOINT, MOST_EXECS, Capabilities, Disk, ExecRequest, Plan, Rlimit,
                          Tmpfs)
@@ -691,3 +692,71 @@ def test_a_backing_file_must_be_where_the_container_side_can_write(where, mount,
             rewrite(config)
     else:
         assert [d.file for d in rewrite(config)[1].disks] == [where]
+
+
+# --- a pod's member (host.pods): a VM's container without the VM ------------------------
+
+def as_member(config):
+    """`config` as CRI gives an app container: in its sandbox's network namespace."""
+    config = copy.deepcopy(config)
+    config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"]
+                                     if ns["type"] != "network"] + [
+        {"type": "network", "path": "/proc/4242/ns/net"}]
+    return config
+
+
+def without(config, *keys):
+    """`config` less the dotted `keys` (process.args, linux.resources.devices)."""
+    config = copy.deepcopy(config)
+    for key in keys:
+        *parents, last = key.split(".")
+        holder = config
+        for parent in parents:
+            holder = holder.get(parent) or {}
+        holder.pop(last, None)
+    return config
+
+
+# what only a VM has: the member's stay their defaults
+VM_PLAN_FIELDS = ("options", "cpus", "memory_mib", "tcg_cache_mib", "max_execs", "boot",
+                  "network_namespace_kept", "dns_upstream", "disks", "pod")
+
+
+def test_a_member_is_a_vm_containers_rewrite_without_the_vm(any_config):
+    """The same parts make both (the export, the mounts, the confinement, the plan of
+    the workload's world); a member's process is the relay, with virtiofsd's
+    capabilities, and it gets no device and no VM-sized plan."""
+    name, config = any_config
+    vm, vm_plan = rewrite(config)
+    member, plan = rewrite_member_config(as_member(config), facts(kvm_usable=True),
+                                         layout(config), CONTAINER_ID)
+    assert member["process"]["args"] == paths.role_argv("dkvm-pod-member")
+    assert member["process"]["capabilities"]["bounding"] == MEMBER_SIDE_CAPS
+    assert member["linux"]["devices"] == []
+    assert member["linux"]["resources"]["devices"] == CONTAINER_SIDE_DEVICE_RULES
+    differ = ("process.args", "process.capabilities", "linux.devices",
+              "linux.resources.devices", "linux.namespaces")
+    assert without(member, *differ) == without(vm, *differ)
+    assert plan.pod == "member" and plan.template == ""
+    default = Plan()
+    for field in VM_PLAN_FIELDS[:-1]:
+        assert getattr(plan, field) == getattr(default, field), field
+    assert {k: v for k, v in plan.as_dict().items() if k not in VM_PLAN_FIELDS} == \
+        {k: v for k, v in vm_plan.as_dict().items() if k not in VM_PLAN_FIELDS}
+
+
+def test_a_member_is_not_given_the_hosts_network_namespace():
+    config = load_config("plain")
+    config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"]
+                                     if ns["type"] != "network"]
+    with pytest.raises(DkvmError, match="--network host is not supported"):
+        rewrite_member_config(config, facts(), layout(config), CONTAINER_ID)
+
+
+def test_an_exec_into_a_member_says_so_in_its_request():
+    process = {"args": ["id"], "cwd": "/"}
+    _, request = rewrite_exec_process(process, CONTAINER_ID, DOCKER.default_capabilities, 3,
+                                      member=True)
+    assert request.member is True
+    assert rewrite_exec_process(process, CONTAINER_ID, DOCKER.default_capabilities,
+                                3)[1].member is False

@@ -255,65 +255,6 @@ def test_the_real_runc_is_the_first_in_path_that_is_a_program_and_not_us(tmp_pat
     assert facts.find_runc() == str(dirs[3] / "runc")
 
 
-CRI_SANDBOX = {"io.kubernetes.cri.container-type": "sandbox",
-               "io.kubernetes.cri.sandbox-id": "pause"}
-
-
-def cri_bundle(tmp_path, config, state="run/containerd", namespace="k8s.io", name="pause"):
-    """A bundle where containerd's shim v2 makes it: <state>/<task dir>/<namespace>/<id>."""
-    bundle = tmp_path / state / "io.containerd.runtime.v2.task" / namespace / name
-    bundle.mkdir(parents=True)
-    (bundle / "config.json").write_text(json.dumps(config))
-    return bundle
-
-
-@pytest.mark.parametrize("state", ["run/containerd", "run/k3s/containerd"])
-def test_cris_pod_sandbox_is_runcs_as_it_is(fake_host, tmp_path, state):
-    """The pause container containerd's CRI starts with the pod's runtime class holds
-    the pod's namespaces: no VM for it; the pod's containers get theirs."""
-    config = load_config("plain")
-    config["annotations"] = dict(CRI_SANDBOX)
-    bundle = cri_bundle(tmp_path, config, state)
-    with pytest.raises(Exec):
-        runtime.main(["dkvm-runtime", "create", "--bundle", str(bundle), "pause"])
-    assert json.loads((bundle / "config.json").read_text()) == config
-    assert fake_host["exec"][1][1:] == ["create", "--bundle", str(bundle), "pause"]
-
-
-@pytest.mark.parametrize("annotations, namespace, name", [
-    ({"io.kubernetes.cri-o.ContainerType": "sandbox"}, "k8s.io", "pause"),
-    ({"io.kubernetes.cri.container-type": "sandbox"}, "k8s.io", "pause"),
-    ({**CRI_SANDBOX, "io.kubernetes.cri.sandbox-id": "another"}, "k8s.io", "pause"),
-    ({**CRI_SANDBOX, "io.kubernetes.cri.container-type": "container"}, "k8s.io", "pause"),
-    (CRI_SANDBOX, "moby", "pause"),
-    (CRI_SANDBOX, "k8s.io", "pause-x"),
-    (CRI_SANDBOX, None, "pause"),
-])
-def test_sandbox_annotations_an_image_can_carry_do_not_take_a_container_out_of_the_vm(
-        fake_host, tmp_path, annotations, namespace, name):
-    """Engines copy an image's annotations into the config (Podman does): whatever
-    they say, a container whose bundle is not CRI's sandbox's gets a VM."""
-    config = load_config("plain")
-    config["annotations"] = dict(annotations)
-    bundle = bundle_with(tmp_path, config) if namespace is None else \
-        cri_bundle(tmp_path, config, namespace=namespace, name=name)
-    assert runtime.main(["dkvm-runtime", "create", "--bundle", str(bundle), "pause"]) == 0
-    assert plan_of(fake_host["config"]).container_id == "pause"
-
-
-def test_a_link_to_cris_state_is_not_cris_state(fake_host, tmp_path):
-    """The bundle's real path counts: a link named like CRI's task directory that
-    leads elsewhere (to Podman's userdata, say) proves nothing."""
-    config = load_config("plain")
-    config["annotations"] = dict(CRI_SANDBOX)
-    real = bundle_with(tmp_path, config)
-    link = tmp_path / "state" / "io.containerd.runtime.v2.task" / "k8s.io" / "pause"
-    link.parent.mkdir(parents=True)
-    link.symlink_to(real)
-    assert runtime.main(["dkvm-runtime", "create", "--bundle", str(link), "pause"]) == 0
-    assert plan_of(fake_host["config"]).container_id == "pause"
-
-
 def test_runc_runs_as_a_child_with_its_exit_status(tmp_path):
     """What create waits for: the real fork and exec, the status as a shell shows it."""
     script = tmp_path / "fake-runc"

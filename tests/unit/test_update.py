@@ -149,3 +149,17 @@ def test_a_plan_file_that_is_not_a_regular_file_is_not_followed_nor_opened(tmp_p
     checker.start()
     checker.join(10)
     assert outcome == [None]
+
+
+def test_a_pods_members_limit_is_runcs(tmp_path):
+    """A pod's member has no VM (host.pods): its plan's default size is no floor."""
+    _, plan = rewrite(load_config("resources-tmpfs-volume"))
+    plan.pod = "member"
+    runc, root = stand_in_runc(tmp_path)
+    handoff.write_plan(str(root), plan.to_json())
+    path = with_resources(tmp_path, {"memory": {"limit": 64 * MIB}})
+    assert memory_limit_check(update_args("-r", path), runc) is None
+    plan.pod = "sandbox"                    # the pod's VM: its floor holds
+    handoff.write_plan(str(root), plan.to_json())
+    with pytest.raises(DkvmError, match="memory limit 64MiB"):
+        memory_limit_check(update_args("-r", path), runc)

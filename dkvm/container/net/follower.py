@@ -69,6 +69,7 @@ class NetworkFollower:
         self.sysctl = ipv6_sysctls()
         self.next_number = 0
         self.qmp_path, self.qmp = None, None
+        self.shared_monitor = None      # QMP, one thread at a time (container.shared_monitor)
 
     def start(self, interfaces, qmp_path, routes, taps=()):
         """Follow from the boot-time interfaces (tapped in this order: `taps`, their
@@ -77,6 +78,8 @@ class NetworkFollower:
         self.taps = set(taps)
         self.next_number = len(interfaces)
         self.qmp_path = qmp_path
+        from dkvm.container.shared_monitor import SharedMonitor
+        self.shared_monitor = SharedMonitor(qmp_path)
         self.routes = list(routes)
         threading.Thread(target=self.run, name="network-follower", daemon=True).start()
 
@@ -176,9 +179,9 @@ class NetworkFollower:
                 for route in docker_routes(ip, index, macs[index])]
 
     def monitor_qmp(self):
-        """Connected for one change at a time: QEMU serves one QMP client, and a person
-        debugging the VM may want it between changes."""
+        """Connected for one change at a time: QEMU serves one QMP client (shared with a
+        pod's member exports: shared_monitor), and a person debugging the VM may want
+        it between changes."""
         if self.qmp is None:
-            from dkvm.boot.qmp import Qmp
-            self.qmp = Qmp(self.qmp_path)
+            self.qmp = self.shared_monitor.connect()
         return self.qmp
