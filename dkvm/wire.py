@@ -40,9 +40,9 @@ HEARTBEAT_INTERVAL = 5
 RELEASE = 19    # host -> guest: virtiofsd nears its descriptor limit (one per inode the
                 #   guest knows): let go of the inodes nothing uses
 # A pod's member (paths.POD_SOCKET): its relay (dkvm-pod-member) sends MEMBER_START on
-# its channel with its export's vhost-user socket as a descriptor (SCM_RIGHTS, in the
-# same sendmsg); the sandbox's supervisor hot-plugs the export, fills in its tag and
-# passes the frame on; the guest runs the member's process in the member's own root and
+# its channel with its export's directory and its mount namespace as descriptors
+# (SCM_RIGHTS, in the same sendmsg); the sandbox's side serves the export with a
+# virtiofsd of its own, hot-plugs it, fills in its tag and passes the frame on; the guest runs the member's process in the member's own root and
 # namespaces, and the channel goes on as an exec's (STDIN, STDOUT, STDERR, WINDOW,
 # RESIZE, CLOSE, EXEC_EXIT), plus SIGNAL on the channel: for the member's PID 1.
 MEMBER_START = 20

@@ -51,8 +51,14 @@ class FramedSocket:
         """The frames that arrived now; none, and `closed` set, at end of stream."""
         try:
             if self.takes_fds:
-                data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, MOST_FDS)
-                self.fds += fds
+                data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, MOST_FDS,
+                                                  socket.MSG_CMSG_CLOEXEC)
+                if len(self.fds) + len(fds) > MOST_FDS:     # a start has MOST_FDS at most
+                    for fd in fds:
+                        os.close(fd)
+                    data = b""
+                else:
+                    self.fds += fds
             else:
                 data = self.sock.recv(1 << 16)
         except BlockingIOError:

@@ -109,7 +109,13 @@ def start_virtiofsd(directory, tag, sys_admin=False):
                                     stderr=log_file, pass_fds=(listener.fileno(), directory),
                                     preexec_fn=unblock_all_signals)
         connected = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        connected.connect(path)                 # in virtiofsd's backlog: no wait
+        try:
+            connected.connect(path)             # in virtiofsd's backlog: no wait
+        except OSError:
+            connected.close()
+            proc.kill()                         # not plugged: nothing of the guest's on it
+            proc.wait()
+            raise
         return proc, connected
     finally:
         listener.close()
@@ -223,6 +229,8 @@ class MemberExports:
     def remove(self, tag):
         """Unplugged, its virtiofsd ends; one still plugged keeps its virtiofsd (and the
         member's mounts) until the VM ends: the guest may still use it."""
+        if tag not in self.served:
+            return
         proc, namespace = self.served.pop(tag)
         try:
             qmp = self.monitor.connect()

@@ -24,6 +24,7 @@ import struct
 from dkvm import paths, wire
 from dkvm.container.exec_relay import ExecRelay
 from dkvm.container.own_limits import own_rlimits
+from dkvm.errors import DkvmError
 from dkvm.schema import MemberStart
 
 
@@ -68,12 +69,18 @@ class MemberRelay(ExecRelay):
 def export_fds(share_dir=paths.SHARE_DIR):
     """The member's export as the sandbox's virtiofsd will serve it: its directory
     (O_PATH: nothing is opened in it here) and this container's mount namespace."""
-    directory = os.open(share_dir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        directory = os.open(share_dir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+                            | os.O_CLOEXEC)
+    except OSError as err:
+        raise DkvmError(f"this container's export {share_dir} cannot be opened: "
+                        f"{err.strerror}") from None
     try:
         return [directory, os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)]
-    except OSError:
+    except OSError as err:
         os.close(directory)
-        raise
+        raise DkvmError(f"this container's mount namespace cannot be opened: "
+                        f"{err.strerror}") from None
 
 
 def complete_member_plan(plan, winsize):

@@ -47,7 +47,7 @@ DESCRIPTOR_HIGH_WATER = 0.6
 RELEASE_INTERVAL = 1
 # A member whose relay left is unplugged once the guest reports its end (EXEC_EXIT: it
 # has let go of the export), or after this long without that word.
-MEMBER_END_WAIT = 5
+MEMBER_END_WAIT = 30        # s: a member whose relay went, its guest end not heard: unplugged then
 ENTROPY_BYTES = 32          # the guest's reseed: a restored VM's random state is its template's
 # What may wait to be sent: to a relay, its window of output and the guest's small
 # frames; to the guest, each relay's window of stdin and the rest (signals, DNS
@@ -603,6 +603,7 @@ def is_export(directory, namespace):
     import stat
     try:
         return stat.S_ISDIR(os.fstat(directory).st_mode) and \
+            stat.S_ISREG(os.fstat(namespace).st_mode) and \
             fcntl.ioctl(namespace, NS_GET_NSTYPE) == CLONE_NEWNS
     except OSError:
         return False

@@ -208,7 +208,9 @@ class ExecSession:
             self.ended = True
             if self.on_end is not None:
                 self.on_end()
-            if not self.abandoned:
+            # a member's status goes even to a relay that is gone: it says its export
+            # is free to unplug (container.member_exports)
+            if not self.abandoned or self.member is not None:
                 self.send(wire.encode(wire.EXEC_EXIT, {"status": self.status}, self.channel))
 
     def kill(self):

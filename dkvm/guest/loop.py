@@ -243,10 +243,11 @@ class GuestLoop:
         elif frame.channel in self.sessions:
             session = self.sessions[frame.channel]
             if frame.type == wire.SIGNAL and session.member is not None:
-                try:            # a member's runtime signals its PID 1, as runc would
-                    os.kill(session.pid, frame.record().signal)
-                except ProcessLookupError:
-                    pass
+                if session.status is None:     # its pid not reaped: not another's yet
+                    try:        # a member's runtime signals its PID 1, as runc would
+                        os.kill(session.pid, frame.record().signal)
+                    except ProcessLookupError:
+                        pass
             else:
                 session.on_frame(frame)
 

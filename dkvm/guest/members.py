@@ -37,14 +37,16 @@ def spawn_member(plan, root, stdio, workload_pid):
     """The member's PID 1, forked into a new PID namespace and building its container
     from `plan` at `root` before it execs its process; its pid."""
     active = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    pid = None
     try:
         syscalls.setns(active, syscalls.CLONE_NEWPID)
         syscalls.unshare(syscalls.CLONE_NEWPID)
         pid = os.fork()
     finally:
-        os.close(active)
+        if pid != 0:                    # init, whether or not the fork was made
+            os.close(active)
+            back_to_workload(workload_pid)
     if pid:
-        back_to_workload(workload_pid)
         return pid
     enter_container(plan, root, stdio)
     become_and_exec(stdio, plan.process)
@@ -54,13 +56,14 @@ def fork_in(target_pid, workload_pid):
     """Fork into the PID namespace of `target_pid` (a member's PID 1); init's next
     children go to the workload's again."""
     target = os.open(f"/proc/{target_pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    pid = None
     try:
         syscalls.setns(target, syscalls.CLONE_NEWPID)
+        pid = os.fork()
     finally:
-        os.close(target)
-    pid = os.fork()
-    if pid:
-        back_to_workload(workload_pid)
+        if pid != 0:                    # init, whether or not the fork was made
+            os.close(target)
+            back_to_workload(workload_pid)
     return pid
 
 

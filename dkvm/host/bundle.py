@@ -63,7 +63,7 @@ def prepare_create(call):
         new, plan = rewrite_create_config(config, facts, layout, call.container_id)
         plan.template = template_for_create(plan, new, facts.payload_dir)
         if pod == pods.POD_SANDBOX:
-            new = pods.with_pod_dir(new, pods.make_pod_dir(sandbox_id))
+            new = pods.with_pod_dir(new, pods.make_pod_dir(sandbox_id), writable=True)
     plan.pod = pod
     layout.make_skeleton()
     handoff.write_plan(layout.skeleton, plan.to_json())

@@ -27,6 +27,7 @@ from dkvm.kernel_names import SIGKILL, SIGSTOP, handles_signal, signal_number
 KILL_GRACE = 0.8            # the guest killing the workload and powering off
 STOP_WAIT = 1               # the entrypoint passing SIGSTOP on
 BLOCK_WAIT = 2              # the entrypoint's interpreter starting, on a loaded host
+EXIT_WAIT = 2               # the entrypoint ending once its workload is dead
 ENTRYPOINT = b"dkvm-ctr-entrypoint"
 POD_MEMBER = b"dkvm-pod-member"            # a pod member's relay
 
@@ -77,7 +78,24 @@ def still_to_kill(call, runc, pid):
     other processes, an exec relay's)."""
     if any(arg in ("--all", "-a") for arg in call.command_args):
         return True
+    wait_for_exit(pid)
     return container_pid(runc, call, statuses=("running", "paused", "created")) == pid
+
+
+def wait_for_exit(pid, timeout=EXIT_WAIT):
+    """Until `pid` (the entrypoint, done with its workload) has exited, bounded: its
+    socket closes at its end, and it may still be giving a kept namespace its
+    interfaces back, which runc's SIGKILL would cut short."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):
+                    return
+        except (OSError, IndexError):
+            return
+        time.sleep(0.01)
 
 
 def connect_signal_socket(proc, pid, timeout):

@@ -77,16 +77,19 @@ def pod_dir(sandbox_id):
     return os.path.join(paths.HOST_PODS_DIR, sandbox_id)
 
 
-def pod_mount(source):
+def pod_mount(source, writable):
     """The pod's directory in a sandbox's or member's container, after DKVM's own
-    mounts: nothing the engine mounts covers it."""
+    mounts: nothing the engine mounts covers it. Only the sandbox's side writes there
+    (its socket): a member's could otherwise put a socket of its own in its place."""
     return {"destination": paths.POD_DIR, "type": "bind", "source": source,
-            "options": ["bind", "rprivate", "nosuid", "nodev", "noexec", "rw"]}
+            "options": ["bind", "rprivate", "nosuid", "nodev", "noexec",
+                        "rw" if writable else "ro"]}
 
 
-def with_pod_dir(config, source):
+def with_pod_dir(config, source, writable=False):
     """`config` (a rewritten one) with the pod's directory mounted at paths.POD_DIR."""
-    return {**config, "mounts": list(config.get("mounts") or []) + [pod_mount(source)]}
+    return {**config, "mounts": list(config.get("mounts") or []) + [pod_mount(source,
+                                                                              writable)]}
 
 
 # --- the pod's directory --------------------------------------------------------------
@@ -103,6 +106,9 @@ def make_pod_dir(sandbox_id):
             remove_tree(pods, name)
         os.mkdir(name, 0o700, dir_fd=pods)
         check_pod_dir(pods, name)
+    except OSError as err:
+        raise DkvmError(f"the directory of pod {sandbox_id} cannot be made in "
+                        f"{paths.HOST_PODS_DIR}: {err.strerror}") from None
     finally:
         os.close(pods)
     return pod_dir(sandbox_id)
@@ -121,10 +127,14 @@ def find_pod_dir(sandbox_id):
     return pod_dir(sandbox_id)
 
 
-def has_pod_dir(container_id):
-    """Whether `container_id` names a pod's directory: it is a sandbox DKVM made one
+def has_pod_dir(container_id, runc_log):
+    """Whether `container_id` names a pod's directory and the delete is CRI's (runc's
+    log, in the bundle containerd's shim names, is in CRI's task state: another
+    engine's container of the same id is not the pod's): it is a sandbox DKVM made one
     for (at `runc delete`: one lstat for any container)."""
-    return bool(container_id) and is_pod_id(container_id) and \
+    return bool(container_id) and is_pod_id(container_id) and bool(runc_log) and \
+        os.path.basename(runc_log) == RUNC_LOG and \
+        in_cri_task_dir(os.path.dirname(runc_log), container_id) and \
         os.path.lexists(pod_dir(container_id))
 
 

@@ -42,11 +42,6 @@ SYSTEM_TMPFS = {"/dev", "/dev/shm", "/run/secrets", "/dev/pts", "/dev/mqueue", "
 CONTAINER_SIDE_MOUNTS = {"/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys",
                          "/sys/fs/cgroup"}
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# A pod member's container side: virtiofsd's capabilities, without the VM's (NET_ADMIN
-# for the taps, SYS_NICE to page QEMU's kernel out): it has no VM
-MEMBER_SIDE_CAPS = [cap for cap in CONTAINER_SIDE_CAPS
-                    if cap not in ("CAP_NET_ADMIN", "CAP_SYS_NICE")]
-
 
 def rewrite_create_config(config, host, bundle, container_id=""):
     """Return the config for the container that boots the VM running `config`'s
@@ -95,9 +90,12 @@ def rewrite_member_config(config, host, bundle, container_id=""):
     host.engine.check_network_namespace(linux, joins_pod=True)
     linux.setdefault("resources", {})
     plan = workload_plan(config, workload_env, host.engine, container_id)
+    if plan.uid_mappings:
+        raise DkvmError("a user namespace for a pod's container (hostUsers: false) is not "
+                        "supported by DKVM yet")
     plan.pod = POD_MEMBER
     become_container_side(config, plan, bundle, host.payload_dir, "dkvm-pod-member")
-    set_capabilities(process, MEMBER_SIDE_CAPS)
+    set_capabilities(process, [])       # it only connects: the sandbox's side serves its root
     return config, plan
 
 

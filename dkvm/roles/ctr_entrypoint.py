@@ -69,10 +69,11 @@ def main(argv):
         follower.start(plan.interfaces, paths.QMP_SOCKET, routes, taps)
         if plan.network_namespace_kept:
             ready_to_give_back()
-        return Supervisor(control, exec_listener, follower.inbox, vm, signals, plan,
-                          stdin_conn=stdin_conn, signal_listener=signal_listener,
-                          restored=bool(template), pod_listener=pod_listener,
-                          exports=sandbox_exports(plan, follower.shared_monitor)).run()
+        supervisor = Supervisor(control, exec_listener, follower.inbox, vm, signals, plan,
+                                stdin_conn=stdin_conn, signal_listener=signal_listener,
+                                restored=bool(template), pod_listener=pod_listener,
+                                exports=sandbox_exports(plan, follower.shared_monitor))
+        return supervisor.run()     # held to our end: its killers hear our exit (host.kill)
     finally:
         vm.stop()
         if plan.network_namespace_kept:

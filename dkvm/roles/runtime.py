@@ -46,7 +46,7 @@ def main(argv):
         return status
     if call.command == "delete":
         from dkvm.host import pods
-        if pods.has_pod_dir(call.container_id):
+        if pods.has_pod_dir(call.container_id, call.log):
             return delete_pod(call, runc)
     os.execv(runc, [runc] + call.runc_args())
 

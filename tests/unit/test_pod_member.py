@@ -154,7 +154,7 @@ def test_a_refused_member_fails_with_the_supervisors_line(empty_stdin):
 def test_the_members_export_is_its_directory_without_a_link_followed(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "share").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(OSError):
+    with pytest.raises(DkvmError, match="export .*share cannot be opened"):
         export_fds(str(tmp_path / "share"))
 
 

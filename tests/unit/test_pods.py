@@ -12,8 +12,7 @@ from unitutil import FIXTURES, Exec, load_config, plan_of
 from dkvm import handoff, paths, schema
 from dkvm.errors import DkvmError
 from dkvm.host import pods
-from dkvm.host.container_side import CONTAINER_SIDE_CAPS, KVM, TUN
-from dkvm.host.rewrite import MEMBER_SIDE_CAPS
+from dkvm.host.container_side import KVM, TUN
 from dkvm.roles import runtime
 
 SANDBOX_ID = "c93630c3bb9bb2350153f745e30e6ab82aab7c7920118a42844af58d7eec4b48"
@@ -222,10 +221,9 @@ def test_a_member_is_the_relay_in_the_pods_network_namespace(fake_host, tmp_path
     for dev in (TUN, KVM):
         assert (dev["major"], dev["minor"]) not in devices | rules
     assert plan.template == "" and "templates" not in fake_host
-    # virtiofsd's capabilities, not the taps'
+    # no capability: it only connects, the sandbox's side serves its root
     caps = new["process"]["capabilities"]
-    assert caps["bounding"] == MEMBER_SIDE_CAPS and "CAP_NET_ADMIN" not in MEMBER_SIDE_CAPS
-    assert set(MEMBER_SIDE_CAPS) < set(CONTAINER_SIDE_CAPS)
+    assert caps["bounding"] == [] and caps["effective"] == []
     # the sandbox's network namespace, as CRI gives it
     (net,) = [ns for ns in new["linux"]["namespaces"] if ns["type"] == "network"]
     assert net["path"] == "/proc/23698/ns/net"
@@ -329,8 +327,16 @@ def runc_status(monkeypatch):
     return state
 
 
-def delete(*args):
-    return runtime.main(["dkvm-runtime", "--root", "/r", "delete", *args])
+def cri_log(tmp_path, container_id=SANDBOX_ID):
+    """runc's log as containerd's shim names it: in the task's bundle in CRI's state."""
+    bundle = tmp_path / "state" / pods.CONTAINERD_TASK_DIR / pods.CRI_NAMESPACE / container_id
+    bundle.mkdir(parents=True, exist_ok=True)
+    return str(bundle / pods.RUNC_LOG)
+
+
+def delete(*args, log=None):
+    return runtime.main(["dkvm-runtime", "--root", "/r", *(["--log", log] if log else []),
+                         "delete", *args])
 
 
 def test_the_sandboxs_delete_removes_its_directory_no_link_followed(fake_host, tmp_path,
@@ -344,21 +350,30 @@ def test_the_sandboxs_delete_removes_its_directory_no_link_followed(fake_host, t
     (pod / "a" / "b" / "link").symlink_to(outside)
     (pod / "a" / "file").write_text("")
     (pods_dir / "other").mkdir()
+    log = cri_log(tmp_path)
     runc_status["status"] = 1               # the sandbox still runs: runc refuses
-    assert delete(SANDBOX_ID) == 1
+    assert delete(SANDBOX_ID, log=log) == 1
     assert (pod / "members.sock").exists()
     runc_status["status"] = 0
-    assert delete("--force", SANDBOX_ID) == 0
-    assert runc_status["calls"][-1] == ["--root", "/r", "delete", "--force", SANDBOX_ID]
+    assert delete("--force", SANDBOX_ID, log=log) == 0
+    assert runc_status["calls"][-1] == ["--root", "/r", "--log", log, "delete", "--force",
+                                        SANDBOX_ID]
     assert not os.path.lexists(pod)
     assert (outside / "f").read_text() == "keep" and (pods_dir / "other").is_dir()
 
 
-def test_a_delete_of_another_container_is_runcs_alone(fake_host, pods_dir, runc_status):
+def test_a_delete_of_another_container_is_runcs_alone(fake_host, pods_dir, runc_status,
+                                                      tmp_path):
     (pods_dir / SANDBOX_ID).mkdir(parents=True)
     for container_id in (MEMBER_ID, "..", "a/b"):
         with pytest.raises(Exec):
-            delete(container_id)
+            delete(container_id, log=cri_log(tmp_path, MEMBER_ID))
+    # the sandbox's id, from another engine (its bundle is not in CRI's state)
+    other_bundle = tmp_path / "moby" / SANDBOX_ID
+    other_bundle.mkdir(parents=True)
+    for log in (None, str(other_bundle / pods.RUNC_LOG)):
+        with pytest.raises(Exec):
+            delete(SANDBOX_ID, log=log)
     assert runc_status["calls"] == [] and (pods_dir / SANDBOX_ID).is_dir()
 
 
@@ -369,12 +384,12 @@ def test_a_pods_directory_that_cannot_be_removed_is_one_line_in_runcs_log(
     def busy(*args, **kw):
         raise OSError(16, "Device or resource busy", "x")
     monkeypatch.setattr(pods.os, "rmdir", busy)
-    log = tmp_path / "log.json"
+    log = cri_log(tmp_path)
     with pytest.raises(DkvmError, match=f"the directory of pod {SANDBOX_ID} .* cannot be "
                                         "removed: Device or resource busy"):
-        runtime.main(["dkvm-runtime", "--log", str(log), "--log-format", "json", "delete",
+        runtime.main(["dkvm-runtime", "--log", log, "--log-format", "json", "delete",
                       SANDBOX_ID])
-    assert "cannot be removed" in json.loads(log.read_text())["msg"]
+    assert "cannot be removed" in json.loads(open(log).read())["msg"]
 
 
 def test_a_tree_deeper_than_python_recurses_is_removed(tmp_path, pods_dir):

@@ -13,7 +13,7 @@ from dkvm.host.container_side import (CONTAINER_SIDE_CAPS, CONTAINER_SIDE_DEVICE
                                       CONTAINER_SIDE_MASKED_PATHS,
                                       CONTAINER_SIDE_READONLY_PATHS, container_side_nofile,
                                       container_side_seccomp)
-from dkvm.host.rewrite import (CONTAINER_PATH, MEMBER_SIDE_CAPS, inert, rewrite_create_config,
+from dkvm.host.rewrite import (CONTAINER_PATH, inert, rewrite_create_config,
                                rewrite_exec_process, rewrite_member_config,
                                workload_capabilities)
 from dkvm.host.vm_size import DEFAULT_GUEST_MIB, MIB, vm_footprint_mib
@@ -731,7 +731,7 @@ def test_a_member_is_a_vm_containers_rewrite_without_the_vm(any_config):
     member, plan = rewrite_member_config(as_member(config), facts(kvm_usable=True),
                                          layout(config), CONTAINER_ID)
     assert member["process"]["args"] == paths.role_argv("dkvm-pod-member")
-    assert member["process"]["capabilities"]["bounding"] == MEMBER_SIDE_CAPS
+    assert member["process"]["capabilities"]["bounding"] == []
     assert member["linux"]["devices"] == []
     assert member["linux"]["resources"]["devices"] == CONTAINER_SIDE_DEVICE_RULES
     differ = ("process.args", "process.capabilities", "linux.devices",
