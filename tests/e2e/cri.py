@@ -236,15 +236,14 @@ class docker_lock:
         self.fd = os.open(DOCKER_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
         if lock_held_by_an_ancestor(self.fd):
             return self
-        deadline = time.monotonic() + 900
-        while True:
+        def taken():
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
+                return True
             except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{DOCKER_LOCK} was held for 15 minutes") from None
-                time.sleep(0.5)
+                return False
+        wait_until(taken, f"{DOCKER_LOCK} to be free", timeout=900, interval=0.5)
+        return self
 
     def __exit__(self, *exc):
         os.close(self.fd)       # releases the flock if we took it
