@@ -366,6 +366,38 @@ class Peer:
         self.sock.close()
 
 
+def against_scenario(supervisor, play, peers, name, returned=None):
+    """supervisor.run() in this (the main) thread while `play()` runs in another, which
+    closes every peer when it is done (the supervisor sees the guest go: it returns);
+    the supervisor's status or error. `returned` is set once it has returned; the
+    scenario's failure is raised here."""
+    failures = []
+
+    def body():
+        try:
+            play()
+        except BaseException as err:      # reported in the main thread
+            failures.append(err)
+        finally:
+            for peer in peers:
+                peer.close()
+
+    thread = threading.Thread(target=body, name=name, daemon=True)
+    thread.start()
+    try:
+        result = supervisor.run()
+    except DkvmError as err:
+        result = err
+    finally:
+        if returned is not None:
+            returned.set()
+        thread.join(WAIT * 4)
+    assert not thread.is_alive(), "the scenario did not finish"
+    if failures:
+        raise failures[0]
+    return result
+
+
 @pytest.fixture
 def mux(tmp_path):
     """Runs the supervisor in this (the main) thread against a scenario played in a
@@ -386,32 +418,10 @@ def mux(tmp_path):
     returned = threading.Event()    # the supervisor has returned (for the scenario)
 
     def run(scenario, vm=None, plan=None):
-        failures = []
-
-        def body():
-            try:
-                scenario(opened[0], connect_relay)
-            except BaseException as err:  # reported in the main thread
-                failures.append(err)
-            finally:
-                for peer in opened:     # the supervisor sees the guest go: it returns
-                    peer.close()
-
         supervisor = Supervisor(control, listener, network_changes, vm or FakeVm(), signals,
                                 plan or Plan())
-        thread = threading.Thread(target=body, name="mux-scenario", daemon=True)
-        thread.start()
-        try:
-            result = supervisor.run()
-        except DkvmError as err:
-            result = err
-        finally:
-            returned.set()
-            thread.join(WAIT * 4)
-        assert not thread.is_alive(), "the scenario did not finish"
-        if failures:
-            raise failures[0]
-        return result
+        return against_scenario(supervisor, lambda: scenario(opened[0], connect_relay),
+                                opened, "mux-scenario", returned)
 
     run.returned = returned
     run.network_follower = network_follower

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from harness import WAIT, FakeVm, Peer
+from harness import WAIT, FakeVm, Peer, against_scenario
 from dkvm import wire
 from dkvm.container import supervisor as supervisor_module
 from dkvm.container.member_exports import MemberExports
@@ -138,32 +138,11 @@ def sandbox(tmp_path):
         return opened[-1]
 
     def run(scenario, plan=None):
-        failures = []
-
-        def body():
-            try:
-                scenario(opened[0], connect_member)
-            except BaseException as err:
-                failures.append(err)
-            finally:
-                for peer in opened:
-                    peer.close()
-
         supervisor = Supervisor(control, exec_listener, network_inbox, FakeVm(), signals,
                                 plan or Plan(pod="sandbox"), pod_listener=pod_listener,
                                 exports=exports)
-        thread = threading.Thread(target=body, name="pod-scenario", daemon=True)
-        thread.start()
-        try:
-            result = supervisor.run()
-        except DkvmError as err:
-            result = err
-        finally:
-            thread.join(WAIT * 4)
-        assert not thread.is_alive(), "the scenario did not finish"
-        if failures:
-            raise failures[0]
-        return result
+        return against_scenario(supervisor, lambda: scenario(opened[0], connect_member),
+                                opened, "pod-scenario")
 
     run.monitor, run.serve, run.exports = monitor, serve, exports
     yield run
