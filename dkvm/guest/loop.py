@@ -21,7 +21,7 @@ from dkvm.kernel_names import handles_signal
 from dkvm.guest import members
 from dkvm.guest.exec_session import EXEC_START_FAILED, ExecSession, spawn_in_workload
 from dkvm.guest.network import PendingChanges
-from dkvm.schema import ExecStart
+from dkvm.schema import MOST_EXECS, ExecStart
 
 IDLE = 1.0
 ACK_WAIT = 5
@@ -31,7 +31,6 @@ CONTROL_BATCH = 512 << 10   # read from the control port in one turn of the loop
 START_GRACE = 0.5           # a new workload's time to set up its signal handlers
 DROP_CACHES = "/proc/sys/vm/drop_caches"    # "2": unused dentries and inodes
 MEMBER_WAIT = 30            # an exec into a pod member whose start is still on its way
-MOST_WAITING_EXECS = 24     # such execs at once (schema.MOST_EXECS)
 
 
 def reap():
@@ -272,7 +271,7 @@ class GuestLoop:
         running once its relay ran): it waits, bounded, as runc's exec would have
         found the container's process there."""
         waiting = sum(len(frames) for frames in self.execs_waiting.values())
-        if waiting >= MOST_WAITING_EXECS:
+        if waiting >= MOST_EXECS:      # such execs at once: as many as execs
             raise DkvmError(f"no container {member} runs in this pod")
         self.execs_waiting.setdefault(member, []).append(
             (time.monotonic() + MEMBER_WAIT, frame))
