@@ -197,9 +197,12 @@ def container_id_text(text):
 
 class ExecStart(Record):
     """EXEC_START: one `docker exec`, and its terminal's size at start (with -t);
-    `member`: into that member of the pod (host.pods), not the VM's workload."""
+    `member`: into that member of the pod (host.pods), not the VM's workload; `port`:
+    not a process but a connection to the guest's localhost:port, a pod's port-forward
+    (container.port_forward)."""
     FIELDS = {"process": Field(Process, Process), "winsize": Field(ListOf(int), []),
-              "member": Field(str, "", container_id_text)}
+              "member": Field(str, "", container_id_text),
+              "port": Field(int, 0, in_range(0, 65535))}
 
 
 class ExecRequest(Record):

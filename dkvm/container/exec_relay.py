@@ -1,7 +1,8 @@
 """One `docker exec`, relayed into the guest over the entrypoint's multiplexer: the
 request, stdin (within the window the guest grants), stdout and stderr apart,
 terminal resizes, and the guest process's exit status. A pod member's relay
-(pod_member) is this one with another first frame and its signals passed on.
+(pod_member) is this one with another first frame and its signals passed on; a
+port-forward's (port_forward) carries a connection's bytes instead of stdio.
 
 The loop is an object so that a test drives it with a socketpair. It starts for
 every exec, so it imports what it needs: `_socket` and `_signal` (the modules around
@@ -53,11 +54,14 @@ def connect(path, timeout, what="exec"):
 
 
 class ExecRelay:
-    def __init__(self, sock, process, winsize=(), member=""):
+    stdin = 0                                   # what the guest's stdin is read from
+
+    def __init__(self, sock, process, winsize=(), member="", port=0):
         """`member`: the pod member's container id the exec is into ("": the VM's
-        workload)."""
+        workload); `port`: a connection to the guest's localhost:port, not a process."""
         self.sock = sock
-        self.start = ExecStart(process=process, winsize=list(winsize), member=member)
+        self.start = ExecStart(process=process, winsize=list(winsize), member=member,
+                               port=port)
         self.decoder = wire.Decoder()
         self.credit = wire.STREAM_WINDOW        # stdin bytes the guest will take now
         self.stdin_open = True
@@ -96,14 +100,14 @@ class ExecRelay:
             self.send_size()
 
     def step(self, timeout=1.0):
-        watch = [self.sock] + ([0] if self.stdin_open and self.credit > 0 else [])
+        watch = [self.sock] + ([self.stdin] if self.stdin_open and self.credit > 0 else [])
         if self.signals is not None:
             watch.append(self.signals)
         ready, _, _ = select.select(watch, [], [], timeout)
         if self.signals is not None and self.signals in ready:
             self.on_signals(self.signals.take())
-        if 0 in ready:
-            data = read_stdin(min(self.credit, wire.MAX_DATA))
+        if self.stdin in ready:
+            data = self.read_input(min(self.credit, wire.MAX_DATA))
             self.send(wire.STDIN, data)
             self.credit -= len(data)
             self.stdin_open = bool(data)
@@ -140,9 +144,19 @@ class ExecRelay:
     def send(self, ftype, payload=b""):
         self.sock.sendall(wire.encode(ftype, payload))
 
+    def read_input(self, limit):
+        """Up to `limit` bytes for the guest's stdin; b"": its end."""
+        try:
+            return os.read(0, limit)
+        except OSError:
+            return b""
+
+    def write_output(self, ftype, data):
+        write_all(1 if ftype == wire.STDOUT else 2, data)
+
     def on_frame(self, frame):
         if frame.type in (wire.STDOUT, wire.STDERR):
-            write_all(1 if frame.type == wire.STDOUT else 2, frame.payload)
+            self.write_output(frame.type, frame.payload)
             if frame.payload:
                 self.send(wire.WINDOW, {"bytes": len(frame.payload)})
         elif frame.type == wire.WINDOW:
@@ -156,13 +170,6 @@ class ExecRelay:
 def vm_gone():
     log.warn("the VM stopped before the exec ended")
     return VM_GONE_STATUS
-
-
-def read_stdin(limit):
-    try:
-        return os.read(0, limit)
-    except OSError:
-        return b""
 
 
 def write_all(fd, data):

@@ -71,14 +71,7 @@ class ExecSession:
     def __init__(self, channel, start, workload_pid, send, spawn=spawn_in_workload):
         """`start`: the schema.ExecStart; `send`: writes frames to the container side;
         `spawn`: how the process is started (a test starts it without namespaces)."""
-        self.channel, self.send = channel, send
-        self.credit = wire.STREAM_WINDOW
-        self.stdin_buf, self.stdin_eof = bytearray(), False
-        self.status = None
-        self.ended = False
-        self.master = None
-        self.hung_up = False        # the terminal's other side closed, the process lives on
-        self.abandoned = False      # the relay is gone (CLOSE)
+        self.open_channel(channel, send)
         if start.process.terminal:
             self.master, slave = open_pty(workload_pid)
             if len(start.winsize) == 2:
@@ -98,6 +91,16 @@ class ExecSession:
         self.pid = spawn(start.process, workload_pid, child_stdio)
         for fd in set(child_stdio):
             os.close(fd)
+
+    def open_channel(self, channel, send):
+        self.channel, self.send = channel, send
+        self.credit = wire.STREAM_WINDOW
+        self.stdin_buf, self.stdin_eof = bytearray(), False
+        self.status = None
+        self.ended = False
+        self.master = None
+        self.hung_up = False        # the terminal's other side closed, the process lives on
+        self.abandoned = False      # the relay is gone (CLOSE)
 
     # --- what the main loop polls
     def readable_fds(self):
@@ -149,11 +152,14 @@ class ExecSession:
             if n:
                 self.send(wire.encode(wire.WINDOW, {"bytes": n}, self.channel))
         if self.stdin_eof and not self.stdin_buf and self.stdin_fd is not None:
-            if self.master is None:
-                os.close(self.stdin_fd)
-            else:
-                os.write(self.master, b"\x04")   # EOF on a terminal is ^D
+            self.end_stdin()
             self.stdin_fd = None
+
+    def end_stdin(self):
+        if self.master is None:
+            os.close(self.stdin_fd)
+        else:
+            os.write(self.master, b"\x04")   # EOF on a terminal is ^D
 
     def read_output(self, fd):
         """Send what `fd` has, within the window; False once it has nothing more (or the

@@ -2,7 +2,8 @@
 
 It reaps (init adopts every orphan), delivers signals and terminal resizes to the
 workload (a signal sent while the VM booted waits for the workload's handler:
-EarlySignals), runs `docker exec` sessions (one per channel), answers DNS through
+EarlySignals), runs `docker exec` sessions and a pod's members and port-forwards (one
+per channel), answers DNS through
 the container side, applies network changes when their NICs appear, and ends when
 the workload does, with its exit status.
 
@@ -21,6 +22,7 @@ from dkvm.kernel_names import handles_signal
 from dkvm.guest import members
 from dkvm.guest.exec_session import EXEC_START_FAILED, ExecSession, spawn_in_workload
 from dkvm.guest.network import PendingChanges
+from dkvm.guest.port_forward import ForwardSession
 from dkvm.schema import MOST_EXECS, ExecStart
 
 IDLE = 1.0
@@ -253,6 +255,9 @@ class GuestLoop:
     def start_exec(self, frame):
         try:
             start = frame.record()
+            if start.port:
+                self.start_forward(frame.channel, start.port)
+                return
             start.process.rlimits = self.default_rlimits + start.process.rlimits
             target, spawn = self.workload_pid, self.spawn_exec
             if start.member:
@@ -265,6 +270,13 @@ class GuestLoop:
                                                        spawn=spawn)
         except Exception as err:
             self.refuse_session(frame.channel, "exec", err)
+
+    def start_forward(self, channel, port):
+        """A pod's port-forward (guest.port_forward): a session on its connection."""
+        try:
+            self.sessions[channel] = ForwardSession(channel, port, self.send)
+        except Exception as err:
+            self.refuse_session(channel, f"port-forward to localhost:{port}", err)
 
     def wait_for_member(self, member, frame):
         """An exec into a member whose start has not come yet (its runtime saw it

@@ -3,16 +3,16 @@
 It catches signals from the first moment (they wait for the guest), makes a tap for
 each of the container's network interfaces, makes the sockets QEMU and virtiofsd meet
 on (in its private /run), and starts virtiofsd on the export and QEMU together, with
-the DKVM_DISKS files and, for the image's own kernel, that kernel and an initramfs
-made from its modules; or QEMU restores the VM from its template (restore), and the
-export, NICs and disks are hot-plugged once it runs. While the VM boots, it hands the
-interfaces' addresses and frames to the taps (and, from then on, follows `docker
-network connect`/`disconnect` with hot-plugged NICs) and completes the plan with what
-only the container can see. Then the supervisor serves the control channel (the
-guest asks it for the plan first; a restored VM asked its template's maker, and is
-sent it) until the guest reports the workload's exit status, which becomes ours. A
-network namespace the engine keeps after the container gets its interfaces back. A
-pod's sandbox also takes the pod's members (host.pods) on POD_SOCKET.
+the DKVM_DISKS files and, for the image's own kernel, that kernel and an initramfs of
+its modules; or QEMU restores the VM from its template (restore), and the export,
+NICs and disks are hot-plugged once it runs. While the VM boots, it hands the
+interfaces' addresses and frames to the taps (then follows `docker network connect`
+and `disconnect` with hot-plugged NICs) and completes the plan with what only the
+container can see. Then the supervisor serves the control channel (the guest asks it
+for the plan first; a restored VM asked its template's maker) until the guest reports
+the workload's exit status, which becomes ours. A network namespace the engine keeps
+gets its interfaces back. A pod's sandbox also takes the pod's members (host.pods) on
+POD_SOCKET, and serves its port-forwards (port_forward).
 """
 import select
 import socket
@@ -24,6 +24,7 @@ from dkvm.container.member_exports import sandbox_exports
 from dkvm.container.net.follower import NetworkFollower
 from dkvm.container.net.handover import Handover
 from dkvm.container.net.plumbing import give_back_interfaces, ready_to_give_back
+from dkvm.container.port_forward import PortForwarding
 from dkvm.container.processes import VmProcesses, vm_vcpus
 from dkvm.container.restore import Resumption, open_template
 from dkvm.container.signal_inbox import SignalInbox
@@ -62,13 +63,14 @@ def main(argv):
         control = accept_qemu(control_listener, vm)
         stdin_conn = accept_qemu(stdin_listener, vm) if stdin_listener else None
         interfaces, network_setup, routes = handover.result()
-        complete_plan(plan, interfaces, network_setup,
-                      get_size(0) if plan.process.terminal else [])
+        complete_plan(plan, interfaces, network_setup, get_size(0) if plan.process.terminal else [])
         if resuming:
             resuming.finish()
         follower.start(plan.interfaces, paths.QMP_SOCKET, routes, taps)
         if plan.network_namespace_kept:
             ready_to_give_back()
+        if pod_listener:
+            PortForwarding(paths.EXEC_SOCKET).start()   # after pyroute2's load: not twice
         supervisor = Supervisor(control, exec_listener, follower.inbox, vm, signals, plan,
                                 stdin_conn=stdin_conn, signal_listener=signal_listener,
                                 restored=bool(template), pod_listener=pod_listener,
@@ -81,20 +83,17 @@ def main(argv):
 
 
 def complete_plan(plan, interfaces, network_setup, winsize):
-    """The plan's fields only the container side can fill (schema: set_by entrypoint):
-    its interfaces and the guest's steps to rebuild them (net/handover), the terminal's
-    size, and our own resource limits (the engine's: what runc's process would have
-    had)."""
-    plan.interfaces = interfaces
-    plan.network_setup = network_setup
-    plan.winsize = winsize
+    """The plan's fields only the container side fills (schema: set_by entrypoint): its
+    interfaces and the guest's steps to rebuild them (net/handover), the terminal's
+    size, and our resource limits (the engine's: what runc's would have had)."""
+    plan.interfaces, plan.network_setup, plan.winsize = interfaces, network_setup, winsize
     plan.default_rlimits = own_rlimits(plan.engine_nofile)
     return plan
 
 
 def open_boot_files(boot):
-    """The fds QEMU needs to boot: the image's kernel for DKVM_KERNEL=image (with its
-    initramfs made from the image's modules); a kernel of the payload needs none."""
+    """The fds QEMU needs to boot: the image's kernel for DKVM_KERNEL=image (and an
+    initramfs of the image's modules); a kernel of the payload needs none."""
     if not boot.from_image:
         return []
     from dkvm.boot.image_kernel import prepare_boot

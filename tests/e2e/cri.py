@@ -588,8 +588,16 @@ def exit_code(status):
 
 def port_forward(url, port, request, timeout=60):
     """Bytes a pod's `port` answers to `request`, through the CRI streaming server's
-    port-forward (WebSocket: data and error channels per port, each starting with the
-    port number as two little-endian bytes)."""
+    port-forward."""
+    received, errors = port_forward_exchange(url, port, request, timeout)
+    assert not errors, f"port-forward error: {errors!r}"
+    return received
+
+
+def port_forward_exchange(url, port, request, timeout=60):
+    """What a port-forward gives for `request`: the bytes the port answered, and the
+    error channel's (WebSocket: data and error channels per port, each starting with
+    the port number as two little-endian bytes)."""
     import websocket
     ws = websocket.create_connection(url.replace("http://", "ws://", 1) + f"?port={port}",
                                      subprotocols=["v4.channel.k8s.io"], timeout=timeout)
@@ -601,8 +609,8 @@ def port_forward(url, port, request, timeout=60):
             try:
                 opcode, data = ws.recv_data()
             except (websocket.WebSocketConnectionClosedException,
-                    websocket.WebSocketTimeoutException):
-                break
+                    websocket.WebSocketTimeoutException, ConnectionError):
+                break           # (the server may close before the client's close frame)
             if opcode == websocket.ABNF.OPCODE_CLOSE or not data:
                 if opcode == websocket.ABNF.OPCODE_CLOSE:
                     break
@@ -614,7 +622,6 @@ def port_forward(url, port, request, timeout=60):
                 received += payload
             elif channel == 1:
                 errors += payload
-        assert not errors, f"port-forward error: {errors!r}"
-        return received
+        return received, errors
     finally:
         ws.close()

@@ -5,6 +5,7 @@ and hostPort from the host, ExecSync, streaming exec with stdin and with a tty,
 port-forward, the CRI log and its reopening, stop with grace, exit codes), a
 two-container pod (localhost, a shared emptyDir, a sidecar re-created while the server
 runs) and pod deletion leaving nothing on the host."""
+import hashlib
 import ipaddress
 import os
 import re
@@ -162,13 +163,35 @@ def test_streaming_exec_with_a_tty_is_a_terminal_that_follows_resizes(node, web)
     assert session.stderr == ""          # a tty has one stream
 
 
-def test_port_forward_reaches_the_pods_port(node, web, request):
-    if web.handler == "dkvm":           # README: Limitations
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "containerd dials localhost:PORT in the pod's network namespace, whose "
-            "addresses the pod's VM holds")))
+def serving(web):
+    """The web pod's server is up (its container's start does not wait for it)."""
+    assert http_get(web.ip(), timeout=60) == web.text
+
+
+def test_port_forward_reaches_the_pods_port(node, web):
+    serving(web)
     answer = cri.port_forward(node.port_forward_url(web.id, 8080), 8080, HTTP_REQUEST)
     assert answer.startswith(b"HTTP/1.") and answer.rstrip().endswith(web.text.encode())
+
+
+def test_port_forward_carries_megabytes_whole(node, web):
+    """More than the exec channel's window (256 KiB) each way does: the whole file."""
+    serving(web)
+    code, _, err = node.exec_sync(web.container, [
+        "sh", "-c", "head -c 3000000 /dev/urandom > /www/big.bin"])
+    assert code == 0, err
+    _, digest, _ = node.exec_sync(web.container, ["md5sum", "/www/big.bin"])
+    answer = cri.port_forward(node.port_forward_url(web.id, 8080), 8080,
+                              b"GET /big.bin HTTP/1.0\r\n\r\n")
+    body = answer.split(b"\r\n\r\n", 1)[1]
+    assert len(body) == 3000000 and hashlib.md5(body).hexdigest() == digest.split()[0]
+
+
+def test_port_forward_to_a_closed_port_reports_an_error(node, web):
+    serving(web)
+    received, errors = cri.port_forward_exchange(node.port_forward_url(web.id, 8081), 8081,
+                                                 HTTP_REQUEST)
+    assert received == b"" and errors
 
 
 def test_the_log_file_has_both_streams_and_follows_reopen(node, web):

@@ -123,6 +123,13 @@ class GuestHarness:
         self.session = self.loop.sessions.get(CHANNEL)
         return self
 
+    def start_forward(self, port):
+        """A port-forward's session (guest.port_forward), to localhost:port."""
+        self.send(EXEC_START, ExecStart(port=port))
+        self.run_until(lambda: CHANNEL in self.loop.sessions or self.exits())
+        self.session = self.loop.sessions.get(CHANNEL)
+        return self
+
     # --- the loop's side
     def spawn(self, process, workload_pid, stdio, fork=None):
         self.exec_pid = fake_spawn(process, workload_pid, stdio)
