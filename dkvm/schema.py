@@ -371,6 +371,8 @@ class Plan(Record):
         # a Kubernetes pod's (host.pods): its sandbox runs the pod's VM; a member's
         # process runs in it, in the member's own root
         "pod": Field(str, "", one_of("", POD_SANDBOX, POD_MEMBER)),
+        # a member in the pod's PID namespace, the pause's (shareProcessNamespace)
+        "pod_shares_pid": Field(bool, False),
     }
 
     @classmethod

@@ -188,6 +188,8 @@ class GuestLoop:
             self.status = statuses[self.workload_pid]
         for session in list(self.sessions.values()):
             if session.pid in statuses:
+                if session.member is not None:
+                    self.pod_members.end_member(session.member.tag)
                 session.on_exit(statuses[session.pid])
             if session.ended:
                 del self.sessions[session.channel]
@@ -329,15 +331,15 @@ class GuestLoop:
             session = ExecSession(
                 frame.channel, ExecStart(process=plan.process, winsize=start.winsize),
                 self.workload_pid, self.send, spawn=lambda process, _pid, stdio:
-                self.pod_members.spawn_member(plan, root, stdio, self.workload_pid))
+                self.pod_members.spawn_member(plan, root, stdio, self.workload_pid, tag))
         except Exception as err:
             if tag is not None:
-                self.pod_members.remove_export(tag)
+                self.pod_members.remove_member(tag)
             self.refuse_session(frame.channel, "the container", err)
             return
         session.member = start
         # its export goes before its status: the container side unplugs it then
-        session.on_end = lambda: self.pod_members.remove_export(tag)
+        session.on_end = lambda: self.pod_members.remove_member(tag)
         self.sessions[frame.channel] = session
         self.members[start.container_id] = session
         self.start_waiting_execs(start.container_id)

@@ -1,18 +1,24 @@
 """A Kubernetes pod's members in the pod's VM (host.pods): each app container of the
 pod runs here, in its own root (its container side's export, hot-plugged with its
-own tag), its own PID, mount and cgroup namespaces, and the VM's network, UTS and IPC
-namespaces, which are the pod's.
+own tag), its own PID namespace (or the pause's, when the pod shares one:
+shareProcessNamespace), its own cgroup, mount and cgroup namespaces, and the VM's
+network, UTS and IPC namespaces, which are the pod's.
 
 Init's children land in the PID namespace its `pid_for_children` names: the
 workload's (the sandbox's pause), for every exec into it. A member's PID 1 is forked
 into a new namespace of its own, an exec into a member into that member's; each fork
-sets it back to the workload's."""
+sets it back to the workload's. A member's processes are its cgroup's: when its
+first process ends, the rest are killed, as the runtime's shim kills them under runc
+when the namespace is shared (else the kernel does, with the namespace)."""
 import os
+import _signal
 
 from dkvm import paths
 from dkvm.guest import syscalls, world
 from dkvm.guest.process import become_and_exec
 from dkvm.guest.workload import enter_container
+
+KILL_ROUNDS = 50        # a kernel without cgroup.kill: kill what cgroup.procs lists, again
 
 
 def export_root(tag):
@@ -23,24 +29,33 @@ def export_root(tag):
     return target + paths.SHARED_ROOTFS[len(paths.SHARE_DIR):]
 
 
-def remove_export(tag):
-    """The member is gone (its PID 1 took every process of its namespace along)."""
+def remove_member(tag):
+    """The member is gone, with every process of its cgroup (end_member): its export
+    and its cgroup go."""
     target = os.path.join(paths.MEMBERS_DIR, tag)
-    try:
-        syscalls.unmount(target, syscalls.MNT_DETACH)
-        os.rmdir(target)
-    except OSError:
-        pass
+    for remove in (lambda: syscalls.unmount(target, syscalls.MNT_DETACH),
+                   lambda: os.rmdir(target), lambda: os.rmdir(member_cgroup(tag))):
+        try:
+            remove()
+        except OSError:
+            pass
 
 
-def spawn_member(plan, root, stdio, workload_pid):
-    """The member's PID 1, forked into a new PID namespace and building its container
-    from `plan` at `root` before it execs its process; its pid."""
+def member_cgroup(tag):
+    return f"{world.CGROUP_ROOT}/member-{tag}"
+
+
+def spawn_member(plan, root, stdio, workload_pid, tag):
+    """The member's PID 1, forked into a new PID namespace (or the workload's, shared)
+    and into its own cgroup, building its container from `plan` at `root` before it
+    execs its process; its pid."""
+    os.makedirs(member_cgroup(tag), exist_ok=True)
     active = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     pid = None
     try:
-        syscalls.setns(active, syscalls.CLONE_NEWPID)
-        syscalls.unshare(syscalls.CLONE_NEWPID)
+        if not plan.pod_shares_pid:
+            syscalls.setns(active, syscalls.CLONE_NEWPID)
+            syscalls.unshare(syscalls.CLONE_NEWPID)
         pid = os.fork()
     finally:
         if pid != 0:                    # init, whether or not the fork was made
@@ -48,8 +63,34 @@ def spawn_member(plan, root, stdio, workload_pid):
             back_to_workload(workload_pid)
     if pid:
         return pid
-    enter_container(plan, root, stdio)
+    enter_container(plan, root, stdio, cgroup=member_cgroup(tag))
     become_and_exec(stdio, plan.process)
+
+
+def end_member(tag):
+    """The member's first process has ended: the rest of its processes go too."""
+    path = member_cgroup(tag)
+    try:
+        with open(path + "/cgroup.kill", "w") as f:
+            f.write("1")
+        return
+    except FileNotFoundError:
+        pass                            # before Linux 5.14, or no such cgroup
+    except OSError:
+        return
+    for _ in range(KILL_ROUNDS):
+        try:
+            with open(path + "/cgroup.procs") as f:
+                pids = [int(line) for line in f if line.strip()]
+        except OSError:
+            return
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, _signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def fork_in(target_pid, workload_pid):

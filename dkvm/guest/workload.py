@@ -60,15 +60,16 @@ def spawn(plan, stdio, disks=None):
     become_and_exec(stdio, plan.process, enter_user_namespace=user_ns and user_ns.enter)
 
 
-def enter_container(plan, root, stdio, disks=None, console=False):
+def enter_container(plan, root, stdio, disks=None, console=False, cgroup=None):
     """In a forked child: the container's world from `plan`, rooted at `root` (the
-    workload's, or a pod member's export): its cgroup and cgroup and mount namespaces,
+    workload's, or a pod member's export, with a `cgroup` of its own): its cgroup and
+    cgroup and mount namespaces,
     runc's mounts, masks and root flags, a session of its own with its terminal
     (stdio[0]) as the controlling one; `console`: the VM's console is that terminal,
     bound at /dev/console as runc binds its own. A failure is told on its stderr and
     ends the child."""
     try:
-        world.join_workload_cgroup()
+        world.join_cgroup(cgroup or world.WORKLOAD_CGROUP)
         syscalls.unshare(syscalls.CLONE_NEWCGROUP | syscalls.CLONE_NEWNS)
         syscalls.make_mounts_private()
         world.mount_workload_modules(plan, root)

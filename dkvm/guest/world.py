@@ -140,6 +140,10 @@ def join_workload_cgroup(workload_pid=None):
             for line in f:
                 if line.startswith("0::/"):
                     path = CGROUP_ROOT + line[3:].rstrip("\n")
+    join_cgroup(path)
+
+
+def join_cgroup(path):
     with open(path + "/cgroup.procs", "w") as f:
         f.write("0")
 

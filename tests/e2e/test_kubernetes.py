@@ -320,6 +320,32 @@ def test_two_containers_share_localhost_and_an_empty_dir_and_a_sidecar_is_recrea
         ("sidecar", 1, cri.CONTAINER_RUNNING)]
 
 
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_a_pod_sharing_its_pid_namespace_sees_every_containers_processes(pods, node,
+                                                                          handler):
+    """shareProcessNamespace: the pause is PID 1 of every container, each sees the
+    others' processes, and a container's processes go when its first one ends."""
+    pod = pods("shared-pid", handler, share_pid=True)
+    first = pod.start("first", "echo ready; exec sleep 1001")
+    second = pod.start("second", "sleep 1002 & echo ready; "
+                                 "while [ ! -e /go ]; do sleep 0.1; done")
+    for name in ("first", "second"):
+        wait_until(lambda: ("stdout", "ready") in cri.read_log(pod.log_path(name)),
+                   f"{name} to start", timeout=120)
+    assert node.exec_sync(first, ["cat", "/proc/1/cmdline"]) == (0, "/pause\0", "")
+
+    def processes():
+        code, out, err = node.exec_sync(first, ["ps", "-o", "args"])
+        assert code == 0, err
+        return out.splitlines()
+    assert "sleep 1002" in processes()
+    assert node.exec_sync(second, ["touch", "/go"])[0] == 0
+    node.wait_state(second, cri.CONTAINER_EXITED, timeout=60)
+    listed = wait_until(lambda: (lambda ps: "sleep 1002" not in ps and ps)(processes()),
+                        "the exited container's background process to go", timeout=30)
+    assert "/pause" in listed and "sleep 1001" in listed
+
+
 # --- pod deletion -------------------------------------------------------------------
 
 def host_state(ids=()):

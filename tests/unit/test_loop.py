@@ -156,16 +156,19 @@ class FakePodMembers:
 
     def __init__(self, harness_of, tmp_path):
         self.harness_of, self.tmp_path = harness_of, tmp_path
-        self.mounted, self.removed, self.spawned = [], [], []
+        self.mounted, self.removed, self.spawned, self.ended = [], [], [], []
 
     def export_root(self, tag):
         self.mounted.append(tag)
         return str(self.tmp_path / tag / "rootfs")
 
-    def remove_export(self, tag):
+    def remove_member(self, tag):
         self.removed.append(tag)
 
-    def spawn_member(self, plan, root, stdio, workload_pid):
+    def end_member(self, tag):
+        self.ended.append(tag)
+
+    def spawn_member(self, plan, root, stdio, workload_pid, tag):
         self.spawned.append((plan.process.args, root, workload_pid))
         return self.harness_of().spawn(plan.process, workload_pid, stdio)
 
@@ -194,7 +197,7 @@ def test_a_pod_member_runs_in_its_own_export_and_its_status_ends_its_session(pod
     harness.session = harness.loop.sessions[CHANNEL]
     assert harness.finish() == 3
     assert harness.payload(STDOUT) == b"in-member\n"
-    assert members.mounted == ["m1"] and members.removed == ["m1"]
+    assert members.mounted == ["m1"] and members.removed == ["m1"] and members.ended == ["m1"]
     assert members.spawned[0][1].endswith("m1/rootfs")
     assert harness.loop.members == {}
 

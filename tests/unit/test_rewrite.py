@@ -745,6 +745,18 @@ def test_a_member_is_a_vm_containers_rewrite_without_the_vm(any_config):
         {k: v for k, v in vm_plan.as_dict().items() if k not in VM_PLAN_FIELDS}
 
 
+def test_a_member_shares_the_pods_pid_namespace_when_cri_gives_the_sandboxs():
+    config = as_member(load_config("plain"))
+    _, alone = rewrite_member_config(config, facts(), layout(config), CONTAINER_ID)
+    config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"]
+                                     if ns["type"] != "pid"] + [
+        {"type": "pid", "path": "/proc/4242/ns/pid"}]
+    member, shared = rewrite_member_config(config, facts(), layout(config), CONTAINER_ID)
+    assert (alone.pod_shares_pid, shared.pod_shares_pid) == (False, True)
+    # its relay joins the sandbox's, as runc's process would
+    assert {"type": "pid", "path": "/proc/4242/ns/pid"} in member["linux"]["namespaces"]
+
+
 def test_a_member_is_not_given_the_hosts_network_namespace():
     config = load_config("plain")
     config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"]
