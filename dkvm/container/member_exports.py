@@ -27,7 +27,7 @@ import threading
 
 from dkvm import log, paths
 from dkvm.errors import DkvmError
-from dkvm.container.processes import most_descriptors
+from dkvm.container.processes import descriptors_open, most_descriptors
 from dkvm.container.signal_inbox import unblock_all_signals
 from dkvm.container.vmm import export_device, virtiofsd_argv
 from dkvm.schema import POD_SANDBOX
@@ -169,6 +169,12 @@ class MemberExports:
 
     def unplug(self, tag):
         self.submit((None, tag, None))
+
+    def most_descriptors_open(self):
+        """The most descriptors any member's virtiofsd has open (the supervisor asks
+        the guest to let go of inodes for every export at once)."""
+        return max((descriptors_open(proc.pid) for proc, _ in list(self.served.values())),
+                   default=0)
 
     def submit(self, job):
         if self.thread is None:

@@ -100,20 +100,10 @@ class VmProcesses:
 
     # --- what the supervisor asks
     def virtiofsd_descriptors(self):
-        """(descriptors virtiofsd has open, the most it may), (0, 0) when unknown. The
-        size of its descriptor table (in /proc/PID/status) first: the directory of its
-        descriptors is listed only once that table is past half the limit."""
+        """(descriptors virtiofsd has open, the most it may), (0, 0) when unknown."""
         if self.virtiofsd is None or self.virtiofsd.exited():
             return 0, 0
-        pid, most = self.virtiofsd.proc.pid, most_descriptors()
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                table = next(int(line.split()[1]) for line in f if line.startswith("FDSize:"))
-            if table * 2 < most:
-                return min(table, most), most
-            return len(os.listdir(f"/proc/{pid}/fd")), most
-        except (OSError, StopIteration, ValueError, IndexError):
-            return 0, 0
+        return descriptors_open(self.virtiofsd.proc.pid), most_descriptors()
 
     def check(self, helpers_only=False):
         """Raise if a child died while it was needed (with `helpers_only`, virtiofsd:
@@ -209,6 +199,21 @@ def page_out(pid, ranges):
 def vm_vcpus(plan):
     """The plan's vCPUs, or as many as the container may use."""
     return plan.cpus or len(os.sched_getaffinity(0))
+
+
+def descriptors_open(pid):
+    """How many descriptors a virtiofsd has open (0 when unknown). The size of its
+    descriptor table (in /proc/PID/status) first: the directory of its descriptors is
+    listed only once that table is past half the limit."""
+    most = most_descriptors()
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            table = next(int(line.split()[1]) for line in f if line.startswith("FDSize:"))
+        if table * 2 < most:
+            return min(table, most)
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0
 
 
 def most_descriptors():

@@ -224,6 +224,8 @@ class Supervisor:
             return
         self.next_descriptor_check = now + DESCRIPTOR_CHECK
         used, most = self.vm.virtiofsd_descriptors()
+        if self.exports is not None:            # a pod's members' exports: theirs too
+            used = max(used, self.exports.most_descriptors_open())
         if used > most * DESCRIPTOR_HIGH_WATER and now >= self.quiet_until:
             self.quiet_until = now + RELEASE_INTERVAL
             self.send_to_guest(wire.encode(wire.RELEASE))

@@ -283,3 +283,19 @@ def test_only_a_sandbox_has_member_exports():
         Plan(pod="sandbox", options=Options(sys_admin=True)), FakeMonitor())
     assert exports.sys_admin and exports.serve is member_exports.start_virtiofsd
     exports.close()
+
+
+def test_the_most_descriptors_a_members_virtiofsd_holds_are_counted(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys; fds = [os.open(sys.argv[1], os.O_RDONLY) for _ in range(300)]; "
+        "print('ready', flush=True); sys.stdin.read()"), str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        exports = MemberExports(monitor=None)
+        assert exports.most_descriptors_open() == 0
+        exports.served["m0"] = (holder, None)
+        assert 300 <= exports.most_descriptors_open() < 20000
+    finally:
+        holder.stdin.close()
+        holder.wait(WAIT)

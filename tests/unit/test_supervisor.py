@@ -13,6 +13,7 @@ import pytest
 from harness import QUIET, WAIT, FakeVm, exec_start, signal_from_another_process
 from dkvm import wire
 from dkvm.container import supervisor as supervisor_module
+from dkvm.container.member_exports import MemberExports
 from dkvm.container.supervisor import Supervisor, free_channel
 from dkvm.errors import DkvmError
 from dkvm.roles.ctr_entrypoint import listen
@@ -470,6 +471,24 @@ def test_virtiofsd_near_its_descriptor_limit_has_the_guest_let_go_of_unused_inod
     supervisor.step(timeout=0.01)
     assert mux.guest.recv() == Frame(wire.RELEASE)
 
+
+
+def test_a_members_virtiofsd_near_its_limit_has_the_guest_let_go_too(mux):
+    """A pod's sandbox: its members' virtiofsds count as its own does."""
+    vm, exports = FakeVm(), MemberExports(monitor=None)
+    exports.open_now = 100
+    exports.most_descriptors_open = lambda: exports.open_now
+    supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, vm,
+                            mux.signals, Plan(), exports=exports)
+    vm.descriptors = (100, 20000)
+    supervisor.on_hello(Frame(HELLO))
+    supervisor.step(timeout=0.01)
+    with pytest.raises(AssertionError, match="no frame in time"):
+        mux.guest.recv(timeout=QUIET)
+    exports.open_now = 12001
+    supervisor.next_descriptor_check = 0
+    supervisor.step(timeout=0.01)
+    assert mux.guest.recv() == Frame(wire.RELEASE)
 
 
 def test_a_guest_silent_for_the_watchdog_after_hello_is_taken_for_hung(mux):
