@@ -138,6 +138,7 @@ class FakeMonitor:
 
 class FakeVirtiofsd:
     """virtiofsd as the worker sees it: ends when told (its socket's EOF), or killed."""
+    pid = 0             # no process: no descriptors to count
 
     def __init__(self):
         self.ended = threading.Event()

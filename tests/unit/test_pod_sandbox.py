@@ -67,6 +67,8 @@ def unplugged(tag):
 
 
 class FakeVirtiofsd:
+    pid = 0             # no process: no descriptors to count
+
     def wait(self, timeout=None):
         return 0
 
