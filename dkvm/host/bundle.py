@@ -60,6 +60,10 @@ def prepare_create(call):
         new = pods.with_pod_dir(new, pods.find_pod_dir(sandbox_id))
     else:
         from dkvm.host.templates import template_for_create
+        if pod == pods.POD_SANDBOX:             # the pod's VM: sized by the pod's limits
+            from dkvm.host.pod_limits import read_pod_limits, with_pod_limits
+            config = with_pod_limits(config, read_pod_limits(
+                (config.get("linux") or {}).get("cgroupsPath")))
         new, plan = rewrite_create_config(config, facts, layout, call.container_id)
         plan.template = template_for_create(plan, new, facts.payload_dir)
         if pod == pods.POD_SANDBOX:

@@ -379,8 +379,11 @@ class Pod:
     """A pod's sandbox config and the kubelet's directories for it (log directory,
     emptyDir volumes), and its containers' configs."""
 
-    def __init__(self, cri, name, port_mappings=(), share_pid=False):
+    def __init__(self, cri, name, port_mappings=(), share_pid=False, memory_limit=0):
+        """`memory_limit`: bytes the kubelet puts on the pod's cgroup (its containers'
+        limits and the RuntimeClass's overhead)."""
         pb = cri.pb
+        self.memory_limit = memory_limit
         self.cri, self.name, self.uid = cri, name, str(uuid.uuid4())
         self.namespace = "default"
         self.log_dir = LOG_DIR / f"{self.namespace}_{name}_{self.uid}"
@@ -406,6 +409,8 @@ class Pod:
         self.attempts = {}
 
     def run(self, handler):
+        if self.memory_limit:
+            limit_pod_cgroup(self.config.linux.cgroup_parent, self.memory_limit)
         self.id = self.cri.run_pod_sandbox(self.config, handler)
         return self.id
 
@@ -469,6 +474,16 @@ class Pod:
         shutil.rmtree(self.pod_dir, ignore_errors=True)
         shutil.rmtree(self.log_dir, ignore_errors=True)
         remove_cgroup(f"{CGROUP_PARENT}/pod{self.uid}")
+
+
+def limit_pod_cgroup(path, memory_limit):
+    """The pod's cgroup with its memory limit, made before its sandbox as the kubelet
+    makes it (cgroup v1's memory hierarchy, or the v2 tree)."""
+    base = Path("/sys/fs/cgroup")
+    v1 = (base / "memory").is_dir()
+    target = (base / "memory" if v1 else base) / path.lstrip("/")
+    target.mkdir(parents=True, exist_ok=True)
+    (target / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(memory_limit))
 
 
 def remove_cgroup(path):

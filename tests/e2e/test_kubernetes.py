@@ -346,6 +346,28 @@ def test_a_pod_sharing_its_pid_namespace_sees_every_containers_processes(pods, n
     assert "/pause" in listed and "sleep 1001" in listed
 
 
+@pytest.mark.parametrize("handler", HANDLERS)
+def test_a_pods_memory_limit_holds_its_whole_vm(pods, node, handler):
+    """containerd gives the sandbox no limit; the kubelet puts the pod's on the pod's
+    cgroup. Under runc a container sees the host's memory; a dkvm pod's VM is sized
+    within the pod's limit, which its sandbox's cgroup takes as its own."""
+    limit = 640 << 20
+    pod = pods("sized", handler, memory_limit=limit)
+    main = pod.start("main", "echo ready; exec sleep 1000")
+    wait_until(lambda: ("stdout", "ready") in cri.read_log(pod.log_path("main")), "ready",
+               timeout=120)
+    code, meminfo, _ = node.exec_sync(main, ["cat", "/proc/meminfo"])
+    total = int(re.search(r"MemTotal:\s+(\d+) kB", meminfo).group(1)) << 10
+    if handler == "runc":
+        assert total > limit
+        return
+    assert 256 << 20 < total < limit
+    if Path("/sys/fs/cgroup/memory").is_dir():  # cgroup v1 (these hosts)
+        sandbox_cgroup = Path("/sys/fs/cgroup/memory", cri.CGROUP_PARENT.lstrip("/"),
+                              f"pod{pod.uid}", pod.id)
+        assert int((sandbox_cgroup / "memory.limit_in_bytes").read_text()) == limit
+
+
 # --- pod deletion -------------------------------------------------------------------
 
 def host_state(ids=()):
