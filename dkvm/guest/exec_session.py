@@ -19,11 +19,15 @@ EXEC_START_FAILED = 126     # what Docker answers for any exec that cannot start
 TIOCSPTLCK, TIOCGPTPEER = 0x40045431, 0x5441
 
 
-def open_pty(workload_pid):
-    """A terminal of the workload's own devpts (its /dev/pts, through its root), as an
-    exec under runc gets one: `tty` names it there."""
-    master = os.open(f"/proc/{workload_pid}/root/dev/pts/ptmx",
-                     os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+def container_ptmx(pid):
+    """The ptmx of the devpts of the container `pid` is in (its /dev/pts, through its
+    root): a terminal there is one an exec under runc gets, `tty` names it there."""
+    return f"/proc/{pid}/root/dev/pts/ptmx"
+
+
+def open_pty(ptmx):
+    """(master, slave) of a new terminal of the devpts whose ptmx is `ptmx`."""
+    master = os.open(ptmx, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(master, TIOCSPTLCK, b"\0\0\0\0")          # unlock
         return master, fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
@@ -68,12 +72,15 @@ class ExecSession:
     member = None       # a pod member's session: its MemberStart (guest.members)
     on_end = None       # what to do once the process is gone, before its status is sent
 
-    def __init__(self, channel, start, workload_pid, send, spawn=spawn_in_workload):
+    def __init__(self, channel, start, workload_pid, send, spawn=spawn_in_workload,
+                 ptmx=None):
         """`start`: the schema.ExecStart; `send`: writes frames to the container side;
-        `spawn`: how the process is started (a test starts it without namespaces)."""
+        `spawn`: how the process is started (a test starts it without namespaces);
+        `ptmx`: where its terminal is made (a pod member's own devpts), if not in the
+        container of `workload_pid`."""
         self.open_channel(channel, send)
         if start.process.terminal:
-            self.master, slave = open_pty(workload_pid)
+            self.master, slave = open_pty(ptmx or container_ptmx(workload_pid))
             if len(start.winsize) == 2:
                 terminal.set_size(self.master, *start.winsize)
             child_stdio = (slave, slave, slave)

@@ -331,7 +331,8 @@ class GuestLoop:
             session = ExecSession(
                 frame.channel, ExecStart(process=plan.process, winsize=start.winsize),
                 self.workload_pid, self.send, spawn=lambda process, _pid, stdio:
-                self.pod_members.spawn_member(plan, root, stdio, self.workload_pid, tag))
+                self.pod_members.spawn_member(plan, root, stdio, self.workload_pid, tag),
+                ptmx=self.pod_members.member_devpts(tag) if plan.process.terminal else None)
         except Exception as err:
             if tag is not None:
                 self.pod_members.remove_member(tag)

@@ -29,12 +29,25 @@ def export_root(tag):
     return target + paths.SHARED_ROOTFS[len(paths.SHARE_DIR):]
 
 
+def member_devpts(tag):
+    """A devpts instance of the member's own, made before it is (its terminal is made
+    there, and it mounts the same instance at its /dev/pts); its ptmx."""
+    target = os.path.join(paths.MEMBERS_DIR, f"{tag}.pts")
+    os.makedirs(target, exist_ok=True)
+    syscalls.mount("devpts", target, "devpts", *syscalls.mount_options(
+        ["nosuid", "noexec", "newinstance", "gid=5", "mode=620", "ptmxmode=666"]))
+    return os.path.join(target, "ptmx")
+
+
 def remove_member(tag):
-    """The member is gone, with every process of its cgroup (end_member): its export
-    and its cgroup go."""
+    """The member is gone, with every process of its cgroup (end_member): its export,
+    its devpts and its cgroup go."""
     target = os.path.join(paths.MEMBERS_DIR, tag)
+    devpts = target + ".pts"
     for remove in (lambda: syscalls.unmount(target, syscalls.MNT_DETACH),
-                   lambda: os.rmdir(target), lambda: os.rmdir(member_cgroup(tag))):
+                   lambda: os.rmdir(target),
+                   lambda: syscalls.unmount(devpts, syscalls.MNT_DETACH),
+                   lambda: os.rmdir(devpts), lambda: os.rmdir(member_cgroup(tag))):
         try:
             remove()
         except OSError:
@@ -63,7 +76,8 @@ def spawn_member(plan, root, stdio, workload_pid, tag):
             back_to_workload(workload_pid)
     if pid:
         return pid
-    enter_container(plan, root, stdio, cgroup=member_cgroup(tag))
+    devpts = os.path.join(paths.MEMBERS_DIR, f"{tag}.pts") if plan.process.terminal else None
+    enter_container(plan, root, stdio, cgroup=member_cgroup(tag), devpts=devpts)
     become_and_exec(stdio, plan.process)
 
 

@@ -1,5 +1,6 @@
 """The few Linux system calls the guest init needs and Python's os module lacks."""
 import ctypes
+import errno
 import fcntl
 import os
 import _socket
@@ -27,6 +28,8 @@ CLONE_NEWUSER = 0x10000000
 PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 8, 24, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
 SYS_CAPSET = 126            # x86_64
+SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429      # x86_64, Linux 5.2
+OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH, AT_FDCWD = 1, 4, -100
 CAPABILITY_VERSION_3 = 0x20080522
 RB_POWER_OFF = 0x4321FEDC
 TIOCSCTTY = 0x540E
@@ -40,6 +43,27 @@ def mount(source, target, fstype, flags=0, data=""):
                    data.encode() if data else None) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def clone_mount(path):
+    """A detached copy of the mount at `path` (open_tree), to attach elsewhere with
+    move_mount, even from a mount namespace where `path` is out of reach; None on a
+    kernel without it."""
+    fd = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(),
+                       OPEN_TREE_CLONE | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            return None
+        raise OSError(err, f"open_tree {path}: {os.strerror(err)}")
+    return fd
+
+
+def move_mount(fd, target):
+    if _libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, target.encode(),
+                     MOVE_MOUNT_F_EMPTY_PATH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"move_mount to {target}: {os.strerror(err)}")
 
 
 def bind_mount(source, target, readonly=False):

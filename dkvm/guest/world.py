@@ -161,11 +161,12 @@ def make_devices(devices):
         os.chmod(dev.path, dev.file_mode)
 
 
-def mount_container_filesystems(plan, console=False):
+def mount_container_filesystems(plan, console=False, devpts=None):
     """In the workload's new root (paths resolve inside the image, its symlinks
     included): the kernel filesystems a container gets from runc, /dev/shm of the size
     asked for, the `--tmpfs` mounts; /proc comes after, with the PID namespace.
-    `console`: the VM's console is the container's terminal."""
+    `console`: the VM's console is the container's terminal; `devpts`: a devpts made
+    for it already (a detached mount: syscalls.clone_mount), where its terminal is."""
     mounts = [
         ("sysfs", "/sys", "sysfs", ["nosuid", "nodev", "noexec"]),
         ("devtmpfs", "/dev", "devtmpfs", ["nosuid", "mode=755"]),
@@ -179,6 +180,9 @@ def mount_container_filesystems(plan, console=False):
     os.makedirs("/proc", exist_ok=True)
     for source, target, fstype, options in mounts:
         os.makedirs(target, exist_ok=True)
+        if fstype == "devpts" and devpts is not None:
+            syscalls.move_mount(devpts, target)
+            continue
         syscalls.mount(source, target, fstype, *syscalls.mount_options(options))
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):

@@ -321,6 +321,18 @@ def test_two_containers_share_localhost_and_an_empty_dir_and_a_sidecar_is_recrea
 
 
 @pytest.mark.parametrize("handler", HANDLERS)
+def test_a_container_with_a_terminal_finds_it_in_its_own_dev_pts(pods, node, handler):
+    pod = pods("tty", handler)
+    main = pod.start("main", 'echo "tty=$(tty)"; exec sleep 1000', tty=True)
+    line = wait_until(lambda: next((text.strip() for _, text in
+                                    cri.read_log(pod.log_path("main"))
+                                    if text.startswith("tty=")), None), "its tty's name",
+                      timeout=120)
+    assert re.fullmatch(r"tty=/dev/pts/\d+", line), line
+    assert node.exec_sync(main, ["test", "-c", line[len("tty="):]])[0] == 0
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
 def test_a_pod_sharing_its_pid_namespace_sees_every_containers_processes(pods, node,
                                                                           handler):
     """shareProcessNamespace: the pause is PID 1 of every container, each sees the
