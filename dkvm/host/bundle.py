@@ -68,7 +68,7 @@ def prepare_create(call):
         plan.template = template_for_create(plan, new, facts.payload_dir)
         if pod == pods.POD_SANDBOX:
             new = pods.with_pod_dir(new, pods.make_pod_dir(sandbox_id), writable=True)
-    plan.pod = pod
+            plan.pod = pod
     layout.make_skeleton()
     handoff.write_plan(layout.skeleton, plan.to_json())
     if (config.get("root") or {}).get("readonly"):
