@@ -2,10 +2,9 @@
 
 It reaps (init adopts every orphan), delivers signals and terminal resizes to the
 workload (a signal sent while the VM booted waits for the workload's handler:
-EarlySignals), runs `docker exec` sessions and a pod's members and port-forwards (one
-per channel), answers DNS through
-the container side, applies network changes when their NICs appear, and ends when
-the workload does, with its exit status.
+EarlySignals), runs `docker exec` sessions, a pod's members and its port-forwards (one
+per channel), answers DNS through the container side, applies network changes when
+their NICs appear, and ends when the workload does, with its exit status.
 
 The loop is an object so that a test drives it with a socketpair: `step()` is one
 turn. It polls (a wake-up fd for SIGCHLD, timeouts for what it waits on) because

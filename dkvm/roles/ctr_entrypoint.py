@@ -70,7 +70,7 @@ def main(argv):
         if plan.network_namespace_kept:
             ready_to_give_back()
         if pod_listener:
-            PortForwarding(paths.EXEC_SOCKET).start()   # after pyroute2's load: not twice
+            PortForwarding(paths.EXEC_SOCKET).start()   # pyroute2 loaded: one thread's
         supervisor = Supervisor(control, exec_listener, follower.inbox, vm, signals, plan,
                                 stdin_conn=stdin_conn, signal_listener=signal_listener,
                                 restored=bool(template), pod_listener=pod_listener,
