@@ -291,6 +291,15 @@ class Tmpfs(Record):
     FIELDS = {"destination": Field(str, ""), "options": Field(ListOf(str), [])}
 
 
+MOST_POD_VOLUMES = 8        # a member's volumes exported once; the rest are in its export
+
+
+class PodVolume(Record):
+    """A pod member's directory volume: where it is in the member's root (resolved in
+    the image, as runc resolves it), and the tag of its export (the sandbox's to set)."""
+    FIELDS = {"destination": Field(str, ""), "tag": Field(str, "", container_id_text)}
+
+
 class IdMapping(Record):
     """One line of a user namespace's uid_map or gid_map."""
     FIELDS = {"container_id": Field(int, 0, in_range(0, MAX_ID)),
@@ -373,6 +382,9 @@ class Plan(Record):
         "pod": Field(str, "", one_of("", POD_SANDBOX, POD_MEMBER)),
         # a member in the pod's PID namespace, the pause's (shareProcessNamespace)
         "pod_shares_pid": Field(bool, False),
+        # a member's directory volumes, each one export for the pod (at most
+        # MOST_POD_VOLUMES)
+        "pod_volumes": Field(ListOf(PodVolume), []),
     }
 
     @classmethod

@@ -8,8 +8,11 @@ import os
 import socket
 
 from dkvm import wire
+from dkvm.schema import MOST_POD_VOLUMES
 
-MOST_FDS = 3                # two are expected (a member's export): a third shows an error
+# a member's export: its directory, its mount namespace and its volumes; one more shows
+# an error
+MOST_FDS = 2 + MOST_POD_VOLUMES + 1
 
 
 class QueueFull(Exception):

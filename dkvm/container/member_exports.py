@@ -43,6 +43,11 @@ def member_tag(number):
     return f"m{number}"
 
 
+def volume_tag(number):
+    """A pod volume's export's tag (container.pod_volumes), as a member's is."""
+    return f"v{number}"
+
+
 def chardev_id(tag):
     return f"{tag}-vfs"
 

@@ -66,21 +66,30 @@ class MemberRelay(ExecRelay):
                 self.send(wire.SIGNAL, {"signal": signum})
 
 
-def export_fds(share_dir=paths.SHARE_DIR):
+def export_fds(share_dir=paths.SHARE_DIR, volumes=0, volumes_dir=paths.POD_VOLUMES_DIR):
     """The member's export as the sandbox's virtiofsd will serve it: its directory
-    (O_PATH: nothing is opened in it here) and this container's mount namespace."""
+    (O_PATH: nothing is opened in it here), this container's mount namespace, and
+    each of its `volumes` (host.rewrite.with_pod_volumes: our own binds of them)."""
+    fds = []
     try:
-        directory = os.open(share_dir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
-                            | os.O_CLOEXEC)
-    except OSError as err:
-        raise DkvmError(f"this container's export {share_dir} cannot be opened: "
-                        f"{err.strerror}") from None
-    try:
-        return [directory, os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)]
-    except OSError as err:
-        os.close(directory)
-        raise DkvmError(f"this container's mount namespace cannot be opened: "
-                        f"{err.strerror}") from None
+        for path in [share_dir] + [f"{volumes_dir}/{n}" for n in range(volumes)]:
+            try:
+                fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+                                   | os.O_CLOEXEC))
+            except OSError as err:
+                raise DkvmError(f"this container's export {path} cannot be opened: "
+                                f"{err.strerror}") from None
+            if len(fds) == 1:
+                try:
+                    fds.append(os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC))
+                except OSError as err:
+                    raise DkvmError(f"this container's mount namespace cannot be opened: "
+                                    f"{err.strerror}") from None
+        return fds
+    except DkvmError:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 def complete_member_plan(plan, winsize):

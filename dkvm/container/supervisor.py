@@ -28,8 +28,9 @@ from dkvm import log, signal_request, wire
 from dkvm.container.net.dns_relay import EmbeddedDnsRelay
 from dkvm.container.framed import FramedSocket, QueueFull
 from dkvm.container.member_exports import member_tag
+from dkvm.container.pod_volumes import PodVolumes
 from dkvm.errors import DkvmError
-from dkvm.schema import MOST_EXECS
+from dkvm.schema import MOST_EXECS, MOST_POD_VOLUMES
 from dkvm.terminal import get_size
 
 EXIT_GRACE = 10             # QEMU powering off after the guest reported its exit
@@ -92,6 +93,7 @@ class Supervisor:
         self.pod_listener = pod_listener
         self.exports = exports
         self.members = {}                   # channel -> Member (a pod's, until unplugged)
+        self.volumes = PodVolumes()         # the pod's volumes: one export each
         self.unstarted = set()              # pod channels before their first frame
         self.unheard = set()                # channels the guest has not heard of yet
         self.members_started = 0            # for each export's tag: never one reused
@@ -394,8 +396,7 @@ class Supervisor:
             return
         start.tag = member_tag(self.members_started)
         self.members_started += 1
-        member = self.members[channel] = Member(
-            start.container_id, start.tag, wire.encode(wire.MEMBER_START, start, channel), fds)
+        member = self.members[channel] = Member(start, fds)
         if self.held is None:                   # else at hello: no device before the guest runs
             self.plug(channel, member)
 
@@ -406,13 +407,16 @@ class Supervisor:
         if frame.type != wire.MEMBER_START:
             raise DkvmError(f"a pod's channel starts with MEMBER_START or EXEC_START, not "
                             f"frame type {frame.type}")
-        if len(fds) != 2 or not is_export(*fds):
-            raise DkvmError(f"a member's start comes with its export: its directory and "
-                            f"its mount namespace ({len(fds)} descriptors came)")
         try:
             start = frame.record()
         except wire.ProtocolError as err:
             raise DkvmError(f"a member's start: {err}") from None
+        volumes = len(start.plan.pod_volumes)
+        if volumes > MOST_POD_VOLUMES or len(fds) != 2 + volumes or \
+                not is_export(*fds[:2]) or not all(map(is_directory, fds[2:])):
+            raise DkvmError(f"a member's start comes with its export: its directory, its "
+                            f"mount namespace and its {volumes} volumes (at most "
+                            f"{MOST_POD_VOLUMES}; {len(fds)} descriptors came)")
         if not start.container_id:
             raise DkvmError("a member's start names no container")
         running = [m for m in self.members.values() if m.gone_at is None]
@@ -424,33 +428,68 @@ class Supervisor:
         return start
 
     def plug(self, channel, member):
+        """The member's export, and its volumes not plugged yet (pod_volumes: one
+        export each for the pod, shared), each with a hold on its mount namespace."""
         member.submitted = True
         export, member.export = member.export, []
-        self.exports.plug(channel, member.tag, export)
+        tags, new, member.waits = self.volumes.claim(channel, export[2:])
+        for volume, tag in zip(member.start.plan.pod_volumes, tags):
+            volume.tag = tag
+        member.waits.add(member.tag)
+        volume_exports = [(tag, (fd, os.dup(export[1]))) for tag, fd in new]
+        self.exports.plug(channel, member.tag, export[:2])     # the namespace is its now
+        for tag, volume_export in volume_exports:
+            self.exports.plug(0, tag, volume_export)
 
     def on_plugged(self, channel, tag, error):
-        """A member's export plugged (or not): its start goes to the guest, with what
-        its relay sent after it."""
-        member = self.members.get(channel)
-        if member is None or member.tag != tag:
-            return
-        if member.gone_at is not None:          # its relay left meanwhile
-            del self.members[channel]
-            if not error:
+        """An export plugged (or not): a member's start goes to the guest, with what
+        its relay sent after it, once its export and its volumes are in."""
+        if channel == 0:                        # a volume's
+            waiting, unused = self.volumes.on_plugged(tag, error)
+            if unused:
                 self.exports.unplug(tag)
+            for member_channel in waiting:
+                self.member_plugged(member_channel, tag, error)
             return
-        if error:
+        member = self.members.get(channel)
+        if member is not None and member.tag == tag:
+            self.member_plugged(channel, tag, error)
+
+    def member_plugged(self, channel, tag, error):
+        """One of the member's plugs is done (its export's, or a volume's): once its own
+        export's is, a member whose relay left or whose plug failed is let go of, and
+        one whose plugs all succeeded starts."""
+        member = self.members.get(channel)
+        if member is None or tag not in member.waits:
+            return
+        member.waits.discard(tag)
+        member.error = member.error or error
+        if tag == member.tag and not error:
+            member.export_plugged = True
+        if member.tag in member.waits:          # its own outcome decides what is undone
+            return
+        if member.gone_at is not None or member.error:
             del self.members[channel]
-            self.refuse_channel(channel, f"the pod's VM cannot take this container's files: "
-                                         f"{error}")
-            self.drop_relay(channel)
+            if member.export_plugged:
+                self.exports.unplug(member.tag)
+            self.release_volumes(channel)
+            if member.gone_at is None:
+                self.refuse_channel(channel, f"the pod's VM cannot take this container's "
+                                             f"files: {member.error}")
+                self.drop_relay(channel)
+            return
+        if member.waits:
             return
         member.plugged = True
         self.unheard.discard(channel)
-        self.to_guest(member.start)
+        self.to_guest(wire.encode(wire.MEMBER_START, member.start, channel))
         for data in member.held:
             self.to_guest(data)
         member.held = []
+
+    def release_volumes(self, channel):
+        for tag in self.volumes.release(channel):
+            self.exports.unplug(tag)
 
     def unplug_when_done(self, channel):
         """Once its relay has gone and the guest is done with it (or has had time)."""
@@ -460,6 +499,7 @@ class Supervisor:
         if member.exited or time.monotonic() - member.gone_at > MEMBER_END_WAIT:
             del self.members[channel]
             self.exports.unplug(member.tag)
+            self.release_volumes(channel)
 
     def check_members(self):
         for channel in [c for c, m in self.members.items() if m.gone_at is not None]:
@@ -575,17 +615,20 @@ def refuse_relay(conn, message):
 
 
 class Member:
-    """A pod member's channel as the supervisor follows it: its export's tag, the
-    MEMBER_START for the guest (sent once the export is plugged), the relay's frames
-    that came in the same read (held until then); `export` its export's descriptors
-    (directory, mount namespace) until the plug is asked for (`submitted`); `exited`:
-    the guest reported its end; `gone_at`: its relay left."""
+    """A pod member's channel as the supervisor follows it: its MEMBER_START (its
+    export's tag, its volumes' once claimed: sent to the guest once they are all
+    plugged, `waits` holding those not yet), the relay's frames that came in the same
+    read (held until then); `export` its export's descriptors (directory, mount
+    namespace, volumes) until the plug is asked for (`submitted`); `exited`: the guest
+    reported its end; `gone_at`: its relay left."""
 
-    def __init__(self, container_id, tag, start, export):
-        self.container_id, self.tag, self.start = container_id, tag, start
+    def __init__(self, start, export):
+        self.start, self.container_id, self.tag = start, start.container_id, start.tag
         self.export = export
         self.held = []
-        self.submitted = self.plugged = self.exited = False
+        self.waits = set()
+        self.error = ""
+        self.submitted = self.export_plugged = self.plugged = self.exited = False
         self.gone_at = None
 
     def close(self):
@@ -596,6 +639,14 @@ class Member:
 
 NS_GET_NSTYPE = 0xB703      # ioctl: a namespace descriptor's kind (linux/nsfs.h)
 CLONE_NEWNS = 0x20000       # that kind for a mount namespace (os has it from Python 3.12)
+
+
+def is_directory(fd):
+    import stat
+    try:
+        return stat.S_ISDIR(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def is_export(directory, namespace):

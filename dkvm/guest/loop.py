@@ -316,7 +316,7 @@ class GuestLoop:
     def start_member(self, frame):
         """A pod member (guest.members): its session is an exec's, its process the
         member's PID 1 in its own root."""
-        tag = None
+        tag, volumes_held = None, []
         try:
             start = frame.record()
             if start.container_id in self.members or not start.tag or \
@@ -327,19 +327,22 @@ class GuestLoop:
             root = self.pod_members.export_root(tag)
             plan = start.plan
             plan.process.rlimits = self.default_rlimits + plan.process.rlimits
+            volumes = self.pod_members.mount_volumes(plan.pod_volumes)
+            volumes_held = plan.pod_volumes
             session = ExecSession(
                 frame.channel, ExecStart(process=plan.process, winsize=start.winsize),
                 self.workload_pid, self.send, spawn=lambda process, _pid, stdio:
-                self.pod_members.spawn_member(plan, root, stdio, self.workload_pid, tag),
+                self.pod_members.spawn_member(plan, root, stdio, self.workload_pid, tag,
+                                              volumes),
                 ptmx=self.pod_members.member_devpts(tag) if plan.process.terminal else None)
         except Exception as err:
             if tag is not None:
-                self.pod_members.remove_member(tag)
+                self.pod_members.remove_member(tag, volumes_held)
             self.refuse_session(frame.channel, "the container", err)
             return
         session.member = start
-        # its export goes before its status: the container side unplugs it then
-        session.on_end = lambda: self.pod_members.remove_member(tag)
+        # its export and volumes go before its status: the container side unplugs them then
+        session.on_end = lambda: self.pod_members.remove_member(tag, plan.pod_volumes)
         self.sessions[frame.channel] = session
         self.members[start.container_id] = session
         self.start_waiting_execs(start.container_id)

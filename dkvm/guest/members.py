@@ -19,6 +19,7 @@ from dkvm.guest.process import become_and_exec
 from dkvm.guest.workload import enter_container
 
 KILL_ROUNDS = 50        # a kernel without cgroup.kill: kill what cgroup.procs lists, again
+volume_users = {}       # a pod volume's tag -> how many members use its mount
 
 
 def export_root(tag):
@@ -27,6 +28,40 @@ def export_root(tag):
     os.makedirs(target, exist_ok=True)
     world.mount_export(tag, target)
     return target + paths.SHARED_ROOTFS[len(paths.SHARE_DIR):]
+
+
+def mount_volumes(volumes):
+    """The member's volumes (schema.PodVolume: each one export for the pod), each
+    mounted once at MEMBERS_DIR/<tag>, for as long as a member uses it; [(that mount,
+    where it goes in the member's root)]."""
+    mounted = []
+    try:
+        for volume in volumes:
+            target = os.path.join(paths.MEMBERS_DIR, volume.tag)
+            if not volume_users.get(volume.tag):
+                os.makedirs(target, exist_ok=True)
+                world.mount_export(volume.tag, target)
+            volume_users[volume.tag] = volume_users.get(volume.tag, 0) + 1
+            mounted.append(volume)
+    except BaseException:
+        release_volumes(mounted)
+        raise
+    return [(os.path.join(paths.MEMBERS_DIR, v.tag), v.destination) for v in volumes]
+
+
+def release_volumes(volumes):
+    """A member's volumes it no longer uses: one nobody uses is unmounted (the
+    container side unplugs it once the member's end is reported)."""
+    for volume in volumes:
+        volume_users[volume.tag] = volume_users.get(volume.tag, 1) - 1
+        if volume_users[volume.tag] <= 0:
+            del volume_users[volume.tag]
+            target = os.path.join(paths.MEMBERS_DIR, volume.tag)
+            try:
+                syscalls.unmount(target, syscalls.MNT_DETACH)
+                os.rmdir(target)
+            except OSError:
+                pass
 
 
 def member_devpts(tag):
@@ -39,9 +74,10 @@ def member_devpts(tag):
     return os.path.join(target, "ptmx")
 
 
-def remove_member(tag):
+def remove_member(tag, volumes=()):
     """The member is gone, with every process of its cgroup (end_member): its export,
-    its devpts and its cgroup go."""
+    its devpts and its cgroup go, and its hold on its volumes."""
+    release_volumes(volumes)
     target = os.path.join(paths.MEMBERS_DIR, tag)
     devpts = target + ".pts"
     for remove in (lambda: syscalls.unmount(target, syscalls.MNT_DETACH),
@@ -58,10 +94,10 @@ def member_cgroup(tag):
     return f"{world.CGROUP_ROOT}/member-{tag}"
 
 
-def spawn_member(plan, root, stdio, workload_pid, tag):
+def spawn_member(plan, root, stdio, workload_pid, tag, volumes=()):
     """The member's PID 1, forked into a new PID namespace (or the workload's, shared)
-    and into its own cgroup, building its container from `plan` at `root` before it
-    execs its process; its pid."""
+    and into its own cgroup, building its container from `plan` at `root`, with its
+    `volumes` (mount_volumes) bound in it, before it execs its process; its pid."""
     os.makedirs(member_cgroup(tag), exist_ok=True)
     active = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     pid = None
@@ -77,7 +113,8 @@ def spawn_member(plan, root, stdio, workload_pid, tag):
     if pid:
         return pid
     devpts = os.path.join(paths.MEMBERS_DIR, f"{tag}.pts") if plan.process.terminal else None
-    enter_container(plan, root, stdio, cgroup=member_cgroup(tag), devpts=devpts)
+    enter_container(plan, root, stdio, cgroup=member_cgroup(tag), devpts=devpts,
+                    volumes=volumes)
     become_and_exec(stdio, plan.process)
 
 

@@ -60,10 +60,12 @@ def spawn(plan, stdio, disks=None):
     become_and_exec(stdio, plan.process, enter_user_namespace=user_ns and user_ns.enter)
 
 
-def enter_container(plan, root, stdio, disks=None, console=False, cgroup=None, devpts=None):
+def enter_container(plan, root, stdio, disks=None, console=False, cgroup=None, devpts=None,
+                    volumes=()):
     """In a forked child: the container's world from `plan`, rooted at `root` (the
-    workload's, or a pod member's export, with a `cgroup` of its own and the `devpts`
-    its terminal is on): its cgroup and cgroup and mount namespaces,
+    workload's, or a pod member's export, with a `cgroup` of its own, the `devpts` its
+    terminal is on and its pod's `volumes`, [(mount, destination)], bound over their
+    places in its export): its cgroup and cgroup and mount namespaces,
     runc's mounts, masks and root flags, a session of its own with its terminal
     (stdio[0]) as the controlling one; `console`: the VM's console is that terminal,
     bound at /dev/console as runc binds its own. A failure is told on its stderr and
@@ -74,6 +76,9 @@ def enter_container(plan, root, stdio, disks=None, console=False, cgroup=None, d
         syscalls.make_mounts_private()
         world.mount_workload_modules(plan, root)
         world.mount_disks(plan, disks or {}, root)
+        for source, destination in volumes:
+            syscalls.mount(source, os.path.join(root, destination.lstrip("/")), "",
+                           syscalls.MS_BIND | syscalls.MS_REC)
         devpts = devpts and syscalls.clone_mount(devpts)    # out of reach once pivoted
         syscalls.pivot_to(root)
         world.mount_container_filesystems(plan, console=console, devpts=devpts)

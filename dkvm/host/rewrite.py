@@ -16,6 +16,7 @@ uses. What the container side gets whatever the engine gave the workload is
 host.container_side's; the VM's size out of the container's limits, host.vm_size's.
 """
 import copy
+import os
 
 from dkvm import paths
 from dkvm.errors import DkvmError
@@ -29,8 +30,9 @@ from dkvm.host.settings import parse_settings, split_env
 from dkvm.host.vm_size import plan_memory, vcpus_for
 from dkvm.kernel_names import CAPABILITY_NUMBERS
 from dkvm.options import IMAGE_KERNEL
-from dkvm.schema import (CAPABILITY_SETS, POD_MEMBER, ROOT_PROPAGATIONS, Boot, Capabilities,
-                         ExecRequest, IdMapping, Options, Plan, Process, Rlimit, Tmpfs)
+from dkvm.schema import (CAPABILITY_SETS, MOST_POD_VOLUMES, POD_MEMBER, ROOT_PROPAGATIONS, Boot,
+                         Capabilities, ExecRequest, IdMapping, Options, Plan, PodVolume,
+                         Process, Rlimit, Tmpfs)
 
 # What the VM keeps from the workload's full root unless the config grants it:
 # reboot() from the workload ends the container (the guest kernel kills its PID
@@ -94,6 +96,7 @@ def rewrite_member_config(config, host, bundle, container_id=""):
         raise DkvmError("a user namespace for a pod's container (hostUsers: false) is not "
                         "supported by DKVM yet")
     plan.pod = POD_MEMBER
+    config["mounts"], plan.pod_volumes = with_pod_volumes(config["mounts"])
     # CRI gives a member the sandbox's PID namespace when the pod shares one: its
     # relay joins it, as runc's process would; in the VM, the member joins the pause's
     plan.pod_shares_pid = any(ns.get("type") == "pid" and ns.get("path")
@@ -338,6 +341,24 @@ def lay_out_mounts(mounts, image_root, readonly, payload_dir, resolve):
     image = {"destination": paths.SHARED_ROOTFS, "type": "bind", "source": image_root,
              "options": inert(["rbind", "rprivate", "ro" if readonly else "rw"])}
     return [image] + workload + container_side + own_mounts(payload_dir)
+
+
+def with_pod_volumes(mounts, is_dir=os.path.isdir):
+    """A member's directory binds in its export (its volumes: emptyDir, configMap,
+    projected token) each bound again at POD_VOLUMES_DIR/<n> in its container side,
+    where its relay hands it to the sandbox, which exports a volume once for the
+    whole pod: members sharing one see one filesystem, one cache. (mounts, the plan's
+    PodVolumes); at most MOST_POD_VOLUMES, the rest stay in the member's export."""
+    again, volumes = [], []
+    for mount in mounts:
+        destination = mount.get("destination", "")
+        if len(volumes) == MOST_POD_VOLUMES or mount.get("type") != "bind" or \
+                not destination.startswith(paths.SHARED_ROOTFS + "/") or \
+                not is_dir(mount.get("source", "")):
+            continue
+        again.append({**mount, "destination": f"{paths.POD_VOLUMES_DIR}/{len(volumes)}"})
+        volumes.append(PodVolume(destination=destination[len(paths.SHARED_ROOTFS):]))
+    return mounts + again, volumes
 
 
 def inert(options):

@@ -321,6 +321,26 @@ def test_two_containers_share_localhost_and_an_empty_dir_and_a_sidecar_is_recrea
 
 
 @pytest.mark.parametrize("handler", HANDLERS)
+def test_a_file_rewritten_in_a_shared_empty_dir_reads_new_at_once(pods, node, handler):
+    """Two containers mounting one emptyDir share one filesystem: a file one rewrites
+    in place is what the other reads next, and what the host has."""
+    pod = pods("coherent", handler)
+    shared = pod.empty_dir("shared")
+    writer = pod.start("writer", "echo ready; exec sleep 1000", mounts=[(shared, "/shared")])
+    reader = pod.start("reader", "echo ready; exec sleep 1000", mounts=[(shared, "/data")])
+    for name in ("writer", "reader"):
+        wait_until(lambda: ("stdout", "ready") in cri.read_log(pod.log_path(name)),
+                   f"{name} to start", timeout=120)
+    for version in range(6):
+        text = f"version-{version}" + "." * (version % 2) * 100     # its size changes too
+        assert node.exec_sync(writer, ["sh", "-c", f"echo {text} > /shared/file"])[0] == 0
+        assert node.exec_sync(reader, ["cat", "/data/file"]) == (0, text + "\n", "")
+        assert (shared / "file").read_text() == text + "\n"
+    assert node.exec_sync(reader, ["sh", "-c", "echo back > /data/reply"])[0] == 0
+    assert node.exec_sync(writer, ["cat", "/shared/reply"]) == (0, "back\n", "")
+
+
+@pytest.mark.parametrize("handler", HANDLERS)
 def test_a_container_with_a_terminal_finds_it_in_its_own_dev_pts(pods, node, handler):
     pod = pods("tty", handler)
     main = pod.start("main", 'echo "tty=$(tty)"; exec sleep 1000', tty=True)

@@ -162,13 +162,16 @@ class FakePodMembers:
         self.mounted.append(tag)
         return str(self.tmp_path / tag / "rootfs")
 
-    def remove_member(self, tag):
+    def remove_member(self, tag, volumes=()):
         self.removed.append(tag)
+
+    def mount_volumes(self, volumes):
+        return []
 
     def end_member(self, tag):
         self.ended.append(tag)
 
-    def spawn_member(self, plan, root, stdio, workload_pid, tag):
+    def spawn_member(self, plan, root, stdio, workload_pid, tag, volumes=()):
         self.spawned.append((plan.process.args, root, workload_pid))
         return self.harness_of().spawn(plan.process, workload_pid, stdio)
 

@@ -19,7 +19,7 @@ from dkvm.container.signal_inbox import SignalInbox
 from dkvm.container.supervisor import Supervisor
 from dkvm.errors import DkvmError
 from dkvm.roles.ctr_entrypoint import listen
-from dkvm.schema import ExecStart, MemberStart, Plan, Process
+from dkvm.schema import ExecStart, MemberStart, Plan, PodVolume, Process
 from dkvm.wire import (CLOSE, ERROR, EXEC_EXIT, EXEC_START, EXIT, EXIT_ACK, HELLO,
                        MEMBER_START, SIGNAL, STDIN, STDOUT)
 from waiting import wait_until
@@ -102,12 +102,17 @@ class Member(Peer):
     """A member's relay: its MEMBER_START goes with its export's descriptors (the
     directory `share`, this process's mount namespace), or with `fds` of its own."""
 
-    def start(self, container_id, share="/", fds=None, extra=b""):
+    def start(self, container_id, share="/", fds=None, extra=b"", volumes=()):
+        """`volumes`: [(destination, directory)], as host.rewrite.with_pod_volumes and
+        the relay hand them over."""
         data = wire.encode(MEMBER_START, MemberStart(
-            container_id=container_id, plan=Plan(process=Process(args=[container_id]))))
+            container_id=container_id, plan=Plan(
+                process=Process(args=[container_id]),
+                pod_volumes=[PodVolume(destination=d) for d, _ in volumes])))
         if fds is None:
             fds = [os.open(share, os.O_PATH | os.O_DIRECTORY),
-                   os.open("/proc/self/ns/mnt", os.O_RDONLY)]
+                   os.open("/proc/self/ns/mnt", os.O_RDONLY)] + [
+                os.open(directory, os.O_PATH | os.O_DIRECTORY) for _, directory in volumes]
         socket.send_fds(self.sock, [data + extra], fds)
         for fd in fds:
             os.close(fd)
@@ -198,6 +203,49 @@ def test_a_member_is_plugged_once_the_guest_runs_and_unplugged_when_it_has_gone(
     assert sandbox(scenario) == 0
 
 
+def test_a_volume_members_share_is_one_export_unplugged_after_the_last(sandbox, tmp_path):
+    """Each volume is exported once for the pod, by its directory's identity: the
+    members' starts name its tag, and it goes when no member uses it."""
+    monitor = sandbox.monitor
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    shared.mkdir()
+    own.mkdir()
+
+    def scenario(guest, connect_member):
+        guest.send(HELLO)
+        server = connect_member()
+        server.start("server", volumes=[("/data", shared), ("/own", own)])
+        first = guest.recv()
+        assert [(v.destination, v.tag) for v in first.record().plan.pod_volumes] == [
+            ("/data", "v0"), ("/own", "v1")]
+        sidecar = connect_member()
+        sidecar.start("sidecar", volumes=[("/in", shared)])
+        second = guest.recv()
+        assert [(v.destination, v.tag) for v in second.record().plan.pod_volumes] == [
+            ("/in", "v0")]
+        assert monitor.seen() == plugged("m0") + plugged("v0") + plugged("v1") + plugged("m1")
+        assert (sandbox.serve.served["v0"][0], sandbox.serve.served["v1"][0]) == (
+            str(shared), str(own))
+        # the server ends: its export and the volume only it used go
+        guest.send(EXEC_EXIT, {"status": 0}, first.channel)
+        assert server.recv().type == EXEC_EXIT
+        server.close()
+        assert guest.recv() == wire.Frame(CLOSE, first.channel)
+        wait_until(lambda: monitor.seen()[12:] == unplugged("m0") + unplugged("v1"),
+                   "the server's unplugs", WAIT, 0.01)
+        # the last member using the shared one ends: it goes too
+        guest.send(EXEC_EXIT, {"status": 0}, second.channel)
+        assert sidecar.recv().type == EXEC_EXIT
+        sidecar.close()
+        assert guest.recv() == wire.Frame(CLOSE, second.channel)
+        wait_until(lambda: monitor.seen()[16:] == unplugged("m1") + unplugged("v0"),
+                   "the sidecar's unplugs", WAIT, 0.01)
+        guest.send(EXIT, {"status": 0})
+        assert guest.recv() == wire.Frame(EXIT_ACK)
+
+    assert sandbox(scenario) == 0
+
+
 def test_a_member_killed_is_unplugged_once_the_guest_has_ended_it(sandbox, monkeypatch):
     """SIGKILL takes the relay first: the guest hears CLOSE, kills the member and says
     so (EXEC_EXIT), and only then does its export go; without that word, after
@@ -235,19 +283,20 @@ def test_refusals_are_one_line_to_the_member_and_nothing_to_the_guest(sandbox, m
         guest.send(HELLO)
         bare = connect_member()
         bare.start("bare", fds=[])
-        assert bare.refused() == ("a member's start comes with its export: its directory "
-                                  "and its mount namespace (0 descriptors came)")
+        assert bare.refused() == ("a member's start comes with its export: its directory, "
+                                  "its mount namespace and its 0 volumes (at most 8; 0 "
+                                  "descriptors came)")
         three = connect_member()
         three.start("three", fds=[os.open("/", os.O_PATH), os.open("/proc/self/ns/mnt", 0),
                                   os.open("/", os.O_PATH)])
-        assert "(3 descriptors came)" in three.refused()
+        assert "; 3 descriptors came)" in three.refused()
         not_a_namespace = connect_member()
         not_a_namespace.start("x", fds=[os.open("/", os.O_PATH), os.open("/", os.O_PATH)])
-        assert "(2 descriptors came)" in not_a_namespace.refused()
+        assert "; 2 descriptors came)" in not_a_namespace.refused()
         other_namespace = connect_member()
         other_namespace.start("x", fds=[os.open("/", os.O_PATH),
                                         os.open("/proc/self/ns/net", 0)])
-        assert "(2 descriptors came)" in other_namespace.refused()
+        assert "; 2 descriptors came)" in other_namespace.refused()
         other = connect_member()
         other.send(STDIN, b"not a start")
         assert "starts with MEMBER_START or EXEC_START, not frame type" in other.refused()

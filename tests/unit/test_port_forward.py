@@ -56,7 +56,7 @@ forwarding.start()
 def dial(port, address="127.0.0.1"):
     for _ in range(100):            # the redirect is made in the forwarder's thread
         try:
-            return socket.create_connection((address, port), timeout=10)
+            return socket.create_connection((address, port), timeout=60)
         except ConnectionRefusedError:
             threading.Event().wait(0.05)
     raise AssertionError("never redirected")
@@ -76,7 +76,7 @@ try:
 except ConnectionResetError:
     result["refused"] = "reset"
 try:
-    socket.create_connection(("127.0.0.2", 4321), timeout=10)
+    socket.create_connection(("127.0.0.2", 4321), timeout=60)
     result["other_address"] = "connected"
 except ConnectionRefusedError:
     result["other_address"] = "refused"

@@ -15,10 +15,10 @@ from dkvm.host.container_side import (CONTAINER_SIDE_CAPS, CONTAINER_SIDE_DEVICE
                                       container_side_seccomp)
 from dkvm.host.rewrite import (CONTAINER_PATH, inert, rewrite_create_config,
                                rewrite_exec_process, rewrite_member_config,
-                               workload_capabilities)
+                               with_pod_volumes, workload_capabilities)
 from dkvm.host.vm_size import DEFAULT_GUEST_MIB, MIB, vm_footprint_mib
-from dkvm.schema import (ENTRYPOINT, MOST_EXECS, Capabilities, Disk, ExecRequest, Plan, Rlimit,
-                         Tmpfs)
+from dkvm.schema import (ENTRYPOINT, MOST_EXECS, MOST_POD_VOLUMES, Capabilities, Disk,
+                         ExecRequest, Plan, Rlimit, Tmpfs)
 
 DOCKER_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Docker's default capabilities: full root in the VM, less what it holds back
@@ -755,6 +755,26 @@ def test_a_member_shares_the_pods_pid_namespace_when_cri_gives_the_sandboxs():
     assert (alone.pod_shares_pid, shared.pod_shares_pid) == (False, True)
     # its relay joins the sandbox's, as runc's process would
     assert {"type": "pid", "path": "/proc/4242/ns/pid"} in member["linux"]["namespaces"]
+
+
+def test_a_members_directory_binds_are_its_volumes_bound_again_for_its_relay():
+    rootfs = paths.SHARED_ROOTFS
+    mounts = [{"destination": rootfs, "type": "bind", "source": "/image"},
+              {"destination": rootfs + "/data", "type": "bind", "source": "/kubelet/empty",
+               "options": ["rbind", "rw", "nosuid", "nodev"]},
+              {"destination": rootfs + "/etc/hosts", "type": "bind", "source": "/k/hosts"},
+              {"destination": rootfs + "/tmp/t", "type": "tmpfs", "source": "tmpfs"},
+              {"destination": "/run", "type": "tmpfs", "source": "tmpfs"}]
+    dirs = {"/image", "/kubelet/empty", "/run"}
+    laid, volumes = with_pod_volumes(mounts, is_dir=dirs.__contains__)
+    assert laid[:len(mounts)] == mounts
+    assert laid[len(mounts):] == [{"destination": paths.POD_VOLUMES_DIR + "/0", "type": "bind",
+                                   "source": "/kubelet/empty",
+                                   "options": ["rbind", "rw", "nosuid", "nodev"]}]
+    assert [v.destination for v in volumes] == ["/data"]
+    many = [{"destination": f"{rootfs}/v{n}", "type": "bind", "source": "/kubelet/empty"}
+            for n in range(MOST_POD_VOLUMES + 2)]
+    assert len(with_pod_volumes(many, is_dir=dirs.__contains__)[1]) == MOST_POD_VOLUMES
 
 
 def test_a_member_is_not_given_the_hosts_network_namespace():
