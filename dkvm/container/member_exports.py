@@ -48,6 +48,10 @@ def volume_tag(number):
     return f"v{number}"
 
 
+def is_volume_tag(tag):
+    return tag.startswith("v")
+
+
 def chardev_id(tag):
     return f"{tag}-vfs"
 
@@ -96,8 +100,9 @@ def unplug(qmp, tag, wait=UNPLUG_WAIT):
 
 def start_virtiofsd(directory, tag, sys_admin=False):
     """virtiofsd serving the member's export at `directory` (a descriptor, passed to
-    it), with the options of the container's own; (its process, our connected end of
-    its socket). Its socket and log are in our private /run."""
+    it), with the options of the container's own (a pod volume's: coherent, see
+    vmm.virtiofsd_argv); (its process, our connected end of its socket). Its socket
+    and log are in our private /run."""
     path = os.path.join(paths.RUN_DIR, f"{tag}.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -108,7 +113,8 @@ def start_virtiofsd(directory, tag, sys_admin=False):
         listener.bind(path)
         listener.listen(1)
         argv = virtiofsd_argv(listener.fileno(), sys_admin, most_descriptors(),
-                              source=f"/proc/self/fd/{directory}/.")
+                              source=f"/proc/self/fd/{directory}/.",
+                              coherent=is_volume_tag(tag))
         with open(virtiofsd_log(tag), "wb") as log_file:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                     stderr=log_file, pass_fds=(listener.fileno(), directory),

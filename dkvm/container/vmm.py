@@ -165,7 +165,7 @@ def qemu_env(root=paths.PAYLOAD_MOUNT):
 
 
 def virtiofsd_argv(listen_fd, sys_admin=False, nofile=0, source=paths.SHARE_DIR,
-                   root=paths.PAYLOAD_MOUNT):
+                   root=paths.PAYLOAD_MOUNT, coherent=False):
     """virtiofsd serving the export: the image's root with its submounts (volumes,
     /etc/hosts) and the payload for the guest. It takes the listening socket the
     entrypoint made (`listen_fd`: no socket or pidfile of its own to write). The
@@ -186,10 +186,16 @@ def virtiofsd_argv(listen_fd, sys_admin=False, nofile=0, source=paths.SHARE_DIR,
     Under a low limit, no readdirplus: with it, listing a directory has the guest's
     kernel keep an inode (virtiofsd a descriptor) for every entry at once, 20000 in a
     blink; without it an inode comes with a lookup, at a pace the supervisor's watch
-    keeps ahead of (listings are slower: `ls -l` of 3000 files 0.8 s -> 1.3 s)."""
+    keeps ahead of (listings are slower: `ls -l` of 3000 files 0.8 s -> 1.3 s).
+
+    `coherent`: a pod's volume (container.pod_volumes), which the host changes too (the
+    kubelet, the test of a pod): names and attributes are asked for every time and a
+    file's data again at each open (cache=auto, timeout=0), so a file the host removed
+    is never written to in its stead."""
     return paths.payload_program_argv(paths.payload_path("qemu", "virtiofsd", root=root), root) + [
         f"--fd={listen_fd}", "-o", f"source={source}",
-        "-o", "sandbox=chroot", "-o", "cache=always", "-o", "timeout=1",
+        "-o", "sandbox=chroot", "-o", "cache=auto" if coherent else "cache=always",
+        "-o", "timeout=0" if coherent else "timeout=1",
         "-o", "xattr", *(["-o", "no_readdirplus"] if 0 < nofile < READDIRPLUS_LEAST else []),
         *(["-o", "modcaps=+sys_admin"] if sys_admin else []),
         "-o", "log_level=err", f"--rlimit-nofile={nofile}",

@@ -96,12 +96,12 @@ def rewrite_member_config(config, host, bundle, container_id=""):
         raise DkvmError("a user namespace for a pod's container (hostUsers: false) is not "
                         "supported by DKVM yet")
     plan.pod = POD_MEMBER
-    config["mounts"], plan.pod_volumes = with_pod_volumes(config["mounts"])
     # CRI gives a member the sandbox's PID namespace when the pod shares one: its
     # relay joins it, as runc's process would; in the VM, the member joins the pause's
     plan.pod_shares_pid = any(ns.get("type") == "pid" and ns.get("path")
                               for ns in linux.get("namespaces") or [])
     become_container_side(config, plan, bundle, host.payload_dir, "dkvm-pod-member")
+    config["mounts"], plan.pod_volumes = with_pod_volumes(config["mounts"])
     set_capabilities(process, [])       # it only connects: the sandbox's side serves its root
     return config, plan
 

@@ -258,8 +258,8 @@ def test_virtiofsd_serves_the_members_directory_on_a_socket_we_connect_to(tmp_pa
               "conn = listener.accept()[0]; "
               "conn.sendall(' '.join(os.listdir(sys.argv[2])).encode())")
     monkeypatch.setattr(member_exports, "virtiofsd_argv",
-                        lambda fd, sys_admin, nofile, source: [sys.executable, "-c", script,
-                                                               str(fd), source])
+                        lambda fd, sys_admin, nofile, source, coherent: [
+                            sys.executable, "-c", script, str(fd), source])
     directory = os.open(tmp_path / "share", os.O_PATH | os.O_DIRECTORY)
     proc, connected = member_exports.start_virtiofsd(directory, "m3")
     try:

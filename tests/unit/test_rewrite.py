@@ -719,7 +719,8 @@ def without(config, *keys):
 
 # what only a VM has: the member's stay their defaults
 VM_PLAN_FIELDS = ("options", "cpus", "memory_mib", "tcg_cache_mib", "max_execs", "boot",
-                  "network_namespace_kept", "dns_upstream", "disks", "pod")
+                  "network_namespace_kept", "dns_upstream", "disks")
+MEMBER_PLAN_FIELDS = ("pod", "pod_volumes")     # what only a member's has
 
 
 def test_a_member_is_a_vm_containers_rewrite_without_the_vm(any_config):
@@ -736,13 +737,17 @@ def test_a_member_is_a_vm_containers_rewrite_without_the_vm(any_config):
     assert member["linux"]["resources"]["devices"] == CONTAINER_SIDE_DEVICE_RULES
     differ = ("process.args", "process.capabilities", "linux.devices",
               "linux.resources.devices", "linux.namespaces")
+    # its volumes are bound again for its relay (with_pod_volumes), after the rest
+    member["mounts"] = [m for m in member["mounts"]
+                        if not m["destination"].startswith(paths.POD_VOLUMES_DIR + "/")]
     assert without(member, *differ) == without(vm, *differ)
     assert plan.pod == "member" and plan.template == ""
     default = Plan()
-    for field in VM_PLAN_FIELDS[:-1]:
+    for field in VM_PLAN_FIELDS:
         assert getattr(plan, field) == getattr(default, field), field
-    assert {k: v for k, v in plan.as_dict().items() if k not in VM_PLAN_FIELDS} == \
-        {k: v for k, v in vm_plan.as_dict().items() if k not in VM_PLAN_FIELDS}
+    apart = VM_PLAN_FIELDS + MEMBER_PLAN_FIELDS
+    assert {k: v for k, v in plan.as_dict().items() if k not in apart} == \
+        {k: v for k, v in vm_plan.as_dict().items() if k not in apart}
 
 
 def test_a_member_shares_the_pods_pid_namespace_when_cri_gives_the_sandboxs():
@@ -775,6 +780,16 @@ def test_a_members_directory_binds_are_its_volumes_bound_again_for_its_relay():
     many = [{"destination": f"{rootfs}/v{n}", "type": "bind", "source": "/kubelet/empty"}
             for n in range(MOST_POD_VOLUMES + 2)]
     assert len(with_pod_volumes(many, is_dir=dirs.__contains__)[1]) == MOST_POD_VOLUMES
+
+
+def test_a_members_volume_is_in_its_plan_and_bound_for_its_relay(tmp_path):
+    config = as_member(load_config("plain"))
+    config["mounts"].append({"destination": "/data", "type": "bind", "source": str(tmp_path),
+                             "options": ["rbind", "rprivate", "rw"]})
+    member, plan = rewrite_member_config(config, facts(), layout(config), CONTAINER_ID)
+    assert [v.destination for v in plan.pod_volumes] == ["/data"]
+    assert [m["source"] for m in member["mounts"]
+            if m["destination"] == paths.POD_VOLUMES_DIR + "/0"] == [str(tmp_path)]
 
 
 def test_a_member_is_not_given_the_hosts_network_namespace():

@@ -180,6 +180,10 @@ def test_qemu_env_and_virtiofsd():
     assert "no_readdirplus" in values(virtiofsd_argv(5, nofile=20000), "-o")
     assert "no_readdirplus" not in values(virtiofsd_argv(5, nofile=1 << 20), "-o")
     assert "--rlimit-nofile=20000" in virtiofsd_argv(5, nofile=20000)
+    assert {"cache=always", "timeout=1"} <= set(values(argv, "-o"))
+    # a pod's volume, which the host changes too: asked again every time
+    coherent = values(virtiofsd_argv(5, coherent=True), "-o")
+    assert {"cache=auto", "timeout=0"} <= set(coherent) and "cache=always" not in coherent
 
 
 def test_sys_admin_reaches_virtiofsd():
