@@ -226,20 +226,16 @@ def test_a_volume_members_share_is_one_export_unplugged_after_the_last(sandbox, 
         assert monitor.seen() == plugged("m0") + plugged("v0") + plugged("v1") + plugged("m1")
         assert (sandbox.serve.served["v0"][0], sandbox.serve.served["v1"][0]) == (
             str(shared), str(own))
-        # the server ends: its export and the volume only it used go
-        guest.send(EXEC_EXIT, {"status": 0}, first.channel)
-        assert server.recv().type == EXEC_EXIT
-        server.close()
-        assert guest.recv() == wire.Frame(CLOSE, first.channel)
-        wait_until(lambda: monitor.seen()[12:] == unplugged("m0") + unplugged("v1"),
-                   "the server's unplugs", WAIT, 0.01)
-        # the last member using the shared one ends: it goes too
-        guest.send(EXEC_EXIT, {"status": 0}, second.channel)
-        assert sidecar.recv().type == EXEC_EXIT
-        sidecar.close()
-        assert guest.recv() == wire.Frame(CLOSE, second.channel)
-        wait_until(lambda: monitor.seen()[16:] == unplugged("m1") + unplugged("v0"),
-                   "the sidecar's unplugs", WAIT, 0.01)
+        for member, start, seen, unplugs in (
+                # the server ends: its export and the volume only it used go
+                (server, first, 12, unplugged("m0") + unplugged("v1")),
+                # the last member using the shared one ends: it goes too
+                (sidecar, second, 16, unplugged("m1") + unplugged("v0"))):
+            guest.send(EXEC_EXIT, {"status": 0}, start.channel)
+            assert member.recv().type == EXEC_EXIT
+            member.close()
+            assert guest.recv() == wire.Frame(CLOSE, start.channel)
+            wait_until(lambda: monitor.seen()[seen:] == unplugs, "the unplugs", WAIT, 0.01)
         guest.send(EXIT, {"status": 0})
         assert guest.recv() == wire.Frame(EXIT_ACK)
 
