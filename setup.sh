@@ -10,7 +10,8 @@ APT_PACKAGES=(docker.io runc containerd qemu-system-x86 qemu-system-common seabi
               busybox-static debootstrap python3 python3-venv python3-pip gcc libc6-dev
               ca-certificates procps podman
               golang-go make      # these two build the OCI validation suite the tests run
-              containernetworking-plugins)   # CNI (bridge, portmap) for the CRI tests' pods
+              containernetworking-plugins    # CNI (bridge, portmap) for the CRI tests' pods
+              nftables)     # `nft`: a test reads back the rule a pod's port-forward makes
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
