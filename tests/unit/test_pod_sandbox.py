@@ -82,8 +82,11 @@ class FakeServe:
 
     def __init__(self):
         self.served = {}
+        self.held = {}              # tag -> an Event its serving waits for
 
     def __call__(self, directory, tag, sys_admin):
+        if tag in self.held:
+            assert self.held[tag].wait(WAIT)
         ours, far = socket.socketpair()
         self.served[tag] = (os.readlink(f"/proc/self/fd/{directory}"), far)
         return FakeVirtiofsd(), ours
@@ -236,6 +239,34 @@ def test_a_volume_members_share_is_one_export_unplugged_after_the_last(sandbox, 
             member.close()
             assert guest.recv() == wire.Frame(CLOSE, start.channel)
             wait_until(lambda: monitor.seen()[seen:] == unplugs, "the unplugs", WAIT, 0.01)
+        guest.send(EXIT, {"status": 0})
+        assert guest.recv() == wire.Frame(EXIT_ACK)
+
+    assert sandbox(scenario) == 0
+
+
+def test_a_members_start_waits_for_its_volumes_plug_and_its_relay_too(sandbox, tmp_path):
+    """Its export is in, a volume's plug is not: the guest hears of the member only
+    once it is, and the relay's frames wait for that too."""
+    monitor = sandbox.monitor
+    sandbox.serve.held["v0"] = threading.Event()
+
+    def scenario(guest, connect_member):
+        guest.send(HELLO)
+        member = connect_member()
+        member.start("late", volumes=[("/data", tmp_path)], extra=wire.encode(STDIN, b"x"))
+        wait_until(lambda: monitor.seen() == plugged("m0"), "its own plug", WAIT, 0.01)
+        member.close()                                  # its relay goes meanwhile
+        guest.quiet(0.2)
+        sandbox.serve.held["v0"].set()
+        start = guest.recv()
+        assert (start.type, [v.tag for v in start.record().plan.pod_volumes]) == (
+            MEMBER_START, ["v0"])
+        assert guest.recv() == wire.Frame(STDIN, start.channel, b"x")
+        assert guest.recv() == wire.Frame(CLOSE, start.channel)
+        guest.send(EXEC_EXIT, {"status": 137}, start.channel)
+        wait_until(lambda: monitor.seen()[3:] == plugged("v0") + unplugged("m0")
+                   + unplugged("v0"), "both unplugged", WAIT, 0.01)
         guest.send(EXIT, {"status": 0})
         assert guest.recv() == wire.Frame(EXIT_ACK)
 
