@@ -70,21 +70,18 @@ def export_fds(share_dir=paths.SHARE_DIR, volumes=0, volumes_dir=paths.POD_VOLUM
     """The member's export as the sandbox's virtiofsd will serve it: its directory
     (O_PATH: nothing is opened in it here), this container's mount namespace, and
     each of its `volumes` (host.rewrite.with_pod_volumes: our own binds of them)."""
+    directory = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+    places = [(share_dir, directory, "export"), ("/proc/self/ns/mnt", os.O_RDONLY,
+                                                 "mount namespace")] + [
+        (f"{volumes_dir}/{n}", directory, "volume") for n in range(volumes)]
     fds = []
     try:
-        for path in [share_dir] + [f"{volumes_dir}/{n}" for n in range(volumes)]:
+        for path, flags, what in places:
             try:
-                fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
-                                   | os.O_CLOEXEC))
+                fds.append(os.open(path, flags | os.O_CLOEXEC))
             except OSError as err:
-                raise DkvmError(f"this container's export {path} cannot be opened: "
+                raise DkvmError(f"this container's {what} {path} cannot be opened: "
                                 f"{err.strerror}") from None
-            if len(fds) == 1:
-                try:
-                    fds.append(os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC))
-                except OSError as err:
-                    raise DkvmError(f"this container's mount namespace cannot be opened: "
-                                    f"{err.strerror}") from None
         return fds
     except DkvmError:
         for fd in fds:

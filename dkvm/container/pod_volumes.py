@@ -22,14 +22,14 @@ class Volume:
 
 class PodVolumes:
     def __init__(self):
-        self.by_key = {}            # (st_dev, st_ino) -> Volume
+        self.by_key = {}            # (st_dev, st_ino, read-only) -> Volume
         self.made = 0               # for each export's tag: never one reused
 
     def claim(self, channel, fds):
         """The member on `channel` uses the volumes whose directories `fds` are (ours:
         each is closed here, or handed on). Returns (their tags, in order; [(tag, fd)]
         of the new ones, to plug; the tags not plugged yet)."""
-        tags, new = [], []
+        tags, new, waits = [], [], set()
         for fd in fds:
             info = os.fstat(fd)
             key = (info.st_dev, info.st_ino, bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY))
@@ -42,10 +42,9 @@ class PodVolumes:
                 os.close(fd)
             volume.users.add(channel)
             tags.append(volume.tag)
-        return tags, new, {tag for tag in tags if not self.by_tag(tag).plugged}
-
-    def by_tag(self, tag):
-        return next((v for v in self.by_key.values() if v.tag == tag), None)
+            if not volume.plugged:
+                waits.add(volume.tag)
+        return tags, new, waits
 
     def on_plugged(self, tag, error):
         """A volume's plug is done: the channels of the members that waited for it,
