@@ -36,7 +36,9 @@ def test_a_run_netns_path_to_the_hosts_own_namespace_is_refused(monkeypatch):
         DOCKER.check_network_namespace(linux_with({"type": "network", "path": "/run/netns/host"}))
 
 
-@pytest.mark.parametrize("path", ["/proc/4242/ns/net", "/run/netns/../../proc/1/ns/net",
+# PID 4242424 is past Linux's PID_MAX_LIMIT (2**22): no process of the machine running the
+# tests has it, so its namespace is never the host's
+@pytest.mark.parametrize("path", ["/proc/4242424/ns/net", "/run/netns/../../proc/1/ns/net",
                                   "/tmp/netns/x"])
 def test_another_containers_namespace_is_refused(path):
     with pytest.raises(DkvmError, match="container:NAME is not supported.*must be in "
@@ -54,12 +56,12 @@ def test_a_namespace_is_the_hosts_when_it_is_the_same_file(tmp_path):
     assert is_own_namespace("/proc/self/ns/net")
 
 
-@pytest.mark.parametrize("path", ["/proc/4242/ns/net", "/proc/4242/ns/../ns/net"])
+@pytest.mark.parametrize("path", ["/proc/4242424/ns/net", "/proc/4242424/ns/../ns/net"])
 def test_a_pods_member_may_join_its_sandboxs_namespace(path):
     """CRI gives an app container its sandbox's namespace as /proc/PID/ns/net: a
     member (no VM, no interface taken) may join it."""
     linux = linux_with({"type": "network", "path": path})
-    assert DOCKER.check_network_namespace(linux, joins_pod=True) == "/proc/4242/ns/net"
+    assert DOCKER.check_network_namespace(linux, joins_pod=True) == "/proc/4242424/ns/net"
 
 
 @pytest.mark.parametrize("linux", [
@@ -76,7 +78,7 @@ def test_a_member_still_gets_no_host_namespace(linux, monkeypatch):
 
 
 @pytest.mark.parametrize("path, answer", [
-    ("/proc/4242/ns/net", True), ("/proc/self/ns/net", False), ("/proc/42/ns/ipc", False),
+    ("/proc/4242424/ns/net", True), ("/proc/self/ns/net", False), ("/proc/42/ns/ipc", False),
     ("/proc/42/task/42/ns/net", False), ("/run/netns/cni-1", False), ("/proc/٤٢/ns/net", False),
 ])
 def test_a_process_namespace_path(path, answer):

@@ -701,7 +701,7 @@ def as_member(config):
     config = copy.deepcopy(config)
     config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"]
                                      if ns["type"] != "network"] + [
-        {"type": "network", "path": "/proc/4242/ns/net"}]
+        {"type": "network", "path": "/proc/4242424/ns/net"}]
     return config
 
 
@@ -755,11 +755,11 @@ def test_a_member_shares_the_pods_pid_namespace_when_cri_gives_the_sandboxs():
     _, alone = rewrite_member_config(config, facts(), layout(config), CONTAINER_ID)
     config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"]
                                      if ns["type"] != "pid"] + [
-        {"type": "pid", "path": "/proc/4242/ns/pid"}]
+        {"type": "pid", "path": "/proc/4242424/ns/pid"}]
     member, shared = rewrite_member_config(config, facts(), layout(config), CONTAINER_ID)
     assert (alone.pod_shares_pid, shared.pod_shares_pid) == (False, True)
     # its relay joins the sandbox's, as runc's process would
-    assert {"type": "pid", "path": "/proc/4242/ns/pid"} in member["linux"]["namespaces"]
+    assert {"type": "pid", "path": "/proc/4242424/ns/pid"} in member["linux"]["namespaces"]
 
 
 def test_a_members_directory_binds_are_its_volumes_bound_again_for_its_relay():
