@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from dkvm.container.net.taps import ARPHRD_ETHER, NO_MAC, is_guest_nic, tap_name
 from unitutil import REPO
 
 IN_NAMESPACE = """
@@ -47,3 +48,18 @@ def test_the_guests_nics_are_the_namespaces_ethernet_links_and_their_taps_come_u
     assert indexes == sorted(indexes)               # the order the taps are numbered in
     assert sorted(result["after"]) == ["eth0", "eth1"]     # no tap, no lo, no tunnel
     assert result["tap"] == [True, 1400, True, 0]
+
+
+@pytest.mark.parametrize("name, link_type, mac, nic", [
+    ("eth0", ARPHRD_ETHER, "02:42:ac:11:00:02", True),
+    ("gretap0", ARPHRD_ETHER, NO_MAC, False),       # ip_gre's, in every namespace
+    ("erspan0", ARPHRD_ETHER, NO_MAC, False),
+    ("gre0", 778, "00:00:00:00", False),             # ARPHRD_IPGRE
+    ("lo", 772, NO_MAC, False),
+    (tap_name(0), ARPHRD_ETHER, "02:42:ac:11:00:09", False),
+])
+def test_a_nic_is_an_ethernet_link_with_an_address(name, link_type, mac, nic):
+    """A host with ip_gre loaded gives each new namespace gretap0 and erspan0 (loading a
+    module cannot be done here, so this is their description): under runc they sit
+    down in the container; a VM gets no NIC for them."""
+    assert is_guest_nic(name, link_type, mac) is nic

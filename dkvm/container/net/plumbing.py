@@ -11,7 +11,7 @@ it keeps the routes, which Docker goes on programming as networks come and go
 import errno
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP
 
-from dkvm.container.net.taps import ARPHRD_ETHER, tap_name
+from dkvm.container.net.taps import is_guest_nic
 from dkvm.log import warn
 from dkvm.schema import Address, Interface, Route
 
@@ -57,8 +57,8 @@ def guest_links(ip):
     """The container's interfaces that belong to the guest, by index (those of
     taps.guest_nics)."""
     return sorted((link for link in ip.get_links()
-                   if link.get_attr("IFLA_IFNAME") != "lo" and link["ifi_type"] == ARPHRD_ETHER
-                   and not link.get_attr("IFLA_IFNAME").startswith(tap_name(""))),
+                   if is_guest_nic(link.get_attr("IFLA_IFNAME"), link["ifi_type"],
+                                   link.get_attr("IFLA_ADDRESS"))),
                   key=lambda link: link["index"])
 
 

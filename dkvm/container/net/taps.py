@@ -10,6 +10,7 @@ from dkvm.schema import Interface
 
 TAP_PREFIX = "dkvm-tap"
 ARPHRD_ETHER = 1
+NO_MAC = "00:00:00:00:00:00"
 IFF_UP = 0x1
 IFF_TAP = 0x0002
 SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
@@ -24,21 +25,26 @@ def tap_name(number):
     return f"{TAP_PREFIX}{number}"
 
 
+def is_guest_nic(name, link_type, mac):
+    """An Ethernet link with an address, neither lo nor one of our taps. A host module's
+    tunnels in every namespace are other link types (ipip's tunl0, ip_gre's gre0) or,
+    for ip_gre's gretap0 and erspan0, Ethernet with no address: none is a NIC."""
+    return (link_type == ARPHRD_ETHER and mac != NO_MAC and name != "lo"
+            and not name.startswith(TAP_PREFIX))
+
+
 def guest_nics():
-    """The container's Ethernet interfaces (not lo, not our taps), by index: each as an
-    Interface with its name, index, MAC and MTU (plumbing.describe adds the rest).
-    Other link types (tunnels a host module adds to every namespace) cannot be a NIC."""
+    """The container's NICs (is_guest_nic), by index: each as an Interface with its
+    name, index, MAC and MTU (plumbing.describe adds the rest)."""
     nics = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for index, name in sorted(socket.if_nameindex()):
-            if name == "lo" or name.startswith(TAP_PREFIX):
-                continue
             try:
                 family, mac = hardware_address(sock, name)
                 mtu = struct.unpack_from("i", ifreq(sock, SIOCGIFMTU, name), 16)[0]
             except OSError:
                 continue                # gone since it was listed
-            if family == ARPHRD_ETHER:
+            if is_guest_nic(name, family, mac):
                 nics.append(Interface(name=name, index=index, mac=mac, mtu=mtu))
     return nics
 
