@@ -38,7 +38,7 @@ def test_a_run_netns_path_to_the_hosts_own_namespace_is_refused(monkeypatch):
 
 # PID 4242424 is past Linux's PID_MAX_LIMIT (2**22): no process of the machine running the
 # tests has it, so its namespace is never the host's
-@pytest.mark.parametrize("path", ["/proc/4242424/ns/net", "/run/netns/../../proc/1/ns/net",
+@pytest.mark.parametrize("path", ["/proc/4242424/ns/net", "/run/netns/../../proc/4242424/ns/net",
                                   "/tmp/netns/x"])
 def test_another_containers_namespace_is_refused(path):
     with pytest.raises(DkvmError, match="container:NAME is not supported.*must be in "

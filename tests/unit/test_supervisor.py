@@ -506,9 +506,9 @@ def test_a_guest_silent_for_the_watchdog_after_hello_is_taken_for_hung(mux):
 
 def test_heartbeats_keep_the_watchdog_quiet_and_a_frozen_container_side_resets_it(mux):
     supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
-                            mux.signals, Plan(options=Options(watchdog=1)))
+                            mux.signals, Plan(options=Options(watchdog=2)))
     supervisor.on_hello(Frame(HELLO))
-    for _ in range(6):                          # 3 s: beyond the watchdog, but beating
+    for _ in range(8):                          # 4 s: beyond the watchdog, but beating
         mux.guest.send(wire.HEARTBEAT)
         end = time.monotonic() + 0.5
         while time.monotonic() < end:
