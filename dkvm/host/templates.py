@@ -33,6 +33,7 @@ SAVE_WAIT = 60              # s: QEMU saving the device state
 # file no smaller for SETTLE_QUIET, or SETTLE_MOST in all
 SETTLE_QUIET, SETTLE_MOST = 2.5, 8
 QEMU_EXIT_WAIT = 10
+MAKER_LOG_END = 4096        # bytes of each of a failed making's logs kept in its mark
 LOCK = ".lock"
 
 
@@ -205,7 +206,7 @@ def make_template(payload_dir, spec, boot):
             os.rename(work, target)
         except (OSError, DkvmError, ValueError, subprocess.TimeoutExpired) as err:
             with open(failed, "w") as f:
-                f.write(f"{err}\n")        # why, for whoever looks
+                f.write(f"{err}\n{logs_end(work)}")        # why, for whoever looks
             return False
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -241,6 +242,9 @@ def save_template(payload_dir, spec, kernel, append, work):
     try:
         control = wait_for_plan_request(listener, qemu)
         settle_free_pages(ram)
+        if qemu.poll() is not None:
+            raise DkvmError(f"the template's QEMU exited (status {qemu.returncode}) after its "
+                            f"VM asked for a plan")
         qmp = Qmp(qmp_path)
         qmp.execute("stop")
         qmp.execute("migrate-set-capabilities", capabilities=IGNORE_SHARED)
@@ -341,6 +345,20 @@ def wait_for_save(qmp, qemu):
             raise DkvmError(f"saving the template failed ({status})")
         time.sleep(0.02)
     raise DkvmError(f"saving the template took over {SAVE_WAIT}s")
+
+
+def logs_end(work, most=MAKER_LOG_END):
+    """The end of the template VM's console and of QEMU's own messages: a failed
+    making's work directory goes, and these say why it failed."""
+    ends = []
+    for name in ("console.log", "qemu.log"):
+        try:
+            with open(os.path.join(work, name), "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - most))
+                ends.append(f"--- {name}\n{f.read().decode(errors='replace')}\n")
+        except OSError:
+            continue
+    return "".join(ends)
 
 
 def die_with_parent():

@@ -164,6 +164,8 @@ def test_a_template_that_could_not_be_made_is_not_tried_again_at_once(tmp_path, 
 
     def fail(payload_dir, spec, kernel, append, work):
         tries.append(work)
+        with open(os.path.join(work, "console.log"), "w") as f:
+            f.write("x" * templates.MAKER_LOG_END + "Kernel panic - not syncing\n")
         raise templates.DkvmError("the template's VM did not boot")
     monkeypatch.setattr(templates, "save_template", fail)
     assert templates.make_template(str(tmp_path), SPEC, KERNELS["dkvm"]) is False
@@ -171,6 +173,10 @@ def test_a_template_that_could_not_be_made_is_not_tried_again_at_once(tmp_path, 
     assert len(tries) == 1
     top = tmp_path / templates.paths.TEMPLATES_DIR
     assert sorted(os.listdir(top)) == sorted([templates.LOCK, f".failed-{SPEC.name}"])
+    # why, with the end of the VM's console (QEMU's log was never written)
+    why = (top / f".failed-{SPEC.name}").read_text()
+    assert why.startswith("the template's VM did not boot\n--- console.log\n")
+    assert why.endswith("Kernel panic - not syncing\n\n") and len(why) < 2 * templates.MAKER_LOG_END
     old = time.time() - templates.RETRY_AFTER - 1
     os.utime(top / f".failed-{SPEC.name}", (old, old))
     assert templates.make_template(str(tmp_path), SPEC, KERNELS["dkvm"]) is False
