@@ -60,6 +60,6 @@ def test_the_guests_nics_are_the_namespaces_ethernet_links_and_their_taps_come_u
 ])
 def test_a_nic_is_an_ethernet_link_with_an_address(name, link_type, mac, nic):
     """A host with ip_gre loaded gives each new namespace gretap0 and erspan0 (loading a
-    module cannot be done here, so this is their description): under runc they sit
+    module cannot be done here, so this is their description): under runc they stay
     down in the container; a VM gets no NIC for them."""
     assert is_guest_nic(name, link_type, mac) is nic
