@@ -68,7 +68,7 @@ POD_SOCKET = POD_DIR + "/members.sock"
 MEMBERS_DIR = "/members"                  # in the guest: each member's export, by its tag
 # A member's directory volumes (emptyDir, configMap, ...), each also bound here in its
 # container side, by number, for its relay to hand to the sandbox: a volume two members
-# share is one export, served once (host.rewrite.pod_volumes)
+# share is one export, served once (host.rewrite.with_pod_volumes)
 POD_VOLUMES_DIR = "/run/pod-volumes"
 EMBEDDED_DNS = ("127.0.0.11", 53)         # Docker's DNS server in the container's namespace
 
