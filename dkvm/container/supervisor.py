@@ -106,6 +106,7 @@ class Supervisor:
         self.vm_ended = False
         self.boot_timeout = plan.options.boot_timeout
         self.boot_deadline = time.monotonic() + self.boot_timeout
+        self.plan_sent = None               # when, for a boot timeout's message
         self.watchdog = plan.options.watchdog
         self.last_heard = None              # the guest's last frame, once it said hello
         self.last_turn = time.monotonic()
@@ -199,8 +200,14 @@ class Supervisor:
         self.check_children()
         if self.held is not None and time.monotonic() > self.boot_deadline:
             raise DkvmError(f"the VM did not start the workload within {self.boot_timeout}s "
-                            "(DKVM_BOOT_TIMEOUT)"
+                            f"(DKVM_BOOT_TIMEOUT; {self.boot_stage()})"
                             f"{self.vm.exit_reason()}")
+
+    def boot_stage(self):
+        """How far the boot came, for its timeout's message."""
+        if self.plan_sent is None:
+            return "the guest had not asked for its plan"
+        return f"the plan was sent {time.monotonic() - self.plan_sent:.0f}s before"
 
     def check_watchdog(self):
         """A guest that has said hello speaks at least every wire.HEARTBEAT_INTERVAL. One
@@ -562,6 +569,7 @@ class Supervisor:
         self.plan.wall_clock_ns = time.time_ns()
         self.plan.entropy = os.urandom(ENTROPY_BYTES).hex()
         self.send_to_guest(wire.encode(wire.PLAN, self.plan))
+        self.plan_sent = time.monotonic()
         self.vm.release_kernel_image(self.plan.boot)
 
     def on_hello(self, frame):

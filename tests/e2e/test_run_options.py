@@ -44,7 +44,7 @@ def test_a_boot_slower_than_the_boot_timeout_fails_with_one_line(busybox_image):
                      "-e", "DKVM_TEMPLATE=0", busybox_image, "echo", "never")
     assert out.returncode != 0 and out.stdout == ""
     (line,) = dkvm_lines(out.stderr)
-    assert "the VM did not start the workload within 1s (DKVM_BOOT_TIMEOUT)" in line
+    assert "the VM did not start the workload within 1s (DKVM_BOOT_TIMEOUT; " in line
 
 
 def test_accel_tcg_forced(busybox_image):

@@ -5,6 +5,7 @@ pod's members (guest.members stood in for): their sessions, signals and execs.""
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,8 @@ import pytest
 
 from harness import CHANNEL, WAIT, GuestHarness
 from dkvm import wire
+from dkvm.errors import DkvmError
+from dkvm.guest import loop
 from dkvm.guest.loop import EarlySignals
 from dkvm.schema import ExecStart, Plan, Process
 from dkvm.wire import EXEC_START, RESIZE, SIGNAL, STDERR, STDIN, STDOUT, WINDOW, Frame
@@ -257,3 +260,25 @@ def test_an_exec_into_no_such_member_or_a_member_started_twice_is_refused(pod, m
     harness.run_until(lambda: any(f.type == wire.EXEC_EXIT for f in harness.others))
     assert [f.record().status for f in harness.others if f.type == wire.EXEC_EXIT] == [126]
     assert members.mounted == ["m1"]
+
+
+def test_the_plan_is_awaited_as_long_as_the_container_side_takes(monkeypatch):
+    """The guest asks for its plan and waits for it however late it comes: the container
+    side bounds the boot (before: 30 s of the guest's
+    clock, and a loaded host's boot failed with "no plan"). The clock here runs a
+    minute on at each look."""
+    minutes = iter(range(0, 10 ** 6, 60))
+    monkeypatch.setattr(loop.time, "monotonic", lambda: next(minutes))
+    guest, container_side = socket.socketpair()
+    guest.setblocking(False)        # a read finding nothing fails the test, never hangs it
+    try:
+        container_side.sendall(wire.encode(wire.PLAN, Plan(container_id="c1")))
+        plan = loop.receive_plan(guest.fileno(), wire.Decoder())
+        assert plan.container_id == "c1"
+        assert [f.type for f in wire.Decoder().feed(container_side.recv(100))] == [wire.INIT]
+        container_side.shutdown(socket.SHUT_WR)
+        with pytest.raises(DkvmError, match="closed the control channel"):
+            loop.receive_plan(guest.fileno(), wire.Decoder())
+    finally:
+        guest.close()
+        container_side.close()

@@ -387,15 +387,21 @@ def test_the_guests_error_reaches_the_log_as_plain_text(mux, capsys, log_context
         "dkvm[entrypoint]: guest init failed: \\x1b]0;owned\\x07\\nno\n"
 
 
-def test_a_guest_that_never_says_hello_fails_after_the_boot_timeout(mux):
+@pytest.mark.parametrize("asked, stage", [
+    (False, "the guest had not asked for its plan)"),
+    (True, "the plan was sent 1s before)")])
+def test_a_guest_that_never_says_hello_fails_after_the_boot_timeout(mux, asked, stage):
+    """The message says how far the boot came."""
     supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
                             mux.signals, Plan(options=Options(boot_timeout=1)))
+    if asked:
+        mux.guest.send(wire.INIT)
     with pytest.raises(DkvmError) as info:
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
             supervisor.step(timeout=0.1)
     assert info.value.message.startswith(
-        "the VM did not start the workload within 1s (DKVM_BOOT_TIMEOUT)")
+        f"the VM did not start the workload within 1s (DKVM_BOOT_TIMEOUT; {stage}")
 
 
 @pytest.mark.parametrize("after_exit", [False, True])
