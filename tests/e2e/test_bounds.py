@@ -167,22 +167,34 @@ def refused(result, cap=MAX_EXECS):
         dkvm_lines(result.stderr)[0].endswith(too_many(cap))
 
 
+# an exec that marks its start in /marks and ends 0 once the test has put `go` there
+HOLD = ("touch /marks/started-$$; for i in $(seq 900); do [ -e /marks/go ] && exit 0; "
+        "sleep 0.2; done; exit 1")
+
+
 @pytest.mark.slow
-def test_the_exec_beyond_the_cap_fails_at_once_in_one_line(busybox_image, container_name):
+def test_the_exec_beyond_the_cap_fails_at_once_in_one_line(busybox_image, container_name,
+                                                           tmp_path):
     """24 execs at once run; the next is refused at once, saying so (before: the 129th
-    was told "the VM stopped", 137); once they end, execs work again."""
-    start_sleeper(container_name)
+    was told "the VM stopped", 137); once they end, execs work again. The 24 say when
+    they run and end when told, so no exec of the test's takes a slot while they start
+    (a loaded host starts 24 execs slowly)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    start_sleeper(container_name, "-v", f"{marks}:/marks")
     try:
         with concurrent.futures.ThreadPoolExecutor(MAX_EXECS) as pool:
-            sleepers = [pool.submit(exec_in, container_name, "sleep", "40")
-                        for _ in range(MAX_EXECS)]
-            extra = wait_until(lambda: (lambda r: r if r.returncode != 0 else None)(
-                exec_in(container_name, "true")), "an exec beyond the cap", timeout=60)
-            assert refused(extra), extra
-            started = time.monotonic()
-            assert refused(exec_in(container_name, "true"))
-            assert time.monotonic() - started < 10
-            results = [future.result() for future in sleepers]
+            holders = [pool.submit(exec_in, container_name, "sh", "-c", HOLD, timeout=300)
+                       for _ in range(MAX_EXECS)]
+            wait_until(lambda: len(list(marks.glob("started-*"))) == MAX_EXECS,
+                       "every exec to run", timeout=120)
+            for _ in range(2):
+                started = time.monotonic()
+                extra = exec_in(container_name, "true")
+                assert refused(extra), extra
+                assert time.monotonic() - started < 10
+            (marks / "go").touch()
+            results = [future.result() for future in holders]
         assert [r.returncode for r in results] == [0] * MAX_EXECS, results
         assert exec_in(container_name, "echo", "alive").stdout == "alive\n"
     finally:

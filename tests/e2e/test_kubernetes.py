@@ -267,10 +267,12 @@ def test_exit_codes_and_reasons_are_the_workloads(pods, node, handler):
 
 SERVER = ("echo server-page > /shared/from-server && mkdir -p /www && "
           "echo served-on-localhost > /www/index.html && exec httpd -f -p 8080 -h /www")
-# fetches the server's page over localhost into the emptyDir, reads the server's file
-# from it; stays when the test has put `stay` into the volume
-SIDECAR = ("for i in $(seq 100); do "
-           "page=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 8080 | tail -n 1); "
+# fetches the server's page over localhost into the emptyDir (a try before the server
+# listens is silent: the server is running, not yet listening, under either runtime),
+# reads the server's file from it; stays when the test has put `stay` into the volume
+SIDECAR = ("for i in $(seq 300); do "
+           "page=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 8080 2>/dev/null "
+           "| tail -n 1); "
            "[ -n \"$page\" ] && break; sleep 0.2; done; "
            "echo \"$page\" > /shared/from-sidecar; echo \"sidecar saw $page\"; "
            "cat /shared/from-server; [ -e /shared/stay ] && exec sleep 1000; exit 0")
