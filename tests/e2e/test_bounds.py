@@ -186,14 +186,16 @@ def test_the_exec_beyond_the_cap_fails_at_once_in_one_line(busybox_image, contai
         with concurrent.futures.ThreadPoolExecutor(MAX_EXECS) as pool:
             holders = [pool.submit(exec_in, container_name, "sh", "-c", HOLD, timeout=300)
                        for _ in range(MAX_EXECS)]
-            wait_until(lambda: len(list(marks.glob("started-*"))) == MAX_EXECS,
-                       "every exec to run", timeout=120)
-            for _ in range(2):
-                started = time.monotonic()
-                extra = exec_in(container_name, "true")
-                assert refused(extra), extra
-                assert time.monotonic() - started < 10
-            (marks / "go").touch()
+            try:
+                wait_until(lambda: len(list(marks.glob("started-*"))) == MAX_EXECS,
+                           "every exec to run", timeout=120)
+                for _ in range(2):
+                    started = time.monotonic()
+                    extra = exec_in(container_name, "true")
+                    assert refused(extra), extra
+                    assert time.monotonic() - started < 10
+            finally:
+                (marks / "go").touch()
             results = [future.result() for future in holders]
         assert [r.returncode for r in results] == [0] * MAX_EXECS, results
         assert exec_in(container_name, "echo", "alive").stdout == "alive\n"

@@ -2,6 +2,7 @@
 logged and survived, an exec that cannot start, RELEASE; a signal sent while the VM
 boots held until the new workload has set up its handler (or the grace is over); a
 pod's members (guest.members stood in for): their sessions, signals and execs."""
+import itertools
 import os
 import select
 import signal
@@ -264,10 +265,9 @@ def test_an_exec_into_no_such_member_or_a_member_started_twice_is_refused(pod, m
 
 def test_the_plan_is_awaited_as_long_as_the_container_side_takes(monkeypatch):
     """The guest asks for its plan and waits for it however late it comes: the container
-    side bounds the boot (before: 30 s of the guest's
-    clock, and a loaded host's boot failed with "no plan"). The clock here runs a
-    minute on at each look."""
-    minutes = iter(range(0, 10 ** 6, 60))
+    side bounds the boot (before: 30 s of the guest's clock, and a loaded host's boot
+    failed with "no plan"). The clock here runs a minute on at each look."""
+    minutes = itertools.count(0, 60)
     monkeypatch.setattr(loop.time, "monotonic", lambda: next(minutes))
     guest, container_side = socket.socketpair()
     guest.setblocking(False)        # a read finding nothing fails the test, never hangs it

@@ -389,7 +389,7 @@ def test_the_guests_error_reaches_the_log_as_plain_text(mux, capsys, log_context
 
 @pytest.mark.parametrize("asked, stage", [
     (False, "the guest had not asked for its plan)"),
-    (True, "the plan was sent 1s before)")])
+    (True, "the plan was sent ")])
 def test_a_guest_that_never_says_hello_fails_after_the_boot_timeout(mux, asked, stage):
     """The message says how far the boot came."""
     supervisor = Supervisor(mux.control, mux.listener, mux.network_changes, FakeVm(),
